@@ -1,0 +1,62 @@
+"""The `dpls` command line: one entry point, one module per subcommand.
+
+Each subcommand module defines ``register(subparsers)``, which adds its parser
+and sets ``func`` (called with the parsed namespace, returns an exit code).
+Modules are imported only when their command runs, so ``dpls --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# command name -> (module under dpls.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("prepare", "tokenize a corpus into token shards (stdlib, files, fineweb-edu)"),
+    "train": ("train", "pretrain a model (CE, LS, DPLS, ...); torchrun for several GPUs"),
+    "eval": ("evaluate", "loss, perplexity, entropy and calibration of a checkpoint"),
+    "export-hf": ("export_hf", "export a checkpoint as a Hugging Face LlamaForCausalLM directory"),
+    "lm-eval": ("lm_eval", "downstream tasks through EleutherAI's lm-evaluation-harness"),
+    "study": ("study", "a paired comparison of loss arms forked from one checkpoint"),
+    "compare": ("compare", "tables and plots from finished runs"),
+    "bench": ("bench", "performance comparisons, as ratios measured in one run"),
+    "demo": ("demo", "the end-to-end tiny study on the embedded corpus"),
+}
+
+
+class UsageError(Exception):
+    """Bad input found before any work started: printed as one line, exit code 2."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpls", description="Dynamic Partial Label Smoothing for language-model pretraining."
+    )
+    from dpls import __version__
+
+    parser.add_argument("--version", action="version", version=f"dpls {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name != command:
+            sub.add_parser(name, help=help_text)
+            continue
+        import_module(f"dpls.cli.{module}").register(sub, name, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if not hasattr(args, "func"):  # a registered-but-unloaded command; cannot happen
+        parser.error(f"unknown command {args.command!r}")
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"dpls {args.command}: error: {err}", file=sys.stderr)
+        return 2
