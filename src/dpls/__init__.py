@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     "dpls_linear_loss": "dpls.losses",
     "label_smoothing_loss": "dpls.losses",
     "DPLSLoss": "dpls.losses",
-    "load_model": "dpls.model",
+    "load_model": "dpls.train.checkpoint",
     "load_tokenizer": "dpls.data.tokenizer",
 }
 
