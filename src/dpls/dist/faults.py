@@ -1,0 +1,135 @@
+"""Surviving faults in a job of many ranks: agreed stops, and hooks that inject faults in tests.
+
+A signal or a non-finite loss may reach only some ranks; if those acted alone, the others
+would wait forever in the next collective. So a rank only *notes* the event, and every
+rank asks ``ctx.any_rank(noted)`` at the same point of the step, and all act together.
+
+Test hooks (environment variables, read when used, so a test sets them for a subprocess):
+
+* ``DPLS_INJECT_NAN_AT_STEP=7`` (or ``7,9`` or ``7-11``): the loss of those optimizer steps
+  becomes NaN on every rank — exercises non-finite step skipping;
+* ``DPLS_INJECT_ENOSPC_AT_STEP=20`` (same syntax): the checkpoint written at that step
+  fails with ``OSError(ENOSPC)`` after part of it is written — exercises atomic saving;
+* ``DPLS_INJECT_RANK``: restrict either injection to one rank (default: all ranks).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Iterable
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from dpls.dist.context import DistContext
+
+ENV_NAN = "DPLS_INJECT_NAN_AT_STEP"
+ENV_ENOSPC = "DPLS_INJECT_ENOSPC_AT_STEP"
+ENV_RANK = "DPLS_INJECT_RANK"
+
+
+def parse_steps(spec: str) -> frozenset[int]:
+    """``"7"``, ``"7,9"``, ``"7-11"`` (inclusive) or a mix → the set of steps; ``""`` → none."""
+    steps: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise ValueError(f"step list must look like '7', '7,9' or '7-11', got {spec!r}") from None
+        if b < a:
+            raise ValueError(f"step range {part!r} runs backwards")
+        steps.update(range(a, b + 1))
+    return frozenset(steps)
+
+
+def _armed(env: str, step: int, rank: int | None) -> bool:
+    spec = os.environ.get(env, "")
+    if not spec or step not in parse_steps(spec):
+        return False
+    only = os.environ.get(ENV_RANK, "")
+    return not only or rank is None or int(only) == rank
+
+
+def maybe_inject_nan(loss: torch.Tensor, step: int, rank: int | None = None) -> torch.Tensor:
+    """``loss`` turned into NaN (keeping its graph) when ``DPLS_INJECT_NAN_AT_STEP`` names ``step``."""
+    if _armed(ENV_NAN, step, rank):
+        return loss * float("nan")
+    return loss
+
+
+def maybe_inject_enospc(step: int, rank: int | None = None) -> None:
+    """Raise ``OSError(ENOSPC)`` when ``DPLS_INJECT_ENOSPC_AT_STEP`` names ``step``.
+
+    Call it inside the checkpoint write, after something has been written: a real full
+    disk fails midway, and the point of the test is that the half-written folder never
+    replaces a good checkpoint.
+    """
+    if _armed(ENV_ENOSPC, step, rank):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_ENOSPC}={step})")
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT anywhere in the exception chain (DCP wraps per-rank errors)."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [err]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):
+            return True
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.CheckpointException
+        if isinstance(failures, dict):
+            stack.extend(x for x in failures.values() if isinstance(x, BaseException))
+    return False
+
+
+class StopRequest:
+    """Notes SIGTERM / SIGINT instead of dying, so the loop can save and exit at a step boundary.
+
+    ``with StopRequest() as stop: ... if stop.agreed(ctx): save(); break``. The previous
+    handlers come back on exit. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt.
+    """
+
+    def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = tuple(signals)
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def agreed(self, ctx: DistContext) -> bool:
+        """True on every rank when any rank received a stop signal (a collective: call it on all)."""
+        return ctx.any_rank(self.requested)

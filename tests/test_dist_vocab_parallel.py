@@ -1,0 +1,178 @@
+"""Vocabulary-parallel DPLS equals the single-device definition (float64 reference).
+
+The world-of-one tests (hypothesis, no process group) check the arithmetic; the 2- and
+3-process runs (gloo) check the exchanges: uneven slices, ties across ranks, ignored
+tokens, per-token ε, k = 1 and k = V, every reduction, return_nll.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpls.dist.testing import run_workers
+from dpls.dist.vocab_parallel import vocab_parallel_dpls_loss
+
+TOL = 1e-5
+
+
+def reference(logits, target, eps, k, ignore_index=-100, reduction="mean"):
+    """SPEC §1 in float64, T = the k largest logits, ties broken towards the lower index.
+
+    Returns (loss, nll, grad of loss w.r.t. logits) — autograd through the definition.
+    """
+    z = logits.detach().double().requires_grad_(True)
+    n, v = z.shape
+    eps = torch.as_tensor(eps, dtype=torch.float64).expand(n)
+    valid = target != ignore_index
+    t = target.clamp(0, v - 1)
+    order = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    lse = torch.logsumexp(z, -1)
+    z_y = z.gather(1, t[:, None]).squeeze(1)
+    loss = lse - (1 - eps) * z_y - eps / k * z.gather(1, order).sum(-1)
+    nll = lse - z_y
+    loss, nll = loss * valid, nll * valid
+    if reduction == "mean":
+        d = max(int(valid.sum()), 1)
+        loss, nll = loss.sum() / d, nll.sum() / d
+    elif reduction == "sum":
+        loss, nll = loss.sum(), nll.sum()
+    (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), nll.detach(), grad
+
+
+def make_case(seed, n, v, *, ties=False, ignore_frac=0.25, per_token_eps=False):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: ties at the threshold on several ranks
+        logits = torch.randint(0, 3, (n, v), generator=g).float()
+    else:
+        logits = torch.randn(n, v, generator=g) * 3
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < ignore_frac] = -100
+    eps = torch.rand(n, generator=g) * 0.9 if per_token_eps else 0.2
+    return logits, target, eps
+
+
+def _max_errors(logits, target, eps, k, reduction, start, stop):
+    """This rank's errors against the reference: (loss, nll, grad of loss+nll on its slice)."""
+    local = logits[:, start:stop].clone().requires_grad_(True)
+    loss, nll = vocab_parallel_dpls_loss(
+        local, target, vocab_start=start, epsilon=eps, top_k=k, reduction=reduction, return_nll=True
+    )
+    (loss.sum() + 0.5 * nll.sum()).backward()
+    ref_loss, ref_nll, ref_grad = reference(logits, target, eps, k, reduction=reduction)
+    # the nll's own gradient: softmax − onehot (k, ε irrelevant at ε = 0)
+    _, _, ref_nll_grad = reference(logits, target, 0.0, 1, reduction=reduction)
+    want = ref_grad + 0.5 * ref_nll_grad
+    return (
+        (loss.double() - ref_loss).abs().max().item(),
+        (nll.double() - ref_nll).abs().max().item(),
+        (local.grad.double() - want[:, start:stop]).abs().max().item(),
+    )
+
+
+# (n, v, k, ties, per-token ε, reduction)
+CASES = [
+    (7, 13, 4, False, False, "mean"),
+    (7, 13, 1, False, True, "sum"),
+    (6, 13, 13, False, False, "none"),  # k = V: plain label smoothing
+    (9, 13, 5, True, False, "mean"),  # ties straddling the slices
+    (9, 13, 9, True, True, "none"),
+    (5, 13, 3, False, True, "mean"),
+]
+
+
+def _worker(splits: list[int]) -> list[tuple[float, float, float]]:
+    from dpls.dist import init_distributed
+
+    ctx = init_distributed("cpu")
+    bounds = [0]
+    for s in splits:
+        bounds.append(bounds[-1] + s)
+    start, stop = bounds[ctx.rank], bounds[ctx.rank + 1]
+    errors = []
+    for i, (n, v, k, ties, per_tok, red) in enumerate(CASES):
+        assert v == bounds[-1]
+        logits, target, eps = make_case(i, n, v, ties=ties, per_token_eps=per_tok)
+        errs = torch.tensor(_max_errors(logits, target, eps, k, red, start, stop))
+        errors.append(tuple(ctx.all_reduce_max(errs).tolist()))  # worst over the ranks
+    # all ignored: loss 0, zero gradient, on every rank
+    local = torch.randn(4, stop - start, requires_grad=True)
+    loss = vocab_parallel_dpls_loss(local, torch.full((4,), -100), vocab_start=start, top_k=2)
+    loss.backward()
+    errors.append((abs(loss.item()), 0.0, local.grad.abs().max().item()))
+    return errors
+
+
+@pytest.mark.parametrize("splits", [[7, 6], [5, 4, 4]], ids=["2ranks", "3ranks-uneven"])
+def test_matches_reference_across_ranks(splits):
+    errors = run_workers(_worker, len(splits), splits)
+    for case, (e_loss, e_nll, e_grad) in zip([*CASES, "all-ignored"], errors):
+        assert e_loss < TOL and e_nll < TOL and e_grad < TOL, (case, e_loss, e_nll, e_grad)
+
+
+@given(
+    n=st.integers(1, 9),
+    v=st.integers(1, 40),
+    k_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+    ties=st.booleans(),
+    per_tok=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
+def test_world_of_one_matches_reference(n, v, k_frac, seed, ties, per_tok, reduction):
+    k = max(1, round(k_frac * v))
+    logits, target, eps = make_case(seed, n, v, ties=ties, per_token_eps=per_tok)
+    errs = _max_errors(logits, target, eps, k, reduction, 0, v)
+    assert max(errs) < TOL, errs
+
+
+def test_epsilon_zero_is_cross_entropy_and_k_v_is_label_smoothing():
+    logits, target, _ = make_case(3, 8, 17)
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+    got = vocab_parallel_dpls_loss(logits, target, vocab_start=0, epsilon=0.0, top_k=5)
+    assert abs(got.item() - ce.item()) < TOL
+    ls = torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.3)
+    got = vocab_parallel_dpls_loss(logits, target, vocab_start=0, epsilon=0.3, top_k=17)
+    assert abs(got.item() - ls.item()) < TOL
+
+
+def test_bfloat16_logits_get_bfloat16_gradient():
+    logits, target, _ = make_case(4, 5, 11)
+    local = logits.bfloat16().requires_grad_(True)
+    loss = vocab_parallel_dpls_loss(local, target, vocab_start=0, top_k=3)
+    loss.backward()
+    assert loss.dtype == torch.float32 and local.grad.dtype == torch.bfloat16
+    ref_loss, _, _ = reference(logits.bfloat16().float(), target, 0.1, 3)
+    assert abs(loss.item() - ref_loss.item()) < TOL
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 12}, "top_k"),
+        ({"epsilon": 1.0}, "epsilon"),
+        ({"epsilon": torch.full((4,), -0.1)}, "epsilon"),
+        ({"epsilon": torch.zeros(3)}, "epsilon"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"vocab_start": 2}, "tile"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"vocab_start": 0, "top_k": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        vocab_parallel_dpls_loss(torch.randn(4, 11), torch.tensor([1, 2, 3, -100]), **args)
+
+
+def test_bad_tensors():
+    with pytest.raises(ValueError, match="target values"):
+        vocab_parallel_dpls_loss(torch.randn(2, 5), torch.tensor([1, 5]), vocab_start=0, top_k=2)
+    with pytest.raises(ValueError, match="float"):
+        vocab_parallel_dpls_loss(
+            torch.ones(2, 5, dtype=torch.long), torch.tensor([1, 2]), vocab_start=0, top_k=2
+        )
+    with pytest.raises(ValueError, match="target must be"):
+        vocab_parallel_dpls_loss(torch.randn(2, 5), torch.tensor([1, 2, 3]), vocab_start=0, top_k=2)
