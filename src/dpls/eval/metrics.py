@@ -17,17 +17,18 @@ holds sums of:
   equal-width bins (adaptive ECE, see below);
 * a fixed-bin histogram of the entropy over ``[0, log V]`` (for the entropy plot);
 * for each temperature ``T`` of a fixed grid, the summed temperature-scaled
-  cross-entropy ``f(β) = lse(β·z) − β·z_y`` at ``β = 1/T`` *and its derivative*
-  ``f'(β) = E_{softmax(βz)}[z] − z_y``.
+  cross-entropy ``f(β) = lse(β·z) − β·z_y`` at ``β = 1/T`` *and its first two
+  derivatives* ``f'(β) = E_β[z] − z_y`` and ``f''(β) = Var_β[z]`` (moments under
+  ``softmax(β·z)``; they cost little beyond the one ``exp`` per logit that ``f`` needs).
 
 **Temperature scaling** without a second pass: ``f`` is convex in the inverse
 temperature ``β`` (``lse`` of a linear function is convex), so the minimiser lies in
 the one grid interval where the summed derivative changes sign. On that interval the
-value and slope at both ends define a cubic Hermite interpolant, whose minimum gives
-``best_temperature`` and ``loss_at_best_temperature`` (interpolation error O(h⁴);
-with the default 33-point grid over T ∈ [0.1, 10] the temperature is within ~1e-3
-relative of a dense search, see tests). A minimiser outside the grid is clipped to its
-end.
+value, slope and curvature at both ends define a quintic Hermite interpolant, whose
+minimum gives ``best_temperature`` and ``loss_at_best_temperature`` (interpolation
+error O(h⁶): with the default 17-point grid over T ∈ [0.1, 10] the temperature is
+within ~1e-4 relative and the loss within ~1e-5 nats of a dense float64 search, see
+the tests). A minimiser outside the grid is clipped to its end.
 
 **Adaptive (equal-mass) ECE** without keeping every confidence: the 15 equal-mass bins
 are cut from the fine confidence histogram at the exact token quantiles. A fine bin
@@ -65,8 +66,8 @@ METRIC_KEYS: tuple[str, ...] = (
 
 TOPK_ENTROPIES: tuple[int, ...] = (10, 100, 1000)
 
-# Log-spaced T ∈ [0.1, 10], ratio 10^(1/16) ≈ 1.155 between neighbours; T = 1 is on the grid.
-DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(float(t) for t in np.logspace(-1.0, 1.0, 33))
+# Log-spaced T ∈ [0.1, 10], ratio 10^(1/8) ≈ 1.33 between neighbours; T = 1 is on the grid.
+DEFAULT_TEMPERATURES: tuple[float, ...] = tuple(float(t) for t in np.logspace(-1.0, 1.0, 17))
 
 # Logits of -inf (masked vocabulary entries) are clamped to this offset below the row
 # maximum: probability exactly 0 in float32, and 0·d stays 0 instead of NaN.
@@ -103,32 +104,34 @@ def _calibration_error(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.
     return float(np.abs(correct_sum - conf_sum).sum() / n) if n > 0 else math.nan
 
 
-def _hermite_minimum(b0: float, b1: float, f0: float, f1: float, g0: float, g1: float) -> tuple[float, float]:
-    """Minimiser and minimum over [b0, b1] of the cubic with values f and slopes g at the ends."""
+# p(t) = Σ c_k t^k on t ∈ [0, 1] with given value, slope and curvature at both ends:
+# rows are p(0), p'(0), p''(0), p(1), p'(1), p''(1) applied to (c_0, ..., c_5).
+_QUINTIC_HERMITE = np.array(
+    [
+        [1, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0],
+        [0, 0, 2, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+        [0, 1, 2, 3, 4, 5],
+        [0, 0, 2, 6, 12, 20],
+    ],
+    dtype=np.float64,
+)
+
+
+def _hermite_minimum(
+    b0: float, b1: float, left: Sequence[float], right: Sequence[float]
+) -> tuple[float, float]:
+    """Minimiser and minimum over [b0, b1] of the quintic matching (f, f', f'') at both ends."""
     h = b1 - b0
-
-    def value(t: float) -> float:
-        return (
-            (2 * t**3 - 3 * t**2 + 1) * f0
-            + (t**3 - 2 * t**2 + t) * h * g0
-            + (-2 * t**3 + 3 * t**2) * f1
-            + (t**3 - t**2) * h * g1
-        )
-
-    # p'(t) = a·t² + b·t + c
-    a = 6 * (f0 - f1) + 3 * h * (g0 + g1)
-    b = 6 * (f1 - f0) - 2 * h * (2 * g0 + g1)
-    c = h * g0
-    candidates = [0.0, 1.0]
-    if abs(a) > 1e-300:
-        disc = b * b - 4 * a * c
-        if disc >= 0:
-            root = math.sqrt(disc)
-            candidates += [(-b + root) / (2 * a), (-b - root) / (2 * a)]
-    elif abs(b) > 1e-300:
-        candidates.append(-c / b)
-    t_best = min((t for t in candidates if 0.0 <= t <= 1.0), key=value)
-    return b0 + t_best * h, value(t_best)
+    scale = np.array([1.0, h, h * h])
+    rhs = np.concatenate([np.asarray(left) * scale, np.asarray(right) * scale])
+    poly = np.polynomial.Polynomial(np.linalg.solve(_QUINTIC_HERMITE, rhs))
+    candidates = [0.0, 1.0] + [
+        float(r.real) for r in poly.deriv().roots() if abs(r.imag) < 1e-9 and 0.0 <= r.real <= 1.0
+    ]
+    t_best = min(candidates, key=lambda t: float(poly(t)))
+    return b0 + t_best * h, float(poly(t_best))
 
 
 class MetricAccumulator:
@@ -180,14 +183,13 @@ class MetricAccumulator:
         return [1.0 / b for b in reversed(self._betas)]
 
     def _init_state(self, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        def zeros(n: int) -> torch.Tensor:
-            return torch.zeros(n, dtype=torch.float64, device=device)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
 
         self.vocab_size = vocab_size
         self._state = {
             "scalars": zeros(_N_SCALARS),
-            "temp_f": zeros(len(self._betas)),
-            "temp_g": zeros(len(self._betas)),
+            "temperature": zeros(len(self._betas), 3),
             "bin_count": zeros(self.n_bins),
             "bin_conf": zeros(self.n_bins),
             "bin_correct": zeros(self.n_bins),
@@ -216,10 +218,9 @@ class MetricAccumulator:
         if self._state is None:
             raise ValueError("reduce_ needs at least one update on every rank (the state is empty)")
         keys = list(self._state)
-        flat = torch.cat([self._state[k] for k in keys])
-        flat = all_reduce_sum(flat)
+        flat = all_reduce_sum(torch.cat([self._state[k].reshape(-1) for k in keys]))
         for k, part in zip(keys, flat.split([self._state[k].numel() for k in keys])):
-            self._state[k] = part.to(self._state[k].device).clone()
+            self._state[k] = part.to(self._state[k].device).reshape(self._state[k].shape).clone()
         return self
 
     # -- update -----------------------------------------------------------------------
@@ -284,12 +285,15 @@ class MetricAccumulator:
             topk_entropy.append((sk.log() - (ek * sub).sum(dim=-1) / sk).double().sum())
         del top
 
-        temp_f, temp_g = [], []
+        temp = []  # per β: Σ f, Σ f', Σ f''
         for beta in self._betas:
             eb = (d * beta).exp_()
             sb = eb.sum(dim=-1)
-            temp_f.append((sb.log() - beta * d_y).double().sum())
-            temp_g.append(((eb.mul_(d)).sum(dim=-1) / sb - d_y).double().sum())
+            m1 = eb.mul_(d).sum(dim=-1) / sb  # E_β[d]
+            m2 = eb.mul_(d).sum(dim=-1) / sb  # E_β[d²]
+            f = sb.log() - beta * d_y
+            var = (m2 - m1 * m1).clamp_min_(0.0)
+            temp.append(torch.stack([f, m1 - d_y, var]).double().sum(dim=-1))
         del d
 
         scalars = torch.stack(
@@ -303,9 +307,8 @@ class MetricAccumulator:
             ]
         )
         state["scalars"] += scalars.to(dev)
-        if temp_f:
-            state["temp_f"] += torch.stack(temp_f).to(dev)
-            state["temp_g"] += torch.stack(temp_g).to(dev)
+        if temp:
+            state["temperature"] += torch.stack(temp).to(dev)
 
         conf64, correct = conf.double().to(dev), correct.to(dev)
         coarse = (conf64 * self.n_bins).long().clamp_(0, self.n_bins - 1)
@@ -318,9 +321,7 @@ class MetricAccumulator:
         state["fine_correct"].index_add_(0, fine, correct)
         log_v = math.log(vocab) if vocab > 1 else 1.0
         ent_bin = (entropy.double().to(dev) / log_v * self.entropy_bins).long()
-        state["entropy_hist"].index_add_(
-            0, ent_bin.clamp_(0, self.entropy_bins - 1), torch.ones_like(conf64)
-        )
+        state["entropy_hist"].index_add_(0, ent_bin.clamp_(0, self.entropy_bins - 1), torch.ones_like(conf64))
 
     # -- results ----------------------------------------------------------------------
 
@@ -333,13 +334,14 @@ class MetricAccumulator:
         if not self._betas:
             return math.nan, math.nan
         betas = self._betas
-        f, g = st["temp_f"] / n, st["temp_g"] / n
+        fgc = st["temperature"] / n  # [G, 3]: mean f, f', f'' at each β
+        g = fgc[:, 1]
         if len(betas) == 1 or g[0] >= 0:  # increasing everywhere: hottest grid point
-            return 1.0 / betas[0], float(f[0])
+            return 1.0 / betas[0], float(fgc[0, 0])
         if g[-1] <= 0:  # decreasing everywhere: coldest grid point
-            return 1.0 / betas[-1], float(f[-1])
+            return 1.0 / betas[-1], float(fgc[-1, 0])
         i = int(np.argmax(g > 0)) - 1  # g[i] <= 0 < g[i + 1]
-        beta, loss = _hermite_minimum(betas[i], betas[i + 1], f[i], f[i + 1], g[i], g[i + 1])
+        beta, loss = _hermite_minimum(betas[i], betas[i + 1], fgc[i], fgc[i + 1])
         return 1.0 / beta, loss
 
     def compute(self) -> dict[str, float]:
@@ -363,7 +365,7 @@ class MetricAccumulator:
         out["brier"] = float(sc[_BRIER] / n)
         out["best_temperature"] = best_t
         out["loss_at_best_temperature"] = best_loss
-        out["tokens"] = int(round(n))
+        out["tokens"] = round(n)
         return out
 
     def _adaptive_bins(self, st: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -375,7 +377,9 @@ class MetricAccumulator:
         cuts = n * np.arange(self.n_bins + 1) / self.n_bins
         # overlap[i, b]: tokens of fine bin i that fall in equal-mass bin b (mass interval cuts[b:b+2])
         overlap = np.clip(
-            np.minimum(cum_hi[:, None], cuts[None, 1:]) - np.maximum(cum_lo[:, None], cuts[None, :-1]), 0, None
+            np.minimum(cum_hi[:, None], cuts[None, 1:]) - np.maximum(cum_lo[:, None], cuts[None, :-1]),
+            0,
+            None,
         )
         share = np.divide(overlap, count[:, None], out=np.zeros_like(overlap), where=count[:, None] > 0)
         b_count, b_conf, b_correct = share.T @ count, share.T @ conf, share.T @ correct

@@ -1,0 +1,61 @@
+"""`dpls eval CHECKPOINT --out metrics.json`: loss, perplexity, entropy, calibration and plots."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dpls.cli import UsageError
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=(
+            "Evaluate a checkpoint (or the latest checkpoint of a run directory) on the fixed validation "
+            "set and write the SPEC §4 metrics as JSON, with a reliability diagram and an entropy "
+            "histogram beside it."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a checkpoint directory or a run directory")
+    parser.add_argument("--out", default="metrics.json", help="metrics file to write (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=None, help="evaluate at most N validation tokens")
+    parser.add_argument("--data-dir", default=None, help="data directory (default: the run's data_dir)")
+    parser.add_argument("--block-size", type=int, default=None, help="sequence length (default: the run's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="forward-pass precision",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpls.eval.evaluate import evaluate_checkpoint, format_metrics, output_paths
+
+    try:
+        metrics = evaluate_checkpoint(
+            args.checkpoint,
+            data_dir=args.data_dir,
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            block_size=args.block_size,
+            device=args.device,
+            dtype=args.dtype,
+            out=args.out,
+            plots=not args.no_plots,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    print(format_metrics(metrics))
+    written = output_paths(args.out)
+    if args.no_plots:
+        written = {k: v for k, v in written.items() if k in ("metrics", "bins")}
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0

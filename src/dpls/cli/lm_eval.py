@@ -1,0 +1,72 @@
+"""`dpls lm-eval CHECKPOINT --tasks ...`: downstream tasks through lm-evaluation-harness."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dpls.cli import UsageError
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _batch_size(text: str) -> int | str:
+    return text if text.startswith("auto") else int(text)
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    from dpls.eval.lm_eval import DEFAULT_TASKS
+
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=(
+            "Export the checkpoint to Hugging Face format (cached beside it) and run "
+            "lm-evaluation-harness tasks on it with the harness's own 'hf' model class. "
+            "Writes results.json and results.md into --out."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a checkpoint or run directory, or an exported HF directory")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help="comma-separated harness task names (default: %(default)s)",
+    )
+    parser.add_argument("--limit", type=_limit, default=None, help="examples per task (< 1: a fraction)")
+    parser.add_argument(
+        "--include_path", "--include-path", dest="include_path", default=None, help="extra task YAML folder"
+    )
+    parser.add_argument("--num_fewshot", "--num-fewshot", dest="num_fewshot", type=int, default=None)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_batch_size, default=8)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default="lm_eval", help="results directory (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpls.eval.lm_eval import results_table, run_lm_eval
+
+    try:
+        results = run_lm_eval(
+            args.checkpoint,
+            args.tasks,
+            limit=args.limit,
+            include_path=args.include_path,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            out_dir=args.out,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    print(results_table(results))
+    print(f"wrote {args.out}/results.json, {args.out}/results.md")
+    return 0

@@ -1,0 +1,47 @@
+"""`dpls study STUDY_FILE [--out DIR] [--dry-run]`: a paired comparison of loss arms.
+
+Trains a CE trunk once, forks every arm × seed from the same trunk checkpoint (one seed's
+arms see the same tokens), evaluates each finished arm and writes report.md with the
+paired differences from the baseline arm and their 95% intervals. Rerunning the same
+command skips everything already finished, so an interrupted study just continues.
+Several GPUs: `torchrun --nproc_per_node=N -m dpls study STUDY_FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dpls.cli import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else help_text,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("study_file", type=Path, metavar="STUDY_FILE", help="the study's TOML file (see studies/)")
+    p.add_argument("--out", type=Path, default=None, help="study directory (default: the file's out_dir)")
+    p.add_argument("--dry-run", action="store_true", help="check the file and print the plan; train nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpls.study.runner import plan_study, run_study
+    from dpls.study.spec import load_spec
+
+    try:
+        spec = load_spec(args.study_file, out_dir=args.out)
+        plan = plan_study(spec)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    report = run_study(plan, progress=not args.no_progress)
+    if report is not None:
+        print(report)
+    return 0

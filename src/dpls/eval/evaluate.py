@@ -1,0 +1,249 @@
+"""Evaluate a model on the fixed validation set: metrics.json, a reliability diagram, an entropy plot.
+
+`evaluate_model` is the loop (model + batches → metrics) that the trainer's periodic
+validation shares; `evaluate_checkpoint` adds what `dpls eval` needs around it: load a
+checkpoint, find its data and block size in the run's config, write the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import tomllib
+from collections.abc import Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator
+
+# --dtype choices: the autocast dtype of the forward pass (float32: no autocast).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None → CUDA when present, else CPU; anything else as given."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def _batch_size(batch: Any) -> int:
+    return int(batch[1].numel()) if isinstance(batch, tuple | list) else 0
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    accumulator: MetricAccumulator | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    total_tokens: int | None = None,
+    ignore_index: int = -100,
+    progress: bool = True,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """SPEC §4 metrics of ``model`` over ``batches`` of ``(x, y)`` int64 ``[B, T]``.
+
+    Pass an ``accumulator`` to keep the per-bin data (reliability diagram, histograms)
+    or to reduce it over ranks before `compute`. ``device`` defaults to the model's.
+    The model is put in eval mode for the loop and given back in the mode it came in.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    acc = accumulator if accumulator is not None else MetricAccumulator()
+    first = next(model.parameters(), None)
+    dev = resolve_device(device) if device is not None else (first.device if first is not None else None)
+    dev = dev or torch.device("cpu")
+    autocast = (
+        torch.autocast(dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not torch.float32 else nullcontext()
+    )
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
+    try:
+        for x, y in batches:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with autocast:
+                logits = model(x)
+            acc.update(logits, y, ignore_index=ignore_index)
+            bar.update(int(y.numel()))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return acc.compute()
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+def find_run_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The ``config.toml`` of the run a checkpoint (or run directory) belongs to, parsed.
+
+    Looked for in the path itself, then up to two parents (``RUN/checkpoints/step_N``).
+    """
+    path = Path(path)
+    start = path if path.is_dir() else path.parent
+    for folder in (start, start.parent, start.parent.parent):
+        candidate = folder / "config.toml"
+        if candidate.is_file():
+            with candidate.open("rb") as fh:
+                return candidate, tomllib.load(fh)
+    raise ValueError(
+        f"no config.toml found for {str(path)!r} (looked in it and two parents); "
+        "pass data_dir (--data-dir) and block_size explicitly"
+    )
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """Write into a temporary file beside ``path`` and rename it: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    """The files `evaluate_checkpoint` writes for ``out`` (metrics.json): all beside it."""
+    out = Path(out)
+    stem = out.stem
+    return {
+        "metrics": out,
+        "bins": out.with_name(f"{stem}_bins.json"),
+        "reliability": out.with_name(f"{stem}_reliability.png"),
+        "reliability_adaptive": out.with_name(f"{stem}_reliability_adaptive.png"),
+        "entropy": out.with_name(f"{stem}_entropy.png"),
+    }
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    data_dir: str | Path | None = None,
+    tokens: int | None = None,
+    batch_size: int = 8,
+    block_size: int | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str = "float32",
+    out: str | Path | None = None,
+    plots: bool = True,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Evaluate the checkpoint (or the latest one of a run directory) on the fixed validation set.
+
+    ``data_dir`` and ``block_size`` default to the run's ``config.toml``; ``tokens`` caps the
+    number of validation tokens (None: all of them). With ``out`` it writes the metrics
+    there (exactly the SPEC §4 keys) and, beside it, ``<stem>_bins.json`` (per-bin data
+    and provenance) and, with ``plots``, the reliability diagrams and the entropy histogram.
+    """
+    # -- everything checked before any work ---------------------------------------------
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"tokens must be a positive number of validation tokens, got {tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
+    if data_dir is None or block_size is None:
+        _, cfg = find_run_config(path)
+        if data_dir is None:
+            if not cfg.get("data_dir"):
+                raise ValueError("the run's config.toml has no data_dir; pass data_dir (--data-dir)")
+            data_dir = cfg["data_dir"]
+        if block_size is None:
+            if "block_size" not in cfg:
+                raise ValueError("the run's config.toml has no block_size; pass block_size")
+            block_size = int(cfg["block_size"])
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta.json").is_file():
+        raise ValueError(f"data_dir {str(data_dir)!r} is not a prepared data directory (no meta.json)")
+    files = output_paths(out) if out is not None else {}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+
+    # -- the work -------------------------------------------------------------------------
+    from dpls.data import validation_batches
+    from dpls.train.checkpoint import load_model
+
+    model = load_model(path, device=dev)
+    batches = validation_batches(data_dir, block_size, batch_size, tokens)
+    acc = MetricAccumulator()
+    metrics = evaluate_model(
+        model, batches, accumulator=acc, device=dev, dtype=dtype, total_tokens=tokens, progress=progress
+    )
+    if out is None:
+        return metrics
+
+    _write_json_atomic(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
+    edges, counts = acc.entropy_histogram()
+    equal_width, equal_mass = acc.reliability(), acc.reliability(adaptive=True)
+    _write_json_atomic(
+        files["bins"],
+        {
+            "checkpoint": str(path),
+            "data_dir": str(data_dir),
+            "block_size": block_size,
+            "batch_size": batch_size,
+            "dtype": dtype,
+            "reliability": equal_width.to_dict(),
+            "reliability_adaptive": equal_mass.to_dict(),
+            "entropy_histogram": {"edges": edges, "counts": counts},
+        },
+    )
+    if plots:
+        from dpls.eval.plots import plot_entropy_histogram, plot_reliability
+
+        name = path.name
+        plot_reliability(equal_width, files["reliability"], ece=metrics["ece"], title=name)
+        plot_reliability(
+            equal_mass,
+            files["reliability_adaptive"],
+            ece=metrics["ece_adaptive"],
+            title=f"{name}, equal mass",
+        )
+        plot_entropy_histogram(edges, counts, files["entropy"], mean=metrics["entropy"], title=name)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """The metrics as an aligned two-column table for the terminal."""
+    width = max(len(k) for k in metrics)
+    lines = []
+    for key, value in metrics.items():
+        if isinstance(value, int):
+            text = f"{value:,}"
+        elif isinstance(value, float) and math.isfinite(value):
+            text = f"{value:.6g}"
+        else:
+            text = str(value)
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The functional front: validate, flatten, dispatch to an implementation, restore the shape."""
+
+from __future__ import annotations
+
+import torch
+
+from dpls.losses.registry import check_impl_name, resolve_impl
+from dpls.losses.validation import check_loss_args
+
+
+def dpls_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float | torch.Tensor = 0.1,
+    top_k: int = 100,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+    return_nll: bool = False,
+    inplace_backward: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic partial label smoothing (SPEC §1).
+
+    ``loss = lse(z) − (1 − ε)·z_y − (ε/k)·Σ_{j∈T} z_j`` per token, ``T`` the ``k`` largest logits
+    (a constant: no gradient through the selection); gradient ``softmax(z) − q``.
+
+    Args:
+        logits: ``[..., V]`` float32 / float16 / bfloat16 (float64 is computed in float64).
+        target: integer ``[...]``; entries equal to ``ignore_index`` contribute nothing.
+        epsilon: a float in ``[0, 1)`` or a float tensor of the target's shape (one ε per token).
+        top_k: ``k`` in ``[1, V]``; ``k = V`` is label smoothing, ``ε = 0`` is cross-entropy.
+        reduction: ``"mean"`` over non-ignored tokens (0 if none), ``"sum"`` or ``"none"``
+            (one float32 value per token, 0 at ignored ones).
+        impl: ``"auto"``, ``"reference"``, ``"chunked"``, ``"triton"`` or any registered name.
+        return_nll: also return the plain cross-entropy of the same tokens (same reduction,
+            same pass, detached) — the number comparable across objectives.
+        inplace_backward: let the implementation write the gradient into the logits' storage
+            (only when nothing else needs the logits after the loss).
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a float tensor, got {type(logits).__name__}")
+    check_impl_name(impl)
+    args = check_loss_args(logits.shape, logits.dtype, logits.device, target, epsilon, top_k, ignore_index, reduction)
+    spec = resolve_impl(impl, logits.device, logits.dtype)
+    logits2d = logits.reshape(-1, logits.shape[-1])
+    out = spec.fn(
+        logits2d, args.target, args.epsilon, args.top_k, args.ignore_index, args.reduction,
+        return_nll, inplace_backward,
+    )
+    if reduction != "none":
+        return out
+    if return_nll:
+        return out[0].reshape(args.batch_shape), out[1].reshape(args.batch_shape)
+    return out.reshape(args.batch_shape)
+
+
+def label_smoothing_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float | torch.Tensor = 0.1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Standard label smoothing: DPLS with ``k = V`` (equals ``F.cross_entropy(label_smoothing=ε)``)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError("logits must be a float tensor of shape [..., V]")
+    return dpls_loss(
+        logits, target, epsilon=epsilon, top_k=logits.shape[-1], ignore_index=ignore_index,
+        reduction=reduction,
+    )

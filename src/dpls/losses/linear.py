@@ -1,0 +1,2 @@
+def dpls_linear_loss(*a, **k):
+    raise NotImplementedError

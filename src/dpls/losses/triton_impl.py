@@ -1,0 +1,230 @@
+"""The fused Triton implementation of DPLS (``impl="triton"``).
+
+Liger-style: the forward kernel already computes the gradient of the logits (the loss is linear in
+``grad_output``, so backward only has to scale it), and with ``inplace_backward=True`` it stores that
+gradient in the logits' own storage, so the loss needs no ``[N, V]`` memory of its own. The kernels
+(``_triton_kernels``) are imported on first use: importing this module stays light.
+
+The internal signature is the one of docs/ARCHITECTURE.md; arguments are validated by the front-end
+(``dpls.losses.functional``), so nothing here re-checks them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+import torch
+
+__all__ = ["KernelConfig", "choose_config", "is_available", "triton_dpls_loss"]
+
+_KEY_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def is_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device`` (CUDA, or any device under the interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if interpreting():
+        return True
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape of the row kernel; ``choose_config`` picks one from ``V``, dtype and device.
+
+    ``block_v``: entries per block of a row (power of two); ``num_warps``: warps per program;
+    ``digit_bits``: radix digit width (divides 16); ``cap``: the largest surviving bucket that is
+    compacted into the per-program scratch row (0 disables compaction); ``programs``: size of the
+    persistent grid (0 = one per row, capped by the device's multiprocessors × ``programs_per_sm``).
+    """
+
+    block_v: int = 4096
+    num_warps: int = 8
+    digit_bits: int = 8
+    cap: int = 4096
+    programs_per_sm: int = 4
+    programs: int = 0
+    num_stages: int = 2
+
+
+def choose_config(vocab: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """A launch shape for rows of ``vocab`` entries: blocks of ≤ 16 KB, 8 warps for big blocks."""
+    limit = 4096 if dtype != torch.float32 else 2048
+    block_v = min(limit, max(128, 1 << (vocab - 1).bit_length()))
+    num_warps = 8 if block_v >= 2048 else 4
+    if device.type != "cuda":  # the interpreter: programs run one after another, keep blocks small
+        return KernelConfig(block_v=min(block_v, 1024), num_warps=1, programs=4)
+    return KernelConfig(block_v=block_v, num_warps=num_warps)
+
+
+def _kernels() -> ModuleType:
+    from dpls.losses import _triton_kernels
+
+    return _triton_kernels
+
+
+def _grid_size(n_rows: int, cfg: KernelConfig, device: torch.device) -> int:
+    if cfg.programs > 0:
+        return max(1, min(n_rows, cfg.programs))
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, sms * cfg.programs_per_sm))
+    return max(1, min(n_rows, 4))
+
+
+def launch_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    epsilon: float | torch.Tensor,
+    top_k: int,
+    ignore_index: int,
+    *,
+    grad: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    scale_mode: str,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the row kernel once: per-row loss and NLL (float32 ``[N]``), and the gradient into ``grad``.
+
+    ``grad`` may be ``logits`` itself (in-place) or ``None`` (no gradient). ``scale_mode``: ``"mean"``
+    (``scale`` holds n_valid, a 0-d float32 on the device), ``"row"`` (``scale`` is ``[N]``) or
+    ``"one"``. Rows whose target is ``ignore_index`` get 0 and a zero gradient.
+    """
+    k = _kernels()
+    n_rows, vocab = logits.shape
+    cfg = config or choose_config(vocab, logits.dtype, logits.device)
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    nll = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return loss, nll
+    per_row_eps = isinstance(epsilon, torch.Tensor)
+    if not per_row_eps and float(epsilon) == 0.0:
+        topk_mode = k.TOPK_NONE
+    elif top_k >= vocab:
+        topk_mode = k.TOPK_ALL
+    else:
+        topk_mode = k.TOPK_SELECT
+    grid = _grid_size(n_rows, cfg, logits.device)
+    cap = cfg.cap if topk_mode == k.TOPK_SELECT else 0
+    scratch = torch.empty(max(1, grid * cap), dtype=logits.dtype, device=logits.device)
+    mode = {"mean": k.SCALE_MEAN, "row": k.SCALE_ROW, "one": k.SCALE_ONE}[scale_mode]
+    dummy = loss  # any float32 tensor for pointers a mode does not read
+    eps_tensor = epsilon.to(device=logits.device, dtype=torch.float32).contiguous() if per_row_eps else dummy
+    g = grad if grad is not None else logits
+    k._dpls_rows_kernel[(grid,)](
+        logits,
+        logits.stride(0),
+        g,
+        g.stride(0),
+        target,
+        eps_tensor,
+        0.0 if per_row_eps else float(epsilon),
+        scale if scale is not None else dummy,
+        loss,
+        nll,
+        scratch,
+        n_rows,
+        vocab,
+        int(top_k),
+        int(ignore_index),
+        KEY_BITS=_KEY_BITS[logits.dtype],
+        DIGIT_BITS=cfg.digit_bits,
+        BLOCK_V=cfg.block_v,
+        CAP=cap,
+        TOPK_MODE=topk_mode,
+        EPS_PER_ROW=per_row_eps,
+        WRITE_GRAD=grad is not None,
+        SCALE_MODE=mode,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return loss, nll
+
+
+def reduce_rows(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``"mean"`` over non-ignored rows (0 when there are none), ``"sum"``, or the rows themselves."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / n_valid.clamp(min=1.0) if reduction == "mean" else total
+
+
+class _TritonDPLS(torch.autograd.Function):
+    """Loss (and detached NLL) of ``[N, V]`` logits; the gradient is computed in forward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, eps_tensor, eps_value, top_k, ignore_index, reduction, inplace, config):
+        epsilon = eps_tensor if eps_tensor is not None else eps_value
+        n_valid = (target != ignore_index).sum().to(torch.float32)
+        needs_grad = ctx.needs_input_grad[0]
+        grad = None
+        if needs_grad:
+            grad = logits if inplace else torch.empty_like(logits)
+        loss_rows, nll_rows = launch_rows(
+            logits,
+            target,
+            epsilon,
+            top_k,
+            ignore_index,
+            grad=grad,
+            scale=n_valid,
+            scale_mode="mean" if reduction == "mean" else "one",
+            config=config,
+        )
+        ctx.reduction = reduction
+        if needs_grad:
+            ctx.save_for_backward(grad.detach())
+        loss = reduce_rows(loss_rows, n_valid, reduction)
+        nll = reduce_rows(nll_rows, n_valid, reduction)
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad.mul_(grad_loss.to(torch.float32).unsqueeze(1))
+        elif grad_loss.item() != 1.0:  # one scalar read saves a full pass in the common case
+            grad.mul_(grad_loss.to(torch.float32))
+        return grad, None, None, None, None, None, None, None, None
+
+
+def triton_dpls_loss(
+    logits2d: torch.Tensor,
+    target1d: torch.Tensor,
+    epsilon: float | torch.Tensor,
+    top_k: int,
+    ignore_index: int,
+    reduction: str,
+    return_nll: bool,
+    inplace_backward: bool,
+    *,
+    config: KernelConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """DPLS of ``[N, V]`` logits through the fused kernel (internal signature of ARCHITECTURE.md).
+
+    The returned NLL is detached (it is for logging). With ``inplace_backward`` the gradient
+    overwrites ``logits2d``, which the caller must not read afterwards.
+    """
+    logits = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
+    target = target1d.to(torch.int64).contiguous()
+    eps_tensor = epsilon if isinstance(epsilon, torch.Tensor) else None
+    eps_value = 0.0 if eps_tensor is not None else float(epsilon)
+    loss, nll = _TritonDPLS.apply(
+        logits, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction, inplace_backward, config
+    )
+    return (loss, nll) if return_nll else loss
+
+
+def with_overrides(config: KernelConfig, **changes: int) -> KernelConfig:
+    """A copy of ``config`` with some fields changed (used by tests and the GPU benchmark)."""
+    return replace(config, **changes)

@@ -1,0 +1,752 @@
+"""From finished runs to an answer: report.md, summary.json and the plots.
+
+Input is a study directory (its ``study_state.json`` says which run is which arm and seed)
+or any list of run directories (``dpls compare``): runs are then grouped by their loss
+configuration and matched by ``seed``. For every metric of SPEC §4 (plus the last
+validation CE of the training log and each lm-eval task) the report gives each arm's mean
+± sd over seeds and its difference from the baseline arm with a 95% interval: paired by
+seed when every arm has each seed once, Welch's unpaired interval otherwise (and it says
+so). Then one sentence per arm: which differences are larger than their interval.
+
+Training behaviour comes from ``metrics.jsonl``: validation-CE curves, the ε in force,
+stability (loss spikes, gradient norms, skipped steps) and cost (tokens/s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpls.study.spec import LOSS_KEYS
+from dpls.study.state import EVAL_DIR, LM_EVAL_FILE, is_study_dir, read_state
+from dpls.study.stats import EFFECT_LARGER, Interval, mean_sd, paired_ci, welch_ci
+
+# SPEC §4, in its order; "tokens" is a count, reported but not compared.
+EVAL_METRICS: tuple[str, ...] = (
+    "loss",
+    "ppl",
+    "entropy",
+    "entropy_top10",
+    "entropy_top100",
+    "entropy_top1000",
+    "top1_acc",
+    "ece",
+    "ece_adaptive",
+    "brier",
+    "best_temperature",
+    "loss_at_best_temperature",
+)
+TRAIN_LOG_METRIC = "final_val_ce"  # the last val_ce of metrics.jsonl: there even without `dpls eval`
+
+# +1: higher is better, −1: lower is better; absent: neither (entropy, temperature).
+DIRECTION: dict[str, int] = {
+    "loss": -1,
+    "ppl": -1,
+    "top1_acc": +1,
+    "ece": -1,
+    "ece_adaptive": -1,
+    "brier": -1,
+    "loss_at_best_temperature": -1,
+    TRAIN_LOG_METRIC: -1,
+}
+
+# Loss spikes: a logged loss above (1 + SPIKE_REL) × the median of the previous SPIKE_WINDOW.
+SPIKE_WINDOW = 20
+SPIKE_REL = 0.10
+
+
+# -- reading runs -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """Everything the report needs from one run directory."""
+
+    run_dir: Path
+    arm: str
+    seed: int | None
+    config: dict[str, Any]
+    train_rows: list[dict[str, Any]]  # metrics.jsonl rows with a training loss
+    val_rows: list[dict[str, Any]]  # metrics.jsonl rows with val_ce
+    metrics: dict[str, float] = field(default_factory=dict)  # final evaluation + lm-eval
+    reliability: dict[str, list[float]] | None = None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: skip it, keep the rest
+    return rows
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def find_eval_file(run_dir: Path) -> Path | None:
+    """The run's final evaluation: RUN/eval/metrics.json, RUN/metrics.json, else the newest one below RUN."""
+    for candidate in (run_dir / EVAL_DIR / "metrics.json", run_dir / "metrics.json"):
+        if candidate.is_file():
+            return candidate
+    found = sorted(run_dir.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+_BIN_KEYS = ("lower", "upper", "count", "confidence", "accuracy")
+
+
+def _reliability(eval_file: Path) -> dict[str, list[float]] | None:
+    """Equal-width reliability bins from the ``<stem>_bins.json`` that ``dpls eval`` writes beside metrics.json."""
+    from dpls.eval.evaluate import output_paths
+
+    bins_file = output_paths(eval_file)["bins"]
+    if not bins_file.is_file():
+        return None
+    try:
+        bins = json.loads(bins_file.read_text()).get("reliability")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(bins, Mapping) or not all(k in bins for k in _BIN_KEYS):
+        return None
+    return {k: [float("nan") if v is None else float(v) for v in bins[k]] for k in _BIN_KEYS}
+
+
+def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = None) -> RunRecord:
+    """Read a run directory: config.toml, metrics.jsonl, and its evaluation if there is one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory not found: {run_dir}")
+    config: dict[str, Any] = {}
+    if (run_dir / "config.toml").is_file():
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+    rows = _read_jsonl(run_dir / "metrics.jsonl")
+    if not config and not rows:
+        raise ValueError(f"{run_dir} is not a run directory (no config.toml or metrics.jsonl)")
+    train_rows = [r for r in rows if "loss" in r and "step" in r]
+    val_rows = [r for r in rows if _finite(r.get("val_ce")) and "step" in r]
+    metrics: dict[str, float] = {}
+    reliability = None
+    eval_file = find_eval_file(run_dir)
+    if eval_file is not None:
+        data = json.loads(eval_file.read_text())
+        metrics.update({k: float(data[k]) for k in (*EVAL_METRICS, "tokens") if _finite(data.get(k))})
+        reliability = _reliability(eval_file)
+        lm_file = eval_file.parent / LM_EVAL_FILE
+        if lm_file.is_file():
+            lm = json.loads(lm_file.read_text())
+            metrics.update({f"lm_eval/{k}": float(v) for k, v in lm.items() if _finite(v)})
+    if val_rows:
+        metrics[TRAIN_LOG_METRIC] = float(val_rows[-1]["val_ce"])
+    if seed is None and isinstance(config.get("seed"), int):
+        seed = int(config["seed"])
+    return RunRecord(
+        run_dir=run_dir,
+        arm=arm or loss_label(config),
+        seed=seed,
+        config=config,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        metrics=metrics,
+        reliability=reliability,
+    )
+
+
+def loss_label(config: Mapping[str, Any]) -> str:
+    """A short name for a run's loss configuration, e.g. ``dpls_eps0.1_k100``."""
+    loss = str(config.get("loss", "ce"))
+    parts = [loss]
+    if loss == "dpls":
+        parts += [f"eps{config.get('dpls_epsilon')}", f"k{config.get('dpls_top_k')}"]
+        for key in ("dpls_schedule", "dpls_epsilon_mode"):
+            if config.get(key) not in (None, "constant"):
+                parts.append(str(config[key]))
+    elif loss == "ls":
+        parts.append(f"eps{config.get('label_smoothing', config.get('dpls_epsilon'))}")
+    elif loss == "confidence_penalty":
+        parts.append(f"beta{config.get('confidence_penalty_beta')}")
+    if _finite(config.get("z_loss")) and config["z_loss"] > 0:
+        parts.append(f"z{config['z_loss']}")
+    return "_".join(parts)
+
+
+def _loss_key(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, repr(config.get(k))) for k in LOSS_KEYS)
+
+
+def group_runs(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs by arm (given, or the loss configuration); labels made unique where they clash."""
+    groups: dict[Any, list[RunRecord]] = {}
+    for r in records:
+        key = (r.arm, _loss_key(r.config))
+        groups.setdefault(key, []).append(r)
+    out: dict[str, list[RunRecord]] = {}
+    for runs in groups.values():
+        name, i = runs[0].arm, 2
+        while name in out:
+            name, i = f"{runs[0].arm}#{i}", i + 1
+        for r in runs:
+            r.arm = name
+        out[name] = runs
+    return out
+
+
+def collect_runs(source: str | Path | Sequence[str | Path]) -> tuple[list[RunRecord], dict[str, Any]]:
+    """Records from a study directory, or from run directories (a study directory expands to its runs)."""
+    sources = [source] if isinstance(source, str | Path) else list(source)
+    records: list[RunRecord] = []
+    info: dict[str, Any] = {}
+    for s in sources:
+        s = Path(s)
+        if is_study_dir(s):
+            state = read_state(s)
+            info.update(name=state.name, baseline=state.baseline, arms=state.arms, fork_step=state.fork_step)
+            trunk = s / state.trunk_dir
+            if (trunk / "metrics.jsonl").is_file():
+                info["trunk"] = load_run(trunk, arm="trunk")
+            for entry in state.runs:
+                if (s / entry.run_dir).is_dir():
+                    records.append(load_run(s / entry.run_dir, arm=entry.arm, seed=entry.seed))
+        else:
+            records.append(load_run(s))
+    if not records:
+        raise ValueError(f"no finished runs found in {', '.join(map(str, sources))}")
+    return records, info
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def _stability(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Loss spikes, gradient-norm statistics, skipped and non-finite steps of one run."""
+    losses = [float(r["loss"]) for r in rows if _finite(r.get("loss"))]
+    spikes = 0
+    for i in range(5, len(losses)):  # a few logged steps of history before judging
+        median = statistics.median(losses[max(0, i - SPIKE_WINDOW) : i])
+        spikes += losses[i] > (1.0 + SPIKE_REL) * median
+    grads = [float(r["grad_norm"]) for r in rows if _finite(r.get("grad_norm"))]
+    return {
+        "logged_steps": len(rows),
+        "loss_spikes": spikes,
+        "nonfinite_loss": sum(1 for r in rows if "loss" in r and not _finite(r.get("loss"))),
+        "skipped": int(sum(float(r.get("skipped") or 0) for r in rows if _finite(r.get("skipped")))),
+        "grad_norms": grads,
+    }
+
+
+def _pooled_stability(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    per_run = [_stability(r.train_rows) for r in runs]
+    grads = np.array([g for s in per_run for g in s["grad_norms"]], dtype=np.float64)
+    return {
+        "logged_steps": sum(s["logged_steps"] for s in per_run),
+        "loss_spikes": sum(s["loss_spikes"] for s in per_run),
+        "nonfinite_loss": sum(s["nonfinite_loss"] for s in per_run),
+        "skipped": sum(s["skipped"] for s in per_run),
+        "grad_norm_mean": float(grads.mean()) if grads.size else None,
+        "grad_norm_p99": float(np.quantile(grads, 0.99)) if grads.size else None,
+        "grad_norm_max": float(grads.max()) if grads.size else None,
+    }
+
+
+def _cost(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """Median throughput over logged steps (the first one, with start-up costs, left out)."""
+    tps = [
+        float(r["tokens_per_s"]) for run in runs for r in run.train_rows[1:] if _finite(r.get("tokens_per_s"))
+    ]
+    mfu = [float(r["mfu"]) for run in runs for r in run.train_rows[1:] if _finite(r.get("mfu"))]
+    return {
+        "tokens_per_s": statistics.median(tps) if tps else None,
+        "mfu": statistics.median(mfu) if mfu else None,
+    }
+
+
+def _metric_names(groups: Mapping[str, Sequence[RunRecord]]) -> list[str]:
+    present = {k for runs in groups.values() for r in runs for k in r.metrics}
+    ordered = [k for k in (*EVAL_METRICS, TRAIN_LOG_METRIC) if k in present]
+    return ordered + sorted(k for k in present if k.startswith("lm_eval/"))
+
+
+def _direction(metric: str) -> int:
+    if metric in DIRECTION:
+        return DIRECTION[metric]
+    name = metric.rsplit("/", 1)[-1].split(",")[0]
+    if name.startswith(("acc", "exact_match", "f1", "mcc")):
+        return +1
+    if "perplexity" in name or name in ("ppl", "bits_per_byte", "byte_perplexity"):
+        return -1
+    return 0
+
+
+def _compare(
+    arm: Sequence[RunRecord], base: Sequence[RunRecord], metric: str, confidence: float, method: str
+) -> tuple[Interval | None, str | None]:
+    """The arm − baseline interval for one metric, paired by seed when the seeds allow it."""
+    a = {r.seed: r.metrics[metric] for r in arm if metric in r.metrics}
+    b = {r.seed: r.metrics[metric] for r in base if metric in r.metrics}
+    a_vals = [r.metrics[metric] for r in arm if metric in r.metrics]
+    b_vals = [r.metrics[metric] for r in base if metric in r.metrics]
+    if not a_vals or not b_vals:
+        return None, None
+    unique = len(a) == len(a_vals) and len(b) == len(b_vals) and None not in a and None not in b
+    common = sorted(set(a) & set(b)) if unique else []
+    if common:
+        note = None
+        if len(common) < max(len(a), len(b)):
+            note = f"paired on the {len(common)} seeds both have ({common}); the others are left out"
+        return paired_ci(
+            [a[s] for s in common], [b[s] for s in common], confidence=confidence, method=method
+        ), note
+    return welch_ci(a_vals, b_vals, confidence=confidence), "no common seeds: unpaired (Welch) interval"
+
+
+def summarize(
+    groups: Mapping[str, Sequence[RunRecord]],
+    baseline: str,
+    *,
+    confidence: float = 0.95,
+    method: str = "t",
+) -> dict[str, Any]:
+    """The numbers of the report, as summary.json holds them."""
+    if baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not among the arms {sorted(groups)}")
+    metrics = _metric_names(groups)
+    arms: dict[str, Any] = {}
+    for name, runs in groups.items():
+        per_metric = {}
+        for m in metrics:
+            vals = [(r.seed, r.metrics[m]) for r in runs if m in r.metrics]
+            if vals:
+                mean, sd = mean_sd([v for _, v in vals])
+                per_metric[m] = {
+                    "mean": mean,
+                    "sd": sd,
+                    "n": len(vals),
+                    "seeds": [s for s, _ in vals],
+                    "values": [v for _, v in vals],
+                }
+        arms[name] = {
+            "runs": [str(r.run_dir) for r in runs],
+            "seeds": [r.seed for r in runs],
+            "loss_config": {k: runs[0].config[k] for k in LOSS_KEYS if k in runs[0].config},
+            "metrics": per_metric,
+            "stability": _pooled_stability(runs),
+            "cost": _cost(runs),
+        }
+    differences: dict[str, Any] = {}
+    notes: set[str] = set()
+    paired = True
+    for name, runs in groups.items():
+        if name == baseline:
+            continue
+        differences[name] = {}
+        for m in metrics:
+            interval, note = _compare(runs, groups[baseline], m, confidence, method)
+            if interval is None:
+                continue
+            paired &= interval.paired
+            if note:
+                notes.add(f"{name} vs {baseline}: {note}")
+            d = _direction(m)
+            better = None if d == 0 or interval.mean == 0 else (interval.mean * d > 0)
+            differences[name][m] = {**interval.to_dict(), "better": better, "direction": d}
+    base_tps = arms[baseline]["cost"]["tokens_per_s"]
+    for a in arms.values():
+        tps = a["cost"]["tokens_per_s"]
+        a["cost"]["relative_to_baseline"] = tps / base_tps if tps and base_tps else None
+    return {
+        "baseline": baseline,
+        "confidence": confidence,
+        "method": method if paired else "welch",
+        "paired": paired,
+        "metrics": metrics,
+        "arms": arms,
+        "differences": differences,
+        "notes": sorted(notes),
+        "spike_rule": f"loss > {1 + SPIKE_REL:.2f} × median of the previous {SPIKE_WINDOW} logged losses",
+    }
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:+.3e}" if signed else f"{x:.3e}"
+    return f"{x:+.4g}" if signed else f"{x:.4g}"
+
+
+def _interval_cell(d: Mapping[str, Any]) -> str:
+    if d["low"] is None:
+        return f"{_fmt(d['mean'], True)} [undefined]"
+    cell = f"{_fmt(d['mean'], True)} [{_fmt(d['low'], True)}, {_fmt(d['high'], True)}]"
+    return f"**{cell}**" if d["effect"] == EFFECT_LARGER else cell
+
+
+def _sentence(arm: str, baseline: str, diffs: Mapping[str, Mapping[str, Any]]) -> str:
+    def describe(m: str, d: Mapping[str, Any]) -> str:
+        verdict = {True: "better", False: "worse", None: ""}[d["better"]]
+        return f"{m} ({_fmt(d['mean'], True)}{', ' + verdict if verdict else ''})"
+
+    larger = [describe(m, d) for m, d in diffs.items() if d["effect"] == EFFECT_LARGER]
+    undefined = [m for m, d in diffs.items() if d["low"] is None]
+    rest = [m for m, d in diffs.items() if d["effect"] != EFFECT_LARGER and d["low"] is not None]
+    parts = [f"**{arm}** − **{baseline}**:"]
+    if undefined and not larger and not rest:
+        parts.append(f"with one seed no difference has an interval ({', '.join(undefined)}); run more seeds.")
+        return " ".join(parts)
+    parts.append(
+        f"larger than their interval: {', '.join(larger)}."
+        if larger
+        else "no difference is larger than its interval."
+    )
+    if rest:
+        parts.append(f"Not larger than their interval: {', '.join(rest)}.")
+    if undefined:
+        parts.append(f"Undefined (one seed): {', '.join(undefined)}.")
+    return " ".join(parts)
+
+
+def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) -> str:
+    base = summary["baseline"]
+    arms = list(summary["arms"])
+    others = [a for a in arms if a != base]
+    conf = round(100 * summary["confidence"])
+    how = (
+        f"paired by seed, {conf}% {'t' if summary['method'] == 't' else summary['method']} interval"
+        if summary["paired"]
+        else f"unpaired, {conf}% Welch interval"
+    )
+    lines = [f"# {title}", ""]
+    seeds = {a: summary["arms"][a]["seeds"] for a in arms}
+    lines.append(
+        "Arms: "
+        + ", ".join(
+            f"**{a}** ({len(s)} run{'s' if len(s) != 1 else ''}, seeds {s})" for a, s in seeds.items()
+        )
+        + "."
+    )
+    lines += [
+        "",
+        f"Differences are arm − **{base}**, {how}; **bold**: larger than its interval "
+        "(the interval excludes 0).",
+        "",
+    ]
+    lines += (
+        ["## Findings", ""] + [f"- {_sentence(a, base, summary['differences'][a])}" for a in others] + [""]
+    )
+    if summary["notes"]:
+        lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+
+    lines += [
+        "## Evaluation",
+        "",
+        "Mean ± sd over seeds (SPEC §4 metrics of the final evaluation; "
+        f"`{TRAIN_LOG_METRIC}` is the last validation CE of the training log).",
+        "",
+    ]
+    header = ["metric", *arms, *(f"Δ {a}" for a in others)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in summary["metrics"]:
+        row = [m + {1: " ↑", -1: " ↓"}.get(_direction(m), "")]
+        for a in arms:
+            s = summary["arms"][a]["metrics"].get(m)
+            row.append(
+                "n/a" if s is None else _fmt(s["mean"]) + ("" if s["sd"] is None else f" ± {_fmt(s['sd'])}")
+            )
+        for a in others:
+            d = summary["differences"][a].get(m)
+            row.append("n/a" if d is None else _interval_cell(d))
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+
+    lines += [
+        "## Training stability",
+        "",
+        f"Loss spike: {summary['spike_rule']}. Gradient norms as logged, pooled over seeds.",
+        "",
+    ]
+    lines += [
+        "| arm | logged steps | loss spikes | non-finite | skipped | grad-norm mean | p99 | max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for a in arms:
+        s = summary["arms"][a]["stability"]
+        lines.append(
+            f"| {a} | {s['logged_steps']} | {s['loss_spikes']} | {s['nonfinite_loss']} | {s['skipped']} | "
+            f"{_fmt(s['grad_norm_mean'])} | {_fmt(s['grad_norm_p99'])} | {_fmt(s['grad_norm_max'])} |"
+        )
+    lines += [
+        "",
+        "## Cost",
+        "",
+        "Median training tokens/s over logged steps (the first one left out). The ratio to "
+        f"**{base}** is a fair comparison only for runs that shared a machine.",
+        "",
+    ]
+    lines += ["| arm | tokens/s | × baseline | MFU |", "|---|---|---|---|"]
+    for a in arms:
+        c = summary["arms"][a]["cost"]
+        lines.append(
+            f"| {a} | {_fmt(c['tokens_per_s'])} | {_fmt(c['relative_to_baseline'])} | {_fmt(c['mfu'])} |"
+        )
+    lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        for caption, file in plots.items():
+            lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
+    return "\n".join(lines)
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _curve(
+    runs: Sequence[RunRecord], rows_of: str, key: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
+    """Per-run (step, value) arrays and their mean over the steps every run logged."""
+    series = []
+    for r in runs:
+        pts = [(int(row["step"]), float(row[key])) for row in getattr(r, rows_of) if _finite(row.get(key))]
+        if pts:
+            steps, vals = zip(*pts)
+            series.append((np.array(steps), np.array(vals)))
+    if not series:
+        return [], None
+    common = sorted(set.intersection(*(set(s.tolist()) for s, _ in series)))
+    if not common:
+        return series, None
+    mean = np.mean([[dict(zip(s.tolist(), v.tolist()))[c] for c in common] for s, v in series], axis=0)
+    return series, (np.array(common), mean)
+
+
+def _plot_curves(
+    groups: Mapping[str, Sequence[RunRecord]],
+    rows_of: str,
+    key: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    trunk: RunRecord | None = None,
+) -> bool:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    drew = False
+    if trunk is not None:
+        series, _ = _curve([trunk], rows_of, key)
+        for s, v in series:
+            ax.plot(s, v, color="grey", lw=1.5, ls="--", label="trunk")
+            drew = True
+    for i, (name, runs) in enumerate(groups.items()):
+        color = f"C{i}"
+        series, mean = _curve(runs, rows_of, key)
+        for s, v in series:
+            ax.plot(s, v, color=color, lw=0.7, alpha=0.35)
+            drew = True
+        if mean is not None:
+            ax.plot(*mean, color=color, lw=2.0, label=f"{name} (mean of {len(series)})")
+    if not drew:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _pooled_bins(runs: Sequence[RunRecord]) -> dict[str, np.ndarray] | None:
+    """Reliability bins summed over seeds: counts add, confidence and accuracy are count-weighted."""
+    bins = [r.reliability for r in runs if r.reliability is not None]
+    if not bins or len({len(b["count"]) for b in bins}) != 1:
+        return None
+    count = np.sum([np.asarray(b["count"]) for b in bins], axis=0)
+
+    def weighted(key: str) -> np.ndarray:
+        num = np.sum([np.nan_to_num(np.asarray(b[key])) * np.asarray(b["count"]) for b in bins], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, num / np.where(count > 0, count, 1), np.nan)
+
+    return {
+        "lower": np.asarray(bins[0]["lower"]),
+        "upper": np.asarray(bins[0]["upper"]),
+        "count": count,
+        "confidence": weighted("confidence"),
+        "accuracy": weighted("accuracy"),
+    }
+
+
+def _plot_reliability(
+    groups: Mapping[str, Sequence[RunRecord]], summary: Mapping[str, Any], path: Path
+) -> bool:
+    pooled = {name: _pooled_bins(runs) for name, runs in groups.items()}
+    pooled = {k: v for k, v in pooled.items() if v is not None}
+    if not pooled:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(pooled), figsize=(3.6 * len(pooled), 3.8), sharey=True, constrained_layout=True, squeeze=False
+    )
+    for ax, (name, b) in zip(axes[0], pooled.items()):
+        centers, widths = (b["lower"] + b["upper"]) / 2, b["upper"] - b["lower"]
+        filled = b["count"] > 0
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.bar(
+            centers[filled],
+            b["accuracy"][filled],
+            width=widths[filled],
+            color="tab:blue",
+            edgecolor="black",
+            label="accuracy",
+        )
+        ax.bar(
+            centers[filled],
+            (b["confidence"] - b["accuracy"])[filled],
+            bottom=b["accuracy"][filled],
+            width=widths[filled],
+            color="tab:red",
+            alpha=0.3,
+            edgecolor="tab:red",
+            label="gap to confidence",
+        )
+        ece = summary["arms"][name]["metrics"].get("ece")
+        ax.set_title(name + (f"\nECE {ece['mean']:.4f}" if ece else ""), fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 confidence")
+    axes[0][0].set_ylabel("top-1 accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def write_report(
+    source: str | Path | Sequence[str | Path] | Sequence[RunRecord],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    confidence: float = 0.95,
+    method: str = "t",
+    title: str | None = None,
+) -> Path:
+    """Write report.md, summary.json and PNG plots to ``out_dir``; returns the report.md path.
+
+    ``source``: a study directory, run directories, or already loaded `RunRecord`s.
+    ``baseline``: the arm differences are taken against (default: the study's, else the
+    first CE arm, else the first arm).
+    """
+    info: dict[str, Any] = {}
+    if (
+        isinstance(source, Sequence)
+        and not isinstance(source, str)
+        and source
+        and isinstance(source[0], RunRecord)
+    ):
+        records = list(source)  # type: ignore[arg-type]
+    else:
+        records, info = collect_runs(source)  # type: ignore[arg-type]
+    groups = group_runs(records)
+    order = [a for a in info.get("arms", []) if a in groups]
+    groups = {a: groups[a] for a in [*order, *(g for g in groups if g not in order)]}
+    if baseline is None:
+        baseline = info.get("baseline") or next(
+            (n for n, runs in groups.items() if runs[0].config.get("loss", "ce") == "ce"), next(iter(groups))
+        )
+    if baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not among the arms {sorted(groups)}")
+    summary = summarize(groups, baseline, confidence=confidence, method=method)
+    title = title or (f"Study {info['name']}" if "name" in info else "Comparison of runs")
+    summary["title"] = title
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trunk = info.get("trunk")
+    plots: dict[str, str] = {}
+    if _plot_curves(
+        groups,
+        "val_rows",
+        "val_ce",
+        "validation CE (nats/token)",
+        "Validation CE (thick: mean over seeds; thin: each seed)",
+        out / "val_ce.png",
+        trunk,
+    ):
+        plots["Validation cross-entropy"] = "val_ce.png"
+    if _plot_reliability(groups, summary, out / "reliability.png"):
+        plots["Reliability diagrams (pooled over seeds)"] = "reliability.png"
+    if _plot_curves(
+        groups,
+        "train_rows",
+        "epsilon",
+        "ε in force",
+        "Smoothing ε in force over training",
+        out / "epsilon.png",
+    ):
+        plots["ε in force"] = "epsilon.png"
+    if _plot_curves(
+        groups,
+        "train_rows",
+        "ce",
+        "training CE (nats/token)",
+        "Training CE of the batches",
+        out / "train_ce.png",
+        trunk,
+    ):
+        plots["Training cross-entropy"] = "train_ce.png"
+    summary["plots"] = plots
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    report = out / "report.md"
+    report.write_text(_markdown(summary, title, plots))
+    return report
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def iter_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among ``paths`` (a path holding several runs expands to them)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if is_study_dir(p) or (p / "metrics.jsonl").is_file() or (p / "config.toml").is_file():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(q.parent for q in p.glob("*/metrics.jsonl")))
+    return out

@@ -1,0 +1,378 @@
+"""The STUDY.toml format: one CE trunk, forked into loss arms × seeds, evaluated the same way.
+
+```toml
+name = "demo"
+out_dir = "runs/study_demo"        # everything the study writes goes here
+prepare = "stdlib"                 # or: data_dir = "data/fineweb_edu"
+fork_step = 200                    # the trunk trains this many iterations; arms fork there
+seeds = [0, 1]                     # or a count: seeds = 3  (→ 0, 1, 2)
+tokens_per_arm = 2_000_000         # or: iters_per_arm = 500
+baseline = "ce"                    # differences are arm − baseline (default: the first CE arm)
+
+[train]                            # training keys shared by the trunk and every arm
+model = "tiny"
+batch_size = 8
+
+[trunk]                            # extra keys for the trunk only (its loss defaults to "ce") ...
+warmup_iters = 50
+# checkpoint = "runs/ce/checkpoints/step_0005000"   # ... or fork an existing checkpoint
+
+[[arms]]
+name = "ce"
+loss = "ce"
+
+[[arms]]
+name = "dpls"
+loss = "dpls"
+dpls_epsilon = 0.1
+dpls_top_k = 100
+
+[eval]
+tokens = 200_000                   # validation tokens per evaluation (default: the evaluator's)
+lm_eval_tasks = ["hellaswag"]      # downstream tasks through lm-evaluation-harness (optional)
+lm_eval_limit = 500
+```
+
+Relative paths are taken from the current directory, as ``dpls train`` does. Every key is
+checked against the format (and training keys against ``TrainConfig``); an unknown one is
+an error that names the closest valid key. ``max_iters``, ``out_dir`` and ``resume_dir``
+are the study's to set (from ``fork_step`` and the arm budget), so they are not accepted.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# Training keys that choose the objective: what one arm differs in.
+LOSS_KEYS: tuple[str, ...] = (
+    "loss",
+    "dpls_epsilon",
+    "dpls_top_k",
+    "dpls_schedule",
+    "dpls_start_step",
+    "dpls_end_step",
+    "dpls_epsilon_final",
+    "dpls_epsilon_mode",
+    "dpls_gamma",
+    "label_smoothing",
+    "confidence_penalty_beta",
+    "z_loss",
+)
+
+# Training keys the study sets itself (per run), so a study file may not.
+STUDY_OWNED_KEYS: dict[str, str] = {
+    "max_iters": "set fork_step (the trunk's length) and tokens_per_arm / iters_per_arm instead",
+    "out_dir": "runs are placed under the study's out_dir",
+    "resume_dir": "arms are forked from the trunk by the study",
+    "data_dir": "set data_dir (or prepare) at the top of the study file",
+}
+
+TOP_KEYS = (
+    "name",
+    "out_dir",
+    "data_dir",
+    "prepare",
+    "fork_step",
+    "seeds",
+    "tokens_per_arm",
+    "iters_per_arm",
+    "baseline",
+    "train",
+    "trunk",
+    "arms",
+    "eval",
+)
+EVAL_KEYS = (
+    "tokens",
+    "batch_size",
+    "lm_eval_tasks",
+    "lm_eval_limit",
+    "lm_eval_include_path",
+    "lm_eval_batch_size",
+)
+PREPARE_SOURCES = ("stdlib",)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """One loss arm: a name (its directory) and the loss keys that set it apart."""
+
+    name: str
+    loss: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """The shared start: trained here from ``train`` keys, or an existing ``checkpoint``."""
+
+    train: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How each finished arm is evaluated (``None`` = the evaluator's default)."""
+
+    tokens: int | None = None
+    batch_size: int | None = None
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: float | None = None
+    lm_eval_include_path: Path | None = None
+    lm_eval_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A parsed, checked study file (see the module docstring for the format)."""
+
+    name: str
+    out_dir: Path
+    arms: tuple[ArmSpec, ...]
+    seeds: tuple[int, ...]
+    data_dir: Path | None = None
+    prepare: str | None = None
+    fork_step: int | None = None
+    tokens_per_arm: int | None = None
+    iters_per_arm: int | None = None
+    baseline: str = ""
+    train: Mapping[str, Any] = field(default_factory=dict)
+    trunk: TrunkSpec = field(default_factory=TrunkSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    source: Path | None = None
+
+    def arm(self, name: str) -> ArmSpec:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+# -- checking ---------------------------------------------------------------------------------
+
+
+def train_config_keys() -> frozenset[str]:
+    """The keys ``dpls train`` accepts: the fields of ``TrainConfig``."""
+    from dpls.train.config import TrainConfig
+
+    return frozenset(f.name for f in fields(TrainConfig))
+
+
+def _closest(key: str, valid: Iterable[str]) -> str:
+    valid = sorted(valid)
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {match[0]!r}? " if match else ""
+    return f"{hint}(valid: {', '.join(valid)})"
+
+
+def _check_keys(table: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    valid = set(valid)
+    for key in table:
+        if key not in valid:
+            raise ValueError(f"unknown key {key!r} in {where}; {_closest(key, valid)}")
+
+
+def _int(value: Any, where: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _optional_path(value: Any, where: str) -> Path | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a path string, got {value!r}")
+    return Path(value).expanduser()
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return tuple(range(_int(value, "seeds (a count)", minimum=1)))
+    if isinstance(value, list) and value:
+        seeds = tuple(_int(s, "each seed") for s in value)
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {value!r}")
+        return seeds
+    raise ValueError(f"seeds must be a positive count or a non-empty list of integers, got {value!r}")
+
+
+def _train_table(table: Any, where: str, train_keys: frozenset[str], allow_loss: bool) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table of training keys, got {table!r}")
+    for key in table:
+        if key in STUDY_OWNED_KEYS:
+            raise ValueError(f"{key!r} is not allowed in {where}: {STUDY_OWNED_KEYS[key]}")
+        if key in LOSS_KEYS and not allow_loss:
+            raise ValueError(
+                f"loss key {key!r} is not allowed in {where}: put it in an [[arms]] entry (or in [trunk])"
+            )
+    _check_keys(table, train_keys, where)
+    return dict(table)
+
+
+def _arm(entry: Any, index: int, train_keys: frozenset[str]) -> ArmSpec:
+    where = f"[[arms]] entry {index + 1}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a table, got {entry!r}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"{where} needs a name of letters, digits, '.', '_' or '-', got {name!r}")
+    where = f"[[arms]] {name!r}"
+    loss = {k: v for k, v in entry.items() if k != "name"}
+    for key in loss:
+        if key not in LOSS_KEYS:
+            others = "" if key not in train_keys else " (shared training keys go in [train])"
+            raise ValueError(
+                f"unknown key {key!r} in {where}{others}; arms take a name and loss keys: "
+                f"{_closest(key, (*LOSS_KEYS, 'name'))}"
+            )
+    missing = [k for k in loss if k not in train_keys]
+    if missing:
+        raise ValueError(f"{where}: this version of TrainConfig has no key {missing[0]!r}")
+    if "loss" not in loss:
+        raise ValueError(f"{where} needs a 'loss' key (e.g. 'ce', 'ls', 'dpls')")
+    return ArmSpec(name=name, loss=loss)
+
+
+def _eval(table: Any) -> EvalSpec:
+    if table is None:
+        return EvalSpec()
+    if not isinstance(table, dict):
+        raise ValueError(f"[eval] must be a table, got {table!r}")
+    _check_keys(table, EVAL_KEYS, "[eval]")
+    tasks = table.get("lm_eval_tasks", [])
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"[eval] lm_eval_tasks must be a list of task names, got {tasks!r}")
+    limit = table.get("lm_eval_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit <= 0):
+        raise ValueError(f"[eval] lm_eval_limit must be a positive number, got {limit!r}")
+
+    def opt_int(key: str) -> int | None:
+        v = table.get(key)
+        return None if v is None else _int(v, f"[eval] {key}", minimum=1)
+
+    return EvalSpec(
+        tokens=opt_int("tokens"),
+        batch_size=opt_int("batch_size"),
+        lm_eval_tasks=tuple(tasks),
+        lm_eval_limit=limit,
+        lm_eval_include_path=_optional_path(table.get("lm_eval_include_path"), "[eval] lm_eval_include_path"),
+        lm_eval_batch_size=opt_int("lm_eval_batch_size"),
+    )
+
+
+def parse_spec(
+    data: Mapping[str, Any], *, source: Path | None = None, train_keys: Iterable[str] | None = None
+) -> StudySpec:
+    """Check a study table (as read from TOML) and turn it into a `StudySpec`.
+
+    ``train_keys`` defaults to the fields of ``TrainConfig``. Raises ``ValueError``
+    naming the offending key and what is allowed.
+    """
+    keys = frozenset(train_keys) if train_keys is not None else train_config_keys()
+    _check_keys(data, TOP_KEYS, "the study file")
+
+    name = data.get("name", source.stem if source else None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {name!r}")
+    out_dir = _optional_path(data.get("out_dir", f"runs/study_{name}"), "out_dir")
+    assert out_dir is not None
+
+    data_dir = _optional_path(data.get("data_dir"), "data_dir")
+    prepare = data.get("prepare")
+    if prepare is not None and prepare not in PREPARE_SOURCES:
+        raise ValueError(f"prepare must be one of {PREPARE_SOURCES}, got {prepare!r}")
+
+    trunk_table = data.get("trunk", {})
+    if not isinstance(trunk_table, dict):
+        raise ValueError(f"[trunk] must be a table, got {trunk_table!r}")
+    trunk_table = dict(trunk_table)
+    checkpoint = _optional_path(trunk_table.pop("checkpoint", None), "[trunk] checkpoint")
+    trunk_train = _train_table(trunk_table, "[trunk]", keys, allow_loss=True)
+    if checkpoint is not None and trunk_train:
+        raise ValueError(
+            f"[trunk] with a checkpoint takes no training keys (got {sorted(trunk_train)}): "
+            "the checkpoint is used as it is"
+        )
+    if data_dir is None and prepare is None:
+        raise ValueError('the study needs data: set data_dir = PATH or prepare = "stdlib"')
+
+    fork_step = data.get("fork_step")
+    if fork_step is not None:
+        fork_step = _int(fork_step, "fork_step", minimum=1)
+    elif checkpoint is None:
+        raise ValueError(
+            "fork_step (how many iterations the CE trunk trains) is required without [trunk] checkpoint"
+        )
+
+    tokens_per_arm, iters_per_arm = data.get("tokens_per_arm"), data.get("iters_per_arm")
+    if (tokens_per_arm is None) == (iters_per_arm is None):
+        raise ValueError(
+            "set exactly one of tokens_per_arm and iters_per_arm (the training budget after the fork)"
+        )
+    if tokens_per_arm is not None:
+        tokens_per_arm = _int(tokens_per_arm, "tokens_per_arm", minimum=1)
+    if iters_per_arm is not None:
+        iters_per_arm = _int(iters_per_arm, "iters_per_arm", minimum=1)
+
+    if "seeds" not in data:
+        raise ValueError("seeds is required: a count (seeds = 3) or a list (seeds = [0, 1, 2])")
+    seeds = _seeds(data["seeds"])
+
+    arms_table = data.get("arms")
+    if not isinstance(arms_table, list) or not arms_table:
+        raise ValueError("the study needs at least one [[arms]] entry (name + loss keys)")
+    arms = tuple(_arm(entry, i, keys) for i, entry in enumerate(arms_table))
+    names = [a.name for a in arms]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"arm names must be unique; repeated: {dupes}")
+
+    baseline = data.get("baseline")
+    if baseline is None:
+        baseline = next((a.name for a in arms if a.loss.get("loss") == "ce"), arms[0].name)
+    if baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not an arm; {_closest(str(baseline), names)}")
+
+    return StudySpec(
+        name=name,
+        out_dir=out_dir,
+        arms=arms,
+        seeds=seeds,
+        data_dir=data_dir,
+        prepare=prepare,
+        fork_step=fork_step,
+        tokens_per_arm=tokens_per_arm,
+        iters_per_arm=iters_per_arm,
+        baseline=baseline,
+        train=_train_table(data.get("train", {}), "[train]", keys, allow_loss=False),
+        trunk=TrunkSpec(train=trunk_train, checkpoint=checkpoint),
+        eval=_eval(data.get("eval")),
+        source=source,
+    )
+
+
+def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
+    """Read and check a STUDY.toml; ``overrides`` replace top-level keys (e.g. ``out_dir``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"study file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML: {err}") from err
+    data.update({k: str(v) if isinstance(v, Path) else v for k, v in overrides.items() if v is not None})
+    try:
+        return parse_spec(data, source=path)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err

@@ -1,0 +1,79 @@
+"""The study's memory: which runs it has, where they live, and which are finished.
+
+``STUDY_DIR/study_state.json`` lists the trunk and every arm × seed run (paths relative to
+the study directory, so the folder can be moved). A rerun reads it to skip finished work,
+and the report reads it to know which run is which arm. It is rewritten atomically (temp
+file + rename), so an interrupted study never leaves it half written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "study_state.json"
+EVAL_DIR = "eval"  # RUN/eval/metrics.json: the arm's final evaluation
+LM_EVAL_FILE = "lm_eval.json"  # RUN/eval/lm_eval.json: {"task/metric": value}
+
+PENDING, TRAINED, DONE = "pending", "trained", "done"
+
+
+@dataclass
+class RunEntry:
+    """One arm × seed run of the study."""
+
+    arm: str
+    seed: int
+    run_dir: str  # relative to the study directory
+    status: str = PENDING
+
+
+@dataclass
+class StudyState:
+    name: str
+    baseline: str
+    seeds: list[int]
+    arms: list[str]
+    fork_step: int | None
+    trunk_dir: str  # relative to the study directory (or absolute: an existing checkpoint's run)
+    runs: list[RunEntry] = field(default_factory=list)
+    trunk_status: str = PENDING
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    def entry(self, arm: str, seed: int) -> RunEntry:
+        for r in self.runs:
+            if r.arm == arm and r.seed == seed:
+                return r
+        raise KeyError((arm, seed))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyState:
+        data = dict(data)
+        data["runs"] = [RunEntry(**r) for r in data.get("runs", [])]
+        return cls(**data)
+
+
+def is_study_dir(path: str | Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def read_state(study_dir: str | Path) -> StudyState:
+    path = Path(study_dir) / STATE_FILE
+    try:
+        return StudyState.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"cannot read the study state {path}: {err}") from err
+
+
+def write_state(study_dir: str | Path, state: StudyState) -> Path:
+    path = Path(study_dir) / STATE_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state.to_dict(), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
