@@ -14,33 +14,33 @@ from hypothesis import strategies as st
 
 from dpls.dist.testing import run_workers
 from dpls.dist.vocab_parallel import vocab_parallel_dpls_loss
+from dpls.losses import dpls_loss
 
 TOL = 1e-5
 
 
-def reference(logits, target, eps, k, ignore_index=-100, reduction="mean"):
+def reference_value(z, target, eps, k, reduction, ignore_index=-100):
     """SPEC §1 in float64, T = the k largest logits, ties broken towards the lower index.
 
-    Returns (loss, nll, grad of loss w.r.t. logits) — autograd through the definition.
+    Differentiable in ``z`` (the selection T is a constant), so autograd gives the
+    reference gradient.
     """
-    z = logits.detach().double().requires_grad_(True)
     n, v = z.shape
     eps = torch.as_tensor(eps, dtype=torch.float64).expand(n)
     valid = target != ignore_index
     t = target.clamp(0, v - 1)
     order = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
-    lse = torch.logsumexp(z, -1)
-    z_y = z.gather(1, t[:, None]).squeeze(1)
-    loss = lse - (1 - eps) * z_y - eps / k * z.gather(1, order).sum(-1)
-    nll = lse - z_y
-    loss, nll = loss * valid, nll * valid
+    loss = torch.logsumexp(z, -1) - (1 - eps) * z.gather(1, t[:, None]).squeeze(1)
+    loss = (loss - eps / k * z.gather(1, order).sum(-1)) * valid
     if reduction == "mean":
-        d = max(int(valid.sum()), 1)
-        loss, nll = loss.sum() / d, nll.sum() / d
-    elif reduction == "sum":
-        loss, nll = loss.sum(), nll.sum()
-    (grad,) = torch.autograd.grad(loss.sum(), z)
-    return loss.detach(), nll.detach(), grad
+        return loss.sum() / max(int(valid.sum()), 1)
+    return loss.sum() if reduction == "sum" else loss
+
+
+def reference(logits, target, eps, k, reduction="mean"):
+    """(loss, nll) of the float64 definition; the nll is the ε = 0 loss."""
+    z = logits.detach().double()
+    return reference_value(z, target, eps, k, reduction), reference_value(z, target, 0.0, 1, reduction)
 
 
 def make_case(seed, n, v, *, ties=False, ignore_frac=0.25, per_token_eps=False):
@@ -55,21 +55,32 @@ def make_case(seed, n, v, *, ties=False, ignore_frac=0.25, per_token_eps=False):
     return logits, target, eps
 
 
-def _max_errors(logits, target, eps, k, reduction, start, stop):
-    """This rank's errors against the reference: (loss, nll, grad of loss+nll on its slice)."""
+def _max_errors(logits, target, eps, k, reduction, start, stop, against="reference"):
+    """This rank's errors (loss, nll, gradient on its slice) against the float64 definition,
+    or against the single-device ``dpls.losses.dpls_loss`` (``against="dpls_loss"``)."""
     local = logits[:, start:stop].clone().requires_grad_(True)
     loss, nll = vocab_parallel_dpls_loss(
         local, target, vocab_start=start, epsilon=eps, top_k=k, reduction=reduction, return_nll=True
     )
-    (loss.sum() + 0.5 * nll.sum()).backward()
-    ref_loss, ref_nll, ref_grad = reference(logits, target, eps, k, reduction=reduction)
-    # the nll's own gradient: softmax − onehot (k, ε irrelevant at ε = 0)
-    _, _, ref_nll_grad = reference(logits, target, 0.0, 1, reduction=reduction)
-    want = ref_grad + 0.5 * ref_nll_grad
+    assert not nll.requires_grad  # logged, not trained on: as dpls_loss's
+    weights = torch.linspace(0.5, 1.5, target.numel()) if reduction == "none" else torch.tensor(1.0)
+    (loss * weights).sum().backward()
+    if against == "reference":
+        ref_loss, ref_nll = reference(logits, target, eps, k, reduction=reduction)
+        z = logits.double().requires_grad_(True)
+        (weights.double() * reference_value(z, target, eps, k, reduction)).sum().backward()
+        ref_grad = z.grad
+    else:
+        z = logits.clone().requires_grad_(True)
+        ref_loss, ref_nll = dpls_loss(
+            z, target, epsilon=eps, top_k=k, reduction=reduction, impl="reference", return_nll=True
+        )
+        (weights * ref_loss).sum().backward()
+        ref_grad = z.grad
     return (
-        (loss.double() - ref_loss).abs().max().item(),
-        (nll.double() - ref_nll).abs().max().item(),
-        (local.grad.double() - want[:, start:stop]).abs().max().item(),
+        (loss.double() - ref_loss.double()).abs().max().item(),
+        (nll.double() - ref_nll.double()).abs().max().item(),
+        (local.grad.double() - ref_grad.double()[:, start:stop]).abs().max().item(),
     )
 
 
@@ -97,6 +108,10 @@ def _worker(splits: list[int]) -> list[tuple[float, float, float]]:
         assert v == bounds[-1]
         logits, target, eps = make_case(i, n, v, ties=ties, per_token_eps=per_tok)
         errs = torch.tensor(_max_errors(logits, target, eps, k, red, start, stop))
+        if not ties:  # tie-breaking is free (SPEC §1): compare with dpls_loss only without ties
+            errs = errs.maximum(
+                torch.tensor(_max_errors(logits, target, eps, k, red, start, stop, "dpls_loss"))
+            )
         errors.append(tuple(ctx.all_reduce_max(errs).tolist()))  # worst over the ranks
     # all ignored: loss 0, zero gradient, on every rank
     local = torch.randn(4, stop - start, requires_grad=True)
@@ -127,6 +142,9 @@ def test_world_of_one_matches_reference(n, v, k_frac, seed, ties, per_tok, reduc
     logits, target, eps = make_case(seed, n, v, ties=ties, per_token_eps=per_tok)
     errs = _max_errors(logits, target, eps, k, reduction, 0, v)
     assert max(errs) < TOL, errs
+    if not ties:
+        errs = _max_errors(logits, target, eps, k, reduction, 0, v, against="dpls_loss")
+        assert max(errs) < TOL, errs
 
 
 def test_epsilon_zero_is_cross_entropy_and_k_v_is_label_smoothing():
@@ -145,7 +163,7 @@ def test_bfloat16_logits_get_bfloat16_gradient():
     loss = vocab_parallel_dpls_loss(local, target, vocab_start=0, top_k=3)
     loss.backward()
     assert loss.dtype == torch.float32 and local.grad.dtype == torch.bfloat16
-    ref_loss, _, _ = reference(logits.bfloat16().float(), target, 0.1, 3)
+    ref_loss, _ = reference(logits.bfloat16().float(), target, 0.1, 3)
     assert abs(loss.item() - ref_loss.item()) < TOL
 
 

@@ -172,6 +172,7 @@ class _VocabParallelDPLS(torch.autograd.Function):
         else:
             loss_out, nll_out = loss, nll
 
+        ctx.mark_non_differentiable(nll_out)  # a logged number, as in dpls.losses.dpls_loss
         ctx.save_for_backward(local_logits, target, eps, lse, tau, take, n_valid)
         ctx.top_k, ctx.vocab_start, ctx.ignore_index, ctx.reduction = (
             top_k,
@@ -182,32 +183,28 @@ class _VocabParallelDPLS(torch.autograd.Function):
         return loss_out, nll_out
 
     @staticmethod
-    def backward(ctx: Any, g_loss: torch.Tensor | None, g_nll: torch.Tensor | None) -> tuple[Any, ...]:
+    def backward(ctx: Any, g_loss: torch.Tensor, g_nll: torch.Tensor | None) -> tuple[Any, ...]:
         local_logits, target, eps, lse, tau, take, n_valid = ctx.saved_tensors
         x = local_logits.float()
         n, v_local = x.shape
         valid = target != ctx.ignore_index
-        # per-row weight of each output's gradient
+        # per-row weight of the incoming gradient
         if ctx.reduction == "none":
-            w_loss = g_loss if g_loss is not None else x.new_zeros(n)
-            w_nll = g_nll if g_nll is not None else x.new_zeros(n)
+            w = g_loss.float()
         else:
             scale = 1.0 / n_valid.clamp(min=1).float() if ctx.reduction == "mean" else 1.0
-            w_loss = (g_loss if g_loss is not None else x.new_zeros(())) * scale
-            w_nll = (g_nll if g_nll is not None else x.new_zeros(())) * scale
-            w_loss, w_nll = w_loss.expand(n), w_nll.expand(n)
-        w_loss = torch.where(valid, w_loss.float(), 0.0)
-        w_nll = torch.where(valid, w_nll.float(), 0.0)
+            w = (g_loss.float() * scale).expand(n)
+        w = torch.where(valid, w, 0.0)
 
-        # d/dz [w_l·ℓ + w_n·nll] = (w_l + w_n)·softmax − (w_l(1−ε) + w_n)·onehot − w_l(ε/k)·1[T]
-        grad = torch.exp(x - lse[:, None]) * (w_loss + w_nll)[:, None]
+        # w·(softmax − q),  q = (1 − ε)·onehot(y) + (ε/k)·1[T]
+        grad = torch.exp(x - lse[:, None]) * w[:, None]
         local_t = target.long() - ctx.vocab_start
         owned = valid & (local_t >= 0) & (local_t < v_local)
-        onehot_w = torch.where(owned, w_loss * (1.0 - eps) + w_nll, 0.0)
+        onehot_w = torch.where(owned, w * (1.0 - eps), 0.0)
         grad.scatter_add_(1, local_t.clamp(0, v_local - 1)[:, None], -onehot_w[:, None])
         eq = x == tau[:, None]
         in_top = (x > tau[:, None]) | (eq & (eq.cumsum(-1) <= take[:, None]))
-        grad -= in_top * (w_loss * eps / ctx.top_k)[:, None]
+        grad -= in_top * (w * eps / ctx.top_k)[:, None]
         return grad.to(local_logits.dtype), None, None, None, None, None, None, None, None
 
 
@@ -230,7 +227,8 @@ def vocab_parallel_dpls_loss(
     global ids, the same on every rank. The value and the keywords are those of
     ``dpls.losses.dpls_loss`` (``epsilon`` a float or one value per token); every rank gets
     the same loss, and backward fills each rank's ``local_logits.grad`` with its slice of
-    ``softmax − q``. Without a process group (or in a group of one) it is the plain loss.
+    ``softmax − q``. With ``return_nll`` the plain cross-entropy comes back too, detached
+    (for logging, like ``dpls_loss``'s). Without a process group (or in a group of one) it is the plain loss.
     """
     if not isinstance(local_logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError("local_logits and target must be tensors")

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import tempfile
-import tomllib
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -96,22 +95,14 @@ def evaluate_model(
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def find_run_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The ``config.toml`` of the run a checkpoint (or run directory) belongs to, parsed.
+def run_settings(checkpoint: Path) -> dict[str, Any]:
+    """The resolved training config saved in a checkpoint (``config.toml``): data_dir, block_size..."""
+    from dpls.train.config import read_toml
 
-    Looked for in the path itself, then up to two parents (``RUN/checkpoints/step_N``).
-    """
-    path = Path(path)
-    start = path if path.is_dir() else path.parent
-    for folder in (start, start.parent, start.parent.parent):
-        candidate = folder / "config.toml"
-        if candidate.is_file():
-            with candidate.open("rb") as fh:
-                return candidate, tomllib.load(fh)
-    raise ValueError(
-        f"no config.toml found for {str(path)!r} (looked in it and two parents); "
-        "pass data_dir (--data-dir) and block_size explicitly"
-    )
+    path = checkpoint / "config.toml"
+    if not path.is_file():
+        raise ValueError(f"{checkpoint} has no config.toml; pass data_dir (--data-dir) and block_size")
+    return read_toml(path)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -161,9 +152,8 @@ def evaluate_checkpoint(
     and provenance) and, with ``plots``, the reliability diagrams and the entropy histogram.
     """
     # -- everything checked before any work ---------------------------------------------
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    from dpls.train.checkpoint import read_model_config, resolve_checkpoint
+
     if tokens is not None and tokens < 1:
         raise ValueError(f"tokens must be a positive number of validation tokens, got {tokens}")
     if batch_size < 1:
@@ -173,32 +163,48 @@ def evaluate_checkpoint(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     dev = resolve_device(device)
+    path = resolve_checkpoint(path)  # a run directory → its latest checkpoint
     if data_dir is None or block_size is None:
-        _, cfg = find_run_config(path)
-        if data_dir is None:
-            if not cfg.get("data_dir"):
-                raise ValueError("the run's config.toml has no data_dir; pass data_dir (--data-dir)")
-            data_dir = cfg["data_dir"]
-        if block_size is None:
-            if "block_size" not in cfg:
-                raise ValueError("the run's config.toml has no block_size; pass block_size")
-            block_size = int(cfg["block_size"])
+        cfg = run_settings(path)
+        data_dir = data_dir if data_dir is not None else cfg.get("data_dir")
+        block_size = block_size if block_size is not None else cfg.get("block_size")
+        if not data_dir or not block_size:
+            raise ValueError(f"{path}/config.toml lacks data_dir or block_size; pass them explicitly")
+        block_size = int(block_size)
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").is_file():
-        raise ValueError(f"data_dir {str(data_dir)!r} is not a prepared data directory (no meta.json)")
+        raise ValueError(
+            f"data_dir {str(data_dir)!r} is not a prepared data directory (no meta.json); "
+            "pass the right one with data_dir (--data-dir)"
+        )
+    model_cfg = read_model_config(path)
+    if block_size > model_cfg["block_size"]:
+        raise ValueError(f"block_size {block_size} exceeds the model's context of {model_cfg['block_size']}")
+    data_vocab = json.loads((data_dir / "meta.json").read_text()).get("vocab_size", 0)
+    if data_vocab > model_cfg["vocab_size"]:
+        raise ValueError(
+            f"data_dir {str(data_dir)!r} has a {data_vocab}-token vocabulary, larger than the model's "
+            f"{model_cfg['vocab_size']}: not the data this model was trained on"
+        )
     files = output_paths(out) if out is not None else {}
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
 
     # -- the work -------------------------------------------------------------------------
-    from dpls.data import validation_batches
+    from dpls.data.loader import validation_batches
     from dpls.train.checkpoint import load_model
 
+    batches = validation_batches(data_dir, block_size, batch_size, tokens)  # checks the data first
     model = load_model(path, device=dev)
-    batches = validation_batches(data_dir, block_size, batch_size, tokens)
     acc = MetricAccumulator()
     metrics = evaluate_model(
-        model, batches, accumulator=acc, device=dev, dtype=dtype, total_tokens=tokens, progress=progress
+        model,
+        batches,
+        accumulator=acc,
+        device=dev,
+        dtype=dtype,
+        total_tokens=batches.tokens,
+        progress=progress,
     )
     if out is None:
         return metrics
@@ -222,7 +228,7 @@ def evaluate_checkpoint(
     if plots:
         from dpls.eval.plots import plot_entropy_histogram, plot_reliability
 
-        name = path.name
+        name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
         plot_reliability(equal_width, files["reliability"], ece=metrics["ece"], title=name)
         plot_reliability(
             equal_mass,

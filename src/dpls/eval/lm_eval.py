@@ -10,6 +10,7 @@ checkpoint and reused while the checkpoint is unchanged.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import os
@@ -38,13 +39,20 @@ def is_hf_dir(path: str | Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _task_manager(include_path: str | Path | None, tasks: list[str]) -> Any:
-    """The harness's task index (with ``include_path``), after checking every task name exists."""
+@functools.lru_cache(maxsize=4)
+def _index(include_path: str | None) -> Any:
+    """The harness's task index; building it scans ~15k YAML files (seconds), so it is kept
+    per process. Task contents are read when a task is loaded, so edits to a YAML still count."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path)
+
+
+def _task_manager(include_path: str | Path | None, tasks: list[str]) -> Any:
+    """The harness's task index (with ``include_path``), after checking every task name exists."""
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"include_path {str(include_path)!r} is not a directory of task YAML files")
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    manager = _index(str(Path(include_path).resolve()) if include_path is not None else None)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known and not manager.match_tasks([t])]
     if unknown:

@@ -162,10 +162,12 @@ class _TritonDPLS(torch.autograd.Function):
     """Loss (and detached NLL) of ``[N, V]`` logits; the gradient is computed in forward."""
 
     @staticmethod
-    def forward(ctx, logits, target, eps_tensor, eps_value, top_k, ignore_index, reduction, inplace, config):
+    def forward(
+        ctx, logits, target, eps_tensor, eps_value, top_k, ignore_index, reduction, inplace, want_grad, config
+    ):
         epsilon = eps_tensor if eps_tensor is not None else eps_value
         n_valid = (target != ignore_index).sum().to(torch.float32)
-        needs_grad = ctx.needs_input_grad[0]
+        needs_grad = want_grad and ctx.needs_input_grad[0]  # not under torch.no_grad()
         grad = None
         if needs_grad:
             grad = logits if inplace else torch.empty_like(logits)
@@ -195,7 +197,7 @@ class _TritonDPLS(torch.autograd.Function):
             grad.mul_(grad_loss.to(torch.float32).unsqueeze(1))
         elif grad_loss.item() != 1.0:  # one scalar read saves a full pass in the common case
             grad.mul_(grad_loss.to(torch.float32))
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def triton_dpls_loss(
@@ -219,9 +221,11 @@ def triton_dpls_loss(
     target = target1d.to(torch.int64).contiguous()
     eps_tensor = epsilon if isinstance(epsilon, torch.Tensor) else None
     eps_value = 0.0 if eps_tensor is not None else float(epsilon)
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, nll = _TritonDPLS.apply(
-        logits, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction, inplace_backward, config
-    )
+        logits, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction, inplace_backward,
+        want_grad, config,
+    )  # fmt: skip
     return (loss, nll) if return_nll else loss
 
 

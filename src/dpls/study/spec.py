@@ -4,6 +4,7 @@
 name = "demo"
 out_dir = "runs/study_demo"        # everything the study writes goes here
 prepare = "stdlib"                 # or: data_dir = "data/fineweb_edu"
+                                   # or a table: [prepare] source = "stdlib", vocab_size = 4096
 fork_step = 200                    # the trunk trains this many iterations; arms fork there
 seeds = [0, 1]                     # or a count: seeds = 3  (→ 0, 1, 2)
 tokens_per_arm = 2_000_000         # or: iters_per_arm = 500
@@ -139,6 +140,7 @@ class StudySpec:
     seeds: tuple[int, ...]
     data_dir: Path | None = None
     prepare: str | None = None
+    prepare_options: Mapping[str, Any] = field(default_factory=dict)  # keywords of prepare_<source>
     fork_step: int | None = None
     tokens_per_arm: int | None = None
     iters_per_arm: int | None = None
@@ -290,8 +292,12 @@ def parse_spec(
 
     data_dir = _optional_path(data.get("data_dir"), "data_dir")
     prepare = data.get("prepare")
+    prepare_options: dict[str, Any] = {}
+    if isinstance(prepare, dict):
+        prepare_options = dict(prepare)
+        prepare = prepare_options.pop("source", None)
     if prepare is not None and prepare not in PREPARE_SOURCES:
-        raise ValueError(f"prepare must be one of {PREPARE_SOURCES}, got {prepare!r}")
+        raise ValueError(f"prepare (or [prepare] source) must be one of {PREPARE_SOURCES}, got {prepare!r}")
 
     trunk_table = data.get("trunk", {})
     if not isinstance(trunk_table, dict):
@@ -351,6 +357,7 @@ def parse_spec(
         seeds=seeds,
         data_dir=data_dir,
         prepare=prepare,
+        prepare_options=prepare_options,
         fork_step=fork_step,
         tokens_per_arm=tokens_per_arm,
         iters_per_arm=iters_per_arm,

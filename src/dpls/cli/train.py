@@ -1,0 +1,75 @@
+"""`dpls train [CONFIG.toml] [--key=value ...]`: pretraining (also under torchrun).
+
+The keys are the fields of `dpls.train.config.TrainConfig`; ``dpls train --help`` lists them
+with their defaults. Any ``--key`` is accepted here and checked by the config, so an
+unknown key gets the config's message naming the closest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from dpls.cli import UsageError
+
+USAGE = "dpls train [CONFIG.toml] [--key=value | --key value ...]"
+DESCRIPTION = """\
+Pretrain a model on a prepared data directory with CE, label smoothing, DPLS, ...
+
+Values come from the defaults, then the TOML file, then --key=value overrides.
+--resume_dir=RUN alone continues RUN from its latest checkpoint; with another --out_dir
+it forks RUN's latest checkpoint into a new run (the published recipe:
+  dpls train --resume_dir=runs/ce --loss=dpls --out_dir=runs/dpls --max_iters=...).
+Several GPUs: torchrun --nproc_per_node=N -m dpls train ...
+"""
+
+
+def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    from dpls.train.config import help_text as keys_help
+
+    # Options are not declared to argparse ("+" is this parser's prefix, so every "--key=value"
+    # arrives as a plain argument): the config parses them, with typed conversion and the
+    # closest-key message for typos.
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        usage=USAGE,
+        description=DESCRIPTION,
+        epilog="keys:\n" + keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prefix_chars="+",
+        add_help=False,
+    )
+    parser.add_argument("args", nargs="*", metavar="[CONFIG.toml] [--key=value ...]")
+    parser.set_defaults(func=run, _parser=parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if any(a in ("-h", "--help") for a in args.args):
+        args._parser.print_help()
+        return 0
+    from dpls.train.checkpoint import CheckpointError
+    from dpls.train.config import load_config
+    from dpls.train.trainer import InvalidRun, TrainingError, read_run_summary, train
+
+    try:
+        cfg = load_config(overrides=args.args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    try:
+        run_dir = train(cfg)
+    except InvalidRun as err:
+        raise UsageError(str(err)) from None
+    except (TrainingError, CheckpointError) as err:
+        print(f"dpls train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dpls train: interrupted (a checkpoint was saved; continue with --resume_dir)", file=sys.stderr)
+        return 130
+    summary = read_run_summary(run_dir)
+    val = summary["val"]
+    tail = f"; final val_ce {val['val_ce']:.4f} at step {val['step']}" if val else ""
+    print(f"dpls train: done: {run_dir}{tail}")
+    return 0

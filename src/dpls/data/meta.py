@@ -1,0 +1,136 @@
+"""``meta.json``: what a data directory holds and how its tokens are to be read.
+
+Written last by every ``prepare_*`` (atomically), so its presence means the directory is
+complete. The trainer copies it, with the tokenizer file, into ``RUN/tokenizer/``, which is
+how a run or checkpoint finds its tokenizer without the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpls.data.shards import MAX_VOCAB, shard_token_count
+
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+TOKENIZER_KINDS = ("bpe", "gpt2")
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """A data directory that is missing, incomplete or inconsistent."""
+
+
+@dataclass
+class DataMeta:
+    tokenizer: str  # "bpe" (tokenizer_file is a Hugging Face tokenizer.json) | "gpt2" (tiktoken)
+    tokenizer_file: str | None  # relative to the directory holding meta.json
+    vocab_size: int  # the tokenizer's; a model may pad it (50257 -> 50304)
+    eot_token: int  # <|endoftext|>, placed before every document
+    train_shards: list[str]
+    val_shards: list[str]
+    train_tokens: int
+    val_tokens: int
+    source: str  # "stdlib" | "files" | "fineweb-edu"
+    settings: dict[str, Any] = field(default_factory=dict)  # the prepare call that made it
+    format_version: int = FORMAT_VERSION
+
+    def shards(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        return self.train_shards if split == "train" else self.val_shards
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/meta.json`` atomically."""
+        return write_json_atomic(Path(directory) / META_FILE, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "meta.json") -> DataMeta:
+        if not isinstance(raw, dict):
+            raise DataError(f"{where} must hold a JSON object")
+        types: dict[str, type | tuple[type, ...]] = {
+            "tokenizer": str,
+            "tokenizer_file": (str, type(None)),
+            "vocab_size": int,
+            "eot_token": int,
+            "train_shards": list,
+            "val_shards": list,
+            "train_tokens": int,
+            "val_tokens": int,
+            "source": str,
+        }
+        for key, kind in types.items():
+            if key not in raw:
+                raise DataError(f"{where} lacks the key {key!r}")
+            if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
+                raise DataError(f"{where}: {key!r} has the wrong type ({type(raw[key]).__name__})")
+        meta = cls(
+            **{k: raw[k] for k in types},
+            settings=dict(raw.get("settings") or {}),
+            format_version=int(raw.get("format_version", FORMAT_VERSION)),
+        )
+        if meta.format_version > FORMAT_VERSION:
+            raise DataError(
+                f"{where} has format_version {meta.format_version}; this dpls reads up to {FORMAT_VERSION}"
+            )
+        if meta.tokenizer not in TOKENIZER_KINDS:
+            raise DataError(
+                f"{where}: tokenizer must be one of {list(TOKENIZER_KINDS)}, got {meta.tokenizer!r}"
+            )
+        if meta.tokenizer == "bpe" and not meta.tokenizer_file:
+            raise DataError(f"{where}: a 'bpe' tokenizer needs tokenizer_file")
+        if not 0 < meta.vocab_size <= MAX_VOCAB:
+            raise DataError(f"{where}: vocab_size must be in [1, {MAX_VOCAB}], got {meta.vocab_size}")
+        if not 0 <= meta.eot_token < meta.vocab_size:
+            raise DataError(
+                f"{where}: eot_token {meta.eot_token} is outside the vocabulary [0, {meta.vocab_size})"
+            )
+        for split in SPLITS:
+            for name in meta.shards(split):
+                if not isinstance(name, str) or not name or Path(name).name != name:
+                    raise DataError(f"{where}: {split}_shards must be plain file names, got {name!r}")
+        return meta
+
+    @classmethod
+    def load(cls, directory: str | Path, *, check_shards: bool = True) -> DataMeta:
+        """Read and validate ``directory/meta.json``; with ``check_shards`` also every shard's
+        header, size and the token totals (a missing or corrupt shard is named)."""
+        directory = Path(directory)
+        path = directory / META_FILE
+        if not path.is_file():
+            raise DataError(f"{str(directory)!r} is not a prepared data directory: no {META_FILE}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{str(path)!r} is not valid JSON: {err}") from None
+        meta = cls.from_dict(raw, where=str(path))
+        if check_shards:
+            for split in SPLITS:
+                names = meta.shards(split)
+                if not names:
+                    raise DataError(f"{str(path)!r} lists no {split} shards")
+                total = sum(shard_token_count(directory / name) for name in names)
+                expected = meta.train_tokens if split == "train" else meta.val_tokens
+                if total != expected:
+                    raise DataError(
+                        f"{str(directory)!r}: the {split} shards hold {total} tokens, {META_FILE} says {expected}"
+                    )
+        return meta
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    """JSON to a temporary file, then renamed: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

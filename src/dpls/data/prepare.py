@@ -1,0 +1,659 @@
+"""Corpora → tokenizer → uint16 shards + ``meta.json``.
+
+Three sources share one pipeline:
+
+- ``prepare_stdlib``: the running Python's standard-library ``.py`` files (no site-packages,
+  no test suites, no machine-specific build files), so the same Python version gives the same
+  corpus anywhere; a byte-level BPE is trained on a bounded sample of the training files.
+- ``prepare_files``: the user's ``.txt`` / ``.jsonl`` / ``.parquet`` files.
+- ``prepare_fineweb_edu``: FineWeb-Edu streamed through ``datasets``, GPT-2 BPE (tiktoken).
+
+Every document is preceded by ``<|endoftext|>`` (as in llm.c). The validation split is held
+out by *document* (a hash of its key and the seed), so no file leaks into both splits.
+Encoding runs in batches on the tokenizers' native threads. Shards are cut at exactly
+``shard_tokens``; the tokens after the last cut wait in a staging file, so an interrupted run
+resumes where its last checkpoint left it (``progress.json``) and writes the same shards as
+an uninterrupted one. ``meta.json`` is written last: its presence means "finished".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import sysconfig
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpls.data.meta import META_FILE, DataError, DataMeta, write_json_atomic
+from dpls.data.shards import MAX_VOCAB, write_shard
+from dpls.data.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, train_bpe
+
+PROGRESS_FILE = "progress.json"
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "lib-dynload"})
+STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+ENCODE_BATCH_CHARS = 4_000_000  # text per encode_batch call: big enough to keep every thread busy
+CHECKPOINT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str  # stable name, hashed for the train/val split
+    text: str
+
+
+# -- validation and the output directory --------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        allowed = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def _check_fraction(val_fraction: Any) -> None:
+    if not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+
+
+def _normalize(settings: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(settings))  # tuples -> lists, as they come back from JSON
+
+
+def _out_dir_state(out_dir: Path, settings: dict[str, Any]) -> str:
+    """``"fresh"``, ``"resume"`` (our interrupted run, same settings) or ``"done"`` (finished,
+    same settings); anything else is refused before a byte is written."""
+    if not out_dir.exists():
+        return "fresh"
+    if not out_dir.is_dir():
+        raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return "fresh"
+    for name, state in ((META_FILE, "done"), (PROGRESS_FILE, "resume")):
+        path = out_dir / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = {}
+        theirs = raw.get("settings") if isinstance(raw, dict) else None
+        if theirs == settings:
+            if state == "done":
+                DataMeta.load(out_dir)  # finished and intact, or a clear error naming what is not
+            return state
+        if isinstance(theirs, dict):
+            diff = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+            raise ValueError(
+                f"output directory {str(out_dir)!r} holds data prepared with other settings "
+                f"(differing: {', '.join(diff)}); choose an empty directory or remove it"
+            )
+    raise ValueError(
+        f"output directory {str(out_dir)!r} is not empty and is not a dpls data directory; "
+        "choose an empty (or new) directory"
+    )
+
+
+# -- the train/val split ------------------------------------------------------------------------
+
+
+def _unit_hash(key: str, seed: int) -> float:
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def assign_validation(keys: Sequence[str], val_fraction: float, seed: int) -> set[str]:
+    """The keys held out for validation: those whose hash falls below ``val_fraction``, and
+    never none or all of them (the lowest hash is always held out, the highest never)."""
+    if len(keys) < 2:
+        raise ValueError(f"need at least 2 documents to hold one out for validation, got {len(keys)}")
+    ranked = sorted(keys, key=lambda k: _unit_hash(k, seed))
+    held = {k for k in ranked if _unit_hash(k, seed) < val_fraction}
+    held.add(ranked[0])
+    held.discard(ranked[-1])
+    return held
+
+
+# -- shard writing with resume ------------------------------------------------------------------
+
+
+class _SplitWriter:
+    """One split's shards: exact ``shard_tokens`` cuts, remainder staged on disk at checkpoints."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, state: dict[str, Any] | None) -> None:
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.shards: list[str] = list(state["shards"]) if state else []
+        self.shard_tokens_total = int(state["tokens"]) if state else 0
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._unstaged: list[np.ndarray] = []  # added since the last checkpoint
+        self._staged_for = len(self.shards)  # staging file index the disk copy belongs to
+        staged = int(state["staged"]) if state else 0
+        if staged:
+            path = self._staging_path(len(self.shards))
+            have = path.stat().st_size // 2 if path.is_file() else 0
+            if have < staged:
+                raise DataError(
+                    f"cannot resume {str(out_dir)!r}: staging file {path.name} is missing or short"
+                )
+            tokens = np.fromfile(path, dtype="<u2", count=staged)
+            self._buffer, self._buffered = [tokens], staged
+            with open(path, "r+b") as f:  # drop anything written after the last checkpoint
+                f.truncate(2 * staged)
+
+    @property
+    def tokens(self) -> int:
+        return self.shard_tokens_total + self._buffered
+
+    def _staging_path(self, index: int) -> Path:
+        return self.out_dir / f".{self.split}.staging-{index:06d}"
+
+    def add(self, ids: np.ndarray) -> None:
+        self._buffer.append(ids)
+        self._unstaged.append(ids)
+        self._buffered += len(ids)
+        while self._buffered >= self.shard_tokens:
+            flat = np.concatenate(self._buffer)
+            self._write(flat[: self.shard_tokens])
+            rest = flat[self.shard_tokens :]
+            self._buffer, self._buffered = [rest], len(rest)
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        write_shard(self.out_dir / name, tokens)
+        self.shards.append(name)
+        self.shard_tokens_total += len(tokens)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Make the staged remainder durable; returns this split's part of ``progress.json``."""
+        path = self._staging_path(len(self.shards))
+        if self._staged_for != len(self.shards):  # a cut since the last checkpoint: new file
+            flat = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.uint16)
+            flat.astype("<u2").tofile(path)
+            self._staged_for = len(self.shards)
+        elif self._unstaged:
+            with open(path, "ab") as f:
+                np.concatenate(self._unstaged).astype("<u2").tofile(f)
+        self._unstaged = []
+        return {"shards": self.shards, "tokens": self.shard_tokens_total, "staged": self._buffered}
+
+    def finish(self) -> None:
+        if self._buffered:
+            self._write(np.concatenate(self._buffer))
+        self._buffer, self._buffered, self._unstaged = [], 0, []
+
+    def remove_staging(self) -> None:
+        for path in self.out_dir.glob(f".{self.split}.staging-*"):
+            path.unlink(missing_ok=True)
+
+
+def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="tok",
+        unit_scale=True,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _batched(docs: Iterator[Document], max_chars: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _build(
+    out_dir: Path,
+    *,
+    documents: Callable[[int], Iterator[Document]],
+    is_val: Callable[[int, Document], bool],
+    tokenizer: Tokenizer,
+    tokenizer_file: str | None,
+    settings: dict[str, Any],
+    source: str,
+    shard_tokens: int,
+    max_tokens: int | None,
+    num_threads: int | None,
+    progress: bool,
+    desc: str,
+) -> DataMeta:
+    """Encode ``documents(start)`` (the stream from document ``start`` on) into both splits."""
+    saved: dict[str, Any] = {}
+    if (out_dir / PROGRESS_FILE).is_file():
+        saved = json.loads((out_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+    writers = {s: _SplitWriter(out_dir, s, shard_tokens, saved.get(s)) for s in ("train", "val")}
+    consumed = int(saved.get("documents", 0))
+    eot = np.array([tokenizer.eot], dtype=np.uint16)
+
+    def total() -> int:
+        return writers["train"].tokens + writers["val"].tokens
+
+    def checkpoint() -> None:
+        state = {"settings": settings, "documents": consumed}
+        state.update({s: w.checkpoint() for s, w in writers.items()})
+        write_json_atomic(out_dir / PROGRESS_FILE, state)
+
+    bar = _progress_bar(max_tokens, total(), desc, progress)
+    last_checkpoint = time.monotonic()
+    done = max_tokens is not None and total() >= max_tokens
+    try:
+        for batch in _batched(documents(consumed) if not done else iter(()), ENCODE_BATCH_CHARS):
+            encoded = tokenizer.encode_batch([d.text for d in batch], num_threads=num_threads)
+            shards_before = sum(len(w.shards) for w in writers.values())
+            for doc, ids in zip(batch, encoded):
+                tokens = np.concatenate([eot, np.asarray(ids, dtype=np.uint16)])
+                if max_tokens is not None:
+                    tokens = tokens[: max_tokens - total()]
+                writers["val" if is_val(consumed, doc) else "train"].add(tokens)
+                consumed += 1
+                bar.update(len(tokens))
+                if max_tokens is not None and total() >= max_tokens:
+                    done = True
+                    break
+            cut = sum(len(w.shards) for w in writers.values()) != shards_before
+            if done:
+                break
+            if cut or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                checkpoint()
+                last_checkpoint = time.monotonic()
+    finally:
+        bar.close()
+
+    for split, writer in writers.items():
+        if writer.tokens == 0:
+            raise DataError(
+                f"no document went to the {split} split of {str(out_dir)!r}; "
+                "use more data (max_tokens) or another val_fraction"
+            )
+        writer.finish()
+    meta = DataMeta(
+        tokenizer=tokenizer.kind,
+        tokenizer_file=tokenizer_file,
+        vocab_size=tokenizer.vocab_size,
+        eot_token=tokenizer.eot,
+        train_shards=writers["train"].shards,
+        val_shards=writers["val"].shards,
+        train_tokens=writers["train"].tokens,
+        val_tokens=writers["val"].tokens,
+        source=source,
+        settings=settings,
+    )
+    meta.save(out_dir)
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    for writer in writers.values():
+        writer.remove_staging()
+    return meta
+
+
+def _bpe_tokenizer(out_dir: Path, state: str, train_texts: Callable[[], Iterable[str]], vocab_size: int):
+    """Train the BPE (or, resuming, reuse the one the interrupted run saved)."""
+    from dpls.data.tokenizer import BPETokenizer
+
+    path = out_dir / TOKENIZER_FILE
+    if state == "resume" and path.is_file():
+        return BPETokenizer.from_file(path)
+    tok = train_bpe(train_texts(), vocab_size)
+    tok.save(path)
+    return tok
+
+
+def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Texts until ``max_chars`` characters have been given (the last one cut): BPE training
+    time grows with its input, and a few MB already fix the frequent merges."""
+    left = max_chars
+    for text in texts:
+        if left <= 0:
+            return
+        yield text[:left]
+        left -= len(text)
+
+
+def _finished(out_dir: Path, progress: bool) -> DataMeta:
+    if progress:
+        print(f"{out_dir} is already prepared with these settings; nothing to do")
+    return DataMeta.load(out_dir)
+
+
+# -- the standard library -----------------------------------------------------------------------
+
+
+def stdlib_files(*, include_tests: bool = False, root: str | Path | None = None) -> tuple[Path, list[str]]:
+    """The standard library's root and its ``.py`` files (relative POSIX paths, sorted).
+
+    Left out: third-party packages (site-/dist-packages), byte-code caches, the
+    build-specific ``_sysconfigdata*`` and ``config-*`` files (they differ per machine), and
+    unless ``include_tests`` the test suites (some distributions do not ship them).
+    """
+    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
+    if not base.is_dir():
+        raise DataError(f"the standard library directory {str(base)!r} does not exist")
+    skip_dirs = STDLIB_EXCLUDED_DIRS | (frozenset() if include_tests else STDLIB_TEST_DIRS)
+    files = []
+    for path in base.rglob("*.py"):
+        parts = path.relative_to(base).parts
+        if skip_dirs.intersection(parts[:-1]) or any(p.startswith("config-") for p in parts[:-1]):
+            continue
+        if parts[-1].startswith("_sysconfigdata") or not path.is_file():
+            continue
+        files.append(path.relative_to(base).as_posix())
+    return base, sorted(files)
+
+
+def prepare_stdlib(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 8192,
+    val_fraction: float = 0.05,
+    shard_tokens: int = 1_000_000,
+    seed: int = 0,
+    max_files: int | None = None,
+    include_tests: bool = False,
+    max_bpe_chars: int = 4_000_000,
+    progress: bool = True,
+) -> DataMeta:
+    """The embedded default corpus: this Python's standard library, tokenized.
+
+    ``max_files`` keeps a fixed sample of that many files (the lowest hashes: spread over the
+    whole library), for tests and quick trials. The BPE is trained on at most
+    ``max_bpe_chars`` characters of training files (about 2 s for 4 MB on two cores).
+    """
+    _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
+    _check_fraction(val_fraction)
+    _check_int("shard_tokens", shard_tokens, 1)
+    _check_int("seed", seed, 0)
+    _check_int("max_bpe_chars", max_bpe_chars, 1)
+    if max_files is not None:
+        _check_int("max_files", max_files, 2)
+    out_dir = Path(out_dir)
+    root, files = stdlib_files(include_tests=include_tests)
+    if max_files is not None:
+        files = sorted(sorted(files, key=lambda f: _unit_hash(f, seed))[:max_files])
+    settings = _normalize(
+        {
+            "source": "stdlib",
+            "python": f"{platform.python_implementation()} {platform.python_version()}",
+            "files": len(files),
+            "include_tests": include_tests,
+            "tokenizer": "bpe",
+            "vocab_size": vocab_size,
+            "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens,
+            "seed": seed,
+            "max_bpe_chars": max_bpe_chars,
+        }
+    )
+    state = _out_dir_state(out_dir, settings)
+    if state == "done":
+        return _finished(out_dir, progress)
+    held = assign_validation(files, val_fraction, seed)
+
+    def read(rel: str) -> str:
+        return (root / rel).read_text(encoding="utf-8", errors="replace")
+
+    def train_texts() -> Iterator[str]:  # a spread-out sample: training files in hash order
+        ordered = sorted((f for f in files if f not in held), key=lambda f: _unit_hash(f, seed + 1))
+        return _take_chars(map(read, ordered), max_bpe_chars)
+
+    def documents(start: int) -> Iterator[Document]:
+        return (Document(rel, read(rel)) for rel in files[start:])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _bpe_tokenizer(out_dir, state, train_texts, vocab_size)
+    return _build(
+        out_dir,
+        documents=documents,
+        is_val=lambda _i, doc: doc.key in held,
+        tokenizer=tokenizer,
+        tokenizer_file=TOKENIZER_FILE,
+        settings=settings,
+        source="stdlib",
+        shard_tokens=shard_tokens,
+        max_tokens=None,
+        num_threads=None,
+        progress=progress,
+        desc="stdlib",
+    )
+
+
+# -- the user's files ---------------------------------------------------------------------------
+
+
+def _expand_paths(paths: Sequence[str | Path]) -> list[Path]:
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    if not paths:
+        raise ValueError("give at least one input file or directory")
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inner = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+            if not inner:
+                raise ValueError(f"directory {str(path)!r} has no {'/'.join(FILE_SUFFIXES)} files")
+            found.extend(inner)
+        elif path.is_file():
+            if path.suffix not in FILE_SUFFIXES:
+                raise ValueError(f"{str(path)!r}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
+            found.append(path)
+        else:
+            raise ValueError(f"input {str(path)!r} does not exist")
+    return found
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file: a ``.txt`` is one document, or several separated by
+    ``<|endoftext|>`` (the TinyStories convention); ``.jsonl`` one per line; ``.parquet`` one
+    per row."""
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts = [p.strip("\n") for p in text.split("<|endoftext|>")]
+        yield from (p for p in parts if p.strip())
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err})") from None
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    raise DataError(f"{path}:{lineno}: no string field {text_field!r}")
+                yield row[text_field]
+    else:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+            yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def prepare_files(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    tokenizer: str = "bpe",
+    vocab_size: int = 8192,
+    text_field: str = "text",
+    val_fraction: float = 0.05,
+    shard_tokens: int = 100_000_000,
+    seed: int = 0,
+    max_bpe_chars: int = 50_000_000,
+    encoding: Any = None,
+    progress: bool = True,
+) -> DataMeta:
+    """Shards from ``.txt``, ``.jsonl`` (field ``text_field``) and ``.parquet`` (column
+    ``text_field``) files, or directories of them. ``tokenizer``: ``"bpe"`` (trained here on
+    the training documents) or ``"gpt2"`` (tiktoken; ``encoding`` replaces it offline)."""
+    if tokenizer not in ("bpe", "gpt2"):
+        raise ValueError(f"tokenizer must be 'bpe' or 'gpt2', got {tokenizer!r}")
+    _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
+    _check_fraction(val_fraction)
+    _check_int("shard_tokens", shard_tokens, 1)
+    _check_int("seed", seed, 0)
+    _check_int("max_bpe_chars", max_bpe_chars, 1)
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
+    files = _expand_paths(paths)
+    out_dir = Path(out_dir)
+    resolved_out = out_dir.resolve()
+    if any(resolved_out == f.resolve().parent or resolved_out in f.resolve().parents for f in files):
+        raise ValueError(f"the output directory {str(out_dir)!r} must not contain the input files")
+    settings = _normalize(
+        {
+            "source": "files",
+            "files": [[str(f.resolve()), f.stat().st_size] for f in files],
+            "text_field": text_field,
+            "tokenizer": tokenizer,
+            "encoding": getattr(encoding, "name", None),
+            "vocab_size": vocab_size if tokenizer == "bpe" else None,
+            "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens,
+            "seed": seed,
+            "max_bpe_chars": max_bpe_chars if tokenizer == "bpe" else None,
+        }
+    )
+    state = _out_dir_state(out_dir, settings)
+    if state == "done":
+        return _finished(out_dir, progress)
+    names = [f"{i}:{f.name}" for i, f in enumerate(files)]
+
+    def documents(start: int) -> Iterator[Document]:
+        docs = (
+            Document(f"{name}#{j}", text)
+            for name, path in zip(names, files)
+            for j, text in enumerate(_read_file(path, text_field))
+        )
+        return itertools.islice(docs, start, None)
+
+    keys = [d.key for d in documents(0)]  # one reading pass: the split needs every key
+    held = assign_validation(keys, val_fraction, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "bpe":
+        train = (d.text for d in documents(0) if d.key not in held)
+        tok: Tokenizer = _bpe_tokenizer(out_dir, state, lambda: _take_chars(train, max_bpe_chars), vocab_size)
+        tok_file: str | None = TOKENIZER_FILE
+    else:
+        tok, tok_file = TiktokenTokenizer(encoding), None
+    return _build(
+        out_dir,
+        documents=documents,
+        is_val=lambda _i, doc: doc.key in held,
+        tokenizer=tok,
+        tokenizer_file=tok_file,
+        settings=settings,
+        source="files",
+        shard_tokens=shard_tokens,
+        max_tokens=None,
+        num_threads=None,
+        progress=progress,
+        desc="files",
+    )
+
+
+# -- FineWeb-Edu --------------------------------------------------------------------------------
+
+
+def prepare_fineweb_edu(
+    out_dir: str | Path,
+    *,
+    name: str = "sample-10BT",
+    max_tokens: int | None = None,
+    num_proc: int | None = None,
+    data_files: str | Sequence[str] | None = None,
+    encoding: Any = None,
+    val_fraction: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    seed: int = 0,
+    progress: bool = True,
+) -> DataMeta:
+    """FineWeb-Edu (``HuggingFaceFW/fineweb-edu``, config ``name``) streamed, GPT-2 BPE.
+
+    ``data_files``: local Parquet files to read instead of the Hub (same columns). The first
+    document always goes to validation, then about ``val_fraction`` of them by a hash of their
+    ``id``. ``max_tokens`` stops after that many tokens (both splits together). ``num_proc``
+    encoding threads (default: all cores). Interrupted runs resume from their last shard.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a FineWeb-Edu config such as 'sample-10BT', got {name!r}")
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 2)
+    if num_proc is not None:
+        _check_int("num_proc", num_proc, 1)
+    _check_fraction(val_fraction)
+    _check_int("shard_tokens", shard_tokens, 1)
+    _check_int("seed", seed, 0)
+    if isinstance(data_files, str | Path):
+        data_files = [str(data_files)]
+    if data_files is not None:
+        data_files = [str(Path(f).resolve()) for f in data_files]
+        missing = [f for f in data_files if not Path(f).is_file()]
+        if not data_files or missing:
+            raise ValueError(f"data_files: {missing[0] if missing else 'empty list'} is not a file")
+    out_dir = Path(out_dir)
+    tok = TiktokenTokenizer(encoding)
+    settings = _normalize(
+        {
+            "source": "fineweb-edu",
+            "name": name,
+            "data_files": data_files,
+            "encoding": getattr(tok.encoding, "name", "gpt2"),
+            "max_tokens": max_tokens,
+            "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens,
+            "seed": seed,
+        }
+    )
+    state = _out_dir_state(out_dir, settings)
+    if state == "done":
+        return _finished(out_dir, progress)
+
+    def documents(start: int) -> Iterator[Document]:
+        from datasets import load_dataset
+
+        if data_files is not None:
+            ds = load_dataset("parquet", data_files=data_files, split="train", streaming=True)
+        else:
+            ds = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
+        if start:
+            ds = ds.skip(start)
+        for i, row in enumerate(ds, start):
+            yield Document(str(row.get("id") or i), row["text"])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _build(
+        out_dir,
+        documents=documents,
+        is_val=lambda i, doc: i == 0 or _unit_hash(doc.key, seed) < val_fraction,
+        tokenizer=tok,
+        tokenizer_file=None,
+        settings=settings,
+        source="fineweb-edu",
+        shard_tokens=shard_tokens,
+        max_tokens=max_tokens,
+        num_threads=num_proc or os.cpu_count() or 1,
+        progress=progress,
+        desc=f"fineweb-edu {name}",
+    )

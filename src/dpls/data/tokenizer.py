@@ -1,0 +1,198 @@
+"""Tokenizers: a byte-level BPE trained here (Hugging Face ``tokenizers``) or GPT-2's (tiktoken).
+
+Both sit behind one small interface (``encode``, ``encode_batch``, ``decode``, ``eot``,
+``vocab_size``), and ``load_tokenizer(path)`` finds the right one from a data, run or
+checkpoint directory through its ``meta.json``. Byte-level BPE never fails to encode and
+round-trips every string exactly; ``<|endoftext|>`` (``eot``) separates documents.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dpls.data.meta import META_FILE, DataError, DataMeta
+
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(ABC):
+    """Text ↔ token ids. ``kind`` is what ``meta.json`` calls it (``"bpe"`` or ``"gpt2"``)."""
+
+    kind: str
+    eot: int
+    vocab_size: int
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without adding any special token."""
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """``encode`` of each text; implementations run it in parallel native threads."""
+        return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ``ids`` (special tokens written out)."""
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` byte-level BPE (``tokenizer.json``)."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        eot = tokenizer.token_to_id(EOT)
+        if eot is None:
+            raise DataError(f"the BPE tokenizer has no {EOT} token")
+        self.eot = int(eot)
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer file {str(path)!r} does not exist")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+            raise DataError(f"tokenizer file {str(path)!r} cannot be read: {err}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            self._tok.save(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        # Rust threads (rayon, sized by RAYON_NUM_THREADS); the fast path skips offsets.
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2's BPE through tiktoken. ``encoding`` may be any ``tiktoken.Encoding`` (tests pass
+    a small local one: ``tiktoken.get_encoding("gpt2")`` downloads its merges on first use)."""
+
+    kind = "gpt2"
+
+    def __init__(self, encoding: Any = None) -> None:
+        if encoding is None:
+            import tiktoken
+
+            encoding = tiktoken.get_encoding("gpt2")
+        self.encoding = encoding
+        self.eot = int(encoding.eot_token)
+        self.vocab_size = int(encoding.n_vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(
+            list(texts), num_threads=num_threads or os.cpu_count() or 1
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, length: int | None = None) -> BPETokenizer:
+    """Train a byte-level BPE (GPT-2 pre-tokenisation, all 256 bytes in the base alphabet,
+    ``<|endoftext|>`` special) on ``texts``. The vocabulary may come out smaller than asked on
+    a small corpus; ``vocab_size`` of the result is the real one."""
+    if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 2**16:
+        raise ValueError(
+            f"vocab_size must be in [257, 65536] (256 bytes + {EOT}; uint16 shards), got {vocab_size}"
+        )
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=length)
+    return BPETokenizer(tok)
+
+
+# meta.json "tokenizer" -> how to build it from (meta, the directory holding meta.json, encoding)
+TOKENIZER_BUILDERS: dict[str, Callable[[DataMeta, Path, Any], Tokenizer]] = {
+    "bpe": lambda meta, root, _enc: BPETokenizer.from_file(root / str(meta.tokenizer_file)),
+    "gpt2": lambda _meta, _root, enc: TiktokenTokenizer(enc),
+}
+
+
+def tokenizer_from_meta(meta: DataMeta, root: str | Path, *, encoding: Any = None) -> Tokenizer:
+    """The tokenizer ``meta`` (read from directory ``root``) names, checked against it."""
+    tok = TOKENIZER_BUILDERS[meta.tokenizer](meta, Path(root), encoding)
+    if tok.eot != meta.eot_token or tok.vocab_size != meta.vocab_size:
+        raise DataError(
+            f"the tokenizer in {str(root)!r} does not match its {META_FILE}: eot {tok.eot} / vocab {tok.vocab_size}, "
+            f"expected eot {meta.eot_token} / vocab {meta.vocab_size}"
+        )
+    return tok
+
+
+def find_meta_dir(path: str | Path, levels: int = 3) -> Path:
+    """The directory whose ``meta.json`` describes ``path``'s tokens: ``path`` itself, its
+    ``tokenizer/`` folder (where the trainer copies it into a run), then the same for up to
+    ``levels`` parents (a checkpoint sits in ``RUN/checkpoints/``); last, the ``data_dir`` of
+    a ``config.toml`` found on the way."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    places = [path, *list(path.resolve().parents)[:levels]]
+    for place in places:
+        for candidate in (place, place / "tokenizer"):
+            if (candidate / META_FILE).is_file():
+                return candidate
+    for place in places:
+        config = place / "config.toml"
+        if config.is_file():
+            try:
+                data_dir = tomllib.loads(config.read_text(encoding="utf-8")).get("data_dir")
+            except tomllib.TOMLDecodeError:
+                continue
+            if data_dir and (Path(data_dir) / META_FILE).is_file():
+                return Path(data_dir)
+    raise DataError(
+        f"no {META_FILE} found for {str(path)!r} (looked in it, its tokenizer/ folder and {levels} parents): "
+        "pass a data directory, a run directory or a checkpoint"
+    )
+
+
+def load_tokenizer(path: str | Path, *, encoding: Any = None) -> Tokenizer:
+    """The tokenizer of a data directory, run directory or checkpoint (or a ``tokenizer.json``).
+
+    ``encoding`` replaces tiktoken's GPT-2 encoding for ``"gpt2"`` data (offline use, tests).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{str(path)!r} does not exist")
+    if path.is_file() and path.suffix == ".json" and path.name != META_FILE:
+        return BPETokenizer.from_file(path)
+    root = find_meta_dir(path)
+    return tokenizer_from_meta(DataMeta.load(root, check_shards=False), root, encoding=encoding)

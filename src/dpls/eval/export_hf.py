@@ -1,0 +1,205 @@
+"""Export a checkpoint as a Hugging Face ``LlamaForCausalLM`` directory, tokenizer included.
+
+The model's parameter names are already Hugging Face Llama's (`dpls.model`), so the
+weights are copied as they are into ``model.safetensors`` (a tied output projection is
+left out, as ``tie_word_embeddings`` tells Hugging Face to re-tie it), and
+``config.json`` comes from `dpls.model.to_hf_config`. The tokenizer is the run's own:
+
+* the trained byte-level BPE (``tokenizer.json``) becomes a ``PreTrainedTokenizerFast``
+  with ``<|endoftext|>`` as bos / eos (the token every document starts with);
+* a GPT-2-tokenised run gets GPT-2's tokenizer, rebuilt offline from tiktoken's
+  ``gpt2`` ranks when tiktoken has them cached (it cannot download here).
+
+The directory is written under a temporary name and renamed into place, so an
+interrupted export never leaves a half directory under the real name.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EOT = "<|endoftext|>"
+EXPORT_MARKER = "dpls_export.json"  # provenance; also how the lm-eval cache knows it is current
+HF_CACHE = "hf"  # RUN/hf/step_NNNNNNN: where `cached_export` keeps exports
+
+
+def _run_dir(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def find_tokenizer(checkpoint: Path) -> dict[str, Any]:
+    """Where the run's tokenizer is and what it is: ``{"kind": "bpe"|"gpt2", "file", "eot"}``.
+
+    Looked for in ``RUN/tokenizer/`` (copied there by the trainer), then in the run's data
+    directory (its ``meta.json`` names the tokenizer).
+    """
+    from dpls.train.config import read_toml
+
+    places = [_run_dir(checkpoint) / "tokenizer"]
+    cfg_file = checkpoint / "config.toml"
+    data_dir = read_toml(cfg_file).get("data_dir") if cfg_file.is_file() else None
+    if data_dir:
+        places.append(Path(data_dir))
+    for place in places:
+        meta = _read_json(place / "meta.json")
+        kind = meta.get("tokenizer")
+        file = place / str(meta.get("tokenizer_file") or "tokenizer.json")
+        if kind == "gpt2":
+            return {"kind": "gpt2", "file": None, "eot": meta.get("eot_token"), "where": place}
+        if file.is_file():
+            return {"kind": "bpe", "file": file, "eot": meta.get("eot_token"), "where": place}
+    raise ValueError(
+        f"no tokenizer found for {checkpoint}: looked for tokenizer.json / meta.json in "
+        + ", ".join(str(p) for p in places)
+    )
+
+
+def _bpe_tokenizer(info: dict[str, Any], block_size: int) -> Any:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_file(str(info["file"]))
+    eot = EOT if raw.token_to_id(EOT) is not None else None
+    if eot is None and info.get("eot") is not None:
+        eot = raw.id_to_token(int(info["eot"]))
+    special = {"eos_token": eot, "bos_token": eot} if eot is not None else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, model_max_length=block_size, clean_up_tokenization_spaces=False, **special
+    )
+
+
+def _gpt2_tokenizer(block_size: int) -> Any:
+    """GPT-2's tokenizer rebuilt from tiktoken's ``gpt2`` ranks (no network needed if cached)."""
+    import tiktoken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as err:
+        raise ValueError(
+            "exporting a GPT-2-tokenised run needs GPT-2's tokenizer files, and tiktoken could not load "
+            f"its 'gpt2' encoding offline ({type(err).__name__}: {err}). Run once with network access "
+            "(or point TIKTOKEN_CACHE_DIR at a cache holding them), then export again."
+        ) from err
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = Path(tmp) / "gpt2.tiktoken"
+        lines = (f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in enc._mergeable_ranks.items())
+        ranks.write_text("\n".join(lines) + "\n")
+        raw = TikTokenConverter(
+            vocab_file=str(ranks), pattern=enc._pat_str, extra_special_tokens=enc._special_tokens
+        ).converted()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token=EOT, bos_token=EOT, model_max_length=block_size
+    )
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """Name the class every transformers version knows (5.x writes its new ``TokenizersBackend``)."""
+    cfg = _read_json(path)
+    if cfg.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _fingerprint(checkpoint: Path) -> list[list[Any]]:
+    """(name, size, mtime) of every file of a checkpoint: changes whenever it is rewritten."""
+    return sorted(
+        [p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in checkpoint.iterdir() if p.is_file()
+    )
+
+
+def export_hf(
+    checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, dtype: str = "float32"
+) -> Path:
+    """Write ``out_dir``: config.json, model.safetensors, generation_config.json and the tokenizer.
+
+    ``checkpoint`` is a checkpoint directory or a run directory (its latest checkpoint).
+    ``out_dir`` must not exist or be empty unless ``overwrite``. Only ``mha`` / ``gqa``
+    models have a Llama equivalent; TPA raises `ValueError`.
+    """
+    from dpls.model import ModelConfig, to_hf_config
+    from dpls.train.checkpoint import load_model, read_model_config, resolve_checkpoint
+
+    # -- everything checked before any work ---------------------------------------------
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = ModelConfig.from_dict(read_model_config(ckpt))
+    to_hf_config(cfg)  # raises for attention types Llama cannot express (TPA)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty; choose another directory or overwrite it")
+    tokenizer_info = find_tokenizer(ckpt)
+
+    # -- the work -------------------------------------------------------------------------
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig
+
+    if tokenizer_info["kind"] == "gpt2":
+        tokenizer = _gpt2_tokenizer(cfg.block_size)
+    else:
+        tokenizer = _bpe_tokenizer(tokenizer_info, cfg.block_size)
+    eot_id = tokenizer.eos_token_id
+    model = load_model(ckpt, device="cpu")
+    state = {k: v.detach().to(dtypes[dtype]).contiguous() for k, v in model.state_dict().items()}
+    del model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_cfg = LlamaConfig(**to_hf_config(cfg, bos_token_id=eot_id, eos_token_id=eot_id, dtype=dtype))
+        hf_cfg.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp / "tokenizer_config.json")
+        marker = {
+            "checkpoint": str(ckpt.resolve()),
+            "fingerprint": _fingerprint(ckpt),
+            "tokenizer": tokenizer_info["kind"],
+            "dtype": dtype,
+        }
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cached_export(checkpoint: str | Path) -> Path:
+    """The export of ``checkpoint`` in ``RUN/hf/step_NNNNNNN``, (re)written only when out of date."""
+    from dpls.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cache = _run_dir(ckpt) / HF_CACHE / ckpt.name
+    marker = _read_json(cache / EXPORT_MARKER)
+    current = marker.get("checkpoint") == str(ckpt.resolve()) and marker.get("fingerprint") == _fingerprint(
+        ckpt
+    )
+    if current and (cache / "model.safetensors").is_file():
+        return cache
+    return export_hf(ckpt, cache, overwrite=True)

@@ -1,0 +1,191 @@
+"""DPLS fused with the output projection, for GPUs (``dpls_linear_loss(..., impl="triton")``).
+
+Like Liger's fused linear cross-entropy: the rows are processed in chunks; each chunk's logits
+``h @ Wᵀ (+ b)`` are made by a matmul, the row kernel turns them *in place* into their gradient, and
+that gradient is immediately contracted into ``grad_hidden = dlogits @ W`` and
+``grad_weight += dlogitsᵀ @ h``. Peak memory is one chunk of logits instead of ``[N, V]``.
+
+For reductions "mean" and "sum" every gradient is finished in forward (backward only multiplies by
+``grad_output``); for "none" the per-token ``grad_output`` is needed inside the chunk loop, so
+forward computes only the losses and backward recomputes the chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpls.losses.triton_impl import KernelConfig, is_available, launch_rows, reduce_rows
+
+__all__ = ["default_chunk_size", "is_available", "triton_dpls_linear_loss"]
+
+CHUNK_LOGITS = 1 << 27  # logits per chunk (256 MiB in bf16): big GEMMs, bounded memory
+
+
+def default_chunk_size(n_rows: int, vocab: int) -> int:
+    """Rows per chunk: a power of two with about ``CHUNK_LOGITS`` logits, at most ``n_rows``."""
+    rows = max(1, CHUNK_LOGITS // max(vocab, 1))
+    rows = 1 << (rows.bit_length() - 1)
+    return max(1, min(n_rows, rows))
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = h @ weight.t()
+    if bias is not None:
+        logits += bias
+    return logits
+
+
+class _GradAccumulator:
+    """``grad_weight`` / ``grad_bias`` summed over chunks in float32 (a bf16 sum would lose bits)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, need_w: bool, need_b: bool):
+        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.b = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if need_b and bias is not None
+            else None
+        )
+
+    def add(self, dlogits: torch.Tensor, h: torch.Tensor) -> None:
+        if self.w is not None:
+            if self.w.dtype == dlogits.dtype:
+                self.w.addmm_(dlogits.t(), h)
+            else:
+                self.w += dlogits.t() @ h  # one rounding per chunk, float32 across chunks
+        if self.b is not None:
+            self.b += dlogits.sum(0, dtype=torch.float32)
+
+
+def _run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    epsilon: float | torch.Tensor,
+    top_k: int,
+    ignore_index: int,
+    chunk: int,
+    *,
+    scale: torch.Tensor | None,
+    scale_mode: str,
+    grad_hidden: torch.Tensor | None,
+    acc: _GradAccumulator | None,
+    config: KernelConfig | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sweep over the row chunks: per-row loss/NLL, and the gradients when asked for."""
+    n_rows = hidden.shape[0]
+    want_grad = grad_hidden is not None or acc is not None
+    loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    nll = torch.empty_like(loss)
+    for start in range(0, n_rows, chunk):
+        end = min(start + chunk, n_rows)
+        h = hidden[start:end]
+        logits = _chunk_logits(h, weight, bias)
+        eps = epsilon[start:end] if isinstance(epsilon, torch.Tensor) else epsilon
+        row_scale = scale[start:end] if scale_mode == "row" else scale
+        loss[start:end], nll[start:end] = launch_rows(
+            logits,
+            target[start:end],
+            eps,
+            top_k,
+            ignore_index,
+            grad=logits if want_grad else None,
+            scale=row_scale,
+            scale_mode=scale_mode,
+            config=config,
+        )
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
+        if acc is not None:
+            acc.add(logits, h)
+    return loss, nll
+
+
+class _TritonDPLSLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, target, eps_tensor, eps_value, top_k, ignore_index, reduction, chunk, grad_on, config
+    ):
+        epsilon = eps_tensor if eps_tensor is not None else eps_value
+        need_h, need_w, need_b = (grad_on and need for need in ctx.needs_input_grad[:3])
+        need_any = need_h or need_w or need_b
+        n_valid = (target != ignore_index).sum().to(torch.float32)
+        finish_now = need_any and reduction != "none"
+        grad_hidden = torch.empty_like(hidden) if finish_now and need_h else None
+        acc = _GradAccumulator(weight, bias, need_w, need_b) if finish_now and (need_w or need_b) else None
+        loss_rows, nll_rows = _run_chunks(
+            hidden, weight, bias, target, epsilon, top_k, ignore_index, chunk,
+            scale=n_valid, scale_mode="mean" if reduction == "mean" else "one",
+            grad_hidden=grad_hidden, acc=acc, config=config,
+        )  # fmt: skip
+        ctx.reduction = reduction
+        if finish_now:
+            ctx.grads = (
+                grad_hidden,
+                acc.w.to(weight.dtype) if acc is not None and acc.w is not None else None,
+                acc.b.to(bias.dtype) if acc is not None and acc.b is not None else None,
+            )
+        elif need_any:  # reduction "none": recompute in backward with the per-token grad_output
+            ctx.save_for_backward(hidden, weight, bias, target, eps_tensor)
+            ctx.args = (eps_value, top_k, ignore_index, chunk, config)
+        loss = reduce_rows(loss_rows, n_valid, reduction)
+        nll = reduce_rows(nll_rows, n_valid, reduction)
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll):
+        if ctx.reduction != "none":
+            grads = ctx.grads
+            ctx.grads = None
+            if grad_loss.item() != 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(grad_loss)
+            gh, gw, gb = grads
+        else:
+            hidden, weight, bias, target, eps_tensor = ctx.saved_tensors
+            eps_value, top_k, ignore_index, chunk, config = ctx.args
+            need_h, need_w, need_b = ctx.needs_input_grad[:3]
+            gh = torch.empty_like(hidden) if need_h else None
+            acc = _GradAccumulator(weight, bias, need_w, need_b) if need_w or need_b else None
+            _run_chunks(
+                hidden, weight, bias, target, eps_tensor if eps_tensor is not None else eps_value,
+                top_k, ignore_index, chunk,
+                scale=grad_loss.to(torch.float32).contiguous(), scale_mode="row",
+                grad_hidden=gh, acc=acc, config=config,
+            )  # fmt: skip
+            gw = acc.w.to(weight.dtype) if acc is not None and acc.w is not None else None
+            gb = acc.b.to(bias.dtype) if acc is not None and acc.b is not None else None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+
+
+def triton_dpls_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    epsilon: float | torch.Tensor,
+    top_k: int,
+    ignore_index: int,
+    reduction: str,
+    return_nll: bool,
+    chunk_size: int | None = None,
+    *,
+    config: KernelConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """DPLS of ``hidden [N, C] @ weight[V, C]ᵀ (+ bias)`` without ever holding the ``[N, V]`` logits.
+
+    Arguments as in the linear registry (``dpls.losses.registry``), already validated. The logits
+    of a chunk are made in the hidden states' dtype (bf16 stays bf16, as in the dense model).
+    """
+    hidden = hidden.contiguous()
+    target = target.to(torch.int64).contiguous()
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(hidden.shape[0], weight.shape[0])
+    eps_tensor = epsilon if isinstance(epsilon, torch.Tensor) else None
+    eps_value = 0.0 if eps_tensor is not None else float(epsilon)
+    loss, nll = _TritonDPLSLinear.apply(
+        hidden, weight, bias, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction,
+        chunk, torch.is_grad_enabled(), config,
+    )  # fmt: skip
+    return (loss, nll) if return_nll else loss

@@ -1,0 +1,18 @@
+"""The LLaMA-style decoder (MHA, GQA or Tensor Product Attention) and its presets."""
+
+from __future__ import annotations
+
+from dpls.model.config import ATTENTIONS, PRESETS, ModelConfig, model_config, swiglu_hidden
+from dpls.model.hf import to_hf_config
+from dpls.model.transformer import ATTENTION_CLASSES, Transformer
+
+__all__ = [
+    "ATTENTIONS",
+    "ATTENTION_CLASSES",
+    "PRESETS",
+    "ModelConfig",
+    "Transformer",
+    "model_config",
+    "swiglu_hidden",
+    "to_hf_config",
+]

@@ -1,0 +1,272 @@
+"""A LLaMA-style decoder, readable top to bottom.
+
+RMSNorm → attention → residual, RMSNorm → SwiGLU → residual, repeated; a final RMSNorm and an
+output projection tied to the token embedding. Parameter names are exactly those of Hugging
+Face ``LlamaForCausalLM`` (``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.q_proj.weight``,
+..., ``model.norm.weight``) and RoPE uses the same ``rotate_half`` convention, so exporting an
+``"mha"``/``"gqa"`` model is a plain copy of ``state_dict()``.
+
+With tied embeddings there is no ``lm_head`` module: the logits are ``hidden @ embed_tokens.weight.T``
+and ``state_dict()`` holds the matrix once, under ``model.embed_tokens.weight`` (Hugging Face
+re-ties ``lm_head.weight`` to it on load).
+
+Building on the ``meta`` device works: ``model.to_empty(device=...)`` then ``model.init_weights()``
+(which also recomputes the RoPE tables, non-persistent buffers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpls.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (as in LLaMA)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device: torch.device | None = None):
+    """cos, sin ``[length, head_dim]`` in float32, each frequency repeated over both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dimension of ``x``; ``cos``/``sin`` broadcast against it."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped key/value heads (``n_kv_head == n_head``: plain MHA)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=residual_std)
+
+
+class TensorProductAttention(nn.Module):
+    """Tensor Product Attention (T6, "Tensor Product Attention Is All You Need", 2025).
+
+    Every token builds its own low-rank queries, keys and values: for each of q/k/v, an
+    ``A`` projection gives head factors ``[H, R]`` and a ``B`` projection gives feature
+    factors ``[R, D]``; the per-token head matrix is ``A @ B / R``. Only the factors would be
+    cached at inference (the point of TPA). RoPE is linear in the feature axis, so rotating
+    the ``B`` factors equals rotating the assembled queries and keys, and is cheaper.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.resolved_head_dim
+        self.n_head, self.head_dim = H, D
+        self.q_rank, self.kv_rank = cfg.tpa_q_rank, cfg.tpa_kv_rank
+        self.q_a_proj = nn.Linear(C, H * self.q_rank, bias=False)
+        self.k_a_proj = nn.Linear(C, H * self.kv_rank, bias=False)
+        self.v_a_proj = nn.Linear(C, H * self.kv_rank, bias=False)
+        self.q_b_proj = nn.Linear(C, self.q_rank * D, bias=False)
+        self.k_b_proj = nn.Linear(C, self.kv_rank * D, bias=False)
+        self.v_b_proj = nn.Linear(C, self.kv_rank * D, bias=False)
+        self.o_proj = nn.Linear(H * D, C, bias=False)
+
+    def _assemble(self, a: nn.Linear, b: nn.Linear, x: torch.Tensor, rank: int, cos=None, sin=None):
+        B, T, _ = x.shape
+        fa = a(x).view(B, T, self.n_head, rank)
+        fb = b(x).view(B, T, rank, self.head_dim)
+        if cos is not None:
+            fb = apply_rope(fb, cos[:, None, :], sin[:, None, :])  # positions on T, shared over R
+        return (fa @ fb).div(rank).transpose(1, 2)  # [B, H, T, D]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self._assemble(self.q_a_proj, self.q_b_proj, x, self.q_rank, cos, sin)
+        k = self._assemble(self.k_a_proj, self.k_b_proj, x, self.kv_rank, cos, sin)
+        v = self._assemble(self.v_a_proj, self.v_b_proj, x, self.kv_rank)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        # Head factors ~ N(0, 1) per token (for unit-RMS input); feature factors scaled by
+        # sqrt(R) so A @ B / R has the same spread as a plain projection initialised with std.
+        n_in = self.q_a_proj.in_features
+        for proj in (self.q_a_proj, self.k_a_proj, self.v_a_proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=1.0 / math.sqrt(n_in))
+        nn.init.normal_(self.q_b_proj.weight, mean=0.0, std=std * math.sqrt(self.q_rank))
+        for proj in (self.k_b_proj, self.v_b_proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=std * math.sqrt(self.kv_rank))
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=residual_std)
+
+
+# attention kind -> module; a new kind is a new entry, not a new branch
+ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
+    "mha": Attention,
+    "gqa": Attention,
+    "tpa": TensorProductAttention,
+}
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hidden = cfg.resolved_intermediate_size
+        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=residual_std)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = ATTENTION_CLASSES[cfg.attention](cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The body (Hugging Face's ``LlamaModel``): embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    """The language model: ``forward(idx [B, T] int64) -> logits [B, T, V]``.
+
+    The trainer's fused losses use ``hidden_states(idx)`` and ``output_weight`` instead, so the
+    ``[B, T, V]`` logits are never materialised.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.resolved_head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2-style init: N(0, init_std) everywhere, residual output projections scaled by
+        1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth."""
+        cfg = self.config
+        std = cfg.init_std
+        residual_std = std / math.sqrt(2 * cfg.n_layer)
+        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+        for layer in self.model.layers:
+            layer.self_attn.init_weights(std, residual_std)
+            layer.mlp.init_weights(std, residual_std)
+            nn.init.ones_(layer.input_layernorm.weight)
+            nn.init.ones_(layer.post_attention_layernorm.weight)
+        nn.init.ones_(self.model.norm.weight)
+        cos, sin = rope_tables(cfg.resolved_head_dim, cfg.block_size, cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The ``[V, C]`` output projection (the token embedding when tied)."""
+        return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, C]``; logits are ``hidden @ output_weight.T``."""
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [B, T] token ids, got shape {tuple(idx.shape)}")
+        seq_len = idx.shape[1]
+        if seq_len > self.config.block_size:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds the model's block_size {self.config.block_size}"
+            )
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        x = self.model.embed_tokens(idx)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden_states(idx), self.output_weight)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (a tied matrix counted once); ``non_embedding`` leaves out the token
+        embedding and an untied output projection (Kaplan et al.'s N)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM / nanoGPT MFU estimate:
+        ``6·N`` for every matmul weight (the output projection included, the embedding lookup
+        not) plus ``12·L·H·D·T`` for the attention scores and their weighted sum."""
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        H, D = cfg.n_head, cfg.resolved_head_dim
+        n_matmul = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        flops = 6 * n_matmul + 12 * cfg.n_layer * H * D * T
+        if cfg.attention == "tpa":  # the per-token A @ B products that assemble q, k, v
+            flops += 6 * cfg.n_layer * H * D * (cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank)
+        return float(flops)

@@ -1,0 +1,593 @@
+"""Run a study: one CE trunk, every arm × seed forked from it, each evaluated, then the report.
+
+Layout of the study directory::
+
+    STUDY/study_state.json          which run is which arm and seed, and what is finished
+    STUDY/study.toml                the study file as it was run
+    STUDY/data/                     the prepared corpus (with ``prepare = "stdlib"``)
+    STUDY/trunk/                    the CE trunk (a run directory)
+    STUDY/forks/seed<S>/            the fork point of seed S (see "Seeds" below)
+    STUDY/arms/<arm>/seed<S>/       one arm × seed run; its evaluation in eval/
+    STUDY/report/report.md          the answer (plus summary.json and the plots)
+
+**Pairing.** Every arm of one seed forks from the same checkpoint, whose saved data
+position the trainer carries into the fork, so they train on the same batches in the same
+order and differ only in the loss keys. **Seeds.** After the fork nothing random is left
+but the data order, so the seeds must see different data: seed number ``i`` (0-based
+position in ``seeds``) continues the trunk's data stream after skipping ``i`` arm budgets
+of it. On a corpus with enough data the seeds therefore train on disjoint, unseen tokens;
+on a small one (many epochs) on differently aligned stretches of the stream. The fork
+point of seed ``i > 0`` is a copy of the trunk checkpoint (files hard-linked, not copied)
+whose only change is the data position in ``trainer_state.json``.
+
+**Rerun.** A run is finished when its final checkpoint and its evaluation exist; a rerun
+skips it. A run interrupted mid-way is resumed in place from its latest checkpoint. If
+the study file changed in a way that contradicts what is on disk, the study stops before
+doing anything and says which key differs.
+
+Several GPUs: ``torchrun --nproc_per_node=N -m dpls study FILE``: every rank trains,
+rank 0 prepares data, writes the state, evaluates and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpls.study.spec import StudySpec, load_spec
+from dpls.study.state import (
+    DONE,
+    EVAL_DIR,
+    LM_EVAL_FILE,
+    PENDING,
+    TRAINED,
+    RunEntry,
+    StudyState,
+    read_state,
+    write_state,
+)
+
+STUDY_COPY = "study.toml"
+REPORT_DIR = "report"
+
+# Keys compared between the plan and a run already on disk (a change there would make the
+# finished run answer a different question).
+_COMPARED_KEYS = ("max_iters", "batch_size", "block_size", "gradient_accumulation_steps", "learning_rate")
+
+
+@dataclass
+class Job:
+    """One training run of the study (the trunk, or an arm × seed fork)."""
+
+    name: str  # "trunk" or "<arm>/seed<S>"
+    run_dir: Path
+    values: dict[str, Any]  # training keys given to the trainer (the rest come from the trunk)
+    final_step: int
+    arm: str | None = None
+    seed: int | None = None
+    seed_index: int = 0
+
+    @property
+    def final_checkpoint(self) -> Path:
+        from dpls.train.checkpoint import checkpoint_name
+
+        return self.run_dir / "checkpoints" / checkpoint_name(self.final_step)
+
+    @property
+    def eval_file(self) -> Path:
+        return self.run_dir / EVAL_DIR / "metrics.json"
+
+
+@dataclass
+class StudyPlan:
+    """Everything a study will do, checked before any of it starts (``dpls study --dry-run`` prints it)."""
+
+    spec: StudySpec
+    study_dir: Path
+    data_dir: Path
+    fork_step: int
+    iters_per_arm: int
+    tokens_per_step: int
+    trunk: Job | None  # None: an existing checkpoint is the trunk
+    fork_checkpoint: Path | None  # the existing checkpoint, or None until the trunk is trained
+    arms: list[Job] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trunk_dir(self) -> Path:
+        if self.trunk is not None:
+            return self.trunk.run_dir
+        assert self.fork_checkpoint is not None
+        return self.fork_checkpoint.parent.parent
+
+    def trunk_checkpoint(self) -> Path:
+        if self.fork_checkpoint is not None:
+            return self.fork_checkpoint
+        assert self.trunk is not None
+        return self.trunk.final_checkpoint
+
+    def describe(self) -> str:
+        s = self.spec
+        total = (self.fork_step if self.trunk else 0) + len(self.arms) * self.iters_per_arm
+        lines = [
+            f"study {s.name!r} → {self.study_dir}",
+            f"  data: {self.data_dir}" + (f" (prepared here from {s.prepare})" if s.prepare else ""),
+            f"  {self.tokens_per_step:,} tokens per step",
+        ]
+        if self.trunk is not None:
+            lines.append(
+                f"  trunk: {self.trunk.run_dir} — CE for {self.fork_step} steps "
+                f"({self.fork_step * self.tokens_per_step:,} tokens)"
+            )
+        else:
+            lines.append(f"  trunk: the existing checkpoint {self.fork_checkpoint} (step {self.fork_step})")
+        lines.append(
+            f"  arms: {len(s.arms)} × seeds {list(s.seeds)}, each {self.iters_per_arm} steps "
+            f"({self.iters_per_arm * self.tokens_per_step:,} tokens) after step {self.fork_step}; "
+            f"baseline {s.baseline!r}"
+        )
+        for a in s.arms:
+            keys = ", ".join(f"{k}={v!r}" for k, v in a.loss.items())
+            lines.append(f"    - {a.name}: {keys}")
+        ev = s.eval
+        lines.append(
+            f"  eval: {ev.tokens or 'all'} validation tokens per run"
+            + (
+                f"; lm-eval {', '.join(ev.lm_eval_tasks)} (limit {ev.lm_eval_limit})"
+                if ev.lm_eval_tasks
+                else ""
+            )
+        )
+        lines.append(f"  {len(self.arms) + (self.trunk is not None)} training runs, {total:,} steps in all")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+def _tokens_per_step(cfg: Any) -> int:
+    from dpls.model.config import PRESETS
+
+    block = cfg.block_size
+    if block is None:
+        if cfg.model not in PRESETS:
+            raise ValueError(f"unknown model preset {cfg.model!r}; choose one of {list(PRESETS)}")
+        block = PRESETS[cfg.model].block_size
+    return int(cfg.batch_size * block * cfg.gradient_accumulation_steps)
+
+
+def plan_study(spec: StudySpec) -> StudyPlan:
+    """Resolve the study into training jobs and check every one of them; writes nothing."""
+    from dpls.train.checkpoint import read_trainer_state, resolve_checkpoint
+    from dpls.train.config import TrainConfig, read_toml
+
+    study_dir = spec.out_dir
+    data_dir = spec.data_dir if spec.data_dir is not None else study_dir / "data"
+    if spec.prepare is None and not (data_dir / "meta.json").is_file():
+        raise ValueError(f"data_dir {data_dir} is not a prepared data directory (no meta.json)")
+    notes: list[str] = []
+    if spec.prepare is not None:
+        _check_prepare_options(spec.prepare, dict(spec.prepare_options))
+
+    # The trunk: a new CE run, or an existing checkpoint.
+    fork_checkpoint: Path | None = None
+    if spec.trunk.checkpoint is not None:
+        fork_checkpoint = resolve_checkpoint(spec.trunk.checkpoint)
+        step = int(read_trainer_state(fork_checkpoint)["step"])
+        if spec.fork_step is not None and spec.fork_step != step:
+            raise ValueError(
+                f"fork_step = {spec.fork_step}, but the trunk checkpoint {fork_checkpoint} is at step {step}"
+            )
+        fork_step = step
+        saved = TrainConfig.from_dict(read_toml(fork_checkpoint / "config.toml"))
+        base_cfg = TrainConfig.from_dict(spec.train, base=saved).validate()
+    else:
+        assert spec.fork_step is not None
+        fork_step = spec.fork_step
+        base_cfg = TrainConfig.from_dict({**spec.train}).validate()
+
+    tokens_per_step = _tokens_per_step(base_cfg)
+    if spec.iters_per_arm is not None:
+        iters = spec.iters_per_arm
+    else:
+        assert spec.tokens_per_arm is not None
+        iters = math.ceil(spec.tokens_per_arm / tokens_per_step)
+    final_step = fork_step + iters
+
+    trunk: Job | None = None
+    if fork_checkpoint is None:
+        values: dict[str, Any] = {"loss": "ce", **spec.train, **spec.trunk.train}
+        values.setdefault("lr_decay_iters", final_step)  # trunk + arm: one LR schedule
+        values.update(data_dir=str(data_dir), out_dir=str(study_dir / "trunk"), max_iters=fork_step)
+        TrainConfig.from_dict(values).validate()
+        trunk = Job("trunk", study_dir / "trunk", values, fork_step)
+
+    jobs = []
+    for i, seed in enumerate(spec.seeds):
+        for arm in spec.arms:
+            run_dir = study_dir / "arms" / arm.name / f"seed{seed}"
+            values = {
+                **spec.train,
+                **arm.loss,
+                "seed": seed,
+                "out_dir": str(run_dir),
+                "max_iters": final_step,
+            }
+            values["data_dir"] = str(data_dir)
+            TrainConfig.from_dict(values).validate()  # types and ranges of every key, before any work
+            jobs.append(Job(f"{arm.name}/seed{seed}", run_dir, values, final_step, arm.name, seed, i))
+
+    if spec.eval.lm_eval_tasks:
+        from dpls.eval.lm_eval import parse_tasks
+
+        parse_tasks(list(spec.eval.lm_eval_tasks))
+        if spec.eval.lm_eval_include_path is not None and not spec.eval.lm_eval_include_path.is_dir():
+            raise ValueError(
+                f"[eval] lm_eval_include_path {spec.eval.lm_eval_include_path} is not a directory"
+            )
+    if len(spec.seeds) == 1:
+        notes.append("one seed: the report can give differences but no intervals")
+    return StudyPlan(
+        spec=spec,
+        study_dir=study_dir,
+        data_dir=data_dir,
+        fork_step=fork_step,
+        iters_per_arm=iters,
+        tokens_per_step=tokens_per_step,
+        trunk=trunk,
+        fork_checkpoint=fork_checkpoint,
+        arms=jobs,
+        notes=notes,
+    )
+
+
+# -- the fork point of each seed --------------------------------------------------------------
+
+
+def advance_position(
+    epoch: int, position: int, micro_steps: int, num_windows: int, global_batch: int
+) -> tuple[int, int]:
+    """The loader's (epoch, position) after ``micro_steps`` more batches of ``global_batch`` windows.
+
+    Mirrors `TokenLoader.next_batch`: a batch that would run past the end of the epoch's
+    order starts the next epoch instead (the tail windows of each epoch are skipped).
+    """
+    if micro_steps <= 0:
+        return epoch, position
+    per_epoch = num_windows // global_batch
+    left = max(num_windows - position, 0) // global_batch  # batches still fitting in this epoch
+    if micro_steps <= left:
+        return epoch, position + micro_steps * global_batch
+    extra = micro_steps - left  # the first of these starts a new epoch
+    return epoch + 1 + (extra - 1) // per_epoch, ((extra - 1) % per_epoch + 1) * global_batch
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def seed_fork_point(plan: StudyPlan, seed_index: int, world_size: int = 1) -> Path:
+    """The checkpoint the arms of seed number ``seed_index`` fork from (made if missing).
+
+    Seed 0 forks from the trunk checkpoint itself; seed ``i`` from a copy whose data
+    position is ``i`` arm budgets further along the trunk's data stream.
+    """
+    from dpls.train.checkpoint import TRAINER_STATE, checkpoint_name, is_complete, read_trainer_state
+
+    source = plan.trunk_checkpoint()
+    if seed_index == 0:
+        return source
+    seed = plan.spec.seeds[seed_index]
+    dest = plan.study_dir / "forks" / f"seed{seed}" / "checkpoints" / checkpoint_name(plan.fork_step)
+    if is_complete(dest):
+        return dest
+    state = read_trainer_state(source)
+    loader = dict(state["loader"])
+    cfg = _read_flat_toml(source / "config.toml")
+    batch, accum = int(cfg["batch_size"]), int(cfg["gradient_accumulation_steps"])
+    micro_global = batch * world_size  # windows one micro-step takes over all ranks
+    micro_steps = seed_index * plan.iters_per_arm * (accum // world_size)
+    loader["epoch"], loader["position"] = advance_position(
+        int(loader["epoch"]), int(loader["position"]), micro_steps, int(loader["num_windows"]), micro_global
+    )
+    tmp = dest.with_name(dest.name + ".tmp-study")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.name != TRAINER_STATE:
+            _link_or_copy(f, tmp / f.name)
+    (tmp / TRAINER_STATE).write_text(
+        json.dumps({**state, "loader": loader, "study_seed_offset": seed_index}, indent=1)
+    )
+    os.replace(tmp, dest)
+    return dest
+
+
+def _read_flat_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(path.read_text())
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def _check_on_disk(job: Job) -> None:
+    """A run already in the study directory must be the one planned (else stop before any work)."""
+    cfg_file = job.run_dir / "config.toml"
+    if not cfg_file.is_file():
+        return
+    saved = _read_flat_toml(cfg_file)
+    for key in (
+        *_COMPARED_KEYS,
+        *(k for k in job.values if k in ("loss",) or k.startswith(("dpls_", "label_"))),
+    ):
+        if key in job.values and key in saved and saved[key] != job.values[key]:
+            raise ValueError(
+                f"{job.run_dir} was trained with {key}={saved[key]!r} but the study now says "
+                f"{key}={job.values[key]!r}; use another out_dir (--out) or remove that run"
+            )
+
+
+def _is_trained(job: Job) -> bool:
+    from dpls.train.checkpoint import is_complete
+
+    return is_complete(job.final_checkpoint)
+
+
+def _train_job(job: Job, fork_from: Path | None) -> None:
+    """Train ``job``: fresh (trunk), forked from ``fork_from``, or resumed in place after a crash."""
+    from dpls.train.checkpoint import latest_checkpoint
+    from dpls.train.config import load_config
+    from dpls.train.trainer import train
+
+    if latest_checkpoint(job.run_dir) is not None:  # interrupted earlier: continue in place
+        cfg = load_config(overrides={"resume_dir": str(job.run_dir)})
+    elif fork_from is not None:
+        cfg = load_config(overrides={**job.values, "resume_dir": str(fork_from)})
+    else:
+        cfg = load_config(overrides=job.values)
+    train(cfg)
+
+
+def _flatten_lm_eval(results: dict[str, Any]) -> dict[str, float]:
+    """The harness's result dict → ``{"task/metric": value}`` (filters other than "none" kept in the name)."""
+    out: dict[str, float] = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if (
+                "," not in key
+                or "_stderr" in key
+                or isinstance(value, bool)
+                or not isinstance(value, int | float)
+            ):
+                continue
+            metric, filt = key.split(",", 1)
+            out[f"{task}/{metric}" + ("" if filt == "none" else f"/{filt}")] = float(value)
+    return out
+
+
+def _evaluate_job(job: Job, plan: StudyPlan, progress: bool) -> None:
+    from dpls.eval.evaluate import evaluate_checkpoint
+
+    ev = plan.spec.eval
+    if not job.eval_file.is_file():
+        kwargs: dict[str, Any] = {"tokens": ev.tokens, "out": job.eval_file, "progress": progress}
+        if ev.batch_size is not None:
+            kwargs["batch_size"] = ev.batch_size
+        evaluate_checkpoint(job.final_checkpoint, **kwargs)
+    lm_file = job.eval_file.parent / LM_EVAL_FILE
+    if ev.lm_eval_tasks and not lm_file.is_file():
+        from dpls.eval.lm_eval import run_lm_eval
+
+        kwargs = {
+            "limit": ev.lm_eval_limit,
+            "include_path": ev.lm_eval_include_path,
+            "out_dir": job.eval_file.parent / "lm_eval",
+        }
+        if ev.lm_eval_batch_size is not None:
+            kwargs["batch_size"] = ev.lm_eval_batch_size
+        results = run_lm_eval(job.final_checkpoint, list(ev.lm_eval_tasks), **kwargs)
+        tmp = lm_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(_flatten_lm_eval(results), indent=2) + "\n")
+        os.replace(tmp, lm_file)
+
+
+def _is_done(job: Job, plan: StudyPlan) -> bool:
+    if not (_is_trained(job) and job.eval_file.is_file()):
+        return False
+    return not plan.spec.eval.lm_eval_tasks or (job.eval_file.parent / LM_EVAL_FILE).is_file()
+
+
+def _initial_state(plan: StudyPlan) -> StudyState:
+    spec = plan.spec
+    trunk_dir = plan.trunk_dir
+    rel = os.path.relpath(trunk_dir, plan.study_dir) if plan.trunk is not None else str(trunk_dir.resolve())
+    state = StudyState(
+        name=spec.name,
+        baseline=spec.baseline,
+        seeds=list(spec.seeds),
+        arms=[a.name for a in spec.arms],
+        fork_step=plan.fork_step,
+        trunk_dir=rel,
+        runs=[
+            RunEntry(j.arm or "", j.seed or 0, os.path.relpath(j.run_dir, plan.study_dir)) for j in plan.arms
+        ],
+    )
+    return state
+
+
+class _Progress:
+    """One overall line per stage: where the study stands, elapsed time and a rough ETA."""
+
+    def __init__(self, plan: StudyPlan, enabled: bool) -> None:
+        self.name = plan.spec.name
+        self.total = len(plan.arms) + (plan.trunk is not None)
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.done_steps = 0
+        self.left_steps = (plan.fork_step if plan.trunk is not None else 0) + len(
+            plan.arms
+        ) * plan.iters_per_arm
+        self.trained_time = 0.0
+
+    def line(self, index: int, what: str) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = ""
+        if self.done_steps and self.trained_time > 0:
+            eta = f", ETA ~{_hms(self.trained_time / self.done_steps * self.left_steps)} of training"
+        print(f"[study {self.name}] {index}/{self.total} {what} (elapsed {_hms(elapsed)}{eta})", flush=True)
+
+    def trained(self, steps: int, seconds: float) -> None:
+        self.done_steps += steps
+        self.trained_time += seconds
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = True) -> Path | None:
+    """Run (or continue) a study; returns the path of its report.md (None on ranks other than 0).
+
+    ``study``: a STUDY.toml path, a parsed `StudySpec`, or a `StudyPlan`. Everything is
+    checked before the first run starts; finished runs are skipped.
+    """
+    import tomllib
+
+    from dpls.dist import init_distributed, launched_by_torchrun
+
+    plan = (
+        study
+        if isinstance(study, StudyPlan)
+        else plan_study(study if isinstance(study, StudySpec) else load_spec(study))
+    )
+    spec = plan.spec
+    for job in ([plan.trunk] if plan.trunk else []) + plan.arms:
+        _check_on_disk(job)
+
+    ctx = init_distributed() if launched_by_torchrun() else None
+    main = ctx is None or ctx.is_main
+    world_size = 1 if ctx is None else ctx.world_size
+    study_dir = plan.study_dir
+    bar = _Progress(plan, progress and main)
+
+    def sync() -> None:
+        if ctx is not None:
+            ctx.barrier()
+
+    # -- the study directory, its state, the data -----------------------------------------------
+    if main:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        if spec.source is not None and spec.source.resolve() != (study_dir / STUDY_COPY).resolve():
+            shutil.copy2(spec.source, study_dir / STUDY_COPY)
+        state = read_state(study_dir) if (study_dir / "study_state.json").is_file() else _initial_state(plan)
+        fresh = _initial_state(plan)
+        known = {(r.arm, r.seed): r for r in state.runs}
+        fresh.runs = [known.get((r.arm, r.seed), r) for r in fresh.runs]  # keep statuses, follow the spec
+        fresh.trunk_status = state.trunk_status
+        fresh.spec = tomllib.loads(spec.source.read_text()) if spec.source is not None else {}
+        state = fresh
+        write_state(study_dir, state)
+        if spec.prepare is not None and not (plan.data_dir / "meta.json").is_file():
+            bar.line(0, f"preparing the {spec.prepare} corpus into {plan.data_dir}")
+            _preparer(spec.prepare)(plan.data_dir, **spec.prepare_options, progress=progress)
+    sync()
+
+    # -- the trunk -------------------------------------------------------------------------------
+    index = 0
+    if plan.trunk is not None:
+        index += 1
+        if _is_trained(plan.trunk):
+            bar.line(index, "trunk already trained: skipped")
+        else:
+            bar.line(index, f"training the CE trunk to step {plan.fork_step}")
+            t0 = time.perf_counter()
+            _train_job(plan.trunk, None)
+            bar.trained(plan.fork_step, time.perf_counter() - t0)
+        bar.left_steps -= plan.fork_step
+        if main:
+            state.trunk_status = DONE
+            write_state(study_dir, state)
+
+    # -- the arms ------------------------------------------------------------------------------
+    fork_points: dict[int, Path] = {}
+    for job in plan.arms:
+        index += 1
+        entry = state.entry(job.arm or "", job.seed or 0) if main else None
+        if _is_trained(job):
+            bar.line(index, f"{job.name}: already trained, skipped")
+        else:
+            if job.seed_index not in fork_points:
+                if main:
+                    seed_fork_point(plan, job.seed_index, world_size)
+                sync()
+                fork_points[job.seed_index] = seed_fork_point(plan, job.seed_index, world_size)
+            bar.line(index, f"training {job.name} from step {plan.fork_step} to {job.final_step}")
+            t0 = time.perf_counter()
+            _train_job(job, fork_points[job.seed_index])
+            bar.trained(plan.iters_per_arm, time.perf_counter() - t0)
+        bar.left_steps -= plan.iters_per_arm
+        if entry is not None and entry.status == PENDING:
+            entry.status = TRAINED
+            write_state(study_dir, state)
+
+    if not main:  # evaluation and the report are rank 0's
+        if ctx is not None:
+            ctx.destroy()
+        return None
+
+    # -- evaluation and the report ------------------------------------------------------------------
+    for i, job in enumerate(plan.arms, 1):
+        entry = state.entry(job.arm or "", job.seed or 0)
+        if _is_done(job, plan):
+            entry.status = DONE
+            continue
+        bar.line(i, f"evaluating {job.name}")
+        _evaluate_job(job, plan, progress)
+        entry.status = DONE
+        write_state(study_dir, state)
+    write_state(study_dir, state)
+    from dpls.study.report import write_report
+
+    report = write_report(
+        study_dir, study_dir / REPORT_DIR, baseline=spec.baseline, title=f"Study {spec.name}"
+    )
+    bar.line(bar.total, f"report written: {report}")
+    if ctx is not None:
+        ctx.destroy()
+    return report
+
+
+def _preparer(source: str) -> Any:
+    from dpls.data.prepare import prepare_stdlib
+
+    return {"stdlib": prepare_stdlib}[source]
+
+
+def _check_prepare_options(source: str, options: dict[str, Any]) -> None:
+    """The ``[prepare]`` keys must be keywords of the preparer (named in the error if not)."""
+    import inspect
+
+    from dpls.study.spec import _closest
+
+    params = inspect.signature(_preparer(source)).parameters
+    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "progress"]
+    for key in options:
+        if key not in valid:
+            raise ValueError(
+                f"unknown key {key!r} in [prepare] for source {source!r}; {_closest(key, valid)}"
+            )

@@ -1,0 +1,380 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint is a directory ``RUN/checkpoints/step_NNNNNNN/`` (N = optimizer steps done)::
+
+    .metadata, __*.distcp    model + optimizer state (torch.distributed.checkpoint)
+    trainer_state.json       step, tokens seen, data-loader position, LR schedule, ...
+    rng_rank{r}.pt           RNG states of rank r: torch CPU / CUDA, numpy, python
+    model_config.json        the network's ModelConfig (vocabulary size included)
+    config.toml              the resolved TrainConfig
+
+Tensors go through ``torch.distributed.checkpoint`` (DCP) with the plain parameter names
+of ``get_state_dict``: every rank writes its own shard, and loading reads each tensor into
+whatever layout the loading job has, so N ranks (DDP or FSDP2) can resume with M ranks,
+and one process without any process group can read it (``load_model``).
+
+**Atomic.** Everything is written into ``step_NNNNNNN.tmp-<pid>`` (files fsynced), the
+ranks agree that all of them succeeded, and only then rank 0 renames it to its real name.
+`latest_checkpoint` only ever considers real names, so a crash, a ``kill -9`` or a full
+disk mid-save leaves the previous checkpoint as the latest; the temporary folder is
+removed (or, after a hard kill, by the next run that resumes the directory). Older
+checkpoints are pruned only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dpls.dist.context import DistContext
+    from dpls.train.config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+MODEL_CONFIG = "model_config.json"
+CONFIG = "config.toml"
+_STEP_DIR = re.compile(r"step_(\d{7,})")
+_TMP_MARK = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """Saving failed; the message says which earlier checkpoint is still intact."""
+
+
+# -- finding checkpoints ----------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint directory, from its name."""
+    m = _STEP_DIR.fullmatch(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory (expected a name like step_0000100)")
+    return int(m.group(1))
+
+
+def is_complete(path: str | Path) -> bool:
+    """A checkpoint directory with every file a resume needs."""
+    path = Path(path)
+    return all((path / name).is_file() for name in (".metadata", TRAINER_STATE, MODEL_CONFIG, CONFIG))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (temporary folders never count)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory → itself; a run directory → its latest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint or run directory not found: {path}")
+    if _STEP_DIR.fullmatch(path.name):
+        if not is_complete(path):
+            raise ValueError(f"{path} is not a complete checkpoint (missing .metadata, {TRAINER_STATE}, ...)")
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"{path} has no complete checkpoint under {CHECKPOINTS}/")
+    return latest
+
+
+def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
+    """Delete temporary folders left by a save that was killed. Call before a run resumes."""
+    folder = Path(run_dir) / CHECKPOINTS
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _TMP_MARK in p.name or ".old-" in p.name:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (``keep=0``: keep all)."""
+    if keep <= 0:
+        return []
+    old = list_checkpoints(run_dir)[:-keep]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
+# -- RNG states -------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (only tensors, ints and tuples: loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        for i in range(min(len(cuda_states), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda_states[i], i)
+
+
+# -- saving -----------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in {TRAINER_STATE}")
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
+def _world(ctx: DistContext | None) -> DistContext:
+    if ctx is not None:
+        return ctx
+    from dpls.dist.context import DistContext
+
+    return DistContext()
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    trainer_state: dict[str, Any],
+    config: TrainConfig,
+    model_config: Any,
+    ctx: DistContext | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write ``RUN/checkpoints/step_NNNNNNN`` atomically; every rank calls it.
+
+    ``model`` is the unwrapped module (FSDP2-sharded is fine); ``trainer_state`` must be
+    JSON-serialisable (step, tokens, loader position, ...). ``keep`` > 0 prunes older
+    checkpoints once this one is in place. Raises `CheckpointError` (on every rank) when
+    any rank failed; the previous checkpoint is then untouched and still the latest.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from dpls.dist.faults import maybe_inject_enospc
+    from dpls.train.config import dumps_toml
+
+    ctx = _world(ctx)
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINTS
+    final = folder / checkpoint_name(step)
+    # Every rank writes into rank 0's temporary folder.
+    tmp = folder / f"{final.name}{_TMP_MARK}{ctx.broadcast_object(os.getpid())}"
+
+    error: BaseException | None = None
+    try:
+        if ctx.is_main:
+            tmp.mkdir(parents=True, exist_ok=False)
+    except OSError as err:
+        error = err
+    if not ctx.any_rank(error is not None):
+        try:
+            if optimizer is not None:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                state = {"model": model_sd, "optim": optim_sd}
+            else:
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+                state = {"model": get_model_state_dict(model)}
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=tmp)
+            maybe_inject_enospc(step, ctx.rank)
+            import io
+
+            buf = io.BytesIO()
+            torch.save(capture_rng(), buf)
+            _write_file(tmp / f"rng_rank{ctx.rank}.pt", buf.getvalue())
+            if ctx.is_main:
+                state_doc = {**trainer_state, "step": step, "world_size": ctx.world_size, "time": time.time()}
+                _write_file(tmp / TRAINER_STATE, json.dumps(state_doc, indent=1, default=_jsonable).encode())
+                mc = asdict(model_config) if is_dataclass(model_config) else dict(model_config)
+                _write_file(tmp / MODEL_CONFIG, json.dumps(mc, indent=1, default=_jsonable).encode())
+                _write_file(tmp / CONFIG, dumps_toml(config.to_dict()).encode())
+        except Exception as err:
+            error = err
+    failed = ctx.any_rank(error is not None)
+    if not failed and ctx.is_main:
+        try:
+            _fsync_path(tmp)
+            old = None
+            if final.exists():  # the same step saved again (e.g. stopped right after resuming)
+                old = folder / f"{final.name}.old-{os.getpid()}"
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_path(folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as err:
+            error = err
+    failed = ctx.any_rank(error is not None)
+    if failed:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        intact = (
+            f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        )
+        reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+        raise CheckpointError(f"saving the checkpoint of step {step} failed ({reason}); {intact}") from error
+    if ctx.is_main and keep > 0:
+        prune_checkpoints(run_dir, keep)
+    ctx.barrier()
+    return final
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MODEL_CONFIG).read_text())
+
+
+def read_config(path: str | Path) -> TrainConfig:
+    from dpls.train.config import TrainConfig, read_toml
+
+    return TrainConfig.from_dict(read_toml(Path(path) / CONFIG))
+
+
+def saved_ranks(path: str | Path) -> int:
+    return len(list(Path(path).glob("rng_rank*.pt")))
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ctx: DistContext | None = None,
+    restore_rng_state: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint (or a run's latest) into ``model`` (and ``optimizer``); return the trainer state.
+
+    Every rank calls it. ``restore_rng_state`` gives rank r the RNG states saved by rank
+    ``r mod N`` (N ranks saved it). Works in one process without a process group.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    ctx = _world(ctx)
+    path = resolve_checkpoint(path)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _quiet_single_process():
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    else:
+        model_sd = get_model_state_dict(model)
+        with _quiet_single_process():
+            dcp.load({"model": model_sd}, checkpoint_id=path)
+        set_model_state_dict(model, model_sd)
+    if restore_rng_state:
+        n = saved_ranks(path)
+        if n:
+            rng = torch.load(path / f"rng_rank{ctx.rank % n}.pt", weights_only=True)
+            restore_rng(rng)
+    return read_trainer_state(path)
+
+
+def build_model_from_config(model_config: dict[str, Any]) -> nn.Module:
+    """A fresh (randomly initialised) model from a saved ``model_config.json``."""
+    from dpls.model import ModelConfig, Transformer
+
+    return Transformer(ModelConfig(**model_config))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a checkpoint directory or run directory (its latest checkpoint), in eval mode.
+
+    ``forward(idx [B, T] int64) -> logits [B, T, V]``. Built from the saved model config,
+    so no other file is needed; this is ``dpls.load_model``.
+    """
+    path = resolve_checkpoint(path)
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
+        model = build_model_from_config(read_model_config(path))
+    model = model.to(device)
+    load_checkpoint(path, model=model, restore_rng_state=False)
+    return model.eval()

@@ -1,0 +1,482 @@
+"""The training configuration: one flat, typed dataclass with the published recipe's key names.
+
+Where a value comes from, lowest priority first:
+
+1. the defaults below (nanoGPT's where nanoGPT has the key);
+2. when resuming or forking (``resume_dir``), the resolved config of that run;
+3. a TOML file (``dpls train CONFIG.toml``), flat ``key = value`` lines;
+4. ``--key=value`` (or ``--key value``) on the command line.
+
+Every value is converted to its field's type (``bool`` accepts true/false/1/0/yes/no; an
+optional field accepts ``none``); an unknown key is an error naming the closest valid key.
+The *resolved* config (model keys filled in from the preset, derived keys such as
+``lr_decay_iters`` made explicit) is written to ``RUN/config.toml``, so a run directory
+alone says how it was trained, and continuing it continues the same schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+Scalar = str | int | float | bool
+
+# Keys that define the network: taken from the checkpoint when resuming or forking, and
+# they may not change there (the weights would not fit).
+MODEL_KEYS: tuple[str, ...] = ("model", "n_layer", "n_head", "n_kv_head", "n_embd", "attention")
+
+# The values some string keys accept. Keys whose choices live in another component's
+# registry (loss, dpls_schedule, model, ...) are checked by that component.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "float32", "bfloat16"),  # float16 would need loss scaling
+    "parallel": ("ddp", "fsdp", "none"),
+    "swanlab": ("off", "cloud", "local", "offline"),
+}
+
+
+def key(default: Any, help: str) -> Any:
+    """A config field with its one-line help (shown by ``dpls train --help``)."""
+    if isinstance(default, list | dict):
+        raise TypeError("config fields are flat scalars")
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every key ``dpls train`` accepts. Units: steps are optimizer steps; tokens are global."""
+
+    # -- where ------------------------------------------------------------------------
+    out_dir: str = key("out", "run directory (config.toml, metrics.jsonl, checkpoints/)")
+    data_dir: str = key("data/stdlib", "prepared data directory (meta.json + token shards)")
+    resume_dir: str | None = key(
+        None,
+        "continue this run (alone: in place) or fork it (with another out_dir); a run or checkpoint dir",
+    )
+    fork_optimizer: bool = key(True, "when forking, also load the optimizer state (else a fresh AdamW)")
+    run_name: str | None = key(None, "name shown by TensorBoard / SwanLab (default: out_dir's name)")
+
+    # -- model (keys given here override the preset) -----------------------------------
+    model: str = key("tiny", "model preset: tiny, small, 124m, 350m, 760m, 1.3b")
+    n_layer: int | None = key(None, "transformer blocks (default: the preset's)")
+    n_head: int | None = key(None, "attention heads (default: the preset's)")
+    n_kv_head: int | None = key(None, "key/value heads, grouped-query attention (default: the preset's)")
+    n_embd: int | None = key(None, "model width (default: the preset's)")
+    attention: str | None = key(None, "attention: mha, gqa (with n_kv_head), tpa (default: the preset's)")
+
+    # -- data and batch ----------------------------------------------------------------
+    batch_size: int = key(12, "micro-batch of ONE rank, in sequences")
+    block_size: int | None = key(None, "sequence length in tokens (default: the preset's context)")
+    gradient_accumulation_steps: int = key(1, "micro-batches per step, TOTAL over all ranks (as nanoGPT)")
+    data_seed: int | None = key(None, "seed of the training data order (default: seed)")
+
+    # -- optimizer and learning rate ---------------------------------------------------
+    max_iters: int = key(5000, "optimizer steps to train for (the step counter continues on a fork)")
+    learning_rate: float = key(6e-4, "peak learning rate")
+    min_lr: float = key(6e-5, "learning rate at the end of the cosine decay")
+    warmup_iters: int = key(100, "linear warmup steps")
+    lr_decay_iters: int | None = key(None, "step where the cosine reaches min_lr (default: max_iters)")
+    weight_decay: float = key(0.1, "AdamW weight decay (2-D parameters only)")
+    beta1: float = key(0.9, "AdamW beta1")
+    beta2: float = key(0.95, "AdamW beta2")
+    grad_clip: float = key(1.0, "clip the global gradient norm to this (0: no clipping)")
+
+    # -- the objective -----------------------------------------------------------------
+    loss: str = key("ce", "objective: ce, ls, dpls, confidence_penalty, ...")
+    dpls_epsilon: float = key(0.1, "DPLS smoothing mass ε")
+    dpls_top_k: int = key(100, "DPLS: ε is spread over the k most likely tokens")
+    dpls_schedule: str = key("constant", "ε over steps: constant, linear, cosine, warmup, step")
+    dpls_start_step: int = key(0, "schedule start (the 'step' schedule: plain CE before it)")
+    dpls_end_step: int | None = key(None, "schedule end (default: max_iters)")
+    dpls_epsilon_final: float = key(0.0, "ε at dpls_end_step for decaying schedules")
+    dpls_epsilon_mode: str = key("constant", "per-token ε: constant, confidence, entropy")
+    dpls_gamma: float = key(1.0, "exponent of the confidence / entropy modes")
+    label_smoothing: float = key(0.1, "ε of plain label smoothing (loss=ls)")
+    confidence_penalty_beta: float = key(0.1, "β of the confidence penalty CE − β·H(p)")
+    z_loss: float = key(0.0, "coefficient of the z-loss term λ·lse², added to any objective")
+    loss_impl: str = key("auto", "loss implementation: auto, reference, chunked, triton")
+    fused_linear_loss: bool = key(False, "compute the loss from hidden states, never the full logits")
+
+    # -- system ------------------------------------------------------------------------
+    device: str = key("auto", "auto, cpu, cuda, cuda:N (under torchrun cuda means the local rank's GPU)")
+    dtype: str = key("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    compile: bool = key(False, "torch.compile every transformer block")
+    parallel: str = key("ddp", "several ranks: ddp or fsdp")
+    seed: int = key(1337, "seed of the initialisation")
+
+    # -- evaluation, logging, checkpoints ----------------------------------------------
+    eval_interval: int = key(250, "validate every this many steps (and at the start and the end)")
+    eval_iters: int = key(20, "validation batches when eval_tokens is not set")
+    eval_tokens: int | None = key(None, "validation tokens per evaluation (default: eval_iters batches)")
+    log_interval: int = key(10, "write a metrics.jsonl row every this many steps")
+    checkpoint_interval: int = key(1000, "save a checkpoint every this many steps (and at the end)")
+    keep_checkpoints: int = key(3, "keep the newest N checkpoints (0: keep all)")
+    max_skipped_steps: int = key(10, "stop after this many non-finite steps in a row")
+    progress: bool = key(True, "progress bar on stderr (only on a terminal)")
+    tensorboard: bool = key(False, "also log to TensorBoard (RUN/tensorboard)")
+    swanlab: str = key("off", "also log to SwanLab: off, cloud, local, offline")
+    swanlab_project: str = key("dpls", "SwanLab project")
+
+    # -- conversions ---------------------------------------------------------------------
+
+    @classmethod
+    def key_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (default: the defaults) with ``values`` converted to each field's type."""
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        for k, v in values.items():
+            setattr(cfg, k, convert(k, v))
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Check ranges and choices; raise ``ValueError`` naming the key and what is allowed."""
+        positive = ("batch_size", "gradient_accumulation_steps", "max_iters")
+        positive += (
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "checkpoint_interval",
+            "max_skipped_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_iters", "keep_checkpoints", "dpls_start_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in (
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "n_embd",
+            "block_size",
+            "eval_tokens",
+            "lr_decay_iters",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")
+        return self
+
+    # -- derived values --------------------------------------------------------------------
+
+    @property
+    def resolved_lr_decay_iters(self) -> int:
+        return self.lr_decay_iters if self.lr_decay_iters is not None else self.max_iters
+
+    @property
+    def resolved_data_seed(self) -> int:
+        return self.data_seed if self.data_seed is not None else self.seed
+
+    @property
+    def resolved_eval_tokens(self) -> int:
+        if self.eval_tokens is not None:
+            return self.eval_tokens
+        if self.block_size is None:
+            raise ValueError("block_size is not resolved yet (it comes from the model preset)")
+        return self.eval_iters * self.batch_size * self.block_size
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The model keys given explicitly (they override the preset's values)."""
+        keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "block_size")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def to_loss_config(self) -> Any:
+        """The loss library's ``LossConfig`` from this config's loss keys.
+
+        Fields are matched by name; ``loss_impl`` becomes the loss config's ``impl`` when it
+        has no ``loss_impl``, and ``dpls_end_step`` defaults to ``max_iters``.
+        """
+        from dpls.losses.objective import LossConfig
+
+        values = self.to_dict()
+        if values["dpls_end_step"] is None:
+            values["dpls_end_step"] = self.max_iters
+        names = {f.name for f in fields(LossConfig)}
+        if "impl" in names and "loss_impl" not in names:
+            values["impl"] = values["loss_impl"]
+        return LossConfig(**{k: v for k, v in values.items() if k in names})
+
+
+# -- typed conversion -----------------------------------------------------------------------
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def closest_key(name: str, keys: Iterable[str] | None = None) -> str | None:
+    """The valid key most like ``name`` (difflib), or None when nothing is close."""
+    options = list(keys if keys is not None else TrainConfig.key_names())
+    matches = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_key_message(name: str) -> str:
+    suggestion = closest_key(name)
+    hint = f"; did you mean {suggestion!r}?" if suggestion else "; `dpls train --help` lists the keys"
+    return f"unknown config key {name!r}{hint}"
+
+
+def _split_optional(tp: Any) -> tuple[type, bool]:
+    """``int | None`` → (int, True); ``int`` → (int, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _type_name(tp: type, optional: bool) -> str:
+    names = {bool: "a boolean (true/false/1/0)", int: "an integer", float: "a number", str: "a string"}
+    return names[tp] + (" or none" if optional else "")
+
+
+def convert(name: str, value: Any) -> Any:
+    """``value`` (a string from the command line, or a TOML value) as key ``name``'s type."""
+    if name not in _FIELD_TYPES:
+        raise ValueError(unknown_key_message(name))
+    tp, optional = _split_optional(_FIELD_TYPES[name])
+    wrong = ValueError(f"{name} must be {_type_name(tp, optional)}, got {value!r}")
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise wrong
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong
+    if tp is int:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:  # "1e4" is a fine way to write ten thousand
+                    as_float = float(value)
+                except ValueError:
+                    raise wrong from None
+                if as_float.is_integer():
+                    return int(as_float)
+        raise wrong
+    if tp is float:
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if isinstance(value, str):
+        return value
+    raise wrong
+
+
+# -- reading: TOML files and command-line overrides -------------------------------------------
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A flat TOML config file → {key: value}, converted and checked key by key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: {err}") from None
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            raise ValueError(f"{path}: tables ([{k}]) are not config keys; the config is flat key = value")
+        try:
+            out[k] = convert(k, v)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    return out
+
+
+def parse_overrides(args: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    """``[CONFIG.toml] --key=value --key value --flag ...`` → (config path or None, {key: value}).
+
+    A boolean key given alone (``--compile``) means true. Dashes in a key are read as
+    underscores (``--max-iters`` is ``max_iters``).
+    """
+    config_path: str | None = None
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--"):
+            if config_path is not None:
+                raise ValueError(
+                    f"unexpected argument {arg!r}: give one config file, then --key=value overrides"
+                )
+            config_path = arg
+            continue
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in _FIELD_TYPES:
+            raise ValueError(unknown_key_message(name))
+        if not eq:
+            is_bool = _split_optional(_FIELD_TYPES[name])[0] is bool
+            if i < len(args) and not (args[i].startswith("--") and len(args[i]) > 2):
+                value = args[i]
+                i += 1
+            elif is_bool:
+                value = "true"
+            else:
+                raise ValueError(f"--{name} needs a value (--{name}=VALUE)")
+        values[name] = convert(name, value)
+    return config_path, values
+
+
+def find_run_config(path: str | Path) -> Path:
+    """The config.toml of a run (``RUN``) or of a checkpoint (``RUN/checkpoints/step_N``)."""
+    path = Path(path)
+    for candidate in (path / "config.toml", path.parent.parent / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"{path} is not a run or checkpoint directory (no config.toml)")
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] = (),
+) -> TrainConfig:
+    """Defaults ← (the resumed run's config) ← ``config_file`` ← ``overrides``; validated.
+
+    ``overrides`` is either command-line strings (``["--loss=dpls"]``) or a mapping. With
+    ``resume_dir`` and no other ``out_dir`` the run continues in place; with another
+    ``out_dir`` it is a fork whose every key not given here comes from the resumed run.
+    """
+    if isinstance(overrides, Mapping):
+        explicit = {k: convert(k, v) for k, v in overrides.items()}
+    else:
+        path_arg, explicit = parse_overrides(list(overrides))
+        if path_arg is not None:
+            if config_file is not None:
+                raise ValueError(f"two config files given: {config_file} and {path_arg}")
+            config_file = path_arg
+    values = read_toml(config_file) if config_file is not None else {}
+    values.update(explicit)
+
+    base: TrainConfig | None = None
+    resume_dir = values.get("resume_dir")
+    if resume_dir:
+        saved = read_toml(find_run_config(resume_dir))
+        saved.pop("resume_dir", None)
+        if "out_dir" not in values:  # alone: continue the run in place
+            values["out_dir"] = str(_run_dir_of(resume_dir))
+        base = TrainConfig.from_dict(saved)
+    return TrainConfig.from_dict(values, base=base).validate()
+
+
+def _run_dir_of(path: str | Path) -> Path:
+    """A run dir → itself; a checkpoint dir ``RUN/checkpoints/step_N`` → RUN."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
+        return path.parent.parent
+    return path
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
+        return json.dumps(value, ensure_ascii=False)
+    raise TypeError(f"cannot write {type(value).__name__} to a flat TOML table")
+
+
+def dumps_toml(values: Mapping[str, Scalar | None], header: str = "") -> str:
+    """A flat table of scalars as TOML. ``None`` has no TOML form: it is written as a comment
+    (reading the file back leaves the key at its default, which is None for those keys)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    for k, v in values.items():
+        if not k.isidentifier():
+            raise ValueError(f"config key {k!r} is not a bare TOML key")
+        lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(cfg: TrainConfig, path: str | Path, header: str = "") -> Path:
+    """Write ``cfg`` as TOML atomically (temporary file, fsync, rename)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    text = dumps_toml(cfg.to_dict(), header=header)
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def help_text() -> str:
+    """Every key with its type, default and help: the epilog of ``dpls train --help``."""
+    rows = []
+    for f in fields(TrainConfig):
+        tp, optional = _split_optional(_FIELD_TYPES[f.name])
+        default = f.default
+        shown = "unset" if default is None else _toml_value(default)
+        rows.append(f"  --{f.name}  ({tp.__name__}{'?' if optional else ''}, default {shown})")
+        rows.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(rows)

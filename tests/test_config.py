@@ -1,0 +1,172 @@
+"""TrainConfig: TOML + overrides, typed conversion, closest-key errors, resume/fork merging."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import fields
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpls.cli import main
+from dpls.train.config import (
+    TrainConfig,
+    convert,
+    dumps_toml,
+    load_config,
+    parse_overrides,
+    read_toml,
+    write_config,
+)
+
+
+def test_every_spec_key_is_a_field():
+    spec_keys = """loss dpls_epsilon dpls_top_k dpls_schedule dpls_start_step dpls_end_step dpls_epsilon_final
+    dpls_epsilon_mode dpls_gamma label_smoothing confidence_penalty_beta z_loss loss_impl resume_dir out_dir
+    data_dir batch_size block_size gradient_accumulation_steps max_iters learning_rate min_lr warmup_iters
+    lr_decay_iters weight_decay beta1 beta2 grad_clip n_layer n_head n_kv_head n_embd attention compile dtype
+    device seed data_seed eval_interval eval_iters eval_tokens log_interval checkpoint_interval keep_checkpoints
+    model parallel max_skipped_steps progress tensorboard swanlab swanlab_project run_name fused_linear_loss"""
+    assert set(spec_keys.split()) <= set(TrainConfig.key_names())
+
+
+def test_toml_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('loss = "dpls"\nmax_iters = 100\nlearning_rate = 1e-3\ncompile = true\n')
+    cfg = load_config(overrides=[str(path), "--max_iters=7", "--dpls_top_k", "5", "--progress"])
+    assert cfg.loss == "dpls"  # from the file
+    assert cfg.max_iters == 7  # the override wins
+    assert cfg.dpls_top_k == 5  # "--key value" form
+    assert cfg.learning_rate == 1e-3 and cfg.compile is True and cfg.progress is True
+    assert cfg.batch_size == TrainConfig().batch_size  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("true", True), ("false", False), ("1", True), ("0", False), ("True", True), ("no", False)],
+)
+def test_bool_conversion(text, expected):
+    assert convert("compile", text) is expected
+
+
+def test_typed_conversion():
+    assert convert("max_iters", "1_000") == 1000
+    assert convert("max_iters", "1e4") == 10000
+    assert convert("learning_rate", "6e-4") == pytest.approx(6e-4)
+    assert convert("learning_rate", 3) == 3.0 and isinstance(convert("learning_rate", 3), float)
+    assert convert("lr_decay_iters", "none") is None
+    assert convert("n_layer", "null") is None
+    _, values = parse_overrides(["--max-iters=3", "--fused_linear_loss"])  # dashes; bare bool flag
+    assert values == {"max_iters": 3, "fused_linear_loss": True}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "type_name"),
+    [
+        ("max_iters", "ten", "an integer"),
+        ("max_iters", "2.5", "an integer"),
+        ("max_iters", True, "an integer"),
+        ("learning_rate", "fast", "a number"),
+        ("compile", "maybe", "a boolean"),
+        ("max_iters", "none", "an integer"),  # not optional
+        ("loss", 3, "a string"),
+    ],
+)
+def test_wrong_type_names_key_and_type(key, value, type_name):
+    with pytest.raises(ValueError) as err:
+        convert(key, value)
+    assert key in str(err.value) and type_name in str(err.value)
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    with pytest.raises(ValueError, match="'max_iters'"):
+        parse_overrides(["--max_iter=3"])
+    with pytest.raises(ValueError, match="'dpls_epsilon'"):
+        load_config(overrides={"dpls_epsilonn": 0.2})
+    path = tmp_path / "c.toml"
+    path.write_text("learnig_rate = 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        read_toml(path)
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_overrides(["--max_iters"])
+
+
+def test_validation_ranges():
+    for bad in ({"batch_size": 0}, {"min_lr": 1.0, "learning_rate": 0.1}, {"beta2": 1.0}, {"dtype": "fp8"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            load_config(overrides=bad)
+
+
+def test_cli_bad_key_exits_2_with_suggestion(capsys, tmp_path):
+    out = tmp_path / "never"
+    assert main(["train", f"--out_dir={out}", "--gradient_acumulation_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "gradient_accumulation_steps" in err and err.count("\n") == 1
+    assert main(["train", f"--out_dir={out}", "--batch_size=big"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_help_lists_every_key(capsys):
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"--{k}" in text for k in TrainConfig.key_names())
+
+
+_values = {
+    bool: st.booleans(),
+    int: st.integers(-(2**40), 2**40),
+    float: st.floats(allow_nan=True, allow_infinity=True),
+    str: st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+}
+
+
+@st.composite
+def configs(draw):
+    from dpls.train.config import _FIELD_TYPES, _split_optional
+
+    cfg = TrainConfig()
+    for f in fields(TrainConfig):
+        tp, optional = _split_optional(_FIELD_TYPES[f.name])
+        if draw(st.booleans()):
+            value = None if optional and draw(st.booleans()) else draw(_values[tp])
+            setattr(cfg, f.name, value)
+    return cfg
+
+
+@given(configs())
+def test_toml_writer_roundtrips(cfg):
+    """What we write, tomllib reads back to the same values (strings with quotes, NaN, None...)."""
+    back = TrainConfig.from_dict(tomllib.loads(dumps_toml(cfg.to_dict(), header="a\nheader")))
+    for k, v in cfg.to_dict().items():
+        w = getattr(back, k)
+        assert (isinstance(v, float) and math.isnan(v) and math.isnan(w)) or w == v, k
+
+
+def _saved_run(tmp_path, **values):
+    run = tmp_path / "ce_run"
+    run.mkdir()
+    cfg = TrainConfig.from_dict({"out_dir": str(run), **values})
+    write_config(cfg, run / "config.toml")
+    return run
+
+
+def test_resume_in_place_takes_the_runs_config(tmp_path):
+    run = _saved_run(tmp_path, batch_size=3, max_iters=40, loss="ce")
+    cfg = load_config(overrides=[f"--resume_dir={run}", "--max_iters=80"])
+    assert cfg.out_dir == str(run) and cfg.batch_size == 3 and cfg.max_iters == 80 and cfg.loss == "ce"
+    # a checkpoint dir inside the run names the run too
+    cfg = load_config(overrides={"resume_dir": str(run / "checkpoints" / "step_0000040")})
+    assert cfg.out_dir == str(run) and cfg.batch_size == 3
+
+
+def test_fork_inherits_everything_but_what_is_given(tmp_path):
+    run = _saved_run(tmp_path, batch_size=3, learning_rate=1e-3, loss="ce")
+    new = tmp_path / "dpls_run"
+    cfg = load_config(overrides=[f"--resume_dir={run}", "--loss=dpls", f"--out_dir={new}"])
+    assert cfg.out_dir == str(new) and cfg.resume_dir == str(run)
+    assert cfg.loss == "dpls" and cfg.batch_size == 3 and cfg.learning_rate == 1e-3
+    with pytest.raises(ValueError, match=r"no config\.toml"):
+        load_config(overrides=[f"--resume_dir={tmp_path / 'missing'}"])

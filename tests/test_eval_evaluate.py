@@ -1,0 +1,141 @@
+"""`evaluate_checkpoint` / `dpls eval` end to end on a tiny run, against a direct computation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_export_hf import make_tiny_run
+
+from dpls.eval.metrics import METRIC_KEYS
+
+BLOCK = 32  # make_tiny_run's block size
+
+
+def make_data(root: Path, vocab: int, val_tokens: int = 300) -> Path:
+    """A prepared data directory (meta.json + one train and one val shard of random tokens)."""
+    from dpls.data.meta import DataMeta
+    from dpls.data.shards import write_shard
+
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    write_shard(data / "train_000000.bin", rng.integers(0, vocab, 500))
+    write_shard(data / "val_000000.bin", rng.integers(0, vocab, val_tokens))
+    DataMeta(
+        tokenizer="bpe",
+        tokenizer_file="tokenizer.json",
+        vocab_size=vocab,
+        eot_token=0,
+        train_shards=["train_000000.bin"],
+        val_shards=["val_000000.bin"],
+        train_tokens=500,
+        val_tokens=val_tokens,
+        source="files",
+    ).save(data)
+    return data
+
+
+@pytest.fixture
+def run_and_data(tmp_path):
+    run, model = make_tiny_run(tmp_path)
+    data = make_data(tmp_path, model.config.vocab_size)
+    return run, data, model
+
+
+def direct_loss(model: torch.nn.Module, data: Path, tokens: int) -> tuple[float, float]:
+    """Mean CE and top-1 accuracy over consecutive BLOCK windows of the val shard, in float64."""
+    from dpls.data.shards import read_shard
+
+    val = torch.from_numpy(read_shard(data / "val_000000.bin").astype(np.int64))
+    ce, hits, n = 0.0, 0, 0
+    for start in range(0, len(val) - 1, BLOCK):
+        length = min(BLOCK, len(val) - 1 - start, tokens - n)
+        if length <= 0:
+            break
+        x, y = val[start : start + length], val[start + 1 : start + 1 + length]
+        with torch.no_grad():
+            logits = model(x.unsqueeze(0))[0].double()
+        ce += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        hits += int((logits.argmax(-1) == y).sum())
+        n += length
+    return ce / n, hits / n
+
+
+def test_evaluate_checkpoint_writes_metrics_and_plots(run_and_data, tmp_path):
+    from dpls.eval.evaluate import evaluate_checkpoint, output_paths
+
+    run, data, model = run_and_data
+    out = tmp_path / "eval" / "metrics.json"
+    metrics = evaluate_checkpoint(run, out=out, tokens=200, batch_size=3, progress=False)
+    saved = json.loads(out.read_text())
+    assert list(saved) == list(METRIC_KEYS)
+    assert saved == pytest.approx(metrics)
+    assert metrics["tokens"] == 200
+    loss, acc = direct_loss(model, data, 200)
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert metrics["top1_acc"] == pytest.approx(acc)
+    assert metrics["loss_at_best_temperature"] <= metrics["loss"] + 1e-9
+    for name, path in output_paths(out).items():
+        assert path.is_file() and path.stat().st_size > 0, name
+        if path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bins = json.loads(output_paths(out)["bins"].read_text())
+    assert sum(bins["reliability"]["count"]) == 200
+    assert sum(bins["entropy_histogram"]["counts"]) == 200
+    assert bins["checkpoint"].endswith("step_0000001")
+
+
+def test_whole_validation_set_and_in_memory(run_and_data):
+    from dpls.data.loader import validation_batches
+    from dpls.eval.evaluate import evaluate_checkpoint, evaluate_model
+
+    run, data, model = run_and_data
+    metrics = evaluate_checkpoint(run / "checkpoints" / "step_0000001", progress=False)  # out=None: no files
+    assert metrics["tokens"] == 299  # every val token but the first is predicted once
+    model.train()
+    again = evaluate_model(model, validation_batches(data, BLOCK, 4), progress=False)
+    assert model.training  # mode restored
+    assert again == pytest.approx(metrics, rel=1e-6)
+
+
+def test_bad_input_fails_before_writing(run_and_data, tmp_path):
+    from dpls.eval.evaluate import evaluate_checkpoint
+
+    run, data, _ = run_and_data
+    out = tmp_path / "nothing" / "metrics.json"
+    cases = [
+        (dict(tokens=0), "tokens must be"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(data_dir=tmp_path / "nope"), "not a prepared data directory"),
+        (dict(block_size=BLOCK * 2), "exceeds the model's context"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(device="tpu"), "device"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            evaluate_checkpoint(run, out=out, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="not found"):
+        evaluate_checkpoint(tmp_path / "missing", out=out)
+    assert not out.exists()
+
+
+def test_cli(run_and_data, tmp_path, capsys):
+    from dpls.cli import main
+
+    run, data, _ = run_and_data
+    out = tmp_path / "m.json"
+    code = main(["eval", str(run), "--out", str(out), "--tokens", "64", "--data-dir", str(data), "--no-plots"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "best_temperature" in printed and str(out) in printed
+    assert json.loads(out.read_text())["tokens"] == 64
+    assert not (tmp_path / "m_reliability.png").exists()
+    assert main(["eval", str(run), "--out", str(tmp_path / "x.json"), "--tokens", "0"]) == 2
+    assert "tokens must be" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,148 @@
+"""Hugging Face export: loads offline with the Auto classes and gives the checkpoint's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpls.model import ModelConfig, Transformer
+
+TEXT = "def add(x, y):\n    return x + y\n\nclass Point:\n    pass\n"
+
+
+def make_tiny_run(
+    root: Path, *, attention: str = "mha", n_kv_head: int | None = None, tie: bool = True, step: int = 1
+) -> tuple[Path, Transformer]:
+    """A run directory as the trainer leaves it: RUN/tokenizer/tokenizer.json + one checkpoint.
+
+    The weights are perturbed away from the init (norm gains of exactly 1 would hide a
+    wrongly mapped norm).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dpls.train.checkpoint import save_checkpoint
+    from dpls.train.config import TrainConfig
+
+    run = root / "run"
+    (run / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    tok.save(str(run / "tokenizer" / "tokenizer.json"))
+    cfg = ModelConfig(
+        vocab_size=tok.get_vocab_size(),
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        n_embd=32,
+        attention=attention,
+        tie_embeddings=tie,
+    )
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    config = TrainConfig(out_dir=str(run), data_dir=str(root / "data"), block_size=32)
+    save_checkpoint(run, step, model=model, optimizer=None, trainer_state={}, config=config, model_config=cfg)
+    return run, model.eval()
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+@pytest.mark.parametrize(
+    ("attention", "n_kv_head", "tie"), [("mha", None, True), ("gqa", 2, False)], ids=["mha-tied", "gqa-untied"]
+)
+def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n_kv_head, tie):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpls.eval.export_hf import export_hf
+
+    run, model = make_tiny_run(tmp_path, attention=attention, n_kv_head=n_kv_head, tie=tie)
+    out = export_hf(run, tmp_path / "hf")
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert hf.config.tie_word_embeddings is tie
+    assert hf.config.num_key_value_heads == (n_kv_head or 4)
+
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
+    assert tok.encode(TEXT) == raw.encode(TEXT).ids
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    assert tok.eos_token == tok.bos_token == "<|endoftext|>"
+    assert tok.eos_token_id == raw.token_to_id("<|endoftext|>") == hf.config.eos_token_id
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+        ours = model(ids)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_tpa_is_refused_before_writing(tmp_path):
+    from dpls.eval.export_hf import export_hf
+
+    run, _ = make_tiny_run(tmp_path, attention="tpa")
+    with pytest.raises(ValueError, match="tpa.*only 'mha' and 'gqa'"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_existing_directory_is_never_clobbered(tmp_path):
+    from dpls.eval.export_hf import export_hf
+
+    run, _ = make_tiny_run(tmp_path)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        export_hf(run, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    export_hf(run, out, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no temporaries left
+
+
+def test_cached_export_is_reused_until_the_checkpoint_changes(tmp_path):
+    from dpls.eval.export_hf import EXPORT_MARKER, cached_export
+
+    run, _ = make_tiny_run(tmp_path)
+    first = cached_export(run)
+    assert first == run / "hf" / "step_0000001"
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert cached_export(run / "checkpoints" / "step_0000001") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+    marker = json.loads((first / EXPORT_MARKER).read_text())
+    assert marker["checkpoint"] == str((run / "checkpoints" / "step_0000001").resolve())
+    make_tiny_run(tmp_path, step=1)  # the same step saved again: new files, new export
+    again = cached_export(run)
+    assert again == first and (again / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_cli(tmp_path, capsys):
+    from dpls.cli import main
+
+    run, _ = make_tiny_run(tmp_path)
+    assert main(["export-hf", str(run), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["export-hf", str(run), str(tmp_path / "out")]) == 2  # not empty, no --force
+    assert main(["export-hf", str(run), str(tmp_path / "out"), "--force"]) == 0

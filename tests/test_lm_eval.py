@@ -1,0 +1,148 @@
+"""`run_lm_eval` / `dpls lm-eval`: a custom multiple-choice task on a tiny checkpoint, offline."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_export_hf import make_tiny_run
+
+QUESTIONS = [
+    ("def add(x, y):", ["return x + y", "pass", "class Point"], 0),
+    ("class Point:", ["pass", "return x", "def add"], 0),
+    ("x + y", ["return", "class", "def"], 1),
+    ("return x", ["+ y", "pass", "Point"], 0),
+    ("def", ["add", "Point", "return"], 0),
+    ("class", ["Point", "add", "x"], 0),
+    ("pass", ["def", "class", "return"], 2),
+    ("y):", ["return", "pass", "def"], 1),
+    ("Point", ["pass", "add", "y"], 2),
+    ("add(x,", ["y", "x", "Point"], 0),
+]
+
+
+def write_task(root: Path) -> Path:
+    """A task folder for --include_path: a multiple_choice YAML over a local JSONL file."""
+    tasks = root / "tasks"
+    tasks.mkdir()
+    data = root / "toy.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "choices": c, "label": y}) + "\n" for q, c, y in QUESTIONS))
+    (tasks / "toy_mc.yaml").write_text(
+        "task: toy_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{q}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return tasks
+
+
+def direct_accuracy(model: torch.nn.Module, tokenizer_file: Path) -> float:
+    """Multiple-choice accuracy computed with the dpls model itself: argmax over choices of
+    log p(" " + choice | question), summed over the choice's tokens (the harness's ``acc``)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    hits = 0
+    for q, choices, label in QUESTIONS:
+        context = tok.encode(q).ids
+        scores = []
+        for choice in choices:
+            whole = tok.encode(q + " " + choice).ids
+            cont = whole[len(context) :]
+            ids = torch.tensor([whole[:-1]])
+            with torch.no_grad():
+                logp = model(ids)[0].double().log_softmax(-1)
+            targets = torch.tensor(cont)
+            scores.append(logp[len(context) - 1 :].gather(-1, targets[:, None]).sum().item())
+        hits += int(max(range(len(choices)), key=scores.__getitem__) == label)
+    return hits / len(QUESTIONS)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+@pytest.mark.slow
+def test_custom_task_end_to_end(tmp_path, offline, capsys):
+    from dpls.cli import main
+    from dpls.eval.lm_eval import run_lm_eval
+
+    run, model = make_tiny_run(tmp_path)
+    tasks = write_task(tmp_path)
+    out = tmp_path / "results"
+    # bad input first: it must fail before exporting or writing anything
+    with pytest.raises(ValueError, match=r"unknown lm-evaluation-harness task.*'toy_mcc' \(did you mean toy_mc"):
+        run_lm_eval(run, "toy_mc,toy_mcc", include_path=tasks, out_dir=out)
+    with pytest.raises(ValueError, match=r"'hellaswagg' \(did you mean hellaswag"):
+        run_lm_eval(run, "hellaswagg", include_path=tasks, out_dir=out)
+    with pytest.raises(ValueError, match="include_path"):
+        run_lm_eval(run, "toy_mc", include_path=tmp_path / "no_such_dir", out_dir=out)
+    assert not (run / "hf").exists() and not out.exists()
+
+    code = main(
+        ["lm-eval", str(run), "--tasks", "toy_mc", "--include_path", str(tasks), "--out", str(out),
+         "--device", "cpu", "--batch-size", "4"]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    acc = results["results"]["toy_mc"]["acc,none"]
+    assert acc == pytest.approx(direct_accuracy(model, run / "tokenizer" / "tokenizer.json"))
+    assert results["n-samples"]["toy_mc"]["effective"] == len(QUESTIONS)
+    assert results["dpls"]["hf_dir"] == str(run / "hf" / "step_0000001")
+    table = (out / "results.md").read_text()
+    assert "| toy_mc | acc |" in table and f"{acc:.4f}" in table
+    assert "| toy_mc | acc |" in capsys.readouterr().out
+    assert main(["lm-eval", str(run), "--tasks", "toy_mc", "--limit", "0"]) == 2
+
+
+def test_cheap_argument_checks(tmp_path):
+    from dpls.eval.lm_eval import run_lm_eval
+
+    run, _ = make_tiny_run(tmp_path)
+    with pytest.raises(ValueError, match="at least one"):
+        run_lm_eval(run, " , ")
+    with pytest.raises(ValueError, match="limit"):
+        run_lm_eval(run, "toy", limit=0)
+    with pytest.raises(ValueError, match="not found"):
+        run_lm_eval(tmp_path / "missing", "toy")
+    assert not (run / "hf").exists()
+
+
+def test_parse_tasks_and_table():
+    from dpls.eval.lm_eval import parse_tasks, results_table
+
+    assert parse_tasks("hellaswag, piqa,,hellaswag") == ["hellaswag", "piqa"]
+    assert parse_tasks(["arc_easy"]) == ["arc_easy"]
+    table = results_table(
+        {
+            "results": {
+                "piqa": {
+                    "alias": "piqa",
+                    "acc,none": 0.625,
+                    "acc_stderr,none": 0.0125,
+                    "acc_norm,none": 0.5,
+                    "acc_norm_stderr,none": "N/A",
+                },
+                "lambada_openai": {"alias": "lambada_openai", "perplexity,none": math.nan},
+            }
+        }
+    )
+    assert table.splitlines() == [
+        "| task | metric | value | stderr |",
+        "| --- | --- | --- | --- |",
+        "| piqa | acc | 0.6250 | 0.0125 |",
+        "| piqa | acc_norm | 0.5000 | - |",
+        "| lambada_openai | perplexity | - | - |",
+    ]

@@ -1,0 +1,321 @@
+"""The fused Triton kernels (issue 5), run on the CPU through Triton's interpreter.
+
+The interpreter executes the kernels' own source (every ``tl`` op, histogram, cumsum, the radix
+select, the compaction into scratch), so these tests check the very code a GPU compiles. Shapes are
+small because the interpreter is slow; the launch configurations are shrunk to match (blocks of
+32–128 entries, tiny compaction caps), so multi-block rows, compaction and the no-compaction path
+are all exercised. The environment variable is set only while this module runs, so other tests'
+``impl="auto"`` never picks the interpreted kernel on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+# Triton's own standard library is jit-compiled when triton is first imported, so the interpreter
+# switch has to be set before that (on a GPU machine the tests run compiled, on the GPU).
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+if not ON_GPU:
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.language  # noqa: E402, F401 - binds triton's stdlib in interpreted mode
+
+    from dpls.losses import _triton_kernels  # noqa: E402
+
+    importlib.reload(_triton_kernels)  # interpreted kernels even if it was imported before
+    if _previous is None:  # other modules' tests must not see the switch (impl="auto" on CPU)
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from loss_reference import check_impl_against_reference, distinct_logits, reference_dpls  # noqa: E402
+
+from dpls.losses import triton_impl  # noqa: E402
+from dpls.losses.triton_impl import KernelConfig, triton_dpls_loss  # noqa: E402
+from dpls.losses.triton_linear import triton_dpls_linear_loss  # noqa: E402
+
+SMALL = KernelConfig(block_v=64, num_warps=1, programs=2, cap=64)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """Keep ``TRITON_INTERPRET=1`` set while this module's tests run (on a CPU-only machine)."""
+    if ON_GPU:
+        yield
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from dpls.losses import _triton_kernels
+
+    if not isinstance(tl.standard.max, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
+    assert isinstance(_triton_kernels._dpls_rows_kernel, InterpretedFunction)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")
+    yield
+    patch.undo()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches, to prove a test ran the Triton path and not some fallback."""
+    calls = []
+    real = triton_impl.launch_rows
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "launch_rows", counting)
+    import dpls.losses.triton_linear as linear_mod
+
+    monkeypatch.setattr(linear_mod, "launch_rows", counting)
+    return calls
+
+
+def _dev(x):
+    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+
+
+def _run(logits, target, eps, k, reduction, *, inplace=False, config=SMALL, grad_out=None):
+    """Forward + backward through the kernel on DEVICE; returns (loss, nll, grad) on the CPU."""
+    leaf = logits.to(DEVICE, copy=True).requires_grad_(True)
+    x = leaf.clone()  # non-leaf, like an lm head's output, so the kernel may overwrite it
+    loss, nll = triton_dpls_loss(x, _dev(target), _dev(eps), k, -100, reduction, True, inplace, config=config)
+    g = torch.ones_like(loss) if grad_out is None else _dev(grad_out)
+    (loss * g).sum().backward()
+    return loss.detach().cpu(), nll.cpu(), leaf.grad.cpu()
+
+
+def _check(logits, target, eps, k, reduction, *, config=SMALL, inplace=False, grad_out=None):
+    """Kernel against the float64 reference (ties to the lowest index on both sides)."""
+    if grad_out is None:
+        grad_out = torch.randn(target.shape, dtype=torch.float64) if reduction == "none" else 0.7
+    g = grad_out.float() if isinstance(grad_out, torch.Tensor) else torch.tensor(grad_out)
+    loss, nll, grad = _run(logits, target, eps, k, reduction, inplace=inplace, config=config, grad_out=g)
+    ref_loss, ref_nll, ref_grad = reference_dpls(
+        logits, target, epsilon=eps, top_k=k, reduction=reduction, grad_output=grad_out
+    )
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == logits.dtype
+    scale = float(ref_grad.abs().max()) + 1e-12
+    tol = 1e-5 if logits.dtype == torch.float32 else 4 * torch.finfo(logits.dtype).eps
+    err = float((grad.double() - ref_grad).abs().max()) / scale
+    assert err <= tol, f"gradient error {err:.3g} of max |grad| > {tol}"
+
+
+def _targets(n, v, ignore_every=4):
+    y = torch.randint(0, v, (n,))
+    y[::ignore_every] = -100
+    return y
+
+
+# --- through the public front end ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_front_end_matches_reference(dtype, reduction, launches):
+    check_impl_against_reference(
+        "triton", n=12, v=300, top_k=10, dtype=dtype, reduction=reduction, device=DEVICE,
+        inplace_backward=reduction == "sum",
+    )  # fmt: skip
+    assert launches, "the Triton kernel was never launched"
+
+
+def test_front_end_per_token_epsilon_and_batch_shape(launches):
+    check_impl_against_reference(
+        "triton", v=200, top_k=7, epsilon="per_token", batch_shape=(2, 5), device=DEVICE
+    )
+    assert launches
+
+
+# --- semantics -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_k_equals_v_is_label_smoothing_and_eps0_is_cross_entropy(dtype):
+    z = distinct_logits(8, 150, dtype=dtype)
+    y = _targets(8, 150)
+    ls, _, _ = _run(z, y, 0.2, 150, "mean")
+    ce, nll, _ = _run(z, y, 0.0, 20, "mean")
+    ref_ls = F.cross_entropy(z.double(), y, label_smoothing=0.2, ignore_index=-100)
+    ref_ce = F.cross_entropy(z.double(), y, ignore_index=-100)
+    torch.testing.assert_close(ls.double(), ref_ls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nll.double(), ref_ce, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 37, 299, 300])
+def test_extreme_and_middle_k(k):
+    z = distinct_logits(6, 300, dtype=torch.float32)
+    _check(z, _targets(6, 300), 0.3, k, "sum")
+
+
+def test_per_token_epsilon():
+    z = distinct_logits(9, 120)
+    eps = torch.rand(9) * 0.9
+    _check(z, _targets(9, 120), eps, 5, "mean")
+    _check(z, _targets(9, 120), eps, 120, "none")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3, 50, 99])
+def test_ties_choose_exactly_k_lowest_index_first(dtype, k):
+    """Few distinct values, so the threshold is tied; T takes the lowest indices among the ties."""
+    z = torch.randint(-3, 3, (5, 100)).to(dtype)
+    z[0] = 1.0  # a constant row: every entry ties
+    z[1, :] = torch.where(torch.arange(100) % 2 == 0, 2.0, -1.0).to(dtype)
+    z[2, 10] = -0.0  # −0 and +0 are the same value
+    y = torch.randint(0, 100, (5,))
+    _check(z, y, 0.4, k, "sum")
+    # exactly k entries carry the ε/k share: read it back off the gradient of an ε-only loss
+    _, _, g_eps = _run(z.float(), y, 0.5, k, "sum")
+    _, _, g_ce = _run(z.float(), y, 0.0, k, "sum")
+    share = (g_ce - g_eps) / 0.5  # = 1[T]/k − onehot(y)
+    share.scatter_add_(1, y[:, None], torch.ones(5, 1))
+    torch.testing.assert_close((share * k).sum(1), torch.full((5,), float(k)), atol=1e-3, rtol=0)
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grad():
+    z = distinct_logits(4, 90)
+    y = torch.full((4,), -100)
+    for reduction in ["mean", "sum", "none"]:
+        loss, nll, grad = _run(z, y, 0.1, 5, reduction, inplace=True)
+        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(nll, torch.zeros_like(nll))
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_inplace_backward_reuses_the_logits_storage():
+    z = distinct_logits(6, 200)
+    y = _targets(6, 200)
+    leaf = z.to(DEVICE, copy=True).requires_grad_(True)
+    x = leaf * 1.0
+    seen = []
+    x.register_hook(lambda g: seen.append(g.data_ptr()))
+    loss = triton_dpls_loss(x, y.to(DEVICE), 0.1, 10, -100, "mean", False, True, config=SMALL)
+    loss.backward()
+    assert seen == [x.data_ptr()]
+    _, _, ref_grad = reference_dpls(z, y, epsilon=0.1, top_k=10)
+    torch.testing.assert_close(leaf.grad.cpu().double(), ref_grad, rtol=0, atol=1e-6)
+
+
+def test_without_grad_the_logits_are_left_alone():
+    z = distinct_logits(5, 200)
+    y = _targets(5, 200)
+    x = z.to(DEVICE, copy=True).requires_grad_(True)
+    with torch.no_grad():
+        loss = triton_dpls_loss(x, y.to(DEVICE), 0.1, 10, -100, "mean", False, True, config=SMALL)
+    assert torch.equal(x.cpu(), z)
+    loss = loss.cpu()
+    ref_loss, _, _ = reference_dpls(z, y, epsilon=0.1, top_k=10)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=20)
+@given(
+    n=st.integers(1, 5),
+    v=st.integers(2, 260),
+    k_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["gauss", "ints", "wide", "negative"]),
+    block_v=st.sampled_from([32, 64, 128]),
+    cap=st.sampled_from([0, 8, 64, 1024]),
+    digit_bits=st.sampled_from([4, 8]),
+    programs=st.integers(1, 3),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    inplace=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_every_select_path_matches_reference(
+    n, v, k_frac, dtype, kind, block_v, cap, digit_bits, programs, reduction, inplace, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, min(v, round(k_frac * v)))
+    if kind == "gauss":
+        z = torch.randn(n, v, generator=gen) * 3
+    elif kind == "ints":
+        z = torch.randint(-2, 3, (n, v), generator=gen).float()
+    elif kind == "wide":  # many binades: the top digit alone does not separate the values
+        z = torch.randn(n, v, generator=gen) * torch.exp(torch.randn(n, v, generator=gen) * 2).clamp(max=1e3)
+    else:
+        z = -torch.rand(n, v, generator=gen) * 4
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[torch.rand(n, generator=gen) < 0.25] = -100
+    cfg = KernelConfig(block_v=block_v, num_warps=1, programs=programs, cap=cap, digit_bits=digit_bits)
+    _check(z.to(dtype), y, 0.3, k, reduction, config=cfg, inplace=inplace)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter switch only matters without a GPU")
+def test_is_available_follows_the_interpreter_switch(monkeypatch):
+    assert triton_impl.is_available(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_impl.is_available(torch.device("cpu"))
+
+
+def test_default_configs_are_launchable_shapes():
+    for v in [2, 100, 50304, 262144]:
+        for dtype in DTYPES:
+            cfg = triton_impl.choose_config(v, dtype, torch.device("cuda"))
+            assert cfg.block_v & (cfg.block_v - 1) == 0 and 128 <= cfg.block_v <= 4096
+            assert 16 % cfg.digit_bits == 0 and cfg.cap % cfg.block_v == 0
+
+
+# --- fused linear --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reduction", "use_bias", "per_token"),
+    [
+        (torch.float32, "mean", True, False),
+        (torch.float32, "none", False, True),
+        (torch.bfloat16, "sum", True, False),
+        (torch.float32, "sum", False, True),
+    ],
+)
+def test_linear_matches_dense(dtype, reduction, use_bias, per_token, launches):
+    n, c, v, k = 11, 16, 96, 8
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(n, c, generator=gen).to(dtype)
+    w = (torch.randn(v, c, generator=gen) / c**0.5).to(dtype)
+    b = (torch.randn(v, generator=gen) * 0.1).to(dtype) if use_bias else None
+    y = _targets(n, v, ignore_every=3)
+    eps = torch.rand(n, generator=gen) * 0.5 if per_token else 0.2
+    grad_out = torch.randn(n, generator=gen, dtype=torch.float64) if reduction == "none" else 1.5
+
+    hl, wl = h.to(DEVICE, copy=True).requires_grad_(True), w.to(DEVICE, copy=True).requires_grad_(True)
+    bl = b.to(DEVICE, copy=True).requires_grad_(True) if b is not None else None
+    loss, nll = triton_dpls_linear_loss(
+        hl, wl, bl, y.to(DEVICE), _dev(eps), k, -100, reduction, True, 4, config=SMALL
+    )
+    g = grad_out.float() if isinstance(grad_out, torch.Tensor) else torch.tensor(grad_out)
+    (loss * g.to(DEVICE)).sum().backward()
+    loss, nll = loss.detach().cpu(), nll.cpu()
+    hl, wl, bl = (t.grad.cpu() if t is not None else None for t in (hl, wl, bl))
+    assert len(launches) >= 3, "the rows were not processed in chunks"
+
+    logits = h @ w.t() + (b if b is not None else 0)  # the dense path, same dtype
+    ref_loss, ref_nll, g_logits = reference_dpls(
+        logits, y, epsilon=eps, top_k=k, reduction=reduction, grad_output=grad_out
+    )
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    torch.testing.assert_close(nll.double(), ref_nll, **tol)
+    gtol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=2e-2)
+    torch.testing.assert_close(hl.double(), g_logits @ w.double(), **gtol)
+    torch.testing.assert_close(wl.double(), g_logits.t() @ h.double(), **gtol)
+    if bl is not None:
+        torch.testing.assert_close(bl.double(), g_logits.sum(0), **gtol)
