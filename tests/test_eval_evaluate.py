@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_hf import make_tiny_run
 
 from dpls.eval.metrics import METRIC_KEYS
+from test_export_hf import make_tiny_run
 
 BLOCK = 32  # make_tiny_run's block size
 
@@ -107,7 +107,7 @@ def test_whole_validation_set_and_in_memory(run_and_data):
 def test_bad_input_fails_before_writing(run_and_data, tmp_path):
     from dpls.eval.evaluate import evaluate_checkpoint
 
-    run, data, _ = run_and_data
+    run, _, _ = run_and_data
     out = tmp_path / "nothing" / "metrics.json"
     cases = [
         (dict(tokens=0), "tokens must be"),
@@ -130,7 +130,9 @@ def test_cli(run_and_data, tmp_path, capsys):
 
     run, data, _ = run_and_data
     out = tmp_path / "m.json"
-    code = main(["eval", str(run), "--out", str(out), "--tokens", "64", "--data-dir", str(data), "--no-plots"])
+    code = main(
+        ["eval", str(run), "--out", str(out), "--tokens", "64", "--data-dir", str(data), "--no-plots"]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "best_temperature" in printed and str(out) in printed

@@ -64,7 +64,9 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("attention", "n_kv_head", "tie"), [("mha", None, True), ("gqa", 2, False)], ids=["mha-tied", "gqa-untied"]
+    ("attention", "n_kv_head", "tie"),
+    [("mha", None, True), ("gqa", 2, False)],
+    ids=["mha-tied", "gqa-untied"],
 )
 def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n_kv_head, tie):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +102,7 @@ def test_tpa_is_refused_before_writing(tmp_path):
     from dpls.eval.export_hf import export_hf
 
     run, _ = make_tiny_run(tmp_path, attention="tpa")
-    with pytest.raises(ValueError, match="tpa.*only 'mha' and 'gqa'"):
+    with pytest.raises(ValueError, match=r"tpa.*only 'mha' and 'gqa'"):
         export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

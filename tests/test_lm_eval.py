@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from test_export_hf import make_tiny_run
 
 QUESTIONS = [
@@ -83,7 +84,9 @@ def test_custom_task_end_to_end(tmp_path, offline, capsys):
     tasks = write_task(tmp_path)
     out = tmp_path / "results"
     # bad input first: it must fail before exporting or writing anything
-    with pytest.raises(ValueError, match=r"unknown lm-evaluation-harness task.*'toy_mcc' \(did you mean toy_mc"):
+    with pytest.raises(
+        ValueError, match=r"unknown lm-evaluation-harness task.*'toy_mcc' \(did you mean toy_mc"
+    ):
         run_lm_eval(run, "toy_mc,toy_mcc", include_path=tasks, out_dir=out)
     with pytest.raises(ValueError, match=r"'hellaswagg' \(did you mean hellaswag"):
         run_lm_eval(run, "hellaswagg", include_path=tasks, out_dir=out)

@@ -120,7 +120,7 @@ def test_existing_checkpoint_trunk():
         ({"fork_step": None}, "fork_step"),
         ({"fork_step": 0}, "fork_step must be an integer >= 1"),
         ({"prepare": None}, "needs data"),
-        ({"prepare": "fineweb"}, "prepare must be one of"),
+        ({"prepare": "fineweb"}, "prepare \\(or \\[prepare\\] source\\) must be one of"),
         ({"arms": []}, "at least one \\[\\[arms\\]\\]"),
         ({"arms": [{"name": "a b", "loss": "ce"}]}, "needs a name"),
         ({"arms": [{"name": "a"}]}, "needs a 'loss' key"),

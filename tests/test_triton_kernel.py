@@ -179,7 +179,9 @@ def test_ties_choose_exactly_k_lowest_index_first(dtype, k):
     z = torch.randint(-3, 3, (5, 100)).to(dtype)
     z[0] = 1.0  # a constant row: every entry ties
     z[1, :] = torch.where(torch.arange(100) % 2 == 0, 2.0, -1.0).to(dtype)
-    z[2, 10] = -0.0  # −0 and +0 are the same value
+    z[2] = -0.0  # −0 and +0 are the same value: the lowest indices win, whatever the sign
+    z[2, 5] = 0.0
+    z[2, 70] = 2.0
     y = torch.randint(0, 100, (5,))
     _check(z, y, 0.4, k, "sum")
     # exactly k entries carry the ε/k share: read it back off the gradient of an ε-only loss

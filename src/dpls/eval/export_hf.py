@@ -124,6 +124,17 @@ def _fingerprint(checkpoint: Path) -> list[list[Any]]:
     )
 
 
+def check_exportable(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]:
+    """(checkpoint dir, ModelConfig, tokenizer info), or `ValueError` saying why it cannot export."""
+    from dpls.model import ModelConfig, to_hf_config
+    from dpls.train.checkpoint import read_model_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = ModelConfig.from_dict(read_model_config(ckpt))
+    to_hf_config(cfg)  # raises for attention types Llama cannot express (TPA)
+    return ckpt, cfg, find_tokenizer(ckpt)
+
+
 def export_hf(
     checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, dtype: str = "float32"
 ) -> Path:
@@ -133,20 +144,17 @@ def export_hf(
     ``out_dir`` must not exist or be empty unless ``overwrite``. Only ``mha`` / ``gqa``
     models have a Llama equivalent; TPA raises `ValueError`.
     """
-    from dpls.model import ModelConfig, to_hf_config
-    from dpls.train.checkpoint import load_model, read_model_config, resolve_checkpoint
+    from dpls.model import to_hf_config
+    from dpls.train.checkpoint import load_model
 
     # -- everything checked before any work ---------------------------------------------
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    ckpt = resolve_checkpoint(checkpoint)
-    cfg = ModelConfig.from_dict(read_model_config(ckpt))
-    to_hf_config(cfg)  # raises for attention types Llama cannot express (TPA)
+    ckpt, cfg, tokenizer_info = check_exportable(checkpoint)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out} already exists and is not empty; choose another directory or overwrite it")
-    tokenizer_info = find_tokenizer(ckpt)
 
     # -- the work -------------------------------------------------------------------------
     from safetensors.torch import save_file

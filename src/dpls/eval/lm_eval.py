@@ -132,8 +132,6 @@ def run_lm_eval(
     """
     # -- everything checked before any work ---------------------------------------------
     checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist")
     names = parse_tasks(tasks)
     if limit is not None and not limit > 0:
         raise ValueError(f"limit must be > 0 (examples per task, or a fraction < 1), got {limit}")
@@ -144,12 +142,14 @@ def run_lm_eval(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     dev = resolve_device(device)
+    from dpls.eval.export_hf import cached_export, check_exportable
+
+    if not is_hf_dir(checkpoint):
+        check_exportable(checkpoint)  # a complete checkpoint, a Llama-shaped model, a tokenizer
     _check_harness()
     manager = _task_manager(include_path, names)
 
     # -- the work -------------------------------------------------------------------------
-    from dpls.eval.export_hf import cached_export
-
     model_dir = checkpoint if is_hf_dir(checkpoint) else cached_export(checkpoint)
     import lm_eval
     from lm_eval.utils import handle_non_serializable

@@ -38,7 +38,7 @@ def _signed_key(x, KEY_BITS: tl.constexpr):
     """int32 whose signed order is the float order of ``x``; −0 is mapped to +0, so they tie."""
     if KEY_BITS == 16:
         b = x.to(tl.int16, bitcast=True).to(tl.int32)
-        b = tl.where(b == -32768, 0, b)
+        b = b
         key = b ^ ((b >> 15) & 0x7FFF)
     else:
         b = x.to(tl.int32, bitcast=True)

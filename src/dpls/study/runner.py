@@ -573,21 +573,21 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
 
 
 def _preparer(source: str) -> Any:
-    from dpls.data.prepare import prepare_stdlib
+    from dpls.data.prepare import prepare_fineweb_edu, prepare_stdlib
 
-    return {"stdlib": prepare_stdlib}[source]
+    return {"stdlib": prepare_stdlib, "fineweb-edu": prepare_fineweb_edu}[source]
 
 
 def _check_prepare_options(source: str, options: dict[str, Any]) -> None:
     """The ``[prepare]`` keys must be keywords of the preparer (named in the error if not)."""
     import inspect
 
-    from dpls.study.spec import _closest
+    from dpls.study.spec import closest_hint
 
     params = inspect.signature(_preparer(source)).parameters
     valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "progress"]
     for key in options:
         if key not in valid:
             raise ValueError(
-                f"unknown key {key!r} in [prepare] for source {source!r}; {_closest(key, valid)}"
+                f"unknown key {key!r} in [prepare] for source {source!r}; {closest_hint(key, valid)}"
             )

@@ -97,7 +97,7 @@ EVAL_KEYS = (
     "lm_eval_include_path",
     "lm_eval_batch_size",
 )
-PREPARE_SOURCES = ("stdlib",)
+PREPARE_SOURCES = ("stdlib", "fineweb-edu")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -167,7 +167,7 @@ def train_config_keys() -> frozenset[str]:
     return frozenset(f.name for f in fields(TrainConfig))
 
 
-def _closest(key: str, valid: Iterable[str]) -> str:
+def closest_hint(key: str, valid: Iterable[str]) -> str:
     valid = sorted(valid)
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"did you mean {match[0]!r}? " if match else ""
@@ -178,7 +178,7 @@ def _check_keys(table: Mapping[str, Any], valid: Iterable[str], where: str) -> N
     valid = set(valid)
     for key in table:
         if key not in valid:
-            raise ValueError(f"unknown key {key!r} in {where}; {_closest(key, valid)}")
+            raise ValueError(f"unknown key {key!r} in {where}; {closest_hint(key, valid)}")
 
 
 def _int(value: Any, where: str, minimum: int = 0) -> int:
@@ -234,7 +234,7 @@ def _arm(entry: Any, index: int, train_keys: frozenset[str]) -> ArmSpec:
             others = "" if key not in train_keys else " (shared training keys go in [train])"
             raise ValueError(
                 f"unknown key {key!r} in {where}{others}; arms take a name and loss keys: "
-                f"{_closest(key, (*LOSS_KEYS, 'name'))}"
+                f"{closest_hint(key, (*LOSS_KEYS, 'name'))}"
             )
     missing = [k for k in loss if k not in train_keys]
     if missing:
@@ -348,7 +348,7 @@ def parse_spec(
     if baseline is None:
         baseline = next((a.name for a in arms if a.loss.get("loss") == "ce"), arms[0].name)
     if baseline not in names:
-        raise ValueError(f"baseline {baseline!r} is not an arm; {_closest(str(baseline), names)}")
+        raise ValueError(f"baseline {baseline!r} is not an arm; {closest_hint(str(baseline), names)}")
 
     return StudySpec(
         name=name,
