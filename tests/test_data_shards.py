@@ -93,7 +93,7 @@ def test_meta_round_trip_and_shard_checks(tmp_path):
         DataMeta.load(tmp_path)
     DataMeta.load(tmp_path, check_shards=False)  # the tokenizer's copy has no shards to check
     (tmp_path / "train_000001.bin").unlink()
-    with pytest.raises(ShardError, match="train_000001.bin"):
+    with pytest.raises(ShardError, match=r"train_000001\.bin"):
         DataMeta.load(tmp_path)
 
 
@@ -119,7 +119,7 @@ def test_bad_meta_is_a_clear_error(tmp_path, edit, match):
 
 
 def test_missing_or_garbled_meta(tmp_path):
-    with pytest.raises(DataError, match="no meta.json"):
+    with pytest.raises(DataError, match=r"no meta\.json"):
         DataMeta.load(tmp_path)
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):

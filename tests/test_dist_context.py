@@ -181,3 +181,17 @@ def test_unwrap_compiled_module():
     model = TinyNet()
     compiled = torch.compile(copy.deepcopy(model))
     assert isinstance(unwrap(compiled), TinyNet)
+
+
+def test_transformer_blocks_are_the_outermost_list_children():
+    from dpls.dist.parallel import transformer_blocks
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]) for _ in range(3))
+            self.head = nn.Linear(2, 2)
+
+    model = Nested()
+    assert transformer_blocks(model) == list(model.layers)
+    assert transformer_blocks(TinyNet()) != [] and transformer_blocks(nn.Linear(2, 2)) == []

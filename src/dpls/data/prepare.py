@@ -105,8 +105,10 @@ def _out_dir_state(out_dir: Path, settings: dict[str, Any]) -> str:
 # -- the train/val split ------------------------------------------------------------------------
 
 
-def _unit_hash(key: str, seed: int) -> float:
-    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+def _unit_hash(key: str, seed: int, purpose: str = "val") -> float:
+    """A uniform number in [0, 1) from ``key``; ``purpose`` keeps the draws for different
+    decisions (validation split, file sample, BPE sample) independent of one another."""
+    digest = hashlib.blake2b(f"{purpose}\0{seed}\0{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
 
 
@@ -137,16 +139,16 @@ class _SplitWriter:
         self._unstaged: list[np.ndarray] = []  # added since the last checkpoint
         self._staged_for = len(self.shards)  # staging file index the disk copy belongs to
         staged = int(state["staged"]) if state else 0
+        path = self._staging_path(len(self.shards))
         if staged:
-            path = self._staging_path(len(self.shards))
             have = path.stat().st_size // 2 if path.is_file() else 0
             if have < staged:
                 raise DataError(
                     f"cannot resume {str(out_dir)!r}: staging file {path.name} is missing or short"
                 )
-            tokens = np.fromfile(path, dtype="<u2", count=staged)
-            self._buffer, self._buffered = [tokens], staged
-            with open(path, "r+b") as f:  # drop anything written after the last checkpoint
+            self._buffer, self._buffered = [np.fromfile(path, dtype="<u2", count=staged)], staged
+        if path.is_file():  # drop anything an interrupted run appended after its last checkpoint
+            with open(path, "r+b") as f:
                 f.truncate(2 * staged)
 
     @property
@@ -190,9 +192,12 @@ class _SplitWriter:
             self._write(np.concatenate(self._buffer))
         self._buffer, self._buffered, self._unstaged = [], 0, []
 
-    def remove_staging(self) -> None:
+    def remove_staging(self, keep_current: bool = False) -> None:
+        """Delete staging files; ``keep_current`` keeps the one the last checkpoint points to."""
+        current = self._staging_path(len(self.shards)).name
         for path in self.out_dir.glob(f".{self.split}.staging-*"):
-            path.unlink(missing_ok=True)
+            if not (keep_current and path.name == current):
+                path.unlink(missing_ok=True)
 
 
 def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool):
@@ -251,7 +256,9 @@ def _build(
     def checkpoint() -> None:
         state = {"settings": settings, "documents": consumed}
         state.update({s: w.checkpoint() for s, w in writers.items()})
-        write_json_atomic(out_dir / PROGRESS_FILE, state)
+        write_json_atomic(out_dir / PROGRESS_FILE, state)  # the commit point
+        for writer in writers.values():
+            writer.remove_staging(keep_current=True)  # older ones are now in shards
 
     bar = _progress_bar(max_tokens, total(), desc, progress)
     last_checkpoint = time.monotonic()
@@ -302,17 +309,32 @@ def _build(
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     for writer in writers.values():
         writer.remove_staging()
+    for tmp in out_dir.glob(".*.tmp-*"):  # temporaries of a run killed mid-write
+        tmp.unlink(missing_ok=True)
     return meta
 
 
-def _bpe_tokenizer(out_dir: Path, state: str, train_texts: Callable[[], Iterable[str]], vocab_size: int):
+def _begin(out_dir: Path, state: str, settings: dict[str, Any]) -> None:
+    """Create the output directory and mark it as ours at once, so even a run interrupted
+    before its first checkpoint is recognised (and resumed) rather than refused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if state == "fresh":
+        write_json_atomic(out_dir / PROGRESS_FILE, {"settings": settings, "documents": 0})
+
+
+def _bpe_tokenizer(
+    out_dir: Path, state: str, train_texts: Callable[[], Iterable[str]], vocab_size: int, progress: bool
+) -> Tokenizer:
     """Train the BPE (or, resuming, reuse the one the interrupted run saved)."""
     from dpls.data.tokenizer import BPETokenizer
 
     path = out_dir / TOKENIZER_FILE
     if state == "resume" and path.is_file():
         return BPETokenizer.from_file(path)
+    start = time.perf_counter()
     tok = train_bpe(train_texts(), vocab_size)
+    if progress:
+        print(f"trained a {tok.vocab_size}-token byte-level BPE in {time.perf_counter() - start:.1f} s")
     tok.save(path)
     return tok
 
@@ -326,6 +348,13 @@ def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
             return
         yield text[:left]
         left -= len(text)
+
+
+def _tiktoken(encoding: Any) -> TiktokenTokenizer:
+    tok = TiktokenTokenizer(encoding)
+    if tok.vocab_size > MAX_VOCAB:
+        raise ValueError(f"the encoding has {tok.vocab_size} tokens; uint16 shards hold at most {MAX_VOCAB}")
+    return tok
 
 
 def _finished(out_dir: Path, progress: bool) -> DataMeta:
@@ -387,7 +416,7 @@ def prepare_stdlib(
     out_dir = Path(out_dir)
     root, files = stdlib_files(include_tests=include_tests)
     if max_files is not None:
-        files = sorted(sorted(files, key=lambda f: _unit_hash(f, seed))[:max_files])
+        files = sorted(sorted(files, key=lambda f: _unit_hash(f, seed, "sample"))[:max_files])
     settings = _normalize(
         {
             "source": "stdlib",
@@ -411,14 +440,14 @@ def prepare_stdlib(
         return (root / rel).read_text(encoding="utf-8", errors="replace")
 
     def train_texts() -> Iterator[str]:  # a spread-out sample: training files in hash order
-        ordered = sorted((f for f in files if f not in held), key=lambda f: _unit_hash(f, seed + 1))
+        ordered = sorted((f for f in files if f not in held), key=lambda f: _unit_hash(f, seed, "bpe"))
         return _take_chars(map(read, ordered), max_bpe_chars)
 
     def documents(start: int) -> Iterator[Document]:
         return (Document(rel, read(rel)) for rel in files[start:])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _bpe_tokenizer(out_dir, state, train_texts, vocab_size)
+    _begin(out_dir, state, settings)
+    tokenizer = _bpe_tokenizer(out_dir, state, train_texts, vocab_size, progress)
     return _build(
         out_dir,
         documents=documents,
@@ -517,9 +546,10 @@ def prepare_files(
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
     files = _expand_paths(paths)
+    gpt2 = _tiktoken(encoding) if tokenizer == "gpt2" else None
     out_dir = Path(out_dir)
     resolved_out = out_dir.resolve()
-    if any(resolved_out == f.resolve().parent or resolved_out in f.resolve().parents for f in files):
+    if any(resolved_out in f.resolve().parents for f in files):
         raise ValueError(f"the output directory {str(out_dir)!r} must not contain the input files")
     settings = _normalize(
         {
@@ -527,7 +557,7 @@ def prepare_files(
             "files": [[str(f.resolve()), f.stat().st_size] for f in files],
             "text_field": text_field,
             "tokenizer": tokenizer,
-            "encoding": getattr(encoding, "name", None),
+            "encoding": getattr(gpt2.encoding, "name", "gpt2") if gpt2 is not None else None,
             "vocab_size": vocab_size if tokenizer == "bpe" else None,
             "val_fraction": val_fraction,
             "shard_tokens": shard_tokens,
@@ -550,13 +580,15 @@ def prepare_files(
 
     keys = [d.key for d in documents(0)]  # one reading pass: the split needs every key
     held = assign_validation(keys, val_fraction, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer == "bpe":
+    _begin(out_dir, state, settings)
+    if gpt2 is None:
         train = (d.text for d in documents(0) if d.key not in held)
-        tok: Tokenizer = _bpe_tokenizer(out_dir, state, lambda: _take_chars(train, max_bpe_chars), vocab_size)
+        tok: Tokenizer = _bpe_tokenizer(
+            out_dir, state, lambda: _take_chars(train, max_bpe_chars), vocab_size, progress
+        )
         tok_file: str | None = TOKENIZER_FILE
     else:
-        tok, tok_file = TiktokenTokenizer(encoding), None
+        tok, tok_file = gpt2, None
     return _build(
         out_dir,
         documents=documents,
@@ -574,6 +606,24 @@ def prepare_files(
 
 
 # -- FineWeb-Edu --------------------------------------------------------------------------------
+
+
+def _open_fineweb(name: str, data_files: list[str] | None) -> Any:
+    """The streaming dataset (Hub or local Parquet), with a ``text`` column checked."""
+    from datasets import load_dataset
+
+    try:
+        if data_files is not None:
+            ds = load_dataset("parquet", data_files=data_files, split="train", streaming=True)
+        else:
+            ds = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
+    except Exception as err:  # network, unknown config, unreadable files: all mean "cannot start"
+        where = "the local files" if data_files is not None else f"HuggingFaceFW/fineweb-edu ({name!r})"
+        raise DataError(f"cannot open {where}: {type(err).__name__}: {err}") from None
+    columns = getattr(ds, "column_names", None)
+    if columns is not None and "text" not in columns:
+        raise DataError(f"the dataset has no 'text' column (columns: {columns})")
+    return ds
 
 
 def prepare_fineweb_edu(
@@ -613,7 +663,7 @@ def prepare_fineweb_edu(
         if not data_files or missing:
             raise ValueError(f"data_files: {missing[0] if missing else 'empty list'} is not a file")
     out_dir = Path(out_dir)
-    tok = TiktokenTokenizer(encoding)
+    tok = _tiktoken(encoding)
     settings = _normalize(
         {
             "source": "fineweb-edu",
@@ -630,19 +680,14 @@ def prepare_fineweb_edu(
     if state == "done":
         return _finished(out_dir, progress)
 
-    def documents(start: int) -> Iterator[Document]:
-        from datasets import load_dataset
+    dataset = _open_fineweb(name, data_files)  # before anything is written: a bad name fails here
 
-        if data_files is not None:
-            ds = load_dataset("parquet", data_files=data_files, split="train", streaming=True)
-        else:
-            ds = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
-        if start:
-            ds = ds.skip(start)
+    def documents(start: int) -> Iterator[Document]:
+        ds = dataset.skip(start) if start else dataset
         for i, row in enumerate(ds, start):
             yield Document(str(row.get("id") or i), row["text"])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _begin(out_dir, state, settings)
     return _build(
         out_dir,
         documents=documents,

@@ -48,6 +48,9 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
+        # ordinary encoding, as tiktoken's encode_ordinary: a literal "<|endoftext|>" inside a
+        # document is text, never the separator (a runtime switch, not saved in tokenizer.json)
+        tokenizer.encode_special_tokens = True
         eot = tokenizer.token_to_id(EOT)
         if eot is None:
             raise DataError(f"the BPE tokenizer has no {EOT} token")
@@ -97,7 +100,13 @@ class TiktokenTokenizer(Tokenizer):
         if encoding is None:
             import tiktoken
 
-            encoding = tiktoken.get_encoding("gpt2")
+            try:
+                encoding = tiktoken.get_encoding("gpt2")
+            except Exception as err:  # tiktoken downloads the merges on first use
+                raise DataError(
+                    f"cannot load GPT-2's BPE through tiktoken (it is downloaded on first use, then cached): "
+                    f"{type(err).__name__}: {err}"
+                ) from None
         self.encoding = encoding
         self.eot = int(encoding.eot_token)
         self.vocab_size = int(encoding.n_vocab)

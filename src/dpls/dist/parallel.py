@@ -33,14 +33,21 @@ def _wrap_ddp(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype | Non
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: the children of every ``nn.ModuleList``.
+    """The repeated blocks to shard one by one: the children of the outermost ``nn.ModuleList``s.
 
-    Found structurally so any decoder (ours has ``model.layers``) works unchanged.
+    Found structurally so any decoder (ours has ``model.layers``) works unchanged. Lists
+    nested inside a block belong to that block (sharding them afterwards would be wrong:
+    the block already owns their parameters).
     """
     blocks: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList):
-            blocks.extend(module)
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not any(
+            name == t or name.startswith(t + ".") for t in taken
+        ):
+            for child_name, child in module.named_children():
+                blocks.append(child)
+                taken.append(f"{name}.{child_name}" if name else child_name)
     return blocks
 
 

@@ -1,21 +1,26 @@
 """Triton kernels for the fused DPLS loss (imported lazily by ``triton_impl``).
 
-One program walks whole rows (a persistent grid strides over them). Per row:
+One program walks whole rows (a persistent grid strides over them). Selection works on *keys*: the
+int32 whose signed order is the order of the float values (``_signed_key``). Per row:
 
-1. **stats pass** — online max ``m`` and ``s = Σ exp(z − m)``, and the histogram of the top radix
-   digit of every logit's *key* (the order-preserving integer image of its float bits).
-2. **select** — the exact k-th largest key by radix select, one digit per level: pick the bucket that
-   holds the k-th largest, keep counting inside it on the next digit. Two tricks keep the passes over
-   the row few: as soon as the surviving bucket fits in ``CAP`` entries it is compacted into a small
-   per-program scratch row and the remaining digits are counted there (cache-resident), and the
-   search stops early when the whole bucket belongs to the top-k (no need to resolve finer bits).
-3. **final pass** — the membership of ``T`` (strictly above the threshold, plus the first ``k_rem``
-   ties by lowest index, so exactly ``k`` entries are chosen), the top-k sum for the loss, and the
-   gradient ``softmax − (1−ε)·onehot(y) − (ε/k)·1[T]`` already scaled, stored in the logits' dtype
-   (possibly into the logits' own storage: every element is read before it is overwritten).
+1. **stats pass** — online max ``m`` and ``s = Σ exp(z − m)``, plus a running maximum per lane of
+   the block (``BLOCK_V`` lanes, each the max of a strided subset of the row).
+2. **lower bound** — the k-th largest lane maximum ``L``: at least k entries of the row are ≥ ``L``,
+   so the k-th largest entry ``t`` is ≥ ``L``. Found by bisection on the key range, in registers.
+3. **compaction pass** — the entries ≥ ``L`` (typically between k and 2k of them) are copied to a
+   per-program scratch row of ``CAP`` entries.
+4. **exact threshold** — bisection on the key range ``[L, key(m)]``, counting in the scratch row
+   (cache-resident), gives ``t``, the count strictly above it and the number of ties at it. If more
+   than ``CAP`` entries were ≥ ``L`` (heavy ties, or k larger than the block), the bisection counts
+   over the row itself instead: slower, same result.
+5. **final pass** — membership of T (above ``t``, plus the first ``k_rem`` ties by lowest index, so
+   exactly k entries), the top-k sum for the loss, and the gradient
+   ``softmax − (1−ε)·onehot(y) − (ε/k)·1[T]``, already scaled, in the logits' dtype (possibly into
+   the logits' own storage: each element is read before it is overwritten).
 
-So a row is read three times (stats, compaction, final) and written once; the second and third
-reads usually hit L2. All arithmetic is float32; keys are int32.
+A row is read three times (the second and third reads usually hit L2) and written once. Only
+elementwise ops, reductions and a scan are used (no ``tl.histogram``, whose cost differs a lot
+between Triton versions), so the kernel runs the same under Triton's CPU interpreter.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def _signed_key(x, KEY_BITS: tl.constexpr):
     """int32 whose signed order is the float order of ``x``; −0 is mapped to +0, so they tie."""
     if KEY_BITS == 16:
         b = x.to(tl.int16, bitcast=True).to(tl.int32)
-        b = b
+        b = tl.where(b == -32768, 0, b)
         key = b ^ ((b >> 15) & 0x7FFF)
     else:
         b = x.to(tl.int32, bitcast=True)
@@ -48,123 +53,92 @@ def _signed_key(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _unsigned_key(x, KEY_BITS: tl.constexpr):
-    """The same key shifted to unsigned order (bit pattern in an int32), so radix digits are plain."""
-    if KEY_BITS == 16:
-        u = _signed_key(x, KEY_BITS) + 32768
-    else:
-        u = _signed_key(x, KEY_BITS) ^ -2147483648
-    return u
+def _bisect_registers(keys, top_k, lo, hi):
+    """Largest ``t`` in ``[lo, hi)`` with at least ``top_k`` of ``keys`` ≥ t (given: ``lo`` qualifies)."""
+    while hi - lo > 1:
+        mid = (lo + (hi - lo) // 2).to(tl.int32)
+        count = tl.sum((keys >= mid).to(tl.int32), 0)
+        if count >= top_k:
+            lo = mid.to(tl.int64)
+        else:
+            hi = mid.to(tl.int64)
+    return lo.to(tl.int32)
 
 
 @triton.jit
-def _pick_bucket(hist, k_rem, BINS: tl.constexpr):
-    """Bucket holding the ``k_rem``-th largest entry; also the counts above it and inside it."""
-    bins = tl.arange(0, BINS)
-    count_ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # entries in this bucket or higher
-    b = tl.max(tl.where(count_ge >= k_rem, bins, -1), 0)
-    above = tl.sum(tl.where(bins > b, hist, 0), 0)
-    inside = tl.sum(tl.where(bins == b, hist, 0), 0)
-    return b, above, inside
-
-
-@triton.jit
-def _histogram_pass(
-    src,
-    n,
-    ptop,
-    HI_SHIFT: tl.constexpr,
-    SHIFT: tl.constexpr,
-    KEY_BITS: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """Histogram of the digit at ``SHIFT`` over entries whose bits above ``HI_SHIFT`` equal ``ptop``."""
-    BINS: tl.constexpr = 1 << DIGIT_BITS
+def _count_at_least(src, n, t, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """How many of the ``n`` entries at ``src`` have a key ≥ ``t``."""
     offs = tl.arange(0, BLOCK_V)
-    hist = tl.zeros([BINS], dtype=tl.int32)
+    count = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK_V):
         idx = start + offs
-        valid = idx < n
-        x = tl.load(src + idx, mask=valid, other=0.0)
-        u = _unsigned_key(x, KEY_BITS)
-        live = valid & ((u >> HI_SHIFT) == ptop)
-        hist += tl.histogram((u >> SHIFT) & (BINS - 1), BINS, mask=live)
-    return hist
+        x = tl.load(src + idx, mask=idx < n, other=0.0)
+        count += tl.sum(((_signed_key(x, KEY_BITS) >= t) & (idx < n)).to(tl.int32), 0)
+    return count
 
 
 @triton.jit
-def _compact(src, n, ptop, SHIFT: tl.constexpr, dst, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Copy the entries whose bits above ``SHIFT`` equal ``ptop`` to ``dst`` (in index order)."""
+def _bisect_memory(src, n, top_k, lo, hi, count_lo, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The k-th largest key of ``n`` entries at ``src``, within ``[lo, hi)``.
+
+    Needs ``count_lo`` = #(key ≥ lo) ≥ top_k and #(key ≥ hi) = 0. Returns ``(t, above, ties)``:
+    the threshold, how many entries are > t and how many are = t.
+    """
+    count_hi = tl.zeros([], dtype=tl.int32)
+    while hi - lo > 1:
+        mid = (lo + (hi - lo) // 2).to(tl.int32)
+        count = _count_at_least(src, n, mid, KEY_BITS, BLOCK_V)
+        if count >= top_k:
+            lo = mid.to(tl.int64)
+            count_lo = count
+        else:
+            hi = mid.to(tl.int64)
+            count_hi = count
+    return lo.to(tl.int32), count_hi, count_lo - count_hi
+
+
+@triton.jit
+def _compact(row, V, low, dst, CAP: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Copy the entries with key ≥ ``low`` to ``dst`` (the first ``CAP`` of them); return their count."""
     offs = tl.arange(0, BLOCK_V)
-    base = 0
-    for start in range(0, n, BLOCK_V):
+    base = tl.zeros([], dtype=tl.int32)
+    for start in range(0, V, BLOCK_V):
         idx = start + offs
-        valid = idx < n
-        x = tl.load(src + idx, mask=valid, other=0.0)
-        live = valid & ((_unsigned_key(x, KEY_BITS) >> SHIFT) == ptop)
-        flags = live.to(tl.int32)
-        pos = base + tl.cumsum(flags, 0) - 1
-        tl.store(dst + pos, x, mask=live)
-        base += tl.sum(flags, 0)
+        valid = idx < V
+        x = tl.load(row + idx, mask=valid, other=0.0)
+        live = valid & (_signed_key(x, KEY_BITS) >= low)
+        found = tl.sum(live.to(tl.int32), 0)
+        if found > 0:
+            pos = base + tl.cumsum(live.to(tl.int32), 0) - 1
+            tl.store(dst + pos, x, mask=live & (pos < CAP))
+            base += found
+    return base
 
 
 @triton.jit
 def _select_threshold(
-    row,
-    V,
-    hist0,
-    top_k,
-    scratch,
-    KEY_BITS: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    CAP: tl.constexpr,
+    row, V, lane_max, m, top_k, scratch, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr, CAP: tl.constexpr
 ):
-    """Radix select of the k-th largest key of ``row``.
-
-    Returns ``(t_top, shift, k_rem, ties)``: the membership test is ``key >> shift`` compared with
-    ``t_top`` (signed keys); ``ties`` entries compare equal and the first ``k_rem`` of them (by index)
-    belong to T. ``shift > 0`` only when the search stopped early because the whole bucket is in T.
-    """
-    BINS: tl.constexpr = 1 << DIGIT_BITS
-    NUM_LEVELS: tl.constexpr = KEY_BITS // DIGIT_BITS
-    prefix = tl.zeros([], dtype=tl.int32)
-    k_rem = top_k + tl.zeros([], dtype=tl.int32)
-    ties = tl.zeros([], dtype=tl.int32)
-    shift = tl.zeros([], dtype=tl.int32)
-    done = tl.zeros([], dtype=tl.int32)
-    compacted = tl.zeros([], dtype=tl.int32)
-    src = row
-    n = V + tl.zeros([], dtype=tl.int32)
-    for level in tl.static_range(NUM_LEVELS):
-        SHIFT = KEY_BITS - (level + 1) * DIGIT_BITS
-        if done == 0:
-            if level == 0:
-                hist = hist0
-            else:
-                HI = SHIFT + DIGIT_BITS
-                hist = _histogram_pass(src, n, prefix >> HI, HI, SHIFT, KEY_BITS, DIGIT_BITS, BLOCK_V)
-            b, above, inside = _pick_bucket(hist, k_rem, BINS)
-            k_rem -= above
-            prefix = prefix | (b << SHIFT)
-            ties = inside
-            shift = tl.zeros([], dtype=tl.int32) + SHIFT
-            if inside == k_rem:
-                done = 1  # every entry of the bucket is in T: finer digits change nothing
-            if level + 1 < NUM_LEVELS:
-                if (done == 0) & (compacted == 0) & (inside <= CAP):
-                    tl.debug_barrier()  # the previous row's readers of the scratch are finished
-                    _compact(row, V, prefix >> SHIFT, SHIFT, scratch, KEY_BITS, BLOCK_V)
-                    tl.debug_barrier()  # the scratch row is visible to every thread of the program
-                    src = scratch
-                    n = inside
-                    compacted = 1
+    """The k-th largest key ``t`` of the row, how many entries exceed it and how many equal it."""
     if KEY_BITS == 16:
-        t_signed = prefix - 32768
+        lane_keys = _signed_key(lane_max.to(row.dtype.element_ty), KEY_BITS)
+        top = _signed_key(m.to(row.dtype.element_ty), KEY_BITS)
     else:
-        t_signed = prefix ^ -2147483648
-    return t_signed >> shift, shift, k_rem, ties
+        lane_keys = _signed_key(lane_max, KEY_BITS)
+        top = _signed_key(m, KEY_BITS)
+    hi = top.to(tl.int64) + 1  # no entry is above the row's max
+    if top_k <= BLOCK_V:  # enough lanes to certify a lower bound
+        low = _bisect_registers(lane_keys, top_k, tl.min(lane_keys, 0).to(tl.int64), hi)
+    else:
+        low = tl.full([], -2147483648, tl.int32)
+    tl.debug_barrier()  # the previous row's readers of the scratch row are done
+    n_cand = _compact(row, V, low, scratch, CAP, KEY_BITS, BLOCK_V)
+    tl.debug_barrier()  # the scratch row is visible to every thread of the program
+    if n_cand <= CAP:
+        t, above, ties = _bisect_memory(scratch, n_cand, top_k, low.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
+    else:  # too many candidates to hold: count over the row itself
+        t, above, ties = _bisect_memory(row, V, top_k, low.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
+    return t, above, ties
 
 
 @triton.jit
@@ -185,7 +159,6 @@ def _dpls_rows_kernel(
     top_k,
     ignore_index,
     KEY_BITS: tl.constexpr,
-    DIGIT_BITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     CAP: tl.constexpr,
     TOPK_MODE: tl.constexpr,
@@ -194,7 +167,6 @@ def _dpls_rows_kernel(
     SCALE_MODE: tl.constexpr,
 ):
     """Loss, plain NLL and (optionally) the scaled gradient of each row; see the module docstring."""
-    BINS: tl.constexpr = 1 << DIGIT_BITS
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_V)
@@ -227,34 +199,29 @@ def _dpls_rows_kernel(
                 grad_scale = mean_scale
             z_y = tl.load(row + col).to(tl.float32)
 
-            # 1. stats pass: online max / sum-exp and the top-digit histogram
+            # 1. stats pass: online max / sum-exp, and the max of each lane
             m = -float("inf")
             s = 0.0
-            hist0 = tl.zeros([BINS], dtype=tl.int32)
+            lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
             for start in range(0, V, BLOCK_V):
                 idx = start + offs
-                valid = idx < V
-                x = tl.load(row + idx, mask=valid, other=-float("inf"))
-                xf = x.to(tl.float32)
+                xf = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(xf, 0))
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xf - m_new), 0)
                 m = m_new
                 if TOPK_MODE == 1:
-                    u = _unsigned_key(x, KEY_BITS)
-                    hist0 += tl.histogram((u >> (KEY_BITS - DIGIT_BITS)) & (BINS - 1), BINS, mask=valid)
+                    lane_max = tl.maximum(lane_max, xf)
 
-            # 2. the threshold of T
-            t_top = tl.zeros([], dtype=tl.int32)
-            shift = tl.zeros([], dtype=tl.int32)
+            # 2–4. the threshold of T
+            t = tl.zeros([], dtype=tl.int32)
             k_rem = tl.zeros([], dtype=tl.int32)
             ties = tl.zeros([], dtype=tl.int32)
             if TOPK_MODE == 1:
-                t_top, shift, k_rem, ties = _select_threshold(
-                    row, V, hist0, top_k, scratch, KEY_BITS, DIGIT_BITS, BLOCK_V, CAP
-                )
+                t, above, ties = _select_threshold(row, V, lane_max, m, top_k, scratch, KEY_BITS, BLOCK_V, CAP)
+                k_rem = top_k - above
             need_rank = ties > k_rem  # only then does the index order of ties matter
 
-            # 3. final pass: membership of T, top-k sum, gradient
+            # 5. final pass: membership of T, top-k sum, gradient
             inv_s = 1.0 / s
             c_target = (1.0 - eps) * grad_scale
             c_topk = eps / top_k * grad_scale
@@ -266,15 +233,15 @@ def _dpls_rows_kernel(
                 x = tl.load(row + idx, mask=valid, other=0.0)
                 xf = x.to(tl.float32)
                 if TOPK_MODE == 1:
-                    key = _signed_key(x, KEY_BITS) >> shift
-                    tie = valid & (key == t_top)
+                    key = _signed_key(x, KEY_BITS)
+                    tie = valid & (key == t)
                     if need_rank:
                         rank = taken + tl.cumsum(tie.to(tl.int32), 0)
                         take = tie & (rank <= k_rem)
                         taken += tl.sum(tie.to(tl.int32), 0)
                     else:
                         take = tie
-                    in_t = (valid & (key > t_top)) | take
+                    in_t = (valid & (key > t)) | take
                 else:
                     in_t = valid
                 if TOPK_MODE != 0:

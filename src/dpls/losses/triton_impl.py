@@ -41,15 +41,16 @@ def is_available(device: torch.device | str) -> bool:
 class KernelConfig:
     """Launch shape of the row kernel; ``choose_config`` picks one from ``V``, dtype and device.
 
-    ``block_v``: entries per block of a row (power of two); ``num_warps``: warps per program;
-    ``digit_bits``: radix digit width (divides 16); ``cap``: the largest surviving bucket that is
-    compacted into the per-program scratch row (0 disables compaction); ``programs``: size of the
-    persistent grid (0 = one per row, capped by the device's multiprocessors × ``programs_per_sm``).
+    ``block_v``: entries per block of a row, a power of two (also the number of lanes whose maxima
+    bound the threshold from below, so keep it ≥ 2k); ``num_warps``: warps per program; ``cap``:
+    entries of the per-program scratch row that holds the candidates of the top-k (when more are
+    found the threshold is counted over the row itself: slower, same result; 0 forces that path);
+    ``programs``: size of the persistent grid (0 = the device's multiprocessors ×
+    ``programs_per_sm``, capped by the number of rows).
     """
 
-    block_v: int = 4096
+    block_v: int = 2048
     num_warps: int = 8
-    digit_bits: int = 8
     cap: int = 4096
     programs_per_sm: int = 4
     programs: int = 0
@@ -57,13 +58,12 @@ class KernelConfig:
 
 
 def choose_config(vocab: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    """A launch shape for rows of ``vocab`` entries: blocks of ≤ 16 KB, 8 warps for big blocks."""
-    limit = 4096 if dtype != torch.float32 else 2048
-    block_v = min(limit, max(128, 1 << (vocab - 1).bit_length()))
+    """A launch shape for rows of ``vocab`` entries: blocks of 2048 (8 per thread with 8 warps)."""
+    block_v = min(2048, max(128, 1 << (vocab - 1).bit_length()))
     num_warps = 8 if block_v >= 2048 else 4
     if device.type != "cuda":  # the interpreter: programs run one after another, keep blocks small
         return KernelConfig(block_v=min(block_v, 1024), num_warps=1, programs=4)
-    return KernelConfig(block_v=block_v, num_warps=num_warps)
+    return KernelConfig(block_v=block_v, num_warps=num_warps, cap=2 * block_v)
 
 
 def _kernels() -> ModuleType:
@@ -137,7 +137,6 @@ def launch_rows(
         int(top_k),
         int(ignore_index),
         KEY_BITS=_KEY_BITS[logits.dtype],
-        DIGIT_BITS=cfg.digit_bits,
         BLOCK_V=cfg.block_v,
         CAP=cap,
         TOPK_MODE=topk_mode,

@@ -104,7 +104,19 @@ def _run_chunks(
 class _TritonDPLSLinear(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, target, eps_tensor, eps_value, top_k, ignore_index, reduction, chunk, grad_on, config
+        ctx,
+        hidden,
+        weight,
+        bias,
+        target,
+        eps_tensor,
+        eps_value,
+        top_k,
+        ignore_index,
+        reduction,
+        chunk,
+        grad_on,
+        config,
     ):
         epsilon = eps_tensor if eps_tensor is not None else eps_value
         need_h, need_w, need_b = (grad_on and need for need in ctx.needs_input_grad[:3])

@@ -117,7 +117,7 @@ class StudyPlan:
         total = (self.fork_step if self.trunk else 0) + len(self.arms) * self.iters_per_arm
         lines = [
             f"study {s.name!r} → {self.study_dir}",
-            f"  data: {self.data_dir}" + (f" (prepared here from {s.prepare})" if s.prepare else ""),
+            f"  data: {self.data_dir}" + (f" (prepared from {s.prepare} unless there)" if s.prepare else ""),
             f"  {self.tokens_per_step:,} tokens per step",
         ]
         if self.trunk is not None:
@@ -136,14 +136,11 @@ class StudyPlan:
             keys = ", ".join(f"{k}={v!r}" for k, v in a.loss.items())
             lines.append(f"    - {a.name}: {keys}")
         ev = s.eval
-        lines.append(
-            f"  eval: {ev.tokens or 'all'} validation tokens per run"
-            + (
-                f"; lm-eval {', '.join(ev.lm_eval_tasks)} (limit {ev.lm_eval_limit})"
-                if ev.lm_eval_tasks
-                else ""
-            )
-        )
+        lm = ""
+        if ev.lm_eval_tasks:
+            lm = f"; lm-eval {', '.join(ev.lm_eval_tasks)}"
+            lm += f" (limit {ev.lm_eval_limit})" if ev.lm_eval_limit else ""
+        lines.append(f"  eval: {f'{ev.tokens:,}' if ev.tokens else 'all'} validation tokens per run{lm}")
         lines.append(f"  {len(self.arms) + (self.trunk is not None)} training runs, {total:,} steps in all")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -234,6 +231,16 @@ def plan_study(spec: StudySpec) -> StudyPlan:
             )
     if len(spec.seeds) == 1:
         notes.append("one seed: the report can give differences but no intervals")
+    if (data_dir / "meta.json").is_file():
+        from dpls.data.meta import DataMeta
+
+        corpus = DataMeta.load(data_dir).train_tokens
+        needed = (fork_step + len(spec.seeds) * iters) * tokens_per_step
+        if needed > corpus:
+            notes.append(
+                f"the trunk and the seeds' arm budgets need {needed:,} tokens of a {corpus:,}-token corpus "
+                f"(≈ {needed / corpus:.1f} epochs): seeds also see data the trunk or other seeds saw"
+            )
     return StudyPlan(
         spec=spec,
         study_dir=study_dir,

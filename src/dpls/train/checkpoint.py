@@ -289,7 +289,13 @@ def save_checkpoint(
         intact = (
             f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         )
-        reason = f"{type(error).__name__}: {error}" if error is not None else "another rank failed"
+        # Every rank raises the same message (the first failing rank's error), so a decision
+        # taken on it (e.g. "out of disk: keep training") is the same on every rank.
+        reasons = ctx.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        reason = next(
+            (f"{msg}" if ctx.world_size == 1 else f"rank {r}: {msg}" for r, msg in enumerate(reasons) if msg),
+            "unknown error",
+        )
         raise CheckpointError(f"saving the checkpoint of step {step} failed ({reason}); {intact}") from error
     if ctx.is_main and keep > 0:
         prune_checkpoints(run_dir, keep)

@@ -1,0 +1,569 @@
+#!/usr/bin/env python3
+"""One-call GPU check of the fused DPLS kernels: correctness at full size, then timings.
+
+    python3 benchmarks/gpu_check.py            # on a CUDA machine, from the repository root
+    python3 benchmarks/gpu_check.py --smoke    # tiny sizes; also runs on a CPU (Triton interpreter)
+
+Nothing needs installing: ``src/`` is put on the path. Liger-Kernel and cut-cross-entropy are
+timed when they import; if not, wheels found in ``.whl/`` (or ``$DPLS_WHEELS``) are installed with
+``pip --no-deps`` into a temporary folder first. With ``$OUT`` set, the full results go to
+``$OUT/gpu_check.json`` and the printed tables to ``$OUT/gpu_check.txt``. Exit status 1 when a
+correctness check fails.
+
+1. *Ceilings*: device-to-device copy bandwidth and a bf16 matmul rate, measured here.
+2. *Correctness* against a float64 reference computed on the GPU in row chunks (ties broken by
+   lowest index, as the kernel does): N=32768 × V=50304 bf16 (k = 100 and 1024), V = 256k, fp32,
+   fp16, per-token ε, heavy ties, the fallback paths, a run twice for bitwise determinism, and the
+   fused linear loss against the dense one.
+3. *Timings* (median of CUDA-event timed steps, forward + backward) and peak extra memory of every
+   contender of ``dpls.bench.contenders_gpu``, as ratios to ``F.cross_entropy`` of the same run.
+4. *Sweep* of the kernel's launch shape (block, warps, scratch cap, programs per SM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE and not __import__("torch").cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+LINES: list[str] = []
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+    LINES.append(text)
+
+
+def install_wheels() -> None:
+    """Make liger_kernel / cut_cross_entropy importable from carried wheels (no network needed)."""
+    missing = [m for m in ("liger_kernel", "cut_cross_entropy") if importlib.util.find_spec(m) is None]
+    folder = Path(os.environ.get("DPLS_WHEELS", ROOT / ".whl"))
+    wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+    if not missing or not wheels:
+        return
+    target = Path(tempfile.mkdtemp(prefix="dpls-bench-wheels-"))
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target)]
+    result = subprocess.run([*cmd, *map(str, wheels)], capture_output=True, text=True)
+    if result.returncode == 0:
+        sys.path.append(str(target))
+        importlib.invalidate_caches()
+    else:
+        say(f"(could not install carried wheels: {result.stderr.strip()[-300:]})")
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, *, reps: int, warmup: int = 2, setup=None) -> list[float]:
+    """Per-call milliseconds of ``fn`` (``setup`` runs before each call, untimed on the GPU)."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        if setup:
+            setup()
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def peak_extra_gb(fn, setup=None) -> float | None:
+    """Peak memory of one call of ``fn`` above what was allocated before it, in GB."""
+    if not torch.cuda.is_available():
+        return None
+    if setup:
+        setup()
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
+def ceilings(dev: torch.device) -> dict:
+    """The two numbers of the method: copy bandwidth (bytes read + written) and a bf16 matmul rate."""
+    n = (1 << 30) if not SMOKE else (1 << 16)
+    a = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
+    b = torch.empty_like(a)
+    ms = statistics.median(time_ms(lambda: b.copy_(a), reps=10))
+    m = 8192 if not SMOKE else 64
+    x = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
+    mm_ms = statistics.median(time_ms(lambda: x @ y, reps=10))
+    return {"copy_GBps": 2 * 4 * n / ms / 1e6, "bf16_matmul_TFLOPs": 2 * m**3 / mm_ms / 1e9}
+
+
+# --- float64 reference, chunked on the device --------------------------------------------------
+
+
+def reference_rows(logits, target, eps, k, on_grad=None, *, chunk=1024):
+    """Per-row loss and NLL in float64; ``on_grad(start, grad_rows)`` receives the unscaled gradient.
+
+    Rows are processed in chunks on the logits' device, so full-size references fit in memory.
+    """
+    losses, nlls = [], []
+    for s in range(0, logits.shape[0], chunk):
+        z = logits[s : s + chunk].double()
+        y = target[s : s + chunk]
+        valid = y != -100
+        ys = torch.where(valid, y, 0)
+        e = eps[s : s + chunk].double() if isinstance(eps, torch.Tensor) else torch.full_like(z[:, 0], eps)
+        lse = torch.logsumexp(z, 1)
+        zy = z.gather(1, ys[:, None])[:, 0]
+        order = torch.sort(-z, dim=1, stable=True).indices[:, :k]  # ties: lowest index first
+        top = z.gather(1, order).sum(1)
+        losses.append(torch.where(valid, lse - (1 - e) * zy - e / k * top, 0.0))
+        nlls.append(torch.where(valid, lse - zy, 0.0))
+        if on_grad is not None:
+            g = torch.softmax(z, 1)
+            g.scatter_add_(1, order, (-e / k)[:, None].expand(-1, order.shape[1]).contiguous())
+            g.scatter_add_(1, ys[:, None], -(1 - e)[:, None])
+            on_grad(s, g * valid[:, None])
+    return torch.cat(losses), torch.cat(nlls)
+
+
+@dataclass
+class Check:
+    name: str
+    n: int
+    v: int
+    dtype: str
+    k: int
+    passed: bool = False
+    loss_err: float = float("nan")
+    nll_err: float = float("nan")
+    grad_err: float = float("nan")
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def make_logits(n, v, dtype, dev, kind="gauss", seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    z = torch.randn(n, v, generator=g, device=dev) * 3
+    if kind == "ties":  # few distinct values: the threshold is tied in most rows
+        z = torch.round(z)
+    return z.to(dtype)
+
+
+def _check_once(c, n, v, dtype, k, dev, eps, kind, config, inplace, reduction):
+    from dpls.losses.triton_impl import triton_dpls_loss
+
+    z = make_logits(n, v, dtype, dev, kind)
+    y = torch.randint(0, v, (n,), device=dev)
+    y[torch.rand(n, device=dev) < 0.1] = -100
+    if eps == "per_token":
+        eps = torch.rand(n, device=dev) * 0.5
+    x = z.clone().requires_grad_(True)
+    loss, nll = triton_dpls_loss(x, y, eps, k, -100, "none", True, inplace, config=config)
+    loss.backward(torch.ones_like(loss))
+    grad = x.grad
+    half = dtype in (torch.bfloat16, torch.float16)
+    g_tol = 4 * torch.finfo(dtype).eps if half else 1e-5
+    worst = [0.0]
+
+    def compare(s, g_ref):
+        err = (grad[s : s + g_ref.shape[0]].double() - g_ref).abs().max().item()
+        worst[0] = max(worst[0], err / max(g_ref.abs().max().item(), 1e-12))
+
+    ref_loss, ref_nll = reference_rows(z, y, eps, k, compare)
+    c.loss_err = ((loss.double() - ref_loss).abs() / ref_loss.abs().clamp(min=1)).max().item()
+    c.nll_err = ((nll.double() - ref_nll).abs() / ref_nll.abs().clamp(min=1)).max().item()
+    c.grad_err = worst[0]
+    # the reduced loss through autograd, its scaled gradient included
+    x2 = z.clone().requires_grad_(True)
+    reduced = triton_dpls_loss(x2, y, eps, k, -100, reduction, False, inplace, config=config)
+    reduced.backward()
+    n_valid = max(int((y != -100).sum()), 1)
+    scale = 1 / n_valid if reduction == "mean" else 1.0
+    ref_reduced = ref_loss.sum().item() * scale
+    c.extra["reduced_err"] = abs(reduced.item() - ref_reduced) / max(abs(ref_reduced), 1)
+    g_max = grad.double().abs().max().item() * scale
+    c.extra["reduced_grad_err"] = (x2.grad.double() - grad.double() * scale).abs().max().item() / max(
+        g_max, 1e-12
+    )
+    c.passed = (
+        c.loss_err < 2e-5
+        and c.nll_err < 2e-5
+        and c.grad_err <= g_tol
+        and c.extra["reduced_err"] < 2e-5
+        and c.extra["reduced_grad_err"] <= 2 * g_tol
+        and bool(torch.isfinite(loss).all())
+    )
+
+
+def run_check(
+    name, n, v, dtype, k, dev, *, eps=0.1, kind="gauss", config=None, inplace=True, reduction="mean"
+):
+    c = Check(name, n, v, str(dtype).replace("torch.", ""), k)
+    try:
+        _check_once(c, n, v, dtype, k, dev, eps, kind, config, inplace, reduction)
+    except Exception as err:  # report and go on: one broken case must not hide the others
+        c.note = f"{type(err).__name__}: {err}"[:300]
+        traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return c
+
+
+def determinism_check(n, v, dev) -> Check:
+    from dpls.losses.triton_impl import triton_dpls_loss
+
+    c = Check("bitwise determinism (two runs)", n, v, "bfloat16", 100)
+    z = make_logits(n, v, torch.bfloat16, dev, seed=3)
+    y = torch.randint(0, v, (n,), device=dev)
+    outs = []
+    for _ in range(2):
+        x = z.clone().requires_grad_(True)
+        loss = triton_dpls_loss(x, y, 0.1, 100, -100, "none", False, True)
+        loss.backward(torch.ones_like(loss))
+        outs.append((loss.detach().clone(), x.grad.clone()))
+    c.passed = torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    c.note = "" if c.passed else "outputs differ between two runs: a race?"
+    return c
+
+
+def linear_check(n, h, v, dtype, dev, *, chunk) -> Check:
+    from dpls.losses.triton_linear import triton_dpls_linear_loss
+
+    c = Check(f"fused linear vs dense (chunk {chunk})", n, v, str(dtype).replace("torch.", ""), 100)
+    g = torch.Generator(device=dev).manual_seed(5)
+    hid = torch.randn(n, h, generator=g, device=dev).to(dtype)
+    w = (torch.randn(v, h, generator=g, device=dev) / h**0.5).to(dtype)
+    y = torch.randint(0, v, (n,), device=dev)
+    hl, wl = hid.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss = triton_dpls_linear_loss(hl, wl, None, y, 0.1, 100, -100, "mean", False, chunk)
+    loss.backward()
+    hd, wd = hid.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    logits = (hd @ wd.t()).float()  # dense path with float32 loss arithmetic
+    from dpls.losses import dpls_loss
+
+    ref = dpls_loss(logits, y, epsilon=0.1, top_k=100, impl="chunked")
+    ref.backward()
+    c.loss_err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1)
+    c.extra["grad_hidden_err"] = ((hl.grad.float() - hd.grad.float()).norm() / hd.grad.float().norm()).item()
+    c.extra["grad_weight_err"] = ((wl.grad.float() - wd.grad.float()).norm() / wd.grad.float().norm()).item()
+    tol = 1e-2 if dtype != torch.float32 else 1e-4
+    c.grad_err = max(c.extra["grad_hidden_err"], c.extra["grad_weight_err"])
+    c.passed = c.loss_err < tol and c.grad_err < 3 * tol
+    return c
+
+
+# --- timings -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    table: str
+    name: str
+    objective: str
+    ms: float
+    net_ms: float
+    spread_ms: float
+    peak_extra_gb: float | None
+    ratio: float | None = None
+    note: str = ""
+
+
+def time_contenders(problem, family: str, dev, reps: int) -> list[Timing]:
+    from dpls.bench.contenders_gpu import gpu_contenders
+
+    n, v = problem.n, problem.v
+    label = f"{family} N={n} V={v} {str(problem.dtype).replace('torch.', '')} k={problem.top_k}"
+    if family == "linear":
+        label += f" H={problem.hidden}"
+    g = torch.Generator(device=dev).manual_seed(7)
+    target = torch.randint(0, v, (n,), device=dev, generator=g)
+    rows: list[Timing] = []
+    if family == "logits":
+        base = (torch.randn(n, v, generator=g, device=dev) * 3).to(problem.dtype)
+        leaf = base.clone().requires_grad_(True)
+
+        def refresh():  # in-place contenders overwrite the logits: every step starts from the same ones
+            with torch.no_grad():
+                leaf.copy_(base)
+            leaf.grad = None
+
+        copy_ms = statistics.median(time_ms(refresh, reps=reps))
+        inputs = {"logits": leaf, "target": target}
+    else:
+        hid = torch.randn(n, problem.hidden, generator=g, device=dev).to(problem.dtype).requires_grad_(True)
+        w = (torch.randn(v, problem.hidden, generator=g, device=dev) / problem.hidden**0.5).to(problem.dtype)
+        w.requires_grad_(True)
+
+        def refresh():
+            hid.grad = None
+            w.grad = None
+
+        copy_ms = 0.0
+        inputs = {"hidden": hid, "weight": w, "target": target}
+    for c in gpu_contenders(family, dev):
+        try:
+            step = c.make(problem)
+            times = time_ms(lambda step=step: step(inputs), reps=reps, setup=refresh)
+            med = statistics.median(times)
+            spread = (max(times) - min(times)) if len(times) > 1 else 0.0
+            peak = peak_extra_gb(lambda step=step: step(inputs), setup=refresh)
+            rows.append(Timing(label, c.name, c.objective, med, med - (copy_ms if family == "logits" else 0),
+                               spread, peak))  # fmt: skip
+        except Exception as err:
+            rows.append(Timing(label, c.name, c.objective, float("nan"), float("nan"), 0.0, None,
+                               note=f"{type(err).__name__}: {err}"[:200]))  # fmt: skip
+        refresh()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    base_name = "torch CE" if family == "logits" else "torch dense CE"
+    ref = next((r.net_ms for r in rows if r.name == base_name), None)
+    for r in rows:
+        r.ratio = r.net_ms / ref if ref and ref > 0 else None
+    if family == "logits":
+        rows.append(Timing(label, "(refresh copy, subtracted above)", "-", copy_ms, copy_ms, 0.0, None))
+    return rows
+
+
+def forward_only(problem, dev, reps) -> list[Timing]:
+    """Evaluation cost: loss only (no gradient), ours against F.cross_entropy."""
+    from dpls.losses.triton_impl import triton_dpls_loss
+
+    g = torch.Generator(device=dev).manual_seed(8)
+    z = (torch.randn(problem.n, problem.v, generator=g, device=dev) * 3).to(problem.dtype)
+    y = torch.randint(0, problem.v, (problem.n,), device=dev, generator=g)
+    label = f"forward only N={problem.n} V={problem.v} k={problem.top_k}"
+    cases = {
+        "torch CE": lambda: F.cross_entropy(z, y),
+        "triton DPLS (+nll)": lambda: triton_dpls_loss(
+            z, y, problem.epsilon, problem.top_k, -100, "mean", True, False
+        ),
+        "triton CE": lambda: triton_dpls_loss(z, y, 0.0, problem.top_k, -100, "mean", False, False),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, fn in cases.items():
+            t = time_ms(fn, reps=reps)
+            rows.append(
+                Timing(label, name, "-", statistics.median(t), statistics.median(t), max(t) - min(t), None)
+            )
+    for r in rows:
+        r.ratio = r.ms / rows[0].ms
+    return rows
+
+
+def sweep(problem, dev, reps, variants) -> list[Timing]:
+    """Our in-place DPLS under several launch shapes (copy of the logits subtracted)."""
+    from dpls.losses.triton_impl import choose_config, triton_dpls_loss
+
+    g = torch.Generator(device=dev).manual_seed(9)
+    base = (torch.randn(problem.n, problem.v, generator=g, device=dev) * 3).to(problem.dtype)
+    y = torch.randint(0, problem.v, (problem.n,), device=dev, generator=g)
+    leaf = base.clone().requires_grad_(True)
+
+    def refresh():
+        with torch.no_grad():
+            leaf.copy_(base)
+        leaf.grad = None
+
+    copy_ms = statistics.median(time_ms(refresh, reps=reps))
+    default = choose_config(problem.v, problem.dtype, dev)
+    label = f"sweep N={problem.n} V={problem.v} k={problem.top_k} (default {asdict(default)})"
+    rows = []
+    for changes in variants:
+        cfg = replace(default, **changes)
+        name = ", ".join(f"{k}={v}" for k, v in changes.items()) or "default"
+
+        def step(cfg=cfg):
+            triton_dpls_loss(
+                leaf, y, problem.epsilon, problem.top_k, -100, "mean", False, True, config=cfg
+            ).backward()
+
+        try:
+            t = time_ms(step, reps=reps, setup=refresh)
+            med = statistics.median(t)
+            rows.append(Timing(label, name, "dpls", med, med - copy_ms, max(t) - min(t), None))
+        except Exception as err:
+            rows.append(Timing(label, name, "dpls", float("nan"), float("nan"), 0.0, None,
+                               note=f"{type(err).__name__}: {err}"[:200]))  # fmt: skip
+    best = min((r.net_ms for r in rows if r.net_ms == r.net_ms), default=None)
+    for r in rows:
+        r.ratio = r.net_ms / best if best else None
+    return rows
+
+
+def table(rows: list[Timing]) -> None:
+    current = None
+    for r in rows:
+        if r.table != current:
+            current = r.table
+            say(f"\n{current}")
+            say(
+                f"  {'contender':<36} {'obj':<5} {'ms':>9} {'net ms':>9} {'spread':>7} {'ratio':>7} {'peak GB':>8}"
+            )
+        ratio = f"{r.ratio:7.2f}" if r.ratio is not None else "      -"
+        peak = f"{r.peak_extra_gb:8.2f}" if r.peak_extra_gb is not None else "       -"
+        say(
+            f"  {r.name:<36} {r.objective:<5} {r.ms:9.3f} {r.net_ms:9.3f} {r.spread_ms:7.3f} {ratio} {peak} {r.note}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (checks the script itself)")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--skip-timings", action="store_true")
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    t_start = time.time()
+    install_wheels()
+    import triton
+
+    from dpls.bench.contenders_gpu import LossProblem
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = {"torch": torch.__version__, "triton": triton.__version__, "device": str(dev)}
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        env.update(name=p.name, sms=p.multi_processor_count, l2_mb=getattr(p, "L2_cache_size", 0) / 2**20)
+    for pkg in ("liger_kernel", "cut_cross_entropy"):
+        env[pkg] = importlib.util.find_spec(pkg) is not None
+    say(f"env: {env}")
+    results: dict = {"env": env}
+    results["ceilings"] = ceilings(dev)
+    say(f"ceilings: {results['ceilings']}")
+
+    big = not SMOKE
+    N, V, BIGV = (32768, 50304, 262144) if big else (16, 300, 1000)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    checks: list[Check] = []
+    if not args.skip_checks:
+        small_cfg = None
+        if SMOKE:
+            from dpls.losses.triton_impl import KernelConfig
+
+            small_cfg = KernelConfig(block_v=64, num_warps=1, programs=2, cap=128)
+        cases = [
+            ("bf16 k=100 in-place, mean", N, V, bf16, 100, {}),
+            ("bf16 k=1024 in-place, sum", N, V, bf16, 1024, {"reduction": "sum"}),
+            ("bf16 V=256k k=100", N // 8, BIGV, bf16, 100, {}),
+            ("bf16 V=256k k=1024", N // 8, BIGV, bf16, 1024, {}),
+            ("fp32 k=100 not in-place", N // 4, V, fp32, 100, {"inplace": False}),
+            ("fp16 k=100", N // 4, V, fp16, 100, {}),
+            ("bf16 per-token eps", N // 4, V, bf16, 100, {"eps": "per_token"}),
+            ("bf16 heavy ties (rounded logits)", N // 4, V, bf16, 100, {"kind": "ties"}),
+            ("fp32 heavy ties", N // 8, V, fp32, 1000, {"kind": "ties"}),
+            ("k = V (label smoothing)", N // 8, V, bf16, V, {}),
+            ("eps = 0 (cross-entropy)", N // 8, V, bf16, 100, {"eps": 0.0}),
+        ]
+        if big:
+            from dpls.losses.triton_impl import KernelConfig
+
+            cases += [
+                ("fallback: cap=0 (bisection over the row)", N // 16, V, bf16, 100,
+                 {"config": KernelConfig(cap=0)}),
+                ("fallback: k > lanes (block 512)", N // 16, V, bf16, 1000,
+                 {"config": KernelConfig(block_v=512, num_warps=4, cap=1024)}),
+                ("block 1024, 4 warps", N // 8, V, fp32, 100, {"config": KernelConfig(block_v=1024, num_warps=4)}),
+                ("block 4096, 16 warps", N // 8, V, bf16, 100,
+                 {"config": KernelConfig(block_v=4096, num_warps=16, cap=8192)}),
+            ]  # fmt: skip
+        for name, n, v, dtype, k, kw in cases:
+            if small_cfg is not None:
+                kw = {"config": small_cfg, **kw}
+            t0 = time.time()
+            c = run_check(name, n, v, dtype, min(k, v), dev, **kw)
+            c.extra["seconds"] = round(time.time() - t0, 2)
+            checks.append(c)
+            say(f"check {'PASS' if c.passed else 'FAIL'} {name}: loss {c.loss_err:.2e} nll {c.nll_err:.2e} "
+                f"grad {c.grad_err:.2e} {c.extra} {c.note}")  # fmt: skip
+        if big:
+            checks.append(determinism_check(N // 4, V, dev))
+            say(f"check {'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name} {checks[-1].note}")
+        for dtype in (fp32, bf16):
+            c = linear_check(
+                4096 if big else 16, 1024 if big else 16, V, dtype, dev, chunk=1024 if big else 4
+            )
+            checks.append(c)
+            say(f"check {'PASS' if c.passed else 'FAIL'} {c.name} {c.dtype}: loss {c.loss_err:.2e} {c.extra}")
+    results["checks"] = [asdict(c) for c in checks]
+
+    timings: list[Timing] = []
+    if not args.skip_timings:
+        reps = args.reps if big else 2
+        problems = [
+            ("logits", LossProblem(N, V, bf16, 0.1, 100)),
+            ("logits", LossProblem(N, V, bf16, 0.1, 1024)),
+            ("logits", LossProblem(N // 8, BIGV, bf16, 0.1, 100)),
+            ("logits", LossProblem(N // 4, V, fp32, 0.1, 100)),
+            ("linear", LossProblem(N, V, bf16, 0.1, 100, hidden=1024 if big else 16)),
+        ]
+        for family, problem in problems:
+            timings += time_contenders(problem, family, dev, reps)
+        timings += forward_only(LossProblem(N, V, bf16, 0.1, 100), dev, reps)
+        if dev.type == "cuda":
+            variants = [
+                {},
+                {"block_v": 1024, "num_warps": 4},
+                {"block_v": 1024, "num_warps": 8},
+                {"block_v": 2048, "num_warps": 4},
+                {"block_v": 2048, "num_warps": 16},
+                {"block_v": 4096, "num_warps": 8, "cap": 8192},
+                {"block_v": 4096, "num_warps": 16, "cap": 8192},
+                {"programs_per_sm": 1},
+                {"programs_per_sm": 2},
+                {"programs_per_sm": 8},
+                {"programs": 1 << 30},  # one program per row
+                {"num_stages": 1},
+                {"num_stages": 3},
+                {"cap": 0},
+            ]
+            timings += sweep(LossProblem(N, V, bf16, 0.1, 100), dev, reps, variants)
+            timings += sweep(LossProblem(N // 8, BIGV, bf16, 0.1, 1024), dev, reps, variants[:7])
+        table(timings)
+    results["timings"] = [asdict(t) for t in timings]
+    failed = [c.name for c in checks if not c.passed]
+    say(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed {failed if failed else ''}; "
+        f"total {time.time() - t_start:.0f} s")  # fmt: skip
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        Path(out, "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
+        Path(out, "gpu_check.txt").write_text("\n".join(LINES) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

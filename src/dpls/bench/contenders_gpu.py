@@ -1,0 +1,212 @@
+"""GPU contenders for the loss benchmark: our Triton kernels beside PyTorch, Liger-Kernel and CCE.
+
+Each contender turns a :class:`LossProblem` into a *step*: one forward and backward on the inputs it
+is handed, returning the detached loss. Two families: ``"logits"`` steps take ready logits
+``[N, V]`` (a leaf that requires grad; contenders marked ``inplace`` overwrite it with its gradient,
+so the timer refreshes it before every step), ``"linear"`` steps take hidden states ``[N, H]`` and
+the output weight ``[V, H]`` and make the logits themselves. ``objective`` says what a contender
+computes (``ce``, ``ls`` or ``dpls``), so tables compare like with like. Third-party contenders
+appear only when their package imports.
+
+``benchmarks/gpu_check.py`` times every available contender; ``register_all`` hands them to the
+benchmark registry of ``dpls bench loss``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Step = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossProblem:
+    """What is timed: ``n`` tokens over a vocabulary of ``v`` (``hidden`` > 0 for the linear family)."""
+
+    n: int
+    v: int
+    dtype: torch.dtype = torch.bfloat16
+    epsilon: float = 0.1
+    top_k: int = 100
+    hidden: int = 0
+
+
+@dataclass(frozen=True)
+class GpuContender:
+    name: str
+    family: str  # "logits" | "linear"
+    objective: str  # "ce" | "ls" | "dpls"
+    make: Callable[[LossProblem], Step]
+    available: Callable[[torch.device], bool] = lambda device: True
+    inplace: bool = False  # overwrites its logits input with the gradient
+
+
+def _cuda_package(name: str) -> Callable[[torch.device], bool]:
+    return lambda device: device.type == "cuda" and importlib.util.find_spec(name) is not None
+
+
+def _triton_ok(device: torch.device) -> bool:
+    from dpls.losses.triton_impl import is_available
+
+    return is_available(device)
+
+
+def _finish(loss: torch.Tensor) -> torch.Tensor:
+    loss.backward()
+    return loss.detach()
+
+
+# --- logits family -----------------------------------------------------------------------------
+
+
+def _torch_ce(p: LossProblem) -> Step:
+    return lambda t: _finish(F.cross_entropy(t["logits"], t["target"]))
+
+
+def _torch_ce_fp32(p: LossProblem) -> Step:
+    """What autocast does with a bf16 lm head: cross-entropy on a float32 copy of the logits."""
+    return lambda t: _finish(F.cross_entropy(t["logits"].float(), t["target"]))
+
+
+def _torch_ls(p: LossProblem) -> Step:
+    return lambda t: _finish(F.cross_entropy(t["logits"], t["target"], label_smoothing=p.epsilon))
+
+
+def _chunked_dpls(logits: torch.Tensor, target: torch.Tensor, p: LossProblem) -> torch.Tensor:
+    from dpls.losses import dpls_loss
+
+    return dpls_loss(logits, target, epsilon=p.epsilon, top_k=p.top_k, impl="chunked")
+
+
+def _dpls_chunked(p: LossProblem) -> Step:
+    return lambda t: _finish(_chunked_dpls(t["logits"], t["target"], p))
+
+
+def _triton_rows(*, eps: float | None, k: int | None, inplace: bool) -> Callable[[LossProblem], Step]:
+    """Our kernel called directly (no validation): DPLS, or CE (ε=0) / LS (k=V) through the same kernel."""
+
+    def make(p: LossProblem) -> Step:
+        from dpls.losses.triton_impl import triton_dpls_loss
+
+        epsilon = p.epsilon if eps is None else eps
+        top_k = p.top_k if k is None else min(k, p.v)
+
+        def step(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            # like Liger, the in-place variants overwrite the leaf itself: no copy of the logits
+            return _finish(
+                triton_dpls_loss(t["logits"], t["target"], epsilon, top_k, -100, "mean", False, inplace)
+            )
+
+        return step
+
+    return make
+
+
+def _liger_ce(*, smoothing: bool) -> Callable[[LossProblem], Step]:
+    def make(p: LossProblem) -> Step:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        fn = LigerCrossEntropyLoss(label_smoothing=p.epsilon if smoothing else 0.0)
+        return lambda t: _finish(fn(t["logits"], t["target"]))
+
+    return make
+
+
+# --- linear family -----------------------------------------------------------------------------
+
+
+def _dense(loss_of_logits: Callable[[torch.Tensor, torch.Tensor, LossProblem], torch.Tensor]):
+    def make(p: LossProblem) -> Step:
+        return lambda t: _finish(loss_of_logits(t["hidden"] @ t["weight"].t(), t["target"], p))
+
+    return make
+
+
+def _dense_triton_dpls(logits: torch.Tensor, target: torch.Tensor, p: LossProblem) -> torch.Tensor:
+    from dpls.losses.triton_impl import triton_dpls_loss
+
+    return triton_dpls_loss(logits, target, p.epsilon, p.top_k, -100, "mean", False, True)
+
+
+def _fused_triton_dpls(*, eps: float | None = None) -> Callable[[LossProblem], Step]:
+    def make(p: LossProblem) -> Step:
+        from dpls.losses.triton_linear import triton_dpls_linear_loss
+
+        epsilon = p.epsilon if eps is None else eps
+
+        def step(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            loss = triton_dpls_linear_loss(
+                t["hidden"], t["weight"], None, t["target"], epsilon, p.top_k, -100, "mean", False
+            )
+            return _finish(loss)
+
+        return step
+
+    return make
+
+
+def _liger_flce(*, smoothing: bool) -> Callable[[LossProblem], Step]:
+    def make(p: LossProblem) -> Step:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        fn = LigerFusedLinearCrossEntropyLoss(label_smoothing=p.epsilon if smoothing else 0.0)
+        return lambda t: _finish(fn(t["weight"], t["hidden"], t["target"]))
+
+    return make
+
+
+def _cce(p: LossProblem) -> Step:
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda t: _finish(linear_cross_entropy(t["hidden"], t["weight"], t["target"]))
+
+
+CONTENDERS: list[GpuContender] = [
+    # logits [N, V] already made
+    GpuContender("torch CE", "logits", "ce", _torch_ce),
+    GpuContender("torch CE (fp32 upcast)", "logits", "ce", _torch_ce_fp32),
+    GpuContender("torch LS", "logits", "ls", _torch_ls),
+    GpuContender("dpls chunked (pure torch)", "logits", "dpls", _dpls_chunked),
+    GpuContender("triton DPLS in-place", "logits", "dpls", _triton_rows(eps=None, k=None, inplace=True),
+                 _triton_ok, inplace=True),
+    GpuContender("triton DPLS", "logits", "dpls", _triton_rows(eps=None, k=None, inplace=False), _triton_ok),
+    GpuContender("triton CE in-place", "logits", "ce", _triton_rows(eps=0.0, k=None, inplace=True),
+                 _triton_ok, inplace=True),
+    GpuContender("triton LS in-place", "logits", "ls", _triton_rows(eps=None, k=1 << 30, inplace=True),
+                 _triton_ok, inplace=True),
+    GpuContender("liger CE", "logits", "ce", _liger_ce(smoothing=False), _cuda_package("liger_kernel"),
+                 inplace=True),
+    GpuContender("liger LS", "logits", "ls", _liger_ce(smoothing=True), _cuda_package("liger_kernel"),
+                 inplace=True),
+    # hidden [N, H] and weight [V, H]: the logits are part of the work
+    GpuContender("torch dense CE", "linear", "ce", _dense(lambda z, y, p: F.cross_entropy(z, y))),
+    GpuContender("torch dense DPLS (chunked)", "linear", "dpls", _dense(_chunked_dpls)),
+    GpuContender("triton dense DPLS in-place", "linear", "dpls", _dense(_dense_triton_dpls), _triton_ok),
+    GpuContender("triton fused-linear DPLS", "linear", "dpls", _fused_triton_dpls(), _triton_ok),
+    GpuContender("triton fused-linear CE", "linear", "ce", _fused_triton_dpls(eps=0.0), _triton_ok),
+    GpuContender("liger fused-linear CE", "linear", "ce", _liger_flce(smoothing=False), _cuda_package("liger_kernel")),
+    GpuContender("liger fused-linear LS", "linear", "ls", _liger_flce(smoothing=True), _cuda_package("liger_kernel")),
+    GpuContender("cut-cross-entropy", "linear", "ce", _cce, _cuda_package("cut_cross_entropy")),
+]  # fmt: skip
+
+
+def gpu_contenders(family: str | None = None, device: torch.device | None = None) -> list[GpuContender]:
+    """The contenders that can run on ``device`` (default: the current CUDA device, if any)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return []
+        device = torch.device("cuda")
+    return [c for c in CONTENDERS if (family is None or c.family == family) and c.available(device)]
+
+
+def register_all(register: Callable[[GpuContender], object]) -> int:
+    """Hand every available GPU contender to a benchmark registry; returns how many."""
+    found = gpu_contenders()
+    for c in found:
+        register(c)
+    return len(found)

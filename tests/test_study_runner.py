@@ -1,0 +1,209 @@
+"""The study runner: data positions of the seeds, planning, and (slow) a whole tiny study.
+
+The end-to-end tests train a tiny model on a small sample of the embedded corpus and check
+what a study promises: arms of one seed train on the very same batches, seeds on different
+ones, a rerun skips finished runs, and the report is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dpls.data import DataMeta, TokenLoader, write_shard
+from dpls.study.runner import advance_position, plan_study
+from dpls.study.spec import parse_spec
+
+# -- where each seed's data starts ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    names = []
+    for i, n in enumerate((700, 333, 512)):
+        names.append(f"train_{i:06d}.bin")
+        write_shard(root / names[-1], np.arange(n, dtype=np.uint16) % 500)
+    write_shard(root / "val_000000.bin", np.arange(300, dtype=np.uint16))
+    DataMeta(
+        tokenizer="gpt2",
+        tokenizer_file=None,
+        vocab_size=512,
+        eot_token=0,
+        train_shards=names,
+        val_shards=["val_000000.bin"],
+        train_tokens=700 + 333 + 512,
+        val_tokens=300,
+        source="test",
+    ).save(root)
+    return root
+
+
+@given(
+    batch=st.integers(1, 7),
+    world=st.integers(1, 3),
+    start=st.integers(0, 40),
+    steps=st.integers(0, 200),
+)
+def test_advance_position_matches_the_loader(tiny_data, batch, world, start, steps):
+    # Windows of 16 tokens: 43 + 20 + 31 = 94 per epoch (the shard tails are cut).
+    loader = TokenLoader(tiny_data, batch_size=batch, block_size=16, seed=3, rank=0, world_size=world)
+    for _ in range(start):
+        loader.next_batch()
+    epoch, position = loader.epoch, loader.position
+    for _ in range(steps):
+        loader.next_batch()
+    got = advance_position(epoch, position, steps, loader.num_windows, batch * world)
+    assert got == (loader.epoch, loader.position)
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+
+def _spec(tmp_path: Path, data: Path, **changes) -> dict:
+    spec = {
+        "name": "t",
+        "out_dir": str(tmp_path / "study"),
+        "data_dir": str(data),
+        "fork_step": 6,
+        "seeds": [0, 1],
+        "iters_per_arm": 4,
+        "train": {
+            "model": "tiny",
+            "n_layer": 1,
+            "n_embd": 32,
+            "n_head": 2,
+            "block_size": 16,
+            "batch_size": 2,
+        },
+        "arms": [
+            {"name": "ce", "loss": "ce"},
+            {"name": "dpls", "loss": "dpls", "dpls_epsilon": 0.1, "dpls_top_k": 5},
+        ],
+    }
+    spec.update(changes)
+    return spec
+
+
+def test_plan(tmp_path, tiny_data):
+    plan = plan_study(parse_spec(_spec(tmp_path, tiny_data)))
+    assert plan.fork_step == 6 and plan.iters_per_arm == 4 and plan.tokens_per_step == 32
+    assert plan.trunk is not None and plan.trunk.values["max_iters"] == 6
+    assert plan.trunk.values["lr_decay_iters"] == 10  # trunk and arms share one LR schedule
+    assert plan.trunk.values["loss"] == "ce"
+    assert [j.name for j in plan.arms] == ["ce/seed0", "dpls/seed0", "ce/seed1", "dpls/seed1"]
+    assert all(j.final_step == 10 for j in plan.arms)
+    assert plan.arms[3].values["dpls_top_k"] == 5 and plan.arms[3].values["seed"] == 1
+    assert "2 × seeds" in plan.describe() or "arms: 2" in plan.describe()
+    # a token budget is rounded up to whole steps of 32 tokens
+    plan = plan_study(parse_spec(_spec(tmp_path, tiny_data, iters_per_arm=None, tokens_per_arm=100)))
+    assert plan.iters_per_arm == 4
+
+
+def test_plan_rejects_bad_values_before_any_work(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_study(parse_spec(_spec(tmp_path, tiny_data, train={"batch_size": 0})))
+    with pytest.raises(ValueError, match="not a prepared data directory"):
+        plan_study(parse_spec(_spec(tmp_path, tiny_data, data_dir=str(tmp_path / "nothing"))))
+    with pytest.raises(ValueError, match=r"unknown key 'vocab' in \[prepare\].*vocab_size"):
+        plan_study(
+            parse_spec(_spec(tmp_path, tiny_data, data_dir=None, prepare={"source": "stdlib", "vocab": 5}))
+        )
+    assert not (tmp_path / "study").exists()
+
+
+# -- end to end (slow) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stdlib_sample(tmp_path_factory) -> Path:
+    from dpls.data.prepare import prepare_stdlib
+
+    out = tmp_path_factory.mktemp("stdlib") / "data"
+    prepare_stdlib(out, vocab_size=512, max_files=40, max_bpe_chars=200_000, progress=False)
+    return out
+
+
+def _record_batches(monkeypatch) -> dict[str, list[str]]:
+    """Hash every training batch, keyed by the run directory that drew it."""
+    import dpls.train.trainer as trainer
+
+    seen: dict[str, list[str]] = {}
+    current = {"run": ""}
+    real_train, real_next = trainer.train, TokenLoader.next_batch
+
+    def train(cfg):
+        current["run"] = str(Path(cfg.out_dir).resolve())
+        return real_train(cfg)
+
+    def next_batch(self):
+        x, y = real_next(self)
+        if self.split == "train":
+            seen.setdefault(current["run"], []).append(hashlib.sha1(x.numpy().tobytes()).hexdigest())
+        return x, y
+
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
+    return seen
+
+
+@pytest.mark.slow
+def test_study_end_to_end_pairs_arms_and_skips_finished_runs(tmp_path, stdlib_sample, monkeypatch):
+    from dpls.study.runner import run_study
+
+    seen = _record_batches(monkeypatch)
+    data = _spec(tmp_path, stdlib_sample, eval={"tokens": 2048, "batch_size": 4})
+    data["train"].update(eval_interval=5, eval_tokens=512, log_interval=1, warmup_iters=2)
+    spec = parse_spec(data)
+    report = run_study(spec, progress=False)
+    study = tmp_path / "study"
+    assert report == study / "report" / "report.md" and report.is_file()
+
+    def arm(name: str, seed: int) -> str:
+        return str((study / "arms" / name / f"seed{seed}").resolve())
+
+    # Each arm trained its 4 steps (batch_size 2, no accumulation: one batch per step) ...
+    assert all(len(seen[arm(a, s)]) == 4 for a in ("ce", "dpls") for s in (0, 1))
+    # ... on the same batches as the other arm of its seed, and on other batches than the other seed.
+    assert seen[arm("ce", 0)] == seen[arm("dpls", 0)]
+    assert seen[arm("ce", 1)] == seen[arm("dpls", 1)]
+    assert not set(seen[arm("ce", 0)]) & set(seen[arm("ce", 1)])
+    # Seed 0 continues the trunk's stream exactly where the trunk stopped.
+    trunk = TokenLoader(stdlib_sample, batch_size=2, block_size=16, seed=1337)
+    hashes = [hashlib.sha1(trunk.next_batch()[0].numpy().tobytes()).hexdigest() for _ in range(14)]
+    assert hashes[:6] == seen[str((study / "trunk").resolve())]
+    assert hashes[6:10] == seen[arm("ce", 0)]
+    assert hashes[10:14] == seen[arm("ce", 1)]  # seed 1 skips one arm budget further
+
+    # The losses differ between arms (DPLS logs ε = 0.1), the evaluation and report exist.
+    rows = [
+        json.loads(line)
+        for line in (study / "arms" / "dpls" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert {r["epsilon"] for r in rows if "epsilon" in r} == {pytest.approx(0.1)}
+    summary = json.loads((study / "report" / "summary.json").read_text())
+    assert summary["paired"] is True and set(summary["differences"]) == {"dpls"}
+    for s in (0, 1):
+        metrics = json.loads((study / "arms" / "dpls" / f"seed{s}" / "eval" / "metrics.json").read_text())
+        assert summary["arms"]["dpls"]["metrics"]["loss"]["values"][s] == pytest.approx(metrics["loss"])
+    state = json.loads((study / "study_state.json").read_text())
+    assert {r["status"] for r in state["runs"]} == {"done"} and state["trunk_status"] == "done"
+
+    # A rerun trains nothing and evaluates nothing.
+    seen.clear()
+    import dpls.eval.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
+    assert run_study(spec, progress=False) == report
+    assert seen == {}
+
+    # A changed study file that contradicts a finished run stops before any work.
+    data["arms"][1]["dpls_epsilon"] = 0.2
+    with pytest.raises(ValueError, match=r"dpls_epsilon=0\.1 but the study now says dpls_epsilon=0\.2"):
+        run_study(parse_spec(data), progress=False)

@@ -1,0 +1,330 @@
+"""The trainer end to end on a tiny synthetic corpus: metrics, bitwise resume, kill -9, fork, faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpls.cli import main
+from dpls.data import DataMeta, write_shard
+from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from dpls.train.config import load_config
+from dpls.train.loggers import read_metrics
+from dpls.train.trainer import TrainingError, train
+
+SPEC_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
+VAL_KEYS = ("val_ce", "val_ppl", "val_entropy")
+
+
+def make_corpus(root: Path, vocab: int = 64, train_tokens: int = 40_000, val_tokens: int = 3_000) -> Path:
+    """Shards of a noisy deterministic chain (next = 5·cur + 3 mod V, 15% random): learnable fast."""
+    rng = np.random.default_rng(0)
+
+    def stream(n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        cur = 0
+        noise = rng.random(n) < 0.15
+        jumps = rng.integers(0, vocab, n)
+        for i in range(n):
+            cur = int(jumps[i]) if noise[i] else (5 * cur + 3) % vocab
+            out[i] = cur
+        return out
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_shard(root / "train_000000.bin", stream(train_tokens))
+    write_shard(root / "val_000000.bin", stream(val_tokens))
+    (root / "tokenizer.json").write_text("{}")  # copied into the run, never parsed here
+    DataMeta(
+        tokenizer="bpe",
+        tokenizer_file="tokenizer.json",
+        vocab_size=vocab,
+        eot_token=0,
+        train_shards=["train_000000.bin"],
+        val_shards=["val_000000.bin"],
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        source="files",
+    ).save(root)
+    return root
+
+
+def base_args(data: Path, out: Path, **extra: object) -> list[str]:
+    values: dict[str, object] = {
+        "data_dir": data,
+        "out_dir": out,
+        "model": "tiny",
+        "n_layer": 2,
+        "n_embd": 64,
+        "n_head": 2,
+        "block_size": 32,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_iters": 40,
+        "learning_rate": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_iters": 5,
+        "lr_decay_iters": 40,
+        "eval_interval": 10,
+        "eval_tokens": 1024,
+        "log_interval": 1,
+        "checkpoint_interval": 10,
+        "keep_checkpoints": 2,
+        "device": "cpu",
+        "dtype": "float32",
+        "progress": False,
+    }
+    values.update(extra)
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def run_train(data: Path, out: Path, **extra: object) -> Path:
+    return train(load_config(overrides=base_args(data, out, **extra)))
+
+
+def train_rows(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run) if "loss" in r}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine, tiny matmuls on 2 spinning OpenMP threads
+    run ~10× slower. Subprocesses get OMP_NUM_THREADS=1 too, so bitwise comparisons hold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("data") / "chain")
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory) -> Path:
+    """40 steps without interruption: the reference every resumed run must reproduce."""
+    return run_train(corpus, tmp_path_factory.mktemp("runs") / "straight")
+
+
+@pytest.fixture(scope="module")
+def half(corpus, tmp_path_factory) -> Path:
+    """The same run stopped after 20 steps (max_iters=20; the LR schedule is pinned by lr_decay_iters)."""
+    return run_train(corpus, tmp_path_factory.mktemp("runs") / "half", max_iters=20)
+
+
+def test_metrics_and_run_files(straight, corpus):
+    rows = read_metrics(straight)
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 41))
+    for r in train:
+        assert all(k in r for k in SPEC_KEYS) and r["skipped"] == 0
+        assert r["tokens"] == r["step"] * 4 * 32 * 2 and r["epsilon"] == 0.0 and r["loss"] == r["ce"]
+        assert r["mfu"] is None  # CPU: no peak to compare with
+    evals = [r for r in rows if "val_ce" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30, 40]
+    assert all(all(k in r for k in VAL_KEYS) for r in evals)
+    assert evals[-1]["val_ce"] < evals[0]["val_ce"] - 1.0  # it learns the chain
+    assert math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_ce"]), rel_tol=1e-9)
+    # LR of row `step` (the step-1'th update): linear warmup over 5 steps, cosine to min_lr at 40
+    for r in train:
+        it = r["step"] - 1
+        want = (
+            3e-3 * (it + 1) / 6 if it < 5 else 3e-4 + 0.5 * (1 + math.cos(math.pi * (it - 5) / 35)) * 2.7e-3
+        )
+        assert r["lr"] == pytest.approx(want, rel=1e-12)
+    # run files
+    assert [p.name for p in list_checkpoints(straight)] == [
+        "step_0000030",
+        "step_0000040",
+    ]  # keep_checkpoints=2
+    assert (straight / "config.toml").is_file()
+    assert (straight / "tokenizer" / "meta.json").is_file() and (
+        straight / "tokenizer" / "tokenizer.json"
+    ).is_file()
+    assert not load_model(straight).training
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(straight, half, tmp_path):
+    run = tmp_path / "half"
+    shutil.copytree(half, run)
+    assert main(["train", f"--resume_dir={run}", "--max_iters=40"]) == 0
+    want, got = train_rows(straight), train_rows(run)
+    assert sorted(got) == list(range(1, 41))  # every step once
+    for step in range(1, 41):
+        for k in ("loss", "ce", "grad_norm", "lr", "tokens"):
+            assert got[step][k] == want[step][k], (step, k)
+    a, b = load_model(straight), load_model(run)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_fork_continues_step_tokens_and_data(straight, half, tmp_path):
+    # A CE "fork" is the same computation as resuming: the data position and RNG carry over.
+    same = tmp_path / "ce_fork"
+    assert main(["train", f"--resume_dir={half}", f"--out_dir={same}", "--max_iters=25"]) == 0
+    want = train_rows(straight)
+    assert {s: r["loss"] for s, r in train_rows(same).items()} == {s: want[s]["loss"] for s in range(21, 26)}
+
+    # The published recipe: CE run, then --resume_dir=CE_RUN --loss=dpls --out_dir=NEW
+    fork = tmp_path / "dpls_fork"
+    args = [f"--resume_dir={half}", f"--out_dir={fork}", "--loss=dpls", "--dpls_top_k=8", "--max_iters=25"]
+    assert main(["train", *args]) == 0
+    rows = train_rows(fork)
+    assert sorted(rows) == [21, 22, 23, 24, 25]
+    first = rows[21]
+    assert first["tokens"] == want[21]["tokens"] and first["epsilon"] == pytest.approx(0.1)
+    assert first["loss"] > first["ce"]  # the smoothed objective is not CE ...
+    assert first["ce"] == pytest.approx(want[21]["ce"], rel=1e-5)  # ... but CE of the very same tokens
+    saved = (fork / "config.toml").read_text()
+    assert 'loss = "dpls"' in saved and "batch_size = 4" in saved  # the rest inherited from the CE run
+    assert 'loss = "ce"' in (half / "config.toml").read_text()  # the source run is untouched
+    assert [p.name for p in list_checkpoints(half)] == ["step_0000010", "step_0000020"]
+
+
+def _bad(capsys, args: list[str], message: str, out: Path) -> None:
+    assert main(["train", *args]) == 2, args
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_bad_inputs_exit_2_and_write_nothing(capsys, corpus, straight, tmp_path):
+    out = tmp_path / "never"
+    _bad(capsys, base_args(tmp_path / "nodata", out), "not a prepared data directory", out)
+    broken = tmp_path / "broken"
+    shutil.copytree(corpus, broken)
+    with open(broken / "train_000000.bin", "r+b") as fh:
+        fh.truncate(5000)
+    _bad(capsys, base_args(broken, out), "train_000000.bin", out)
+    (broken / "train_000000.bin").unlink()
+    _bad(capsys, base_args(broken, out), "does not exist", out)
+    _bad(capsys, base_args(corpus, out, loss="dlps"), "loss", out)
+    _bad(capsys, base_args(corpus, out, batch_size=2000), "batch", out)
+    _bad(capsys, base_args(corpus, out, n_embd=63), "n_embd", out)
+    wide = make_corpus(tmp_path / "wide", vocab=300, train_tokens=5000, val_tokens=500)
+    _bad(capsys, [*base_args(wide, out), f"--resume_dir={straight}", "--max_iters=50"], "vocabulary", out)
+    _bad(capsys, [f"--resume_dir={straight}", f"--out_dir={out}"], "max_iters", out)  # nothing left to train
+    # an existing run with checkpoints is never overwritten
+    before = (straight / "metrics.jsonl").read_bytes()
+    assert main(["train", *base_args(corpus, straight)]) == 2
+    assert "--resume_dir" in capsys.readouterr().err
+    assert (straight / "metrics.jsonl").read_bytes() == before
+
+
+def test_gradient_accumulation_is_a_mean_over_the_global_batch(corpus, tmp_path):
+    """4 sequences × 2 micro-steps and 8 sequences × 1 see the same tokens: same loss and update."""
+    a = run_train(corpus, tmp_path / "a", max_iters=3, eval_interval=100, checkpoint_interval=100)
+    b = run_train(
+        corpus, tmp_path / "b", max_iters=3, batch_size=8, gradient_accumulation_steps=1, eval_interval=100
+    )
+    ra, rb = train_rows(a), train_rows(b)
+    for step in (1, 2, 3):
+        assert ra[step]["tokens"] == rb[step]["tokens"]
+        assert ra[step]["loss"] == pytest.approx(rb[step]["loss"], rel=1e-5)
+        assert ra[step]["grad_norm"] == pytest.approx(rb[step]["grad_norm"], rel=1e-4)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPLS_INJECT_NAN_AT_STEP", "3")
+    run = run_train(corpus, tmp_path / "nan", max_iters=5, eval_interval=100)
+    rows = train_rows(run)
+    assert rows[3]["skipped"] == 1 and math.isnan(rows[3]["loss"])
+    assert [rows[s]["skipped"] for s in (1, 2, 4, 5)] == [0, 0, 0, 0] and math.isfinite(rows[5]["loss"])
+    assert all(torch.isfinite(p).all() for p in load_model(run).parameters())
+
+    monkeypatch.setenv("DPLS_INJECT_NAN_AT_STEP", "2-10")
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        run_train(corpus, tmp_path / "nan_stop", max_iters=10, max_skipped_steps=3, eval_interval=100)
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpls", "train", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while latest_checkpoint(run) is None:
+        assert proc.poll() is None, "the trainer ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_finishes_like_the_uninterrupted_run(corpus, straight, tmp_path):
+    run = tmp_path / "killed"
+    args = base_args(corpus, run, checkpoint_interval=2)
+    proc = _spawn(args, tmp_path / "log1")
+    _wait_for_checkpoint(proc, run)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))  # somewhere in a step or a save
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL  # killed mid-run, not finished
+    killed_at = latest_checkpoint(run)
+    assert killed_at is not None
+    proc = _spawn([f"--resume_dir={run}"], tmp_path / "log2")
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log2").read_text()
+    assert latest_checkpoint(run).name == "step_0000040"
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
+    want, got = train_rows(straight), train_rows(run)
+    assert sorted(got) == list(range(1, 41))
+    assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]  # bitwise, across processes too
+
+
+def test_sigterm_saves_and_exits_0(corpus, tmp_path):
+    run = tmp_path / "term"
+    proc = _spawn(
+        base_args(corpus, run, max_iters=100000, checkpoint_interval=5, log_interval=5), tmp_path / "log"
+    )
+    _wait_for_checkpoint(proc, run)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()
+    last = max(train_rows(run))
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["step"] >= last  # the stop saved the step it ended on
+    assert "SIGTERM" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.slow
+def test_stdlib_corpus_end_to_end(tmp_path):
+    """`dpls prepare stdlib` (a small sample) then `dpls train --model=tiny --loss=dpls`."""
+    import dpls
+
+    data, run = tmp_path / "stdlib", tmp_path / "run"
+    assert (
+        main(["prepare", "stdlib", "--out", str(data), "--max-files", "60", "--vocab-size", "512", "--quiet"])
+        == 0
+    )
+    args = [f"--data_dir={data}", f"--out_dir={run}", "--model=tiny", "--max_iters=40", "--loss=dpls"]
+    args += ["--dpls_top_k=20", "--block_size=64", "--batch_size=16", "--learning_rate=3e-3", "--min_lr=3e-4"]
+    args += [
+        "--warmup_iters=4",
+        "--eval_interval=20",
+        "--eval_tokens=2048",
+        "--device=cpu",
+        "--progress=false",
+    ]
+    assert main(["train", *args]) == 0
+    rows = read_metrics(run)
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 4 and all(all(k in r for k in SPEC_KEYS) for r in train)  # log_interval 10
+    assert all(r["epsilon"] == pytest.approx(0.1) and r["loss"] != r["ce"] for r in train)
+    val = [r["val_ce"] for r in rows if "val_ce" in r]
+    assert len(val) == 3 and val[0] > val[1] > val[2]  # steps 0, 20, 40
+    tok = dpls.load_tokenizer(run)  # from RUN/tokenizer/
+    text = "def f(x):\n    return x + 1\n"
+    assert tok.decode(tok.encode(text)) == text
