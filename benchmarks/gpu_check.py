@@ -525,7 +525,7 @@ def main() -> int:
         reps = args.reps if big else 2
         problems = [
             ("logits", LossProblem(N, V, bf16, 0.1, 100)),
-            ("logits", LossProblem(N, V, bf16, 0.1, 1024)),
+            ("logits", LossProblem(N, V, bf16, 0.1, min(1024, V))),
             ("logits", LossProblem(N // 8, BIGV, bf16, 0.1, 100)),
             ("logits", LossProblem(N // 4, V, fp32, 0.1, 100)),
             ("linear", LossProblem(N, V, bf16, 0.1, 100, hidden=1024 if big else 16)),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dpls.data import DataMeta, write_shard
 from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_trainer_state
@@ -144,6 +145,17 @@ def assert_same_losses(got: dict[int, dict], want: dict[int, dict], steps) -> No
         for key in ("loss", "ce"):
             assert got[s][key] == pytest.approx(want[s][key], abs=TOL, rel=TOL), (s, key, got[s], want[s])
         assert got[s]["tokens"] == want[s]["tokens"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The in-process runs use one thread, like each torchrun worker: on a loaded two-core
+    machine, OpenMP threads spinning against other processes make a tiny model's step
+    ~100× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

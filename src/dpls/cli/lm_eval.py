@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from dpls.cli import UsageError
@@ -67,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from err
+    except ConnectionError as err:  # task data not cached and no network: not a usage error
+        print(f"dpls lm-eval: error: {err}", file=sys.stderr)
+        return 1
     print(results_table(results))
     print(f"wrote {args.out}/results.json, {args.out}/results.md")
     return 0

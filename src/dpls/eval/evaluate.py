@@ -105,6 +105,33 @@ def run_settings(checkpoint: Path) -> dict[str, Any]:
     return read_toml(path)
 
 
+def _saved_data_dir(cfg: dict[str, Any], checkpoint: Path) -> str | None:
+    """The run's data_dir. A relative one was relative to where training started: found from
+    here as given, else from the directory the run's (relative) out_dir was created in."""
+    data_dir, out_dir = cfg.get("data_dir"), cfg.get("out_dir")
+    if not data_dir or Path(data_dir).is_absolute() or (Path(data_dir) / "meta.json").is_file():
+        return data_dir
+    run_dir = checkpoint.resolve().parent.parent
+    if out_dir and not Path(out_dir).is_absolute():
+        parts = Path(out_dir).parts
+        if run_dir.parts[-len(parts) :] == parts:
+            candidate = Path(*run_dir.parts[: -len(parts)]) / data_dir
+            if (candidate / "meta.json").is_file():
+                return str(candidate)
+    return data_dir
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (an empty bin's mean) → null: strict JSON readers reject NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write into a temporary file beside ``path`` and rename it: never a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -166,7 +193,7 @@ def evaluate_checkpoint(
     path = resolve_checkpoint(path)  # a run directory → its latest checkpoint
     if data_dir is None or block_size is None:
         cfg = run_settings(path)
-        data_dir = data_dir if data_dir is not None else cfg.get("data_dir")
+        data_dir = data_dir if data_dir is not None else _saved_data_dir(cfg, path)
         block_size = block_size if block_size is not None else cfg.get("block_size")
         if not data_dir or not block_size:
             raise ValueError(f"{path}/config.toml lacks data_dir or block_size; pass them explicitly")
@@ -214,16 +241,18 @@ def evaluate_checkpoint(
     equal_width, equal_mass = acc.reliability(), acc.reliability(adaptive=True)
     _write_json_atomic(
         files["bins"],
-        {
-            "checkpoint": str(path),
-            "data_dir": str(data_dir),
-            "block_size": block_size,
-            "batch_size": batch_size,
-            "dtype": dtype,
-            "reliability": equal_width.to_dict(),
-            "reliability_adaptive": equal_mass.to_dict(),
-            "entropy_histogram": {"edges": edges, "counts": counts},
-        },
+        _json_safe(
+            {
+                "checkpoint": str(path),
+                "data_dir": str(data_dir),
+                "block_size": block_size,
+                "batch_size": batch_size,
+                "dtype": dtype,
+                "reliability": equal_width.to_dict(),
+                "reliability_adaptive": equal_mass.to_dict(),
+                "entropy_histogram": {"edges": edges, "counts": counts},
+            }
+        ),
     )
     if plots:
         from dpls.eval.plots import plot_entropy_histogram, plot_reliability

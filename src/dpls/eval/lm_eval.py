@@ -154,21 +154,27 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": dtype},
-        tasks=names,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        device=str(dev),
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": dtype},
+            tasks=names,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            device=str(dev),
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except ConnectionError as err:  # a task's data set is neither cached nor reachable
+        raise ConnectionError(
+            f"{err}. The harness loads each task's data from the Hugging Face Hub (then caches it): "
+            "run once with network access, or give tasks over local files with include_path"
+        ) from err
     if results is None:  # non-zero ranks of a distributed harness run
         return {}
     results = dict(results)

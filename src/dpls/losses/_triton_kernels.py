@@ -1,26 +1,28 @@
 """Triton kernels for the fused DPLS loss (imported lazily by ``triton_impl``).
 
 One program walks whole rows (a persistent grid strides over them). Selection works on *keys*: the
-int32 whose signed order is the order of the float values (``_signed_key``). Per row:
+int32 whose signed order is the order of the float values (``_signed_key``). The row is seen as
+``BLOCK_V`` lanes, lane ``j`` holding entries ``j, j + BLOCK_V, j + 2·BLOCK_V, …``. Per row:
 
-1. **stats pass** — online max ``m`` and ``s = Σ exp(z − m)``, plus a running maximum per lane of
-   the block (``BLOCK_V`` lanes, each the max of a strided subset of the row).
-2. **lower bound** — the k-th largest lane maximum ``L``: at least k entries of the row are ≥ ``L``,
-   so the k-th largest entry ``t`` is ≥ ``L``. Found by bisection on the key range, in registers.
-3. **compaction pass** — the entries ≥ ``L`` (typically between k and 2k of them) are copied to a
-   per-program scratch row of ``CAP`` entries.
-4. **exact threshold** — bisection on the key range ``[L, key(m)]``, counting in the scratch row
-   (cache-resident), gives ``t``, the count strictly above it and the number of ties at it. If more
-   than ``CAP`` entries were ≥ ``L`` (heavy ties, or k larger than the block), the bisection counts
-   over the row itself instead: slower, same result.
-5. **final pass** — membership of T (above ``t``, plus the first ``k_rem`` ties by lowest index, so
+1. **stats pass** — online max ``m`` and ``s = Σ exp(z − m)``, and for each lane its ``TOP_R``
+   largest values (a small insertion network in registers: ``2·TOP_R`` min/max per entry).
+2. **threshold from the lanes' top values** — bisection on the key range gives ``t``, the k-th
+   largest key among those ``TOP_R · BLOCK_V`` values, with the counts above and at it. If every
+   lane that had to drop values dropped only values below ``t`` (its ``TOP_R``-th value is < t),
+   every entry ≥ t is among them, so ``t`` and both counts are exact for the whole row. This holds
+   unless some lane holds ``TOP_R`` or more of the top-k (the host picks ``TOP_R`` so that happens in
+   well under 1% of rows of random order).
+3. **fallback** (when the certificate fails) — ``t`` is still a lower bound of the true threshold:
+   the entries ≥ it are compacted into a per-program scratch row of ``CAP`` entries and the exact
+   threshold is found by bisection there (or, past ``CAP``, by counting over the row itself).
+4. **final pass** — membership of T (above ``t``, plus the first ``k_rem`` ties by lowest index, so
    exactly k entries), the top-k sum for the loss, and the gradient
    ``softmax − (1−ε)·onehot(y) − (ε/k)·1[T]``, already scaled, in the logits' dtype (possibly into
    the logits' own storage: each element is read before it is overwritten).
 
-A row is read three times (the second and third reads usually hit L2) and written once. Only
-elementwise ops, reductions and a scan are used (no ``tl.histogram``, whose cost differs a lot
-between Triton versions), so the kernel runs the same under Triton's CPU interpreter.
+So a row is usually read twice and written once, like a fused cross-entropy. Only elementwise ops,
+reductions and scans are used (no ``tl.histogram``, whose cost differs a lot between Triton
+versions), so the kernels also run under Triton's CPU interpreter.
 """
 
 from __future__ import annotations
@@ -53,16 +55,69 @@ def _signed_key(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _bisect_registers(keys, top_k, lo, hi):
-    """Largest ``t`` in ``[lo, hi)`` with at least ``top_k`` of ``keys`` ≥ t (given: ``lo`` qualifies)."""
-    while hi - lo > 1:
-        mid = (lo + (hi - lo) // 2).to(tl.int32)
-        count = tl.sum((keys >= mid).to(tl.int32), 0)
-        if count >= top_k:
-            lo = mid.to(tl.int64)
-        else:
-            hi = mid.to(tl.int64)
-    return lo.to(tl.int32)
+def _insert(k0, k1, k2, k3, k4, k5, k6, k7, v, TOP_R: tl.constexpr):
+    """Insert ``v`` into each lane's descending list ``k0 ≥ k1 ≥ …`` of its ``TOP_R`` largest values."""
+    h = tl.maximum(k0, v)
+    v = tl.minimum(k0, v)
+    k0 = h
+    if TOP_R > 1:
+        h = tl.maximum(k1, v)
+        v = tl.minimum(k1, v)
+        k1 = h
+    if TOP_R > 2:
+        h = tl.maximum(k2, v)
+        v = tl.minimum(k2, v)
+        k2 = h
+    if TOP_R > 3:
+        h = tl.maximum(k3, v)
+        v = tl.minimum(k3, v)
+        k3 = h
+    if TOP_R > 4:
+        h = tl.maximum(k4, v)
+        v = tl.minimum(k4, v)
+        k4 = h
+    if TOP_R > 5:
+        h = tl.maximum(k5, v)
+        v = tl.minimum(k5, v)
+        k5 = h
+    if TOP_R > 6:
+        h = tl.maximum(k6, v)
+        v = tl.minimum(k6, v)
+        k6 = h
+    if TOP_R > 7:
+        k7 = tl.maximum(k7, v)
+    return k0, k1, k2, k3, k4, k5, k6, k7
+
+
+@triton.jit
+def _lane_key(value, held, dtype, KEY_BITS: tl.constexpr):
+    """Key of a lane's kept value; -2^31 (below every real key) where the lane holds no such value."""
+    if KEY_BITS == 16:
+        key = _signed_key(value.to(dtype), KEY_BITS)
+    else:
+        key = _signed_key(value, KEY_BITS)
+    return tl.where(held, key, -2147483648)
+
+
+@triton.jit
+def _count_kept(q0, q1, q2, q3, q4, q5, q6, q7, t, TOP_R: tl.constexpr):
+    """How many kept keys are ≥ ``t``."""
+    c = (q0 >= t).to(tl.int32)
+    if TOP_R > 1:
+        c += (q1 >= t).to(tl.int32)
+    if TOP_R > 2:
+        c += (q2 >= t).to(tl.int32)
+    if TOP_R > 3:
+        c += (q3 >= t).to(tl.int32)
+    if TOP_R > 4:
+        c += (q4 >= t).to(tl.int32)
+    if TOP_R > 5:
+        c += (q5 >= t).to(tl.int32)
+    if TOP_R > 6:
+        c += (q6 >= t).to(tl.int32)
+    if TOP_R > 7:
+        c += (q7 >= t).to(tl.int32)
+    return tl.sum(c, 0)
 
 
 @triton.jit
@@ -117,27 +172,97 @@ def _compact(row, V, low, dst, CAP: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_
 
 @triton.jit
 def _select_threshold(
-    row, V, lane_max, m, top_k, scratch, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr, CAP: tl.constexpr
+    row,
+    V,
+    k0,
+    k1,
+    k2,
+    k3,
+    k4,
+    k5,
+    k6,
+    k7,
+    m,
+    top_k,
+    scratch,
+    KEY_BITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CAP: tl.constexpr,
+    TOP_R: tl.constexpr,
 ):
     """The k-th largest key ``t`` of the row, how many entries exceed it and how many equal it."""
-    if KEY_BITS == 16:
-        lane_keys = _signed_key(lane_max.to(row.dtype.element_ty), KEY_BITS)
-        top = _signed_key(m.to(row.dtype.element_ty), KEY_BITS)
+    dtype = row.dtype.element_ty
+    lane = tl.arange(0, BLOCK_V)
+    per_lane = tl.where(lane < V, (V - 1 - lane) // BLOCK_V + 1, 0)  # entries each lane saw
+    q0 = _lane_key(k0, per_lane > 0, dtype, KEY_BITS)
+    q1 = _lane_key(k1, per_lane > 1, dtype, KEY_BITS)
+    q2 = _lane_key(k2, per_lane > 2, dtype, KEY_BITS)
+    q3 = _lane_key(k3, per_lane > 3, dtype, KEY_BITS)
+    q4 = _lane_key(k4, per_lane > 4, dtype, KEY_BITS)
+    q5 = _lane_key(k5, per_lane > 5, dtype, KEY_BITS)
+    q6 = _lane_key(k6, per_lane > 6, dtype, KEY_BITS)
+    q7 = _lane_key(k7, per_lane > 7, dtype, KEY_BITS)
+    top = _signed_key(m.to(dtype), KEY_BITS)
+    # bisection on [lo, hi): #kept ≥ lo is ≥ k (or lo = -2^31, trivially a lower bound), #kept ≥ hi = 0
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = top.to(tl.int64) + 1
+    count_lo = _count_kept(q0, q1, q2, q3, q4, q5, q6, q7, -2147483647, TOP_R)  # real kept values
+    count_hi = tl.zeros([], dtype=tl.int32)
+    if count_lo >= top_k:
+        lowest = tl.min(tl.where(q0 > -2147483648, q0, 2147483647), 0)  # a lane's max: kept by every lane
+        if TOP_R > 1:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q1 > -2147483648, q1, 2147483647), 0))
+        if TOP_R > 2:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q2 > -2147483648, q2, 2147483647), 0))
+        if TOP_R > 3:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q3 > -2147483648, q3, 2147483647), 0))
+        if TOP_R > 4:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q4 > -2147483648, q4, 2147483647), 0))
+        if TOP_R > 5:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q5 > -2147483648, q5, 2147483647), 0))
+        if TOP_R > 6:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q6 > -2147483648, q6, 2147483647), 0))
+        if TOP_R > 7:
+            lowest = tl.minimum(lowest, tl.min(tl.where(q7 > -2147483648, q7, 2147483647), 0))
+        lo = lowest.to(tl.int64)
+        while hi - lo > 1:
+            mid = (lo + (hi - lo) // 2).to(tl.int32)
+            count = _count_kept(q0, q1, q2, q3, q4, q5, q6, q7, mid, TOP_R)
+            if count >= top_k:
+                lo = mid.to(tl.int64)
+                count_lo = count
+            else:
+                hi = mid.to(tl.int64)
+                count_hi = count
+    t = lo.to(tl.int32)
+    # certificate: a lane that saw more than TOP_R entries dropped only values ≤ its TOP_R-th one
+    if TOP_R == 1:
+        floor = q0
+    elif TOP_R == 2:
+        floor = q1
+    elif TOP_R == 3:
+        floor = q2
+    elif TOP_R == 4:
+        floor = q3
+    elif TOP_R == 5:
+        floor = q4
+    elif TOP_R == 6:
+        floor = q5
+    elif TOP_R == 7:
+        floor = q6
     else:
-        lane_keys = _signed_key(lane_max, KEY_BITS)
-        top = _signed_key(m, KEY_BITS)
-    hi = top.to(tl.int64) + 1  # no entry is above the row's max
-    if top_k <= BLOCK_V:  # enough lanes to certify a lower bound
-        low = _bisect_registers(lane_keys, top_k, tl.min(lane_keys, 0).to(tl.int64), hi)
-    else:
-        low = tl.full([], -2147483648, tl.int32)
-    tl.debug_barrier()  # the previous row's readers of the scratch row are done
-    n_cand = _compact(row, V, low, scratch, CAP, KEY_BITS, BLOCK_V)
-    tl.debug_barrier()  # the scratch row is visible to every thread of the program
-    if n_cand <= CAP:
-        t, above, ties = _bisect_memory(scratch, n_cand, top_k, low.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
-    else:  # too many candidates to hold: count over the row itself
-        t, above, ties = _bisect_memory(row, V, top_k, low.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
+        floor = q7
+    dropped_max = tl.max(tl.where(per_lane > TOP_R, floor, -2147483648), 0)
+    above = count_hi
+    ties = count_lo - count_hi
+    if (dropped_max >= t) | (t == -2147483648):  # not certified: t is only a lower bound
+        tl.debug_barrier()  # the previous row's readers of the scratch row are done
+        n_cand = _compact(row, V, t, scratch, CAP, KEY_BITS, BLOCK_V)
+        tl.debug_barrier()  # the scratch row is visible to every thread of the program
+        if n_cand <= CAP:
+            t, above, ties = _bisect_memory(scratch, n_cand, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
+        else:  # too many candidates to hold: count over the row itself
+            t, above, ties = _bisect_memory(row, V, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
     return t, above, ties
 
 
@@ -161,6 +286,7 @@ def _dpls_rows_kernel(
     KEY_BITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     CAP: tl.constexpr,
+    TOP_R: tl.constexpr,
     TOPK_MODE: tl.constexpr,
     EPS_PER_ROW: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
@@ -199,10 +325,17 @@ def _dpls_rows_kernel(
                 grad_scale = mean_scale
             z_y = tl.load(row + col).to(tl.float32)
 
-            # 1. stats pass: online max / sum-exp, and the max of each lane
+            # 1. stats pass: online max / sum-exp, and each lane's TOP_R largest values
             m = -float("inf")
             s = 0.0
-            lane_max = tl.full([BLOCK_V], -float("inf"), tl.float32)
+            k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
+            k1 = k0
+            k2 = k0
+            k3 = k0
+            k4 = k0
+            k5 = k0
+            k6 = k0
+            k7 = k0
             for start in range(0, V, BLOCK_V):
                 idx = start + offs
                 xf = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
@@ -210,18 +343,20 @@ def _dpls_rows_kernel(
                 s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xf - m_new), 0)
                 m = m_new
                 if TOPK_MODE == 1:
-                    lane_max = tl.maximum(lane_max, xf)
+                    k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
 
-            # 2–4. the threshold of T
+            # 2–3. the threshold of T
             t = tl.zeros([], dtype=tl.int32)
             k_rem = tl.zeros([], dtype=tl.int32)
             ties = tl.zeros([], dtype=tl.int32)
             if TOPK_MODE == 1:
-                t, above, ties = _select_threshold(row, V, lane_max, m, top_k, scratch, KEY_BITS, BLOCK_V, CAP)
+                t, above, ties = _select_threshold(
+                    row, V, k0, k1, k2, k3, k4, k5, k6, k7, m, top_k, scratch, KEY_BITS, BLOCK_V, CAP, TOP_R
+                )
                 k_rem = top_k - above
             need_rank = ties > k_rem  # only then does the index order of ties matter
 
-            # 5. final pass: membership of T, top-k sum, gradient
+            # 4. final pass: membership of T, top-k sum, gradient
             inv_s = 1.0 / s
             c_target = (1.0 - eps) * grad_scale
             c_topk = eps / top_k * grad_scale

@@ -1,2 +1,202 @@
-def dpls_linear_loss(*a, **k):
-    raise NotImplementedError
+"""Fused-linear DPLS: hidden states and the output weight in, loss out, never the whole ``[N, V]`` logits.
+
+Rows are processed in chunks of ``chunk_size``: for each chunk the logits ``h W^T (+ b)`` are
+formed in the input dtype (as the model's head would), the per-row statistics and the loss are
+taken in float32, and — when a gradient will be needed — ``d logits = (softmax − q)·scale`` is
+formed at once and folded into ``grad_hidden`` (rows of this chunk) and ``grad_weight`` /
+``grad_bias`` (accumulated in float32). Peak extra memory is one chunk of logits plus the
+gradients of the inputs, whatever ``N`` is.
+
+For ``"mean"`` and ``"sum"`` the gradients are computed during the forward pass (the upstream
+gradient is a scalar that backward only multiplies in), which saves recomputing the matmul. For
+``"none"`` the upstream gradient differs per row, so backward walks the chunks again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpls.losses.chunked import (
+    Smoothing,
+    eps_rows,
+    is_active,
+    loss_rows,
+    row_scale,
+    row_stats,
+    write_grad,
+)
+from dpls.losses.reference import compute_dtype, reduce_rows, reference_dpls_loss
+from dpls.losses.registry import check_impl_name, register_linear_impl, resolve_impl
+from dpls.losses.validation import check_loss_args
+
+LINEAR_CHUNK_ELEMS = 1 << 22  # logits per chunk (16 MiB in float32): big enough for an efficient matmul
+
+
+def default_chunk_size(n: int, v: int) -> int:
+    return max(1, min(n, LINEAR_CHUNK_ELEMS // max(v, 1)))
+
+
+def _walk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    eps: torch.Tensor,
+    sm: Smoothing,
+    chunk: int,
+    scale: torch.Tensor | None,
+    need: tuple[bool, bool, bool],
+):
+    """One pass over the row chunks: per-row stats, and with ``scale`` the input gradients."""
+    n = hidden.shape[0]
+    cd = compute_dtype(hidden.dtype)
+    lse = torch.empty(n, dtype=cd, device=hidden.device)
+    smooth = torch.empty_like(lse)
+    z_y = torch.empty_like(lse)
+    need_h, need_w, need_b = need if scale is not None else (False, False, False)
+    g_h = torch.empty_like(hidden) if need_h else None
+    g_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
+    g_b = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) if need_b else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        h = hidden[s:e]
+        z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        zf = z.to(cd)
+        lse[s:e], smooth[s:e], tau = row_stats(zf, sm)
+        z_y[s:e] = zf.gather(1, y[s:e, None]).squeeze(1)
+        if scale is None or not (need_h or need_w or need_b):
+            continue
+        d = write_grad(zf, zf, lse[s:e], tau, y[s:e], scale[s:e], eps[s:e], sm)
+        d_in = d.to(hidden.dtype)  # the matmuls run in the model's dtype, as autograd would
+        if g_h is not None:
+            torch.mm(d_in, weight, out=g_h[s:e])
+        if g_w is not None:
+            g_w.add_(d_in.T @ h)
+        if g_b is not None:
+            g_b.add_(d.sum(0))
+    return lse, smooth, z_y, g_h, g_w, g_b
+
+
+class ChunkedLinearDPLS(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk):
+        valid = target != ignore_index
+        y = torch.where(valid, target, torch.zeros_like(target))
+        cd = compute_dtype(hidden.dtype)
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        eager = reduction != "none" and any(need)
+        scale = row_scale(torch.ones((), device=hidden.device), valid, reduction, cd).expand(y.shape[0])
+        with torch.no_grad():
+            lse, smooth, z_y, g_h, g_w, g_b = _walk(
+                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need
+            )
+            per_loss, per_nll = loss_rows(lse, z_y, smooth, eps, valid.to(cd))
+            loss = reduce_rows(per_loss, valid, reduction)
+            nll = reduce_rows(per_nll, valid, reduction)
+            if nll is loss:
+                nll = nll.clone()
+        ctx.eager, ctx.sm, ctx.reduction, ctx.chunk, ctx.need = eager, sm, reduction, chunk, need
+        if eager:
+            ctx.save_for_backward(*_cast((g_h, g_w, g_b), weight))
+        else:
+            ctx.save_for_backward(hidden, weight, bias, y, valid, eps)
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll):
+        if ctx.eager:
+            grads = [None if t is None else t * grad_loss.to(t.dtype) for t in ctx.saved_tensors]
+        else:
+            hidden, weight, bias, y, valid, eps = ctx.saved_tensors
+            scale = row_scale(grad_loss, valid, ctx.reduction, compute_dtype(hidden.dtype)).expand(y.shape[0])
+            with torch.no_grad():
+                grads = _cast(_walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need)[3:], weight)
+        return *grads, None, None, None, None, None, None
+
+
+def _cast(grads, weight: torch.Tensor) -> list[torch.Tensor | None]:
+    """Weight and bias gradients were accumulated in float32; hand them back in the weight's dtype."""
+    g_h, g_w, g_b = grads
+    return [g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(weight.dtype)]
+
+
+def chunked_linear_dpls_loss(
+    hidden, weight, bias, target, epsilon, top_k, ignore_index, reduction, return_nll, chunk_size
+):
+    n = hidden.shape[0]
+    eps = eps_rows(epsilon, n, compute_dtype(hidden.dtype), hidden.device)
+    sm = Smoothing(top_k=top_k, active=is_active(epsilon))
+    chunk = chunk_size or default_chunk_size(n, weight.shape[0])
+    loss, nll = ChunkedLinearDPLS.apply(hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk)
+    return (loss, nll) if return_nll else loss
+
+
+def reference_linear_dpls_loss(
+    hidden, weight, bias, target, epsilon, top_k, ignore_index, reduction, return_nll, chunk_size
+):
+    """Materialise the logits and call the dense reference (for tests and comparisons)."""
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    return reference_dpls_loss(logits, target, epsilon, top_k, ignore_index, reduction, return_nll)
+
+
+register_linear_impl("chunked", chunked_linear_dpls_loss, priority=10)
+register_linear_impl("reference", reference_linear_dpls_loss, priority=0)
+
+
+def dpls_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    epsilon: float | torch.Tensor = 0.1,
+    top_k: int = 100,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+    return_nll: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """DPLS of the logits ``hidden @ weight.T (+ bias)`` without materialising them (SPEC §1).
+
+    ``hidden`` is ``[..., C]``, ``weight`` ``[V, C]`` (the output embedding), ``bias`` ``[V]``;
+    ``target`` has ``hidden``'s shape without the last dimension. The other keywords are those of
+    :func:`dpls.losses.dpls_loss`; ``chunk_size`` is the number of rows per chunk (default: about
+    4M logits per chunk).
+    """
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, C] with C = hidden's last dimension; got hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(
+            f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})"
+        )
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
+        or bias.dtype != weight.dtype or bias.device != weight.device
+    ):
+        raise ValueError(f"bias must be a [V={weight.shape[0]}] tensor like weight, got {bias!r:.80}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_impl_name(impl, linear=True)
+    logits_shape = torch.Size((*hidden.shape[:-1], weight.shape[0]))
+    args = check_loss_args(
+        logits_shape, hidden.dtype, hidden.device, target, epsilon, top_k, ignore_index, reduction,
+        name="hidden @ weight.T",
+    )
+    spec = resolve_impl(impl, hidden.device, hidden.dtype, linear=True)
+    out = spec.fn(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, args.target, args.epsilon, args.top_k,
+        args.ignore_index, args.reduction, return_nll, chunk_size,
+    )
+    if reduction != "none":
+        return out
+    if return_nll:
+        return out[0].reshape(args.batch_shape), out[1].reshape(args.batch_shape)
+    return out.reshape(args.batch_shape)

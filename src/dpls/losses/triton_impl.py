@@ -12,6 +12,7 @@ The internal signature is the one of docs/ARCHITECTURE.md; arguments are validat
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -41,16 +42,17 @@ def is_available(device: torch.device | str) -> bool:
 class KernelConfig:
     """Launch shape of the row kernel; ``choose_config`` picks one from ``V``, dtype and device.
 
-    ``block_v``: entries per block of a row, a power of two (also the number of lanes whose maxima
-    bound the threshold from below, so keep it ≥ 2k); ``num_warps``: warps per program; ``cap``:
-    entries of the per-program scratch row that holds the candidates of the top-k (when more are
-    found the threshold is counted over the row itself: slower, same result; 0 forces that path);
-    ``programs``: size of the persistent grid (0 = the device's multiprocessors ×
+    ``block_v``: entries per block of a row, a power of two, also the number of lanes;
+    ``num_warps``: warps per program; ``top_r``: values each lane keeps (1–8; 0 = from k, see
+    :func:`lane_depth`); ``cap``: entries of the per-program scratch row used when the lanes' values
+    do not certify the threshold (past it the threshold is counted over the row itself: slower, same
+    result); ``programs``: size of the persistent grid (0 = the device's multiprocessors ×
     ``programs_per_sm``, capped by the number of rows).
     """
 
     block_v: int = 2048
     num_warps: int = 8
+    top_r: int = 0
     cap: int = 4096
     programs_per_sm: int = 4
     programs: int = 0
@@ -64,6 +66,24 @@ def choose_config(vocab: int, dtype: torch.dtype, device: torch.device) -> Kerne
     if device.type != "cuda":  # the interpreter: programs run one after another, keep blocks small
         return KernelConfig(block_v=min(block_v, 1024), num_warps=1, programs=4)
     return KernelConfig(block_v=block_v, num_warps=num_warps, cap=2 * block_v)
+
+
+def lane_depth(top_k: int, vocab: int, block_v: int, target_rate: float = 0.01) -> int:
+    """Values per lane so that under 1% of rows need the fallback, for top-k entries in random lanes.
+
+    A lane's share of the top-k is about Poisson(k / lanes); the certificate fails when a lane holds
+    ``top_r`` or more of them, so pick the smallest depth whose expected count of such lanes is
+    below ``target_rate``. A lane never sees more than ``ceil(V / block_v)`` entries.
+    """
+    per_lane = -(-vocab // block_v)
+    lam = top_k / block_v
+    term, below = math.exp(-lam), 0.0
+    for depth in range(1, 9):
+        below += term  # P(Poisson < depth)
+        term *= lam / depth
+        if depth >= per_lane or block_v * max(0.0, 1.0 - below) <= target_rate:
+            return depth
+    return 8
 
 
 def _kernels() -> ModuleType:
@@ -115,6 +135,7 @@ def launch_rows(
         topk_mode = k.TOPK_SELECT
     grid = _grid_size(n_rows, cfg, logits.device)
     cap = cfg.cap if topk_mode == k.TOPK_SELECT else 0
+    top_r = cfg.top_r or lane_depth(top_k, vocab, cfg.block_v)
     scratch = torch.empty(max(1, grid * cap), dtype=logits.dtype, device=logits.device)
     mode = {"mean": k.SCALE_MEAN, "row": k.SCALE_ROW, "one": k.SCALE_ONE}[scale_mode]
     dummy = loss  # any float32 tensor for pointers a mode does not read
@@ -139,6 +160,7 @@ def launch_rows(
         KEY_BITS=_KEY_BITS[logits.dtype],
         BLOCK_V=cfg.block_v,
         CAP=cap,
+        TOP_R=top_r if topk_mode == k.TOPK_SELECT else 1,
         TOPK_MODE=topk_mode,
         EPS_PER_ROW=per_row_eps,
         WRITE_GRAD=grad is not None,

@@ -1,0 +1,108 @@
+"""``dpls bench loss`` / ``dpls bench train``: performance comparisons as ratios measured in one run.
+
+``bench train`` lives in :mod:`dpls.bench.train` (written with the trainer), which provides
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when that command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+
+from dpls.cli import UsageError
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
+
+    loss = sub.add_parser(
+        "loss",
+        help="time and peak memory of the loss forward+backward vs F.cross_entropy",
+        description="Time and peak extra memory of one loss forward+backward for every contender "
+        "(F.cross_entropy, the published dense formulation, each DPLS implementation, plug-ins), "
+        "as ratios to F.cross_entropy measured in the same run.",
+    )
+    loss.add_argument("--n", type=int, default=4096, help="tokens (rows of the logits), default 4096")
+    loss.add_argument("--v", type=int, default=32000, help="vocabulary size, default 32000")
+    loss.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
+    loss.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available, else cpu)")
+    loss.add_argument("--top-k", type=int, default=100, help="k of DPLS, default 100")
+    loss.add_argument("--epsilon", type=float, default=0.1, help="ε of DPLS, default 0.1")
+    loss.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median), default 5")
+    loss.add_argument("--impls", default=None, help="comma-separated contenders (default: all available)")
+    loss.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    loss.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    loss.set_defaults(func=_run_loss)
+
+    train = sub.add_parser("train", help="training throughput and memory of the loss variants (tokens/s, MFU)")
+    if importlib.util.find_spec("dpls.bench.train") is not None:
+        module = importlib.import_module("dpls.bench.train")
+        module.add_arguments(train)
+        train.set_defaults(func=module.run)
+    else:
+        train.set_defaults(func=_train_missing)
+
+
+def _train_missing(args: argparse.Namespace) -> int:
+    raise UsageError("dpls bench train is not available in this installation (dpls.bench.train is missing)")
+
+
+def _config(args: argparse.Namespace):
+    import torch
+
+    from dpls.bench.loss import DTYPES, LossBenchConfig
+
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if args.v < 1:
+        raise UsageError(f"--v must be >= 1, got {args.v}")
+    if not 1 <= args.top_k <= args.v:
+        raise UsageError(f"--top-k must be in [1, --v={args.v}], got {args.top_k}")
+    if not 0.0 <= args.epsilon < 1.0:
+        raise UsageError(f"--epsilon must be in [0, 1), got {args.epsilon}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device!r} is not a device: {err}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda[:i], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    impls = None
+    if args.impls:
+        impls = tuple(s.strip() for s in args.impls.split(",") if s.strip())
+    return LossBenchConfig(
+        n=args.n, v=args.v, dtype=args.dtype, device=device, top_k=args.top_k, epsilon=args.epsilon,
+        repeats=args.repeats, impls=impls, memory=not args.no_memory,
+    )
+
+
+def _run_loss(args: argparse.Namespace) -> int:
+    import torch
+
+    from dpls.bench.loss import bench_loss, format_table, load_contenders, write_json
+
+    cfg = _config(args)
+    if cfg.impls is not None:
+        table = load_contenders(torch.device(cfg.device))
+        unknown = [n for n in cfg.impls if n not in table]
+        if unknown:
+            raise UsageError(f"--impls: unknown or unavailable {unknown}; available here: {', '.join(sorted(table))}")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"--json: cannot write {args.json!r}: folder {folder!r} missing or not writable")
+    rows = bench_loss(cfg)
+    print(format_table(rows, cfg))
+    if args.json:
+        write_json(args.json, rows, cfg)
+    return 0
