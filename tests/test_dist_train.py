@@ -12,9 +12,10 @@ process with the same global batch:
 3. SIGTERM to rank 1 only: both ranks stop at the same step, save, exit 0; resumed in
    place with one process, the losses are those of an uninterrupted run. A NaN injected
    on rank 1 only is skipped by both ranks on the way.
-4. FSDP2, the checkpoint write fails with ENOSPC on rank 1 only: every rank goes on, the
-   previous checkpoint stays the latest and intact, the message says so; then NaN steps
-   in a row stop both ranks with a message naming the count.
+4. FSDP2 from scratch (its first steps equal the one-process run's); the checkpoint write
+   fails with ENOSPC on rank 1 only: every rank goes on, the previous checkpoint stays the
+   latest and intact, the message says so; then NaN steps in a row (rank 1 only) stop
+   both ranks with a message naming the count.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def test_ddp_equals_one_process_and_reshards_to_one(corpus, reference, tmp_path)
     assert got[STEPS]["loss"] != pytest.approx(got[STEPS]["ce"], abs=1e-3)  # the DPLS steps differ from CE
     assert got[1]["loss"] == pytest.approx(got[1]["ce"], abs=1e-6)  # CE steps: the objective is CE
     # only rank 0 talks; every rank writes its shard; the state says how many ranks saved it
-    assert text.count("step 1/") == 1
+    assert text.count("step 1/") == 1 and text.count("dpls train: done") == 1
     ckpt = run / "checkpoints" / "step_0000002"
     assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
     assert read_trainer_state(ckpt)["world_size"] == WORLD
@@ -253,7 +254,7 @@ def test_sigterm_to_one_rank_saves_and_resumes(corpus, tmp_path):
     assert_same_losses(got, want, [s for s in want if s != 2])
 
 
-def test_out_of_disk_then_nonfinite_stop(corpus, tmp_path):
+def test_out_of_disk_then_nonfinite_stop(corpus, reference, tmp_path):
     run, log = tmp_path / "faults", tmp_path / "faults.log"
     args = args_for(corpus, run, parallel="fsdp", max_iters=20, max_skipped_steps=3)
     env = {"DPLS_INJECT_ENOSPC_AT_STEP": "4", "DPLS_INJECT_NAN_AT_STEP": "5-20", "DPLS_INJECT_RANK": "1"}
@@ -268,6 +269,7 @@ def test_out_of_disk_then_nonfinite_stop(corpus, tmp_path):
     assert "stopped at step 7: 3 non-finite steps in a row" in text
     got = rows(run)
     assert [got[s]["skipped"] for s in range(1, 8)] == [0, 0, 0, 0, 1, 1, 1]
+    assert_same_losses(got, rows(reference), range(1, 5))  # FSDP2 from scratch: as one process
     for ckpt in list_checkpoints(run):
         model = load_model(ckpt)
         assert all(bool(p.isfinite().all()) for p in model.parameters())

@@ -104,6 +104,16 @@ def test_whole_validation_set_and_in_memory(run_and_data):
     assert again == pytest.approx(metrics, rel=1e-6)
 
 
+def test_relative_data_dir_is_found_from_another_directory(tmp_path, monkeypatch):
+    from dpls.eval.evaluate import evaluate_checkpoint
+
+    run, model = make_tiny_run(tmp_path, relative_paths=True)  # as if trained from tmp_path
+    make_data(tmp_path, model.config.vocab_size)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert evaluate_checkpoint(run, tokens=40, progress=False)["tokens"] == 40
+
+
 def test_bad_input_fails_before_writing(run_and_data, tmp_path):
     from dpls.eval.evaluate import evaluate_checkpoint
 

@@ -14,7 +14,13 @@ TEXT = "def add(x, y):\n    return x + y\n\nclass Point:\n    pass\n"
 
 
 def make_tiny_run(
-    root: Path, *, attention: str = "mha", n_kv_head: int | None = None, tie: bool = True, step: int = 1
+    root: Path,
+    *,
+    attention: str = "mha",
+    n_kv_head: int | None = None,
+    tie: bool = True,
+    step: int = 1,
+    relative_paths: bool = False,
 ) -> tuple[Path, Transformer]:
     """A run directory as the trainer leaves it: RUN/tokenizer/tokenizer.json + one checkpoint.
 
@@ -50,7 +56,9 @@ def make_tiny_run(
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    config = TrainConfig(out_dir=str(run), data_dir=str(root / "data"), block_size=32)
+    # relative_paths: out_dir / data_dir saved as given on a command line run from ``root``
+    where = ("run", "data") if relative_paths else (str(run), str(root / "data"))
+    config = TrainConfig(out_dir=where[0], data_dir=where[1], block_size=32)
     save_checkpoint(run, step, model=model, optimizer=None, trainer_state={}, config=config, model_config=cfg)
     return run, model.eval()
 
@@ -148,3 +156,26 @@ def test_cli(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["export-hf", str(run), str(tmp_path / "out")]) == 2  # not empty, no --force
     assert main(["export-hf", str(run), str(tmp_path / "out"), "--force"]) == 0
+
+
+def test_gpt2_tokenizer_is_rebuilt_from_tiktoken_ranks(monkeypatch):
+    """The GPT-2 path on a small tiktoken encoding of the same kind (the real one needs a download)."""
+    import tiktoken
+
+    from dpls.eval.export_hf import _gpt2_tokenizer
+
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in (b"de", b"def", b" x", b" +", b"re", b"ret", b"retu", b"retur", b"return", b"    "):
+        ranks[merge] = len(ranks)
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's split pattern
+
+    enc = tiktoken.Encoding(
+        "tiny", pat_str=r50k_pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)}
+    )
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+    tok = _gpt2_tokenizer(64)
+    text = "def f(x):\n    return x + 1  # déjà vu\n"
+    assert tok.encode(text) == enc.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == len(ranks)
+    assert tok.encode("<|endoftext|>") == [len(ranks)]

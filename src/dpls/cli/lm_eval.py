@@ -40,12 +40,31 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser.add_argument(
         "--include_path", "--include-path", dest="include_path", default=None, help="extra task YAML folder"
     )
-    parser.add_argument("--num_fewshot", "--num-fewshot", dest="num_fewshot", type=int, default=None)
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=_batch_size, default=8)
+    parser.add_argument(
+        "--num_fewshot",
+        "--num-fewshot",
+        dest="num_fewshot",
+        type=int,
+        default=None,
+        help="few-shot examples per prompt (default: each task's own)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=_batch_size,
+        default=8,
+        help="requests per forward pass, or 'auto' (default: %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights' precision in the harness (default: %(default)s)",
+    )
     parser.add_argument("--out", default="lm_eval", help="results directory (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="harness seeds: sampling, few-shot choice")
     parser.set_defaults(func=run)
     return parser
 

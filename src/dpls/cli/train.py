@@ -8,6 +8,7 @@ unknown key gets the config's message naming the closest valid one.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dpls train: interrupted (a checkpoint was saved; continue with --resume_dir)", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
+        return 0
     summary = read_run_summary(run_dir)
     val = summary["val"]
     tail = f"; final val_ce {val['val_ce']:.4f} at step {val['step']}" if val else ""

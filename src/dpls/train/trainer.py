@@ -83,6 +83,7 @@ class RunPlan:
     dtype: torch.dtype
     loader_state: dict[str, Any] | None  # the data position to continue from
     notes: list[str]  # things the user should know (printed at the start)
+    token_prior: torch.Tensor | None  # [V] training-token frequencies, for objectives that use them
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -95,6 +96,32 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             f"use one of auto, {', '.join(DTYPES)}"
         )
     return DTYPES[name]
+
+
+# Objectives that spread their smoothing mass by a prior over the vocabulary: the trainer
+# gives them the training shards' token frequencies.
+TOKEN_PRIOR_OBJECTIVES = frozenset({"prior_ls"})
+PRIOR_MAX_TOKENS = 200_000_000  # counted from the start of every shard, in proportion
+
+
+def token_prior(cfg: TrainConfig, vocab_size: int) -> torch.Tensor:
+    """Token frequencies of the training split as a ``[vocab_size]`` float64 tensor.
+
+    Counts at most `PRIOR_MAX_TOKENS` tokens (the same leading share of every shard), so a
+    10B-token corpus costs seconds, not minutes; deterministic, so every rank gets the same.
+    """
+    import numpy as np
+
+    from dpls.data import DataMeta, read_shard
+
+    meta = DataMeta.load(cfg.data_dir, check_shards=False)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    share = min(1.0, PRIOR_MAX_TOKENS / max(1, meta.train_tokens))
+    for name in meta.train_shards:
+        tokens = read_shard(Path(cfg.data_dir) / name)
+        head = tokens[: math.ceil(len(tokens) * share)]
+        counts += np.bincount(head, minlength=vocab_size)[:vocab_size]
+    return torch.from_numpy(counts.astype(np.float64))
 
 
 def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None = None) -> RunPlan:
@@ -196,7 +223,11 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the total over all ranks "
             f"and must be divisible by the number of ranks ({world_size})"
         )
-    build_objective(cfg.to_loss_config())  # validates every loss key
+    # Every loss key is checked by building the objective and evaluating it once on one token
+    # (ranges that depend on the vocabulary, such as dpls_top_k <= V, are only known here).
+    prior = token_prior(cfg, mc.vocab_size) if cfg.loss in TOKEN_PRIOR_OBJECTIVES else None
+    objective = build_objective(cfg.to_loss_config(), token_prior=prior)
+    objective(torch.zeros(1, mc.vocab_size), torch.zeros(1, dtype=torch.long), step=start_step)
     return RunPlan(
         cfg=cfg,
         run_dir=run_dir,
@@ -209,6 +240,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
         dtype=_resolve_dtype(cfg.dtype, device),
         loader_state=loader_state,
         notes=notes,
+        token_prior=prior,
     )
 
 
@@ -345,7 +377,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.compile:
             for block in transformer_blocks(model):
                 block.compile()
-        objective = build_objective(cfg.to_loss_config())
+        objective = build_objective(cfg.to_loss_config(), token_prior=plan.token_prior)
         step_module = TrainStep(model, objective, cfg.fused_linear_loss)
         fsdp_dtype = plan.dtype if (cfg.parallel == "fsdp" and plan.dtype != torch.float32) else None
         wrapped = wrap_model(step_module, ctx, cfg.parallel, param_dtype=fsdp_dtype)
