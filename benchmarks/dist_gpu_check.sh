@@ -18,15 +18,19 @@ PRESET=${PRESET:-small}
 ITERS=${ITERS:-120}
 BATCH=${BATCH:-8}
 NPROC=${NPROC:-1}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu (gloo) only to smoke-test this script without a GPU
 WORK=${WORK:-$(mktemp -d -t dpls-dist-check-XXXX)}
+mkdir -p "$WORK"
 DATA=${DATA:-$WORK/data}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'dist_gpu_check.sh needs a CUDA GPU')"
+if [ "$DEVICE" = cuda ]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'dist_gpu_check.sh needs a CUDA GPU')"
+fi
 [ -f "$DATA/meta.json" ] || "$PY" -m dpls prepare stdlib --out "$DATA"
 
 # Evaluate only at the start and the end, checkpoint only at the end: the timed steps are training.
-COMMON=(--model="$PRESET" --data_dir="$DATA" --device=cuda --max_iters="$ITERS" --batch_size="$BATCH"
+COMMON=(--model="$PRESET" --data_dir="$DATA" --device="$DEVICE" --max_iters="$ITERS" --batch_size="$BATCH"
         --gradient_accumulation_steps="$NPROC" --log_interval=5 --eval_interval="$ITERS" --eval_iters=2
         --checkpoint_interval="$ITERS" --keep_checkpoints=1 --warmup_iters=10 --progress=false)
 
@@ -64,7 +68,8 @@ runs = {n: rows(n) for n in names}
 # Drop the first quarter of the logged intervals: allocator warm-up, cuDNN/cuBLAS autotuning.
 tps = {n: statistics.median(r["tokens_per_s"] for r in rs[len(rs) // 4 :]) for n, rs in runs.items()}
 base = tps["plain"]
-print(f"device: {torch.cuda.get_device_name(0)}; preset {preset}; torch {torch.__version__}")
+device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+print(f"device: {device}; preset {preset}; torch {torch.__version__}")
 print(f"{'run':<12}{'tokens/s':>14}{'per rank':>14}{'vs plain':>10}{'overhead':>10}{'max |dloss|':>13}")
 for n in names:
     ranks = nproc if "_x" in n else 1

@@ -100,7 +100,9 @@ def distinct_logits(
         pool = bits.view(dtype).to(torch.float64)
         pool = torch.unique(pool[torch.isfinite(pool) & (pool.abs() <= 6 * scale)])  # sorted; +0/−0 merged
         if pool.numel() < v:
-            raise ValueError(f"{dtype} has only {pool.numel()} values within ±{6 * scale}; v={v} is too large")
+            raise ValueError(
+                f"{dtype} has only {pool.numel()} values within ±{6 * scale}; v={v} is too large"
+            )
         width = torch.diff(pool, prepend=pool[:1], append=pool[-1:])
         cell = 0.5 * (width[:-1] + width[1:])
         weight = torch.exp(-0.5 * (pool / scale) ** 2) * cell
@@ -176,7 +178,12 @@ def check_impl_against_reference(
         grad_out = float(torch.randn((), generator=gen).item())
 
     ref_loss, ref_nll, ref_grad = reference_dpls(
-        logits, target, epsilon=eps, top_k=top_k, ignore_index=ignore_index, reduction=reduction,
+        logits,
+        target,
+        epsilon=eps,
+        top_k=top_k,
+        ignore_index=ignore_index,
+        reduction=reduction,
         grad_output=grad_out,
     )
 
@@ -184,12 +191,21 @@ def check_impl_against_reference(
     x = leaf.clone()  # a non-leaf, like the output of an lm head, so inplace_backward may reuse it
     eps_dev = eps.to(device) if isinstance(eps, torch.Tensor) else eps
     out = dpls_loss(
-        x, target.to(device), epsilon=eps_dev, top_k=top_k, ignore_index=ignore_index,
-        reduction=reduction, impl=impl_name, return_nll=return_nll, inplace_backward=inplace_backward,
+        x,
+        target.to(device),
+        epsilon=eps_dev,
+        top_k=top_k,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        impl=impl_name,
+        return_nll=return_nll,
+        inplace_backward=inplace_backward,
     )
     loss, nll = out if return_nll else (out, None)
     assert loss.dtype == torch.float32, f"{impl_name}: loss dtype {loss.dtype}, expected float32"
-    assert loss.shape == ref_loss.shape, f"{impl_name}: loss shape {tuple(loss.shape)} != {tuple(ref_loss.shape)}"
+    assert loss.shape == ref_loss.shape, (
+        f"{impl_name}: loss shape {tuple(loss.shape)} != {tuple(ref_loss.shape)}"
+    )
     g = grad_out.to(device=device, dtype=torch.float32) if isinstance(grad_out, torch.Tensor) else grad_out
     (loss * g).sum().backward()
 

@@ -1,7 +1,7 @@
 """Vocabulary-parallel DPLS equals the single-device definition (float64 reference).
 
-The world-of-one tests (hypothesis, no process group) check the arithmetic; the 2- and
-3-process runs (gloo) check the exchanges: uneven slices, ties across ranks, ignored
+The world-of-one tests (hypothesis, no process group) check the arithmetic; the 3-process
+run (gloo) checks the exchanges: uneven slices, ties across ranks, ignored
 tokens, per-token ε, k = 1 and k = V, every reduction, return_nll.
 """
 
@@ -121,8 +121,8 @@ def _worker(splits: list[int]) -> list[tuple[float, float, float]]:
     return errors
 
 
-@pytest.mark.parametrize("splits", [[7, 6], [5, 4, 4]], ids=["2ranks", "3ranks-uneven"])
-def test_matches_reference_across_ranks(splits):
+def test_matches_reference_across_ranks():
+    splits = [5, 4, 4]  # 3 ranks, uneven slices (one spawn: process start-up is the cost)
     errors = run_workers(_worker, len(splits), splits)
     for case, (e_loss, e_nll, e_grad) in zip([*CASES, "all-ignored"], errors):
         assert e_loss < TOL and e_nll < TOL and e_grad < TOL, (case, e_loss, e_nll, e_grad)

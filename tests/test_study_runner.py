@@ -153,8 +153,21 @@ def _record_batches(monkeypatch) -> dict[str, list[str]]:
     return seen
 
 
+@pytest.fixture
+def one_thread():
+    """A model this small gains nothing from threads, and on a busy machine they cost a lot."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-def test_study_end_to_end_pairs_arms_and_skips_finished_runs(tmp_path, stdlib_sample, monkeypatch):
+def test_study_end_to_end_pairs_arms_and_skips_finished_runs(
+    tmp_path, stdlib_sample, monkeypatch, one_thread
+):
     from dpls.study.runner import run_study
 
     seen = _record_batches(monkeypatch)

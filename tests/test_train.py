@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -10,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -235,6 +235,16 @@ def test_gradient_accumulation_is_a_mean_over_the_global_batch(corpus, tmp_path)
         assert ra[step]["grad_norm"] == pytest.approx(rb[step]["grad_norm"], rel=1e-4)
 
 
+def test_fused_linear_loss_matches_the_logits_path(corpus, tmp_path):
+    """fused_linear_loss=true (hidden states + output weight, no [N, V] logits) trains the same."""
+    extra = {"max_iters": 3, "loss": "dpls", "dpls_top_k": 8, "eval_interval": 100}
+    a = train_rows(run_train(corpus, tmp_path / "logits", **extra))
+    b = train_rows(run_train(corpus, tmp_path / "fused", fused_linear_loss=True, **extra))
+    for step in (1, 2, 3):
+        for k in ("loss", "ce", "grad_norm"):
+            assert b[step][k] == pytest.approx(a[step][k], rel=1e-4), (step, k)
+
+
 def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("DPLS_INJECT_NAN_AT_STEP", "3")
     run = run_train(corpus, tmp_path / "nan", max_iters=5, eval_interval=100)
@@ -248,6 +258,35 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
         run_train(corpus, tmp_path / "nan_stop", max_iters=10, max_skipped_steps=3, eval_interval=100)
 
 
+def test_sigint_saves_then_exits_130(corpus, tmp_path):
+    """Ctrl-C: the step ends, a checkpoint is saved, `dpls train` returns 130."""
+    run = tmp_path / "interrupted"
+
+    def interrupt() -> None:
+        while latest_checkpoint(run) is None:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    # max_iters far away: the run cannot finish before the signal lands inside the loop
+    assert main(["train", *base_args(corpus, run, max_iters=100_000, checkpoint_interval=3)]) == 130
+    last = latest_checkpoint(run)
+    assert max(train_rows(run)) == int(last.name[5:])  # saved at the step it stopped on
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_tensorboard_and_swanlab_offline(corpus, tmp_path):
+    run = run_train(corpus, tmp_path / "loggers", max_iters=2, tensorboard=True, swanlab="offline")
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert any((run / "swanlab").iterdir())  # written locally, no network
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/ce", "val/val_ce"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -258,45 +297,42 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 90.0) -> None:
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path, after: str = "", timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
-    while latest_checkpoint(run) is None:
-        assert proc.poll() is None, "the trainer ended before its first checkpoint"
+    while (latest_checkpoint(run) or Path()).name <= after:
+        assert proc.poll() is None, "the trainer ended before the checkpoint awaited"
         assert time.monotonic() < deadline, "no checkpoint in time"
         time.sleep(0.02)
 
 
-def test_kill_9_then_resume_finishes_like_the_uninterrupted_run(corpus, straight, tmp_path):
+def test_kill_9_and_sigterm_then_resume_like_the_uninterrupted_run(corpus, straight, tmp_path):
+    """kill -9 at a random moment (checkpointing every step), resume; SIGTERM that one (it saves and
+    exits 0), resume again: every step once, with the uninterrupted run's losses bit for bit."""
     run = tmp_path / "killed"
-    args = base_args(corpus, run, checkpoint_interval=2)
-    proc = _spawn(args, tmp_path / "log1")
+    proc = _spawn(base_args(corpus, run, checkpoint_interval=1), tmp_path / "log1")
     _wait_for_checkpoint(proc, run)
     time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))  # somewhere in a step or a save
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL  # killed mid-run, not finished
     killed_at = latest_checkpoint(run)
-    assert killed_at is not None
+    assert killed_at is not None and killed_at.name < "step_0000040"
+
     proc = _spawn([f"--resume_dir={run}"], tmp_path / "log2")
-    assert proc.wait(timeout=120) == 0, (tmp_path / "log2").read_text()
+    _wait_for_checkpoint(proc, run, after=killed_at.name)
+    proc.send_signal(signal.SIGTERM)
+    log = (tmp_path / "log2").read_text
+    assert proc.wait(timeout=60) == 0, log()
+    assert "SIGTERM received" in log()
+    stopped_at = latest_checkpoint(run)
+    assert killed_at.name < stopped_at.name < "step_0000040", "SIGTERM came too late to test anything"
+    assert max(train_rows(run)) == int(stopped_at.name[5:])  # the stop saved the step it ended on
+
+    assert main(["train", f"--resume_dir={run}"]) == 0
     assert latest_checkpoint(run).name == "step_0000040"
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
     want, got = train_rows(straight), train_rows(run)
     assert sorted(got) == list(range(1, 41))
     assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]  # bitwise, across processes too
-
-
-def test_sigterm_saves_and_exits_0(corpus, tmp_path):
-    run = tmp_path / "term"
-    proc = _spawn(
-        base_args(corpus, run, max_iters=100000, checkpoint_interval=5, log_interval=5), tmp_path / "log"
-    )
-    _wait_for_checkpoint(proc, run)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()
-    last = max(train_rows(run))
-    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
-    assert state["step"] >= last  # the stop saved the step it ended on
-    assert "SIGTERM" in (tmp_path / "log").read_text()
 
 
 @pytest.mark.slow

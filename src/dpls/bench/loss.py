@@ -9,9 +9,10 @@ included, since every contender must produce it):
 
 * CUDA: ``torch.cuda.max_memory_allocated()`` minus the allocation before the step;
 * CPU: each contender runs once in a fresh subprocess (``python -m dpls.bench.loss --child``):
-  the logits are built, everything is warmed up on a tiny input, and the growth of the process's
-  high-water mark ``getrusage(RUSAGE_SELF).ru_maxrss`` over the step is the peak extra. It counts
-  pages actually touched, so it is an honest upper bound on what the step needed.
+  the logits are built, everything is warmed up on a tiny input, the kernel's peak-RSS mark is
+  reset (``/proc/self/clear_refs``) and the peak resident set reached during the step
+  (``VmHWM``) minus the resident set before it is the peak extra. It counts pages actually
+  touched (allocator caches included), so it is an honest upper bound on what the step needed.
 """
 
 from __future__ import annotations
@@ -188,20 +189,52 @@ def _cpu_peak(name: str, cfg: LossBenchConfig) -> int | None:
     return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
 
 
-def measure_child(name: str, cfg: LossBenchConfig) -> int:
-    """In a fresh process: warm up on a tiny input, then the ru_maxrss growth of one step at full size."""
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process to its current RSS (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def peak_rss_growth(fn: Callable[[], None]) -> int:
+    """Bytes by which ``fn`` raised the process's peak resident set above its RSS at the call.
+
+    Uses the resettable ``VmHWM`` of ``/proc/self/status`` where available; otherwise the growth of
+    ``ru_maxrss``, which can under-count if the process was larger earlier.
+    """
     import resource
 
+    if _reset_peak_rss():
+        before = _status_kib("VmRSS") or 0
+        fn()
+        return max(0, ((_status_kib("VmHWM") or 0) - before) * 1024)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux reports KiB
+
+
+def measure_child(name: str, cfg: LossBenchConfig) -> int:
+    """In a fresh process: warm up on a tiny input, then the peak-RSS growth of one step at full size."""
     device = torch.device("cpu")
     contender = load_contenders(device)[name]
     tiny_logits, tiny_target = make_inputs(cfg, n=min(cfg.n, 8))
     contender.build(tiny_logits, tiny_target, cfg)()  # imports, lazy initialisation, thread pools
     logits, target = make_inputs(cfg)
-    step = contender.build(logits, target, cfg)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) * 1024  # Linux reports KiB
+    return peak_rss_growth(contender.build(logits, target, cfg))
 
 
 @dataclass

@@ -25,7 +25,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         description="Prepare the embedded corpus, train a tiny model with CE, then fork it with DPLS.",
     )
     parser.add_argument("--out", default="runs/demo", help="where data and runs go (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=150, help="CE steps; the DPLS fork trains as many again")
+    parser.add_argument("--steps", type=int, default=120, help="CE steps; the DPLS fork trains as many again")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default: %(default)s)")
     parser.set_defaults(func=run)
     return parser
@@ -43,9 +43,9 @@ def demo_config(out: Path, steps: int, device: str) -> dict[str, Any]:
         "min_lr": 2e-4,
         "warmup_iters": max(1, steps // 10),
         "lr_decay_iters": 2 * steps,
-        "eval_interval": max(1, steps // 3),
-        "eval_tokens": 16_384,
-        "log_interval": max(1, steps // 15),
+        "eval_interval": max(1, steps // 2),
+        "eval_tokens": 8192,
+        "log_interval": max(1, steps // 10),
         "checkpoint_interval": steps,
         "keep_checkpoints": 2,
         "device": device,

@@ -439,8 +439,9 @@ def _toml_value(value: Scalar) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        # A JSON string is a valid TOML basic string (same escapes, \uXXXX included).
-        return json.dumps(value, ensure_ascii=False)
+        # A JSON string is a TOML basic string (same escapes, \uXXXX included), except that
+        # TOML also forbids a raw DEL character.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     raise TypeError(f"cannot write {type(value).__name__} to a flat TOML table")
 
 

@@ -426,8 +426,8 @@ def train(cfg: TrainConfig) -> Path:
         # -- the run directory (rank 0 writes; nothing existed to clobber, see plan_run) -----
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_tmp(run_dir)  # left by a save that was killed
             if plan.mode == "resume":
-                ckpt.remove_stale_tmp(run_dir)
                 truncate_metrics(run_dir, step)
             else:
                 (run_dir / METRICS_FILE).unlink(missing_ok=True)  # a crashed run that never checkpointed
@@ -473,6 +473,25 @@ def train(cfg: TrainConfig) -> Path:
                 keep=cfg.keep_checkpoints,
             )
 
+        def forward_backward(step: int) -> torch.Tensor:
+            """This rank's micro-steps of one optimizer step; returns the sums of (loss, ce, ε)."""
+            sums = torch.zeros(3, device=ctx.device)
+            for micro in range(plan.micro_steps):
+                x, y = next(batches)
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                # gradients are all-reduced once, in the backward of the last micro-step
+                with no_sync(wrapped, enabled=micro < plan.micro_steps - 1), autocast:
+                    out = wrapped(x, y, step)
+                loss = maybe_inject_nan(out.loss, step + 1, ctx.rank)
+                (loss / plan.micro_steps).backward()
+                sums += torch.stack([loss.detach().float(), out.ce.float(), torch.tensor(float(out.epsilon))])
+            return sums
+
+        def log(row: dict[str, Any]) -> None:
+            if logger is not None:
+                logger.log(row)
+                bar.write(_fmt_row(row, cfg.max_iters))
+
         bar = ProgressBar(cfg.max_iters, step, enabled=cfg.progress and ctx.is_main, echo=ctx.is_main)
         if ctx.is_main:
             bar.write(
@@ -483,101 +502,109 @@ def train(cfg: TrainConfig) -> Path:
             for note in plan.notes:
                 bar.write(f"dpls train: note: {note}")
         stopped_by: signal.Signals | None = None
-        with StopRequest() as stop, bar:
-            if plan.mode == "new":  # validation of the initial model: the curves start at step 0
-                row = {"step": 0, "tokens": 0, **evaluate(wrapped, val_set, ctx, autocast, cfg.block_size)}
-                if logger is not None:
-                    logger.log(row)
-                    bar.write(_fmt_row(row, cfg.max_iters))
-            t_last, tokens_since = time.perf_counter(), 0
-            started = time.perf_counter()
-            while step < cfg.max_iters:
-                lr = cosine_lr(step, **lr_args)
-                set_hyperparameters(optimizer, lr=lr)
-                sums = torch.zeros(3, device=ctx.device)
-                for micro in range(plan.micro_steps):
-                    x, y = next(batches)
-                    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-                    with no_sync(wrapped, enabled=micro < plan.micro_steps - 1), autocast:
-                        out = wrapped(x, y, step)
-                    loss = maybe_inject_nan(out.loss, step + 1, ctx.rank)
-                    (loss / plan.micro_steps).backward()
-                    eps = torch.as_tensor(out.epsilon, dtype=torch.float32, device=ctx.device).mean()
-                    sums += torch.stack([loss.detach().float(), out.ce.detach().float(), eps])
-                grad_norm = _clip_grad_norm(params, cfg.grad_clip)
-                mean_loss, mean_ce, mean_eps = (
-                    ctx.all_reduce_sum(sums) / cfg.gradient_accumulation_steps
-                ).tolist()
-                skip = ctx.any_rank(not (math.isfinite(mean_loss) and math.isfinite(grad_norm)))
-                if skip:
-                    skipped_in_a_row += 1
-                else:
-                    optimizer.step()
-                    skipped_in_a_row = 0
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += tokens_per_step
-                tokens_since += tokens_per_step
-
-                # -- log, evaluate, checkpoint, stop ----------------------------------------
-                last = step == cfg.max_iters
-                row: dict[str, Any] | None = None
-                if step % cfg.log_interval == 0 or skip or last:
-                    dt = max(time.perf_counter() - t_last, 1e-9)
-                    tps = tokens_since / dt
-                    row = {
-                        "step": step,
-                        "tokens": tokens,
-                        "loss": mean_loss,
-                        "ce": mean_ce,
-                        "epsilon": mean_eps,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tps,
-                        "mfu": mfu(flops_per_token, tps, peak, ctx.world_size),
-                        "skipped": int(skip),
-                        "elapsed_s": time.perf_counter() - started,
-                    }
-                    t_last, tokens_since = time.perf_counter(), 0
-                if step % cfg.eval_interval == 0 or last:
-                    row = {"step": step, "tokens": tokens, **(row or {})}
-                    row.update(evaluate(wrapped, val_set, ctx, autocast, cfg.block_size))
-                if row is not None and logger is not None:
-                    logger.log(row)
-                    bar.write(_fmt_row(row, cfg.max_iters))
-                bar.update(
-                    1,
-                    loss=f"{mean_loss:.4f}",
-                    tok_s=f"{tokens_since / max(time.perf_counter() - t_last, 1e-9):,.0f}",
-                )
-                if skipped_in_a_row >= cfg.max_skipped_steps:
-                    raise TrainingError(
-                        f"stopped at step {step}: {skipped_in_a_row} non-finite steps in a row "
-                        f"(max_skipped_steps={cfg.max_skipped_steps}); the weights were not updated by "
-                        f"them; last checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
+        meter = _Throughput()
+        started = time.perf_counter()
+        try:
+            with StopRequest() as stop, bar:
+                if plan.mode != "resume":  # validate the starting weights: curves start at the first step
+                    log(
+                        {
+                            "step": step,
+                            "tokens": tokens,
+                            **evaluate(wrapped, val_set, ctx, autocast, cfg.block_size),
+                        }
                     )
-                stopping = stop.agreed(ctx)
-                if step % cfg.checkpoint_interval == 0 or last or stopping:
-                    try:
-                        save(step)
-                    except ckpt.CheckpointError as err:
-                        if last or stopping or not is_out_of_space(err):
-                            raise
-                        bar.write(f"dpls train: warning: {err}; training continues")
-                    t_last = time.perf_counter()
-                if stopping:
-                    stopped_by = stop.received or signal.SIGTERM
-                    if ctx.is_main:
-                        bar.write(f"dpls train: {stopped_by.name} received: saved step {step}, stopping")
-                    break
-        if logger is not None:
-            logger.close()
+                while step < cfg.max_iters:
+                    t0 = time.perf_counter()
+                    lr = cosine_lr(step, **lr_args)
+                    set_hyperparameters(optimizer, lr=lr)
+                    sums = forward_backward(step)
+                    grad_norm = _clip_grad_norm(params, cfg.grad_clip)
+                    # the logged loss and ce: means over the whole global batch (all micro-steps, all ranks)
+                    mean_loss, mean_ce, mean_eps = (
+                        ctx.all_reduce_sum(sums) / cfg.gradient_accumulation_steps
+                    ).tolist()
+                    nonfinite = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
+                    # one collective decides for every rank: skip this update? stop after it (a signal)?
+                    flags = ctx.all_reduce_max(torch.tensor([float(nonfinite), float(stop.requested)]))
+                    skip, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
+                    if not skip:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped_in_a_row = skipped_in_a_row + 1 if skip else 0
+                    step += 1
+                    tokens += tokens_per_step
+                    meter.add(tokens_per_step, time.perf_counter() - t0)
+                    bar.update(1, loss=f"{mean_loss:.4f}", tok_s=f"{meter.last:,.0f}")
+
+                    # -- log, evaluate, checkpoint, stop -----------------------------------------
+                    last = step == cfg.max_iters
+                    row: dict[str, Any] = {}
+                    if step % cfg.log_interval == 0 or skip or last:
+                        tps = meter.rate()
+                        row = {
+                            "step": step,
+                            "tokens": tokens,
+                            "loss": mean_loss,
+                            "ce": mean_ce,
+                            "epsilon": mean_eps,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tps,
+                            "mfu": mfu(flops_per_token, tps, peak, ctx.world_size),
+                            "skipped": int(skip),
+                            "elapsed_s": time.perf_counter() - started,
+                        }
+                    if step % cfg.eval_interval == 0 or last:
+                        row = {"step": step, "tokens": tokens, **row}
+                        row.update(evaluate(wrapped, val_set, ctx, autocast, cfg.block_size))
+                    if row:
+                        log(row)
+                    if skipped_in_a_row >= cfg.max_skipped_steps:
+                        raise TrainingError(
+                            f"stopped at step {step}: {skipped_in_a_row} non-finite steps in a row "
+                            f"(max_skipped_steps={cfg.max_skipped_steps}); they did not change the weights; "
+                            f"last checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
+                        )
+                    if step % cfg.checkpoint_interval == 0 or last or stopping:
+                        try:
+                            save(step)
+                        except ckpt.CheckpointError as err:
+                            if last or stopping or not is_out_of_space(err):
+                                raise
+                            bar.write(f"dpls train: warning: {err}; training continues")
+                    if stopping:
+                        stopped_by = stop.received or signal.SIGTERM
+                        if ctx.is_main:
+                            bar.write(f"dpls train: {stopped_by.name} received: saved step {step}, stopping")
+                        break
+        finally:
+            if logger is not None:
+                logger.close()
         if stopped_by == signal.SIGINT:
             raise KeyboardInterrupt
         return run_dir
     finally:
         if owns_group:
             ctx.destroy()
+
+
+class _Throughput:
+    """Tokens per second of training alone (validation and checkpoint time left out)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds, self.last = 0, 0.0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.last = tokens / max(seconds, 1e-9)
+
+    def rate(self) -> float:
+        """Since the previous call."""
+        value = self.tokens / max(self.seconds, 1e-9)
+        self.tokens, self.seconds = 0, 0.0
+        return value
 
 
 def read_run_summary(run_dir: str | Path) -> dict[str, Any]:
