@@ -202,22 +202,24 @@ def test_fsdp_reshards_from_and_to_one_process(corpus, reference, tmp_path):
 
 
 def _rank_pid(parent: int, rank: int, timeout: float = 60) -> int:
-    """The pid of torchrun's worker with RANK=rank (read from /proc)."""
+    """The pid of torchrun's worker with RANK=rank: a child of ``parent`` (found through /proc)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        for pid in children:
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
                 continue
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                env = (proc / "environ").read_bytes().split(b"\0") if ppid == parent else []
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile, or not ours to read
             if f"RANK={rank}".encode() in env:
-                return int(pid)
+                return int(proc.name)
         time.sleep(0.05)
     raise AssertionError(f"no worker with RANK={rank} under pid {parent}")
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank-1 worker through /proc")
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the rank-1 worker through /proc")
 def test_sigterm_to_one_rank_saves_and_resumes(corpus, tmp_path):
     run, log = tmp_path / "term", tmp_path / "term.log"
     args = args_for(corpus, run, max_iters=100_000, checkpoint_interval=3)

@@ -261,7 +261,9 @@ def _select_threshold(
         tl.debug_barrier()  # the scratch row is visible to every thread of the program
         hi = top.to(tl.int64) + 1  # the bisection above narrowed it to t + 1
         if n_cand <= CAP:
-            t, above, ties = _bisect_memory(scratch, n_cand, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
+            t, above, ties = _bisect_memory(
+                scratch, n_cand, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V
+            )
         else:  # too many candidates to hold: count over the row itself
             t, above, ties = _bisect_memory(row, V, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
     return t, above, ties

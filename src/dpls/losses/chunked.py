@@ -22,6 +22,7 @@ fused-linear loss and the related objectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -44,33 +45,48 @@ class Smoothing:
     active: bool = True  # False when ε = 0 everywhere: plain CE, skip the selection
 
 
-def row_stats(zc: torch.Tensor, sm: Smoothing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row of one chunk (compute dtype): ``lse``, ``Σ_j r_j z_j`` and the threshold ``τ``."""
-    lse = torch.logsumexp(zc, dim=-1)
+class RowStats(NamedTuple):
+    lse: torch.Tensor  # log-sum-exp of the row
+    smooth: torch.Tensor  # Σ_j r_j z_j: the mean of the top-k logits, or the prior-weighted mean
+    tau: torch.Tensor  # the k-th largest logit (−inf when T is the whole row)
+    tied: torch.Tensor  # bool: the (k+1)-th largest equals τ, so ``z ≥ τ`` would select more than k
+
+
+def row_stats(zc: torch.Tensor, sm: Smoothing, scratch: torch.Tensor | None = None) -> RowStats:
+    """Per-row statistics of one chunk ``zc`` (compute dtype); ``scratch`` is a buffer like ``zc``.
+
+    One partial selection ``topk(k + 1, sorted=False)`` gives the top-k sum, ``τ``, whether the
+    row ties at ``τ`` (then the (k+1)-th value equals ``τ``), and the row maximum for ``lse``.
+    """
+    rows, v = zc.shape
+    no_tie = torch.zeros(rows, dtype=torch.bool, device=zc.device)
+    if sm.active and sm.prior is None and sm.top_k < v:
+        vals = torch.topk(zc, sm.top_k + 1, dim=-1, sorted=False).values
+        low2 = torch.topk(vals, 2, dim=-1, largest=False, sorted=True).values  # (k+1)-th and k-th largest
+        lse = _lse(zc, vals.amax(-1), scratch)
+        smooth = (vals.sum(-1) - low2[:, 0]) / sm.top_k
+        return RowStats(lse, smooth, low2[:, 1], low2[:, 0] == low2[:, 1])
+    lse = _lse(zc, zc.amax(-1), scratch)
     if not sm.active:
-        return lse, torch.zeros_like(lse), torch.zeros_like(lse)
+        return RowStats(lse, torch.zeros_like(lse), torch.zeros_like(lse), no_tie)
     if sm.prior is not None:
-        return lse, zc @ sm.prior, torch.zeros_like(lse)
-    if sm.top_k >= zc.shape[-1]:  # label smoothing: T is the whole row
-        return lse, zc.mean(-1), torch.full_like(lse, -float("inf"))
-    vals = torch.topk(zc, sm.top_k, dim=-1, sorted=False).values
-    return lse, vals.sum(-1) / sm.top_k, vals.amin(-1)
+        return RowStats(lse, zc @ sm.prior, torch.zeros_like(lse), no_tie)
+    return RowStats(lse, zc.mean(-1), torch.full_like(lse, -float("inf")), no_tie)  # k = V: T is the row
 
 
-def topk_mask(zc: torch.Tensor, tau: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Boolean ``[rows, V]`` membership of T, exactly ``top_k`` per row (ties: lowest index first)."""
-    mask = zc >= tau[:, None]
-    if top_k >= zc.shape[-1]:
-        return mask
-    counts = mask.sum(-1)
-    tied_rows = (counts > top_k).nonzero().flatten()
-    if tied_rows.numel():  # rare: several entries equal τ; keep only the first ones
-        zr, tr = zc[tied_rows], tau[tied_rows, None]
-        above = zr > tr
-        quota = top_k - above.sum(-1, keepdim=True)
-        equal = zr == tr
-        mask[tied_rows] = above | (equal & (equal.cumsum(-1) <= quota))
-    return mask
+def _lse(zc: torch.Tensor, row_max: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """``log Σ exp z`` given the row maxima, with the exponentials written into ``scratch``."""
+    buf = torch.sub(zc, row_max[:, None], out=scratch[: zc.shape[0]] if scratch is not None else None)
+    # A row of −inf has max −inf and gives NaN above; logsumexp's answer (−inf) is kept for it.
+    return torch.where(torch.isfinite(row_max), buf.exp_().sum(-1).log_() + row_max, row_max)
+
+
+def exact_topk_mask(zc: torch.Tensor, tau: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Boolean membership of T, exactly ``top_k`` per row: above ``τ``, then ties by lowest index."""
+    above = zc > tau[:, None]
+    equal = zc == tau[:, None]
+    quota = top_k - above.sum(-1, keepdim=True)
+    return above | (equal & (equal.cumsum(-1) <= quota))
 
 
 def write_grad(
@@ -78,27 +94,43 @@ def write_grad(
     out: torch.Tensor,
     lse: torch.Tensor,
     tau: torch.Tensor,
+    tied: torch.Tensor | None,
     y: torch.Tensor,
     scale: torch.Tensor,
     eps: torch.Tensor,
     sm: Smoothing,
+    scratch: torch.Tensor | None = None,
+    negative: bool = True,
 ) -> torch.Tensor:
-    """``out = (softmax(src) − q)·scale`` for one chunk; ``out`` may be ``src`` itself (all per-row args [rows])."""
-    spread = scale * eps
-    if sm.active and sm.prior is None:
-        spread = spread / sm.top_k
-        mask = topk_mask(src, tau, sm.top_k) if sm.top_k < src.shape[-1] else None  # before any overwrite
-    torch.sub(src, lse[:, None], out=out)
-    out.exp_().mul_(scale[:, None])
-    if sm.active:
-        if sm.prior is not None:
-            out.sub_(spread[:, None] * sm.prior)
-        elif mask is None:
-            out.sub_(spread[:, None])
-        else:
-            out.sub_(mask * spread[:, None])
-    rows = torch.arange(out.shape[0], device=out.device)
-    out[rows, y] -= scale * (1.0 - eps)
+    """``out = (softmax(src) − q)·scale`` for one chunk; ``out`` may be ``src`` itself.
+
+    Per-row arguments are ``[rows]``; ``tied`` lists the rows (indices in the chunk) whose entries
+    tie at ``τ``, or is None when there are none; ``scratch`` is a float buffer like ``src``;
+    ``negative=False`` promises that no ``scale`` is negative (saves a pass).
+    Four passes over the chunk: the top-k mask, ``src − shift``, ``exp``, and ``−spread·mask``,
+    with the scale folded into the exponent (``p·s = exp(z − lse + log s)``).
+    """
+    rows, v = src.shape
+    partial = sm.active and sm.prior is None and sm.top_k < v
+    spread = scale * eps / (sm.top_k if sm.prior is None else 1.0)
+    if partial:  # the mask must be read before ``out`` (maybe ``src``) is overwritten
+        mask = scratch[:rows] if scratch is not None else torch.empty_like(src)
+        torch.ge(src, tau[:, None], out=mask)
+        if tied is not None:
+            exact = exact_topk_mask(src[tied], tau[tied], sm.top_k)
+            mask[tied] = exact.to(mask.dtype)
+    shift = lse - scale.abs().log()  # +inf where scale = 0: exp gives exact zeros
+    torch.sub(src, shift[:, None], out=out)
+    out.exp_()
+    if negative:  # a negative upstream gradient is possible: restore the sign
+        out.mul_(scale.sign()[:, None])
+    if partial:
+        out.addcmul_(mask, spread[:, None], value=-1.0)
+    elif sm.active and sm.prior is not None:
+        out.sub_(spread[:, None] * sm.prior)
+    elif sm.active:  # k = V: every entry gets ε/V
+        out.sub_(spread[:, None])
+    out[torch.arange(rows, device=out.device), y] -= scale * (1.0 - eps)
     return out
 
 
@@ -116,6 +148,20 @@ def loss_rows(
     """Per-row loss ``lse − (1−ε)z_y − ε·Σ r z`` and plain CE ``lse − z_y``, both 0 at ignored rows."""
     nll = (lse - z_y) * keep
     return nll + eps * (z_y - smooth) * keep, nll
+
+
+def chunk_tied(tied_rows: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    """The tied rows falling in chunk ``[s, e)``, as chunk-local indices (None if there are none)."""
+    if tied_rows is None:
+        return None
+    local = tied_rows[(tied_rows >= s) & (tied_rows < e)] - s
+    return local if local.numel() else None
+
+
+def tied_row_index(tied: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows that tie at ``τ`` (one host sync on GPU), or None."""
+    idx = tied.nonzero().flatten()
+    return idx if idx.numel() else None
 
 
 class ChunkedSoftTargetLoss(torch.autograd.Function):
@@ -137,38 +183,55 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         valid = target != ignore_index
         y = torch.where(valid, target, torch.zeros_like(target))
         lse = torch.empty(n, dtype=cd, device=logits.device)
-        smooth = torch.empty_like(lse)
-        tau = torch.empty_like(lse)
+        smooth, tau = torch.empty_like(lse), torch.empty_like(lse)
+        tied = torch.zeros(n, dtype=torch.bool, device=logits.device)
         step = chunk_rows(n, v)
+        scratch = torch.empty(min(n, step), v, dtype=cd, device=logits.device)
         with torch.no_grad():
             for s in range(0, n, step):
-                lse[s : s + step], smooth[s : s + step], tau[s : s + step] = row_stats(
-                    logits[s : s + step].to(cd), sm
-                )
+                zc = logits[s : s + step]
+                if zc.dtype != cd:
+                    zc = scratch[: zc.shape[0]].copy_(zc)
+                    stats = row_stats(zc, sm, None)
+                else:
+                    stats = row_stats(zc, sm, scratch)
+                lse[s : s + step], smooth[s : s + step], tau[s : s + step], tied[s : s + step] = stats
             z_y = logits.gather(1, y[:, None]).squeeze(1).to(cd)
             per_loss, per_nll = loss_rows(lse, z_y, smooth, eps, valid.to(cd))
             loss = reduce_rows(per_loss, valid, reduction)
             nll = reduce_rows(per_nll, valid, reduction)
-        ctx.save_for_backward(logits, y, valid, lse, tau, eps)
+            if nll is loss:  # ε = 0 with reduction "none": two outputs must be two tensors
+                nll = nll.clone()
+        ctx.save_for_backward(logits, y, valid, lse, tau, tied, eps)
         ctx.sm, ctx.reduction, ctx.inplace = sm, reduction, inplace_backward
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_nll: torch.Tensor | None):
-        logits, y, valid, lse, tau, eps = ctx.saved_tensors
+        logits, y, valid, lse, tau, tied, eps = ctx.saved_tensors
         n, v = logits.shape
         cd = lse.dtype
         scale = row_scale(grad_loss, valid, ctx.reduction, cd).expand(n)
+        negative = logits.device.type != "cpu" or bool((scale < 0).any())  # no host sync on GPU
+        tied_rows = tied_row_index(tied)
         grad = logits if ctx.inplace else torch.empty_like(logits)
         direct = logits.dtype == cd  # compute straight into the output rows
         step = chunk_rows(n, v)
+        scratch = torch.empty(min(n, step), v, dtype=cd, device=logits.device)
+        copy = None if direct else torch.empty_like(scratch)
         with torch.no_grad():
             for s in range(0, n, step):
                 e = min(n, s + step)
-                src = logits[s:e] if direct else logits[s:e].to(cd)
-                out = grad[s:e] if direct else src  # a private float32 copy may be overwritten
-                write_grad(src, out, lse[s:e], tau[s:e], y[s:e], scale[s:e], eps[s:e], ctx.sm)
+                if direct:
+                    src = out = logits[s:e]
+                    out = grad[s:e]
+                else:  # a private float32 copy, overwritten in place
+                    src = out = copy[: e - s].copy_(logits[s:e])
+                write_grad(
+                    src, out, lse[s:e], tau[s:e], chunk_tied(tied_rows, s, e), y[s:e], scale[s:e], eps[s:e],
+                    ctx.sm, scratch, negative,
+                )
                 if not direct:
                     grad[s:e].copy_(out)
         return grad, None, None, None, None, None, None

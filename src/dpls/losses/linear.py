@@ -23,6 +23,7 @@ from dpls.losses.chunked import (
     loss_rows,
     row_scale,
     row_stats,
+    tied_row_index,
     write_grad,
 )
 from dpls.losses.reference import compute_dtype, reduce_rows, reference_dpls_loss
@@ -46,6 +47,7 @@ def _walk(
     chunk: int,
     scale: torch.Tensor | None,
     need: tuple[bool, bool, bool],
+    negative: bool = True,
 ):
     """One pass over the row chunks: per-row stats, and with ``scale`` the input gradients."""
     n = hidden.shape[0]
@@ -62,11 +64,13 @@ def _walk(
         h = hidden[s:e]
         z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
         zf = z.to(cd)
-        lse[s:e], smooth[s:e], tau = row_stats(zf, sm)
+        stats = row_stats(zf, sm)
+        lse[s:e], smooth[s:e] = stats.lse, stats.smooth
         z_y[s:e] = zf.gather(1, y[s:e, None]).squeeze(1)
         if scale is None or not (need_h or need_w or need_b):
             continue
-        d = write_grad(zf, zf, lse[s:e], tau, y[s:e], scale[s:e], eps[s:e], sm)
+        tied = tied_row_index(stats.tied)
+        d = write_grad(zf, zf, stats.lse, stats.tau, tied, y[s:e], scale[s:e], eps[s:e], sm, None, negative)
         d_in = d.to(hidden.dtype)  # the matmuls run in the model's dtype, as autograd would
         if g_h is not None:
             torch.mm(d_in, weight, out=g_h[s:e])
@@ -88,7 +92,7 @@ class ChunkedLinearDPLS(torch.autograd.Function):
         scale = row_scale(torch.ones((), device=hidden.device), valid, reduction, cd).expand(y.shape[0])
         with torch.no_grad():
             lse, smooth, z_y, g_h, g_w, g_b = _walk(
-                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need
+                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need, negative=False
             )
             per_loss, per_nll = loss_rows(lse, z_y, smooth, eps, valid.to(cd))
             loss = reduce_rows(per_loss, valid, reduction)
@@ -111,7 +115,9 @@ class ChunkedLinearDPLS(torch.autograd.Function):
             hidden, weight, bias, y, valid, eps = ctx.saved_tensors
             scale = row_scale(grad_loss, valid, ctx.reduction, compute_dtype(hidden.dtype)).expand(y.shape[0])
             with torch.no_grad():
-                grads = _cast(_walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need)[3:], weight)
+                negative = hidden.device.type != "cpu" or bool((scale < 0).any())
+                grads = _walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need, negative)[3:]
+                grads = _cast(grads, weight)
         return *grads, None, None, None, None, None, None
 
 

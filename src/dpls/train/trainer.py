@@ -484,7 +484,8 @@ def train(cfg: TrainConfig) -> Path:
                     out = wrapped(x, y, step)
                 loss = maybe_inject_nan(out.loss, step + 1, ctx.rank)
                 (loss / plan.micro_steps).backward()
-                sums += torch.stack([loss.detach().float(), out.ce.float(), torch.tensor(float(out.epsilon))])
+                eps = torch.tensor(float(out.epsilon), device=ctx.device)
+                sums += torch.stack([loss.detach().float(), out.ce.float(), eps])
             return sums
 
         def log(row: dict[str, Any]) -> None:
