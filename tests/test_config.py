@@ -170,3 +170,21 @@ def test_fork_inherits_everything_but_what_is_given(tmp_path):
     assert cfg.loss == "dpls" and cfg.batch_size == 3 and cfg.learning_rate == 1e-3
     with pytest.raises(ValueError, match=r"no config\.toml"):
         load_config(overrides=[f"--resume_dir={tmp_path / 'missing'}"])
+
+
+def test_to_loss_config_carries_every_loss_key():
+    from dpls.losses.objective import LossConfig, build_objective
+
+    cfg = load_config(
+        overrides=["--loss=dpls", "--dpls_top_k=7", "--dpls_schedule=step", "--dpls_start_step=5"]
+    )
+    cfg.z_loss, cfg.dpls_gamma, cfg.loss_impl = 1e-4, 2.0, "reference"
+    lc = cfg.to_loss_config()
+    assert isinstance(lc, LossConfig)
+    for f in fields(LossConfig):
+        expected = cfg.max_iters if f.name == "dpls_end_step" else getattr(cfg, f.name)  # unset → max_iters
+        assert getattr(lc, f.name) == expected, f.name
+    objective = build_objective(lc)
+    assert objective.epsilon_at(4) == 0.0 and objective.epsilon_at(5) == pytest.approx(
+        0.1
+    )  # the "step" recipe

@@ -22,7 +22,7 @@ from dpls.data import DataMeta, write_shard
 from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from dpls.train.config import load_config
 from dpls.train.loggers import read_metrics
-from dpls.train.trainer import TrainingError, train
+from dpls.train.trainer import TrainingError, plan_run, train
 
 SPEC_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_KEYS = ("val_ce", "val_ppl", "val_entropy")
@@ -215,6 +215,8 @@ def test_bad_inputs_exit_2_and_write_nothing(capsys, corpus, straight, tmp_path)
     wide = make_corpus(tmp_path / "wide", vocab=300, train_tokens=5000, val_tokens=500)
     _bad(capsys, [*base_args(wide, out), f"--resume_dir={straight}", "--max_iters=50"], "vocabulary", out)
     _bad(capsys, [f"--resume_dir={straight}", f"--out_dir={out}"], "max_iters", out)  # nothing left to train
+    with pytest.raises(ValueError, match="divisible by the number of ranks"):
+        plan_run(load_config(overrides=base_args(corpus, out)), world_size=3)  # gas=2 over 3 ranks
     # an existing run with checkpoints is never overwritten
     before = (straight / "metrics.jsonl").read_bytes()
     assert main(["train", *base_args(corpus, straight)]) == 2
@@ -249,7 +251,7 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("DPLS_INJECT_NAN_AT_STEP", "3")
     run = run_train(corpus, tmp_path / "nan", max_iters=5, eval_interval=100)
     rows = train_rows(run)
-    assert rows[3]["skipped"] == 1 and math.isnan(rows[3]["loss"])
+    assert rows[3]["skipped"] == 1 and rows[3]["loss"] is None  # NaN, written as JSON null
     assert [rows[s]["skipped"] for s in (1, 2, 4, 5)] == [0, 0, 0, 0] and math.isfinite(rows[5]["loss"])
     assert all(torch.isfinite(p).all() for p in load_model(run).parameters())
 

@@ -8,8 +8,8 @@ the output weight ``[V, H]`` and make the logits themselves. ``objective`` says 
 computes (``ce``, ``ls`` or ``dpls``), so tables compare like with like. Third-party contenders
 appear only when their package imports.
 
-``benchmarks/gpu_check.py`` times every available contender; ``register_all`` hands them to the
-benchmark registry of ``dpls bench loss``.
+``benchmarks/gpu_check.py`` times every available contender (both families); importing this module
+also registers the logits-family ones with ``dpls bench loss`` (``dpls.bench.loss``).
 """
 
 from __future__ import annotations
@@ -204,9 +204,39 @@ def gpu_contenders(family: str | None = None, device: torch.device | None = None
     return [c for c in CONTENDERS if (family is None or c.family == family) and c.available(device)]
 
 
-def register_all(register: Callable[[GpuContender], object]) -> int:
-    """Hand every available GPU contender to a benchmark registry; returns how many."""
-    found = gpu_contenders()
-    for c in found:
-        register(c)
-    return len(found)
+def _bench_step(contender: GpuContender, problem: LossProblem, logits: torch.Tensor, target: torch.Tensor):
+    """A ``dpls bench loss`` step: the shared logits stay intact (in-place contenders work on a copy)."""
+    step = contender.make(problem)
+
+    def run() -> None:
+        x = (logits.clone() if contender.inplace else logits.detach()).requires_grad_(True)
+        step({"logits": x, "target": target})
+
+    return run
+
+
+def register_with_bench_loss() -> int:
+    """Add the logits-family contenders to ``dpls bench loss`` (called when that module loads us)."""
+    from dpls.bench.loss import register_loss_contender
+
+    count = 0
+    for c in CONTENDERS:
+        if c.family != "logits" or not c.name.startswith(("triton", "liger")):
+            continue  # the plain torch ones are there already; linear ones need hidden states
+
+        def build(logits, target, cfg, c=c):
+            problem = LossProblem(logits.shape[0], logits.shape[1], logits.dtype, cfg.epsilon, cfg.top_k)
+            return _bench_step(c, problem, logits, target)
+
+        note = (
+            f"{c.objective}; includes a copy of the logits (it writes its gradient in place)"
+            if c.inplace
+            else c.objective
+        )
+        name = c.name.lower().replace(" in-place", "_inplace").replace(" ", ":", 1).replace(" ", "_")
+        register_loss_contender(name, build, available=c.available, description=note)
+        count += 1
+    return count
+
+
+register_with_bench_loss()

@@ -55,6 +55,17 @@ def _signed_key(x, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _key_value(key, dtype, KEY_BITS: tl.constexpr):
+    """The float32 value whose key is ``key`` (the key map is its own inverse on the bits)."""
+    if KEY_BITS == 16:
+        b = key ^ ((key >> 15) & 0x7FFF)
+        value = b.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    else:
+        value = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return value
+
+
+@triton.jit
 def _insert(k0, k1, k2, k3, k4, k5, k6, k7, v, TOP_R: tl.constexpr):
     """Insert ``v`` into each lane's descending list ``k0 ≥ k1 ≥ …`` of its ``TOP_R`` largest values."""
     h = tl.maximum(k0, v)
@@ -358,6 +369,7 @@ def _dpls_rows_kernel(
                 )
                 k_rem = top_k - above
             need_rank = ties > k_rem  # only then does the index order of ties matter
+            t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)  # float compares: −0 == +0 too
 
             # 4. final pass: membership of T, top-k sum, gradient
             inv_s = 1.0 / s
@@ -371,15 +383,14 @@ def _dpls_rows_kernel(
                 x = tl.load(row + idx, mask=valid, other=0.0)
                 xf = x.to(tl.float32)
                 if TOPK_MODE == 1:
-                    key = _signed_key(x, KEY_BITS)
-                    tie = valid & (key == t)
+                    tie = valid & (xf == t_value)
                     if need_rank:
                         rank = taken + tl.cumsum(tie.to(tl.int32), 0)
                         take = tie & (rank <= k_rem)
                         taken += tl.sum(tie.to(tl.int32), 0)
                     else:
                         take = tie
-                    in_t = (valid & (key > t)) | take
+                    in_t = (valid & (xf > t_value)) | take
                 else:
                     in_t = valid
                 if TOPK_MODE != 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -59,12 +59,17 @@ class KernelConfig:
     num_stages: int = 2
 
 
-def choose_config(vocab: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    """A launch shape for rows of ``vocab`` entries: blocks of 2048 (8 per thread with 8 warps)."""
+def choose_config(vocab: int, dtype: torch.dtype, device: torch.device, top_k: int = 100) -> KernelConfig:
+    """A launch shape for rows of ``vocab`` entries: blocks of 2048 (8 per thread with 8 warps).
+
+    Deep lanes (large k) hold more values per thread, so they get 16 warps (4 entries per thread).
+    """
     block_v = min(2048, max(128, 1 << (vocab - 1).bit_length()))
     num_warps = 8 if block_v >= 2048 else 4
     if device.type != "cuda":  # the interpreter: programs run one after another, keep blocks small
         return KernelConfig(block_v=min(block_v, 1024), num_warps=1, programs=4)
+    if block_v >= 2048 and lane_depth(top_k, vocab, block_v) > 4:
+        num_warps = 16
     return KernelConfig(block_v=block_v, num_warps=num_warps, cap=2 * block_v)
 
 
@@ -121,7 +126,7 @@ def launch_rows(
     """
     k = _kernels()
     n_rows, vocab = logits.shape
-    cfg = config or choose_config(vocab, logits.dtype, logits.device)
+    cfg = config or choose_config(vocab, logits.dtype, logits.device, top_k)
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     nll = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
@@ -248,8 +253,3 @@ def triton_dpls_loss(
         want_grad, config,
     )  # fmt: skip
     return (loss, nll) if return_nll else loss
-
-
-def with_overrides(config: KernelConfig, **changes: int) -> KernelConfig:
-    """A copy of ``config`` with some fields changed (used by tests and the GPU benchmark)."""
-    return replace(config, **changes)

@@ -90,7 +90,9 @@ class TrainConfig:
     grad_clip: float = key(1.0, "clip the global gradient norm to this (0: no clipping)")
 
     # -- the objective -----------------------------------------------------------------
-    loss: str = key("ce", "objective: ce, ls, dpls, confidence_penalty, ...")
+    loss: str = key(
+        "ce", "objective: ce, ls, dpls, confidence_penalty, prior_ls (ε spread by token frequency)"
+    )
     dpls_epsilon: float = key(0.1, "DPLS smoothing mass ε")
     dpls_top_k: int = key(100, "DPLS: ε is spread over the k most likely tokens")
     dpls_schedule: str = key("constant", "ε over steps: constant, linear, cosine, warmup, step")
@@ -99,7 +101,7 @@ class TrainConfig:
     dpls_epsilon_final: float = key(0.0, "ε at dpls_end_step for decaying schedules")
     dpls_epsilon_mode: str = key("constant", "per-token ε: constant, confidence, entropy")
     dpls_gamma: float = key(1.0, "exponent of the confidence / entropy modes")
-    label_smoothing: float = key(0.1, "ε of plain label smoothing (loss=ls)")
+    label_smoothing: float = key(0.1, "ε of plain label smoothing (loss=ls, loss=prior_ls)")
     confidence_penalty_beta: float = key(0.1, "β of the confidence penalty CE − β·H(p)")
     z_loss: float = key(0.0, "coefficient of the z-loss term λ·lse², added to any objective")
     loss_impl: str = key("auto", "loss implementation: auto, reference, chunked, triton")

@@ -51,6 +51,12 @@ def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
 # -- metrics.jsonl ----------------------------------------------------------------------------
 
 
+def _strict_json(row: Mapping[str, Any]) -> str:
+    """One line of standard JSON: a non-finite number (the loss of a skipped step) becomes null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
+
+
 class JsonlLogger:
     """Append one JSON object per row to RUN/metrics.jsonl, flushed at once (a crash loses nothing)."""
 
@@ -59,7 +65,7 @@ class JsonlLogger:
         self._fh = path.open("a", encoding="utf-8")
 
     def log(self, row: Mapping[str, Any]) -> None:
-        self._fh.write(json.dumps(dict(row), allow_nan=True) + "\n")
+        self._fh.write(_strict_json(row) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -99,7 +105,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r, allow_nan=True) + "\n" for r in kept)
+        fh.writelines(_strict_json(r) + "\n" for r in kept)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

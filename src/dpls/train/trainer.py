@@ -171,6 +171,11 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
         )
 
     # The data (every shard checked), and a model it fits.
+    if not (Path(cfg.data_dir) / "meta.json").is_file():
+        raise ValueError(
+            f"data_dir {cfg.data_dir} is not a prepared data directory (no meta.json); "
+            f"make one with `dpls prepare stdlib --out {cfg.data_dir}` (or prepare files / fineweb-edu)"
+        )
     meta = DataMeta.load(cfg.data_dir).to_dict()
     data_vocab = int(meta["vocab_size"])
     if checkpoint is None:
@@ -359,7 +364,10 @@ def train(cfg: TrainConfig) -> Path:
     from dpls.model import Transformer
 
     owns_group = not (dist.is_available() and dist.is_initialized())
-    ctx = init_distributed(None if cfg.device == "auto" else cfg.device)
+    try:
+        ctx = init_distributed(None if cfg.device == "auto" else cfg.device)
+    except ValueError as err:
+        raise InvalidRun(str(err)) from err
     try:
         try:
             plan = plan_run(cfg, ctx.world_size, ctx.device)
