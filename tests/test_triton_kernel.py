@@ -1,10 +1,10 @@
 """The fused Triton kernels (issue 5), run on the CPU through Triton's interpreter.
 
-The interpreter executes the kernels' own source (every ``tl`` op, histogram, cumsum, the radix
-select, the compaction into scratch), so these tests check the very code a GPU compiles. Shapes are
-small because the interpreter is slow; the launch configurations are shrunk to match (blocks of
-32–128 entries, tiny compaction caps), so multi-block rows, compaction and the no-compaction path
-are all exercised. The environment variable is set only while this module runs, so other tests'
+The interpreter executes the kernels' own source (every ``tl`` op, the per-lane top values, the
+bisections, the compaction into scratch), so these tests check the very code a GPU compiles (on a
+GPU machine they run compiled). Shapes are small because the interpreter is slow; the launch
+configurations are shrunk to match (blocks of 32–128 entries, shallow lanes, tiny scratch rows), so
+multi-block rows, the certified threshold and both fallback paths are all exercised. The environment variable is set only while this module runs, so other tests'
 ``impl="auto"`` never picks the interpreted kernel on the CPU.
 """
 
