@@ -1,0 +1,31 @@
+"""`dpls bench train`: whole optimizer steps per loss, each timed beside CE in the same process."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpls.bench.train import bench_train, format_table
+from dpls.cli import main
+
+
+def test_rows_carry_their_ratio_to_the_ce_step_of_the_same_group():
+    rows = bench_train(
+        ["tiny"], ["ce", "dpls"], ["chunked"], batch_size=2, block_size=16, steps=2, warmup=1,
+        device=torch.device("cpu"), dtype=torch.float32, compile_model=False, epsilon=0.1, top_k=10,
+        vocab_size=512,
+    )
+    assert [(r.preset, r.loss, r.impl) for r in rows] == [("tiny", "ce", "chunked"), ("tiny", "dpls", "chunked")]
+    ce, dpls = rows
+    assert ce.ratio_to_ce == 1.0
+    assert math.isclose(dpls.ratio_to_ce, dpls.ms_per_step / ce.ms_per_step)
+    assert all(r.ms_per_step > 0 and r.tokens_per_s > 0 for r in rows)
+    assert all(r.mfu is None and r.peak_mem_gb is None for r in rows)  # no peak known on CPU
+    table = format_table(rows)
+    assert "dpls" in table and "vs CE" in table
+
+
+def test_unknown_preset_is_a_usage_error(capsys):
+    assert main(["bench", "train", "--presets", "tiny,huge", "--device", "cpu"]) == 2
+    assert "huge" in capsys.readouterr().err
