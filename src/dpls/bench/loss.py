@@ -122,9 +122,8 @@ register_loss_contender("dense_published", _build_published, description="publis
 
 def load_contenders(device: torch.device) -> dict[str, Contender]:
     """Built-ins, one ``dpls:<impl>`` per loss implementation running on ``device``, and plug-ins."""
-    from dpls.losses import available_impls
-
     import dpls.bench as bench_pkg
+    from dpls.losses import available_impls
 
     for info in pkgutil.iter_modules(bench_pkg.__path__):
         if info.name.startswith("contenders_"):

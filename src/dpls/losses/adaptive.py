@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from dpls.losses.chunked import chunk_rows
+from dpls.losses.chunked import chunk_rows, run_chunks
 from dpls.losses.reference import compute_dtype
 
 
@@ -55,10 +55,11 @@ def _per_row(
     chunk: int | None = None,
 ) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=device)
-    step = chunk or chunk_rows(n, v)
-    for s in range(0, n, step):
-        e = min(n, s + step)
+
+    def one(s: int, e: int) -> None:
         out[s:e] = stat(make_chunk(s, e))
+
+    run_chunks(n, chunk or chunk_rows(n, v), one, device)
     return out
 
 

@@ -35,9 +35,8 @@ def reference_dpls_loss(
     ignore_index: int,
     reduction: str,
     return_nll: bool = False,
-    inplace_backward: bool = False,  # noqa: ARG001 - part of the shared signature; nothing to reuse here
+    inplace_backward: bool = False,  # part of the shared signature; nothing to reuse here
 ):
-    n, v = logits.shape
     z = logits.to(compute_dtype(logits.dtype))
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dpls.losses.chunked import ChunkedSoftTargetLoss, Smoothing, chunk_rows
+from dpls.losses.chunked import ChunkedSoftTargetLoss, Smoothing, chunk_rows, row_scale, run_chunks
 from dpls.losses.functional import dpls_loss
 from dpls.losses.reference import compute_dtype, reduce_rows
 from dpls.losses.validation import check_loss_args
@@ -74,14 +74,15 @@ class _ChunkedConfidencePenalty(torch.autograd.Function):
         y = torch.where(valid, target, torch.zeros_like(target))
         lse = torch.empty(n, dtype=cd, device=logits.device)
         ent = torch.empty_like(lse)
-        step = chunk_rows(n, v)
+
+        def chunk(s: int, e: int) -> None:
+            z = logits[s:e].to(cd)
+            lse[s:e] = lse_c = torch.logsumexp(z, dim=-1)
+            logp = z - lse_c[:, None]
+            ent[s:e] = -(logp.exp() * logp).sum(-1)
+
         with torch.no_grad():
-            for s in range(0, n, step):
-                z = logits[s : s + step].to(cd)
-                lse_c = torch.logsumexp(z, dim=-1)
-                logp = z - lse_c[:, None]
-                lse[s : s + step] = lse_c
-                ent[s : s + step] = -(logp.exp() * logp).sum(-1)
+            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
             keep = valid.to(cd)
             nll_rows = (lse - logits.gather(1, y[:, None]).squeeze(1).to(cd)) * keep
             loss = reduce_rows(nll_rows - beta * ent * keep, valid, reduction)
@@ -95,23 +96,21 @@ class _ChunkedConfidencePenalty(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nll):
-        from dpls.losses.chunked import row_scale
-
         logits, y, valid, lse, ent = ctx.saved_tensors
         n, v = logits.shape
         cd = lse.dtype
         scale = row_scale(grad_loss, valid, ctx.reduction, cd).expand(n)
         grad = torch.empty_like(logits)
-        step = chunk_rows(n, v)
+
+        def chunk(s: int, e: int) -> None:
+            logp = logits[s:e].to(cd) - lse[s:e, None]
+            g = logp.exp() * (1.0 + ctx.beta * (logp + ent[s:e, None]))
+            g.mul_(scale[s:e, None])
+            g[torch.arange(e - s, device=g.device), y[s:e]] -= scale[s:e]
+            grad[s:e] = g
+
         with torch.no_grad():
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                logp = logits[s:e].to(cd) - lse[s:e, None]
-                p = logp.exp()
-                g = p * (1.0 + ctx.beta * (logp + ent[s:e, None]))
-                g.mul_(scale[s:e, None])
-                g[torch.arange(e - s, device=g.device), y[s:e]] -= scale[s:e]
-                grad[s:e] = g
+            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
         return grad, None, None, None, None
 
 
@@ -141,10 +140,12 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         n, v = logits.shape
         cd = compute_dtype(logits.dtype)
         lse = torch.empty(n, dtype=cd, device=logits.device)
-        step = chunk_rows(n, v)
+
+        def chunk(s: int, e: int) -> None:
+            lse[s:e] = torch.logsumexp(logits[s:e].to(cd), dim=-1)
+
         with torch.no_grad():
-            for s in range(0, n, step):
-                lse[s : s + step] = torch.logsumexp(logits[s : s + step].to(cd), dim=-1)
+            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
         ctx.save_for_backward(logits, lse)
         return lse
 
@@ -153,12 +154,13 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         logits, lse = ctx.saved_tensors
         n, v = logits.shape
         grad = torch.empty_like(logits)
-        step = chunk_rows(n, v)
+
+        def chunk(s: int, e: int) -> None:
+            p = (logits[s:e].to(lse.dtype) - lse[s:e, None]).exp_()
+            grad[s:e] = p.mul_(grad_lse[s:e, None].to(lse.dtype))
+
         with torch.no_grad():
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                p = (logits[s:e].to(lse.dtype) - lse[s:e, None]).exp_()
-                grad[s:e] = p.mul_(grad_lse[s:e, None].to(lse.dtype))
+            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
         return grad
 
 
@@ -214,10 +216,11 @@ def dpls_kl_loss(
     y_safe = torch.where(valid, y, torch.zeros_like(y))
     z_y = z.gather(1, y_safe[:, None])
     above = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
-    step = chunk_rows(z.shape[0], v)
-    with torch.no_grad():
-        for s in range(0, z.shape[0], step):
-            above[s : s + step] = (z[s : s + step] > z_y[s : s + step]).sum(-1)
+
+    def chunk(s: int, e: int) -> None:
+        above[s:e] = (z[s:e] > z_y[s:e]).sum(-1)
+
+    run_chunks(z.shape[0], chunk_rows(z.shape[0], v), chunk, z.device)
     h_q = soft_target_entropy(epsilon.reshape(-1) if isinstance(epsilon, torch.Tensor) else epsilon, top_k, above < top_k)
     kl = (loss.reshape(-1) - h_q.to(loss.dtype)) * valid.to(loss.dtype)
     out = reduce_rows(kl, valid, reduction)

@@ -451,6 +451,12 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
     lines += (
         ["## Findings", ""] + [f"- {_sentence(a, base, summary['differences'][a])}" for a in others] + [""]
     )
+    lines += [
+        "Each interval covers its own metric; with a dozen metrics per arm, about one in "
+        f"{round(1 / (1 - summary['confidence']))} intervals excludes 0 by chance alone, "
+        "and with few seeds the t interval is wide (t₀.₉₇₅ = 12.7 for two seeds, 4.30 for three).",
+        "",
+    ]
     if summary["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
 
@@ -527,12 +533,18 @@ def _pyplot() -> Any:
 
 
 def _curve(
-    runs: Sequence[RunRecord], rows_of: str, key: str
+    runs: Sequence[RunRecord], rows_of: str, key: str, start: tuple[int, float] | None = None
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
-    """Per-run (step, value) arrays and their mean over the steps every run logged."""
+    """Per-run (step, value) arrays and their mean over the steps every run logged.
+
+    ``start``: a point put in front of every series (the trunk's value at the fork), so the
+    arms' curves begin where the trunk's ends.
+    """
     series = []
     for r in runs:
         pts = [(int(row["step"]), float(row[key])) for row in getattr(r, rows_of) if _finite(row.get(key))]
+        if start is not None and pts and start[0] < pts[0][0]:
+            pts.insert(0, start)
         if pts:
             steps, vals = zip(*pts)
             series.append((np.array(steps), np.array(vals)))
@@ -545,6 +557,30 @@ def _curve(
     return series, (np.array(common), mean)
 
 
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _draw_arms(
+    ax: Any,
+    groups: Mapping[str, Sequence[RunRecord]],
+    rows_of: str,
+    key: str,
+    start: tuple[int, float] | None,
+    thin: bool,
+) -> bool:
+    drew = False
+    for i, (name, runs) in enumerate(groups.items()):
+        style = {"color": f"C{i}", "ls": _LINESTYLES[i % len(_LINESTYLES)]}  # overlapping arms stay visible
+        series, mean = _curve(runs, rows_of, key, start)
+        if thin:
+            for s, v in series:
+                ax.plot(s, v, lw=0.8, alpha=0.35, **style)
+        drew |= bool(series)
+        if mean is not None:
+            ax.plot(*mean, lw=2.0, label=f"{name} (mean of {len(series)})", **style)
+    return drew
+
+
 def _plot_curves(
     groups: Mapping[str, Sequence[RunRecord]],
     rows_of: str,
@@ -554,30 +590,33 @@ def _plot_curves(
     path: Path,
     trunk: RunRecord | None = None,
 ) -> bool:
+    """Arms' curves (thick: mean over seeds; thin: each seed). With a trunk, two panels: the
+    whole run, and the part after the fork at a scale where the arms can be told apart."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    drew = False
-    if trunk is not None:
-        series, _ = _curve([trunk], rows_of, key)
-        for s, v in series:
-            ax.plot(s, v, color="grey", lw=1.5, ls="--", label="trunk")
-            drew = True
-    for i, (name, runs) in enumerate(groups.items()):
-        color = f"C{i}"
-        series, mean = _curve(runs, rows_of, key)
-        for s, v in series:
-            ax.plot(s, v, color=color, lw=0.7, alpha=0.35)
-            drew = True
-        if mean is not None:
-            ax.plot(*mean, color=color, lw=2.0, label=f"{name} (mean of {len(series)})")
+    trunk_series = _curve([trunk], rows_of, key)[0] if trunk is not None else []
+    if trunk_series:
+        fig, (whole, after) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+        steps, vals = trunk_series[0]
+        start = (int(steps[-1]), float(vals[-1]))
+        whole.plot(steps, vals, color="grey", lw=1.5, ls="--", label="trunk (CE)")
+        _draw_arms(whole, groups, rows_of, key, start, thin=False)
+        whole.set_title("whole run")
+        drew = _draw_arms(after, groups, rows_of, key, start, thin=True)
+        after.set_title(f"after the fork at step {start[0]}")
+        axes = (whole, after)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+        drew = _draw_arms(ax, groups, rows_of, key, None, thin=True)
+        axes = (ax,)
     if not drew:
         plt.close(fig)
         return False
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -618,25 +657,17 @@ def _plot_reliability(
     for ax, (name, b) in zip(axes[0], pooled.items()):
         centers, widths = (b["lower"] + b["upper"]) / 2, b["upper"] - b["lower"]
         filled = b["count"] > 0
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
         ax.bar(
             centers[filled],
             b["accuracy"][filled],
             width=widths[filled],
             color="tab:blue",
+            alpha=0.75,
             edgecolor="black",
             label="accuracy",
         )
-        ax.bar(
-            centers[filled],
-            (b["confidence"] - b["accuracy"])[filled],
-            bottom=b["accuracy"][filled],
-            width=widths[filled],
-            color="tab:red",
-            alpha=0.3,
-            edgecolor="tab:red",
-            label="gap to confidence",
-        )
+        ax.plot(centers[filled], b["confidence"][filled], "o", color="tab:red", ms=4, label="mean confidence")
         ece = summary["arms"][name]["metrics"].get("ece")
         ax.set_title(name + (f"\nECE {ece['mean']:.4f}" if ece else ""), fontsize=9)
         ax.set_xlim(0, 1)
@@ -699,7 +730,7 @@ def write_report(
         "val_rows",
         "val_ce",
         "validation CE (nats/token)",
-        "Validation CE (thick: mean over seeds; thin: each seed)",
+        "Validation cross-entropy (thick: mean over seeds; thin: each seed)",
         out / "val_ce.png",
         trunk,
     ):

@@ -490,7 +490,7 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
     main = ctx is None or ctx.is_main
     world_size = 1 if ctx is None else ctx.world_size
     study_dir = plan.study_dir
-    bar = _Progress(plan, progress and main)
+    bar = _Progress(plan, main)  # plain lines: shown even without progress bars
 
     def sync() -> None:
         if ctx is not None:
