@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_reference import distinct_logits
 
 from dpls.losses import dpls_loss, make_hf_loss
+from loss_reference import distinct_logits
 
 
 def _batch():
@@ -57,8 +57,13 @@ def test_trainer_with_gradient_accumulation_trains_a_tiny_llama(tmp_path):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     model = LlamaForCausalLM(cfg)
     # A learnable pattern: each sequence counts upwards from a random start.
@@ -66,8 +71,16 @@ def test_trainer_with_gradient_accumulation_trains_a_tiny_llama(tmp_path):
     ids = (starts + torch.arange(24)) % 128
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=8,
-        learning_rate=5e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=8,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
         disable_tqdm=True,
     )
     trainer = Trainer(

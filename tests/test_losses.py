@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_reference import check_impl_against_reference, distinct_logits, reference_dpls
 
 import dpls.losses.chunked as chunked
 from dpls.losses import DPLSLoss, dpls_loss, label_smoothing_loss, register_impl
 from dpls.losses.registry import _IMPLS, available_impls, impl_names, resolve_impl
+from loss_reference import check_impl_against_reference, distinct_logits, reference_dpls
 
 
 @pytest.fixture
@@ -112,7 +112,9 @@ def test_nll_has_the_loss_shape_for_none_and_batch_dims():
     y = torch.randint(0, 20, (3, 4))
     loss, nll = dpls_loss(z, y, epsilon=0.1, top_k=4, reduction="none", return_nll=True)
     assert loss.shape == nll.shape == (3, 4)
-    torch.testing.assert_close(nll, F.cross_entropy(z.reshape(12, 20), y.reshape(12), reduction="none").reshape(3, 4))
+    torch.testing.assert_close(
+        nll, F.cross_entropy(z.reshape(12, 20), y.reshape(12), reduction="none").reshape(3, 4)
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,12 @@ trainer-facing Objective, each against a float64 statement of its definition."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_reference import distinct_logits, reference_dpls
 
 from dpls.losses import (
     EpsilonSchedule,
@@ -24,6 +24,7 @@ from dpls.losses import (
 )
 from dpls.losses.objective import objective_names, register_objective
 from dpls.losses.schedules import SHAPES
+from loss_reference import distinct_logits, reference_dpls
 
 # ---- schedules -------------------------------------------------------------------------------
 
@@ -56,7 +57,7 @@ def test_cosine_is_high_early_and_monotone():
     cos = EpsilonSchedule(epsilon=0.3, epsilon_final=0.0, start_step=0, end_step=100, shape="cosine")
     lin = EpsilonSchedule(epsilon=0.3, epsilon_final=0.0, start_step=0, end_step=100, shape="linear")
     vals = [cos(t) for t in range(101)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(vals))
     assert cos(20) > lin(20) and cos(80) < lin(80)
     assert cos(50) == pytest.approx(0.5 * 0.3 * (1 + math.cos(math.pi * 0.5)))
 
@@ -268,7 +269,7 @@ def test_config_errors_are_raised_when_building():
         build_objective(LossConfig(loss="prior_ls"))
     with pytest.raises(ValueError, match="end_step"):
         build_objective(LossConfig(loss="dpls", dpls_schedule="cosine"))
-    with pytest.raises(ValueError, match="dpls_epsilon_mode|epsilon_mode"):
+    with pytest.raises(ValueError, match="epsilon_mode"):
         build_objective(LossConfig(loss="dpls", dpls_epsilon_mode="x"))
     with pytest.raises(ValueError, match="z_loss"):
         build_objective(LossConfig(loss="ce", z_loss=-1.0))
@@ -277,7 +278,9 @@ def test_config_errors_are_raised_when_building():
     with pytest.raises(ValueError, match="impl"):
         build_objective(LossConfig(loss="ce", loss_impl="cuda"))
     with pytest.raises(ValueError, match="dpls_top_k"):
-        build_objective(LossConfig(loss="dpls", dpls_top_k=50))(torch.randn(2, 10), torch.zeros(2, dtype=torch.long), step=0)
+        build_objective(LossConfig(loss="dpls", dpls_top_k=50))(
+            torch.randn(2, 10), torch.zeros(2, dtype=torch.long), step=0
+        )
 
 
 def test_loss_config_from_any_config_and_new_objectives_register():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from loss_reference import reference_dpls
 
 from dpls.losses import dpls_linear_loss
+from loss_reference import reference_dpls
 
 
 def _case(n, c, v, dtype=torch.float32, bias=False, seed=0):

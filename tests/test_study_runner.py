@@ -221,3 +221,32 @@ def test_study_end_to_end_pairs_arms_and_skips_finished_runs(
     data["arms"][1]["dpls_epsilon"] = 0.2
     with pytest.raises(ValueError, match=r"dpls_epsilon=0\.1 but the study now says dpls_epsilon=0\.2"):
         run_study(parse_spec(data), progress=False)
+
+
+def test_cli_dry_run_and_errors(tmp_path, tiny_data, capsys):
+    from dpls.cli import main
+
+    study = tmp_path / "s.toml"
+    study.write_text(
+        f"""
+name = "cli"
+data_dir = "{tiny_data}"
+fork_step = 3
+seeds = 2
+iters_per_arm = 2
+[train]
+block_size = 16
+batch_size = 2
+[[arms]]
+name = "ce"
+loss = "ce"
+"""
+    )
+    assert main(["study", str(study), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "study 'cli'" in out and "CE for 3 steps" in out
+    assert not (tmp_path / "out").exists()
+    study.write_text(study.read_text().replace("fork_step", "fork_stp"))
+    assert main(["study", str(study), "--dry-run"]) == 2
+    assert "did you mean 'fork_step'" in capsys.readouterr().err
+    assert main(["study", str(tmp_path / "missing.toml"), "--dry-run"]) == 2

@@ -160,3 +160,27 @@ loss = "ce"
         load_spec(path)
     with pytest.raises(ValueError, match="study file not found"):
         load_spec(tmp_path / "nope.toml")
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_shipped_studies_parse_and_plan(path: Path, tmp_path: Path):
+    from dpls.study.runner import plan_study
+
+    spec = load_spec(path, out_dir=tmp_path / "study")
+    plan = plan_study(spec)  # every training key checked against TrainConfig, nothing written
+    assert plan.arms and spec.baseline in {a.name for a in spec.arms}
+    assert not (tmp_path / "study").exists()
+
+
+def test_demo_command_runs_the_shipped_demo_study(tmp_path: Path):
+    from dpls.cli.demo import demo_study
+
+    shipped = load_spec(Path(__file__).resolve().parents[1] / "studies" / "demo.toml", out_dir=tmp_path)
+    built_in = parse_spec(demo_study(tmp_path))
+    assert shipped.train == built_in.train and shipped.arms == built_in.arms
+    assert shipped.eval == built_in.eval and shipped.seeds == built_in.seeds
+    assert (shipped.fork_step, shipped.iters_per_arm) == (built_in.fork_step, built_in.iters_per_arm)
+    assert (shipped.prepare, shipped.prepare_options) == (built_in.prepare, built_in.prepare_options)

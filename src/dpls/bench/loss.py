@@ -111,7 +111,9 @@ def _dpls_builder(impl: str) -> Callable[[torch.Tensor, torch.Tensor, LossBenchC
     def build(logits, target, cfg):
         from dpls.losses import dpls_loss
 
-        return _fwd_bwd(lambda x: dpls_loss(x, target, epsilon=cfg.epsilon, top_k=cfg.top_k, impl=impl), logits)
+        return _fwd_bwd(
+            lambda x: dpls_loss(x, target, epsilon=cfg.epsilon, top_k=cfg.top_k, impl=impl), logits
+        )
 
     return build
 
@@ -153,7 +155,9 @@ def make_inputs(cfg: LossBenchConfig, n: int | None = None) -> tuple[torch.Tenso
     block = max(1, (1 << 20) // max(cfg.v, 1))
     for s in range(0, n, block):
         e = min(n, s + block)
-        logits[s:e] = (torch.randn(e - s, cfg.v, generator=gen) * 2.0).to(device=device, dtype=cfg.torch_dtype)
+        logits[s:e] = (torch.randn(e - s, cfg.v, generator=gen) * 2.0).to(
+            device=device, dtype=cfg.torch_dtype
+        )
     target = torch.randint(0, cfg.v, (n,), generator=gen).to(device)
     return logits, target
 
@@ -178,8 +182,23 @@ def _cuda_peak(step: Step, device: torch.device) -> int:
 def _cpu_peak(name: str, cfg: LossBenchConfig) -> int | None:
     """Run ``name`` once in a fresh interpreter and return the growth of its peak RSS (bytes)."""
     cmd = [
-        sys.executable, "-m", "dpls.bench.loss", "--child", name, "--n", str(cfg.n), "--v", str(cfg.v),
-        "--dtype", cfg.dtype, "--top-k", str(cfg.top_k), "--epsilon", repr(cfg.epsilon), "--seed", str(cfg.seed),
+        sys.executable,
+        "-m",
+        "dpls.bench.loss",
+        "--child",
+        name,
+        "--n",
+        str(cfg.n),
+        "--v",
+        str(cfg.v),
+        "--dtype",
+        cfg.dtype,
+        "--top-k",
+        str(cfg.top_k),
+        "--epsilon",
+        repr(cfg.epsilon),
+        "--seed",
+        str(cfg.seed),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -316,11 +335,19 @@ def write_json(path: str, rows: list[BenchRow], cfg: LossBenchConfig) -> None:
         "rows": [asdict(r) for r in rows],
     }
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2, allow_nan=False, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+        json.dump(
+            payload,
+            f,
+            indent=2,
+            allow_nan=False,
+            default=lambda x: None if isinstance(x, float) and math.isnan(x) else x,
+        )
 
 
 def _child_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m dpls.bench.loss", description="(internal) one memory measurement")
+    p = argparse.ArgumentParser(
+        prog="python -m dpls.bench.loss", description="(internal) one memory measurement"
+    )
     p.add_argument("--child", required=True)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--v", type=int, required=True)
@@ -329,7 +356,9 @@ def _child_main(argv: list[str]) -> int:
     p.add_argument("--epsilon", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    cfg = LossBenchConfig(n=a.n, v=a.v, dtype=a.dtype, device="cpu", top_k=a.top_k, epsilon=a.epsilon, seed=a.seed)
+    cfg = LossBenchConfig(
+        n=a.n, v=a.v, dtype=a.dtype, device="cpu", top_k=a.top_k, epsilon=a.epsilon, seed=a.seed
+    )
     print(json.dumps({"name": a.child, "peak_extra_bytes": measure_child(a.child, cfg)}))
     return 0
 

@@ -32,13 +32,17 @@ def register(subparsers, name: str, help_text: str) -> None:
     loss.add_argument("--device", default=None, help="cpu | cuda[:i] (default: cuda if available, else cpu)")
     loss.add_argument("--top-k", type=int, default=100, help="k of DPLS, default 100")
     loss.add_argument("--epsilon", type=float, default=0.1, help="ε of DPLS, default 0.1")
-    loss.add_argument("--repeats", type=int, default=5, help="timed repeats per contender (median), default 5")
+    loss.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per contender (median), default 5"
+    )
     loss.add_argument("--impls", default=None, help="comma-separated contenders (default: all available)")
     loss.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     loss.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     loss.set_defaults(func=_run_loss)
 
-    train = sub.add_parser("train", help="training throughput and memory of the loss variants (tokens/s, MFU)")
+    train = sub.add_parser(
+        "train", help="training throughput and memory of the loss variants (tokens/s, MFU)"
+    )
     if importlib.util.find_spec("dpls.bench.train") is not None:
         module = importlib.import_module("dpls.bench.train")
         module.add_arguments(train)
@@ -81,8 +85,15 @@ def _config(args: argparse.Namespace):
     if args.impls:
         impls = tuple(s.strip() for s in args.impls.split(",") if s.strip())
     return LossBenchConfig(
-        n=args.n, v=args.v, dtype=args.dtype, device=device, top_k=args.top_k, epsilon=args.epsilon,
-        repeats=args.repeats, impls=impls, memory=not args.no_memory,
+        n=args.n,
+        v=args.v,
+        dtype=args.dtype,
+        device=device,
+        top_k=args.top_k,
+        epsilon=args.epsilon,
+        repeats=args.repeats,
+        impls=impls,
+        memory=not args.no_memory,
     )
 
 
@@ -96,7 +107,9 @@ def _run_loss(args: argparse.Namespace) -> int:
         table = load_contenders(torch.device(cfg.device))
         unknown = [n for n in cfg.impls if n not in table]
         if unknown:
-            raise UsageError(f"--impls: unknown or unavailable {unknown}; available here: {', '.join(sorted(table))}")
+            raise UsageError(
+                f"--impls: unknown or unavailable {unknown}; available here: {', '.join(sorted(table))}"
+            )
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):

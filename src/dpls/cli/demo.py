@@ -7,8 +7,8 @@
 4. every arm is evaluated (SPEC §4 metrics) and ``OUT/report/report.md`` gives each
    arm's paired difference from CE with its 95% interval, with plots.
 
-It is ``dpls study`` with the study below (the same as ``studies/demo.toml``); rerunning it
-skips everything already finished. The last line printed is the path of report.md.
+It runs the same study as ``dpls study studies/demo.toml``, built in; rerunning it skips
+everything already finished. The last line printed is the path of report.md.
 """
 
 from __future__ import annotations

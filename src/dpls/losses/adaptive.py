@@ -45,13 +45,22 @@ EPSILON_MODES: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
 def check_mode(mode: str, gamma: float) -> None:
     if mode not in EPSILON_MODES:
         raise ValueError(f"epsilon_mode must be one of {sorted(EPSILON_MODES)}, got {mode!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+    if (
+        isinstance(gamma, bool)
+        or not isinstance(gamma, (int, float))
+        or not math.isfinite(gamma)
+        or gamma < 0
+    ):
         raise ValueError(f"gamma must be a finite float >= 0, got {gamma!r}")
 
 
 @torch.no_grad()
 def _per_row(
-    n: int, make_chunk: Callable[[int, int], torch.Tensor], v: int, stat: Callable, device: torch.device,
+    n: int,
+    make_chunk: Callable[[int, int], torch.Tensor],
+    v: int,
+    stat: Callable,
+    device: torch.device,
     chunk: int | None = None,
 ) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=device)
@@ -59,7 +68,7 @@ def _per_row(
     def one(s: int, e: int) -> None:
         out[s:e] = stat(make_chunk(s, e))
 
-    run_chunks(n, chunk or chunk_rows(n, v), one, device)
+    run_chunks(n, chunk or chunk_rows(n, v, device=device), one, device)
     return out
 
 

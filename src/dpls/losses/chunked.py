@@ -35,8 +35,16 @@ from dpls.losses.registry import register_impl
 CHUNK_ELEMS = 1 << 19  # 2 MiB of float32 per chunk: stays in cache next to its temporaries
 
 
-def chunk_rows(n_rows: int, v: int, chunk_elems: int | None = None) -> int:
-    return max(1, min(n_rows, (chunk_elems or CHUNK_ELEMS) // max(v, 1)))
+GPU_CHUNK_ELEMS = 1 << 24  # on a GPU, fewer and larger launches (64 MiB of float32 per chunk)
+
+
+def chunk_rows(
+    n_rows: int, v: int, chunk_elems: int | None = None, device: torch.device | None = None
+) -> int:
+    """Rows per chunk: about ``chunk_elems`` logits (default by device), at least one row."""
+    if chunk_elems is None:
+        chunk_elems = GPU_CHUNK_ELEMS if device is not None and device.type != "cpu" else CHUNK_ELEMS
+    return max(1, min(n_rows, chunk_elems // max(v, 1)))
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -62,6 +70,7 @@ def run_chunks(n: int, step: int, fn: Callable[[int, int], None], device: torch.
         return
     if _pool is None or _pool_size != threads:
         _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="dpls-chunks"), threads
+
     def call(s: int, e: int) -> None:
         with torch.no_grad():  # grad mode is thread-local: the workers' default is "enabled"
             fn(s, e)
@@ -182,7 +191,9 @@ def write_grad(
     return out
 
 
-def row_scale(grad_out: torch.Tensor, valid: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+def row_scale(
+    grad_out: torch.Tensor, valid: torch.Tensor, reduction: str, dtype: torch.dtype
+) -> torch.Tensor:
     """The factor each row's gradient gets from the upstream gradient and the reduction; 0 at ignored rows."""
     keep = valid.to(dtype)
     if reduction == "mean":
@@ -233,11 +244,11 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         lse = torch.empty(n, dtype=cd, device=logits.device)
         smooth, tau = torch.empty_like(lse), torch.empty_like(lse)
         tied = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        step = chunk_rows(n, v)
+        step = chunk_rows(n, v, device=logits.device)
 
         def chunk(s: int, e: int) -> None:
             zc = logits[s:e]
-            buf = chunk_buffer("stats", e - s, v, cd, zc.device)
+            buf = chunk_buffer("work", e - s, v, cd, zc.device)
             if zc.dtype != cd:
                 zc = chunk_buffer("copy", e - s, v, cd, zc.device).copy_(zc)
             lse[s:e], smooth[s:e], tau[s:e], tied[s:e] = row_stats(zc, sm, buf)
@@ -265,7 +276,7 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         tied_rows = tied_row_index(tied)
         grad = logits if ctx.inplace else torch.empty_like(logits)
         direct = logits.dtype == cd  # compute straight into the output rows
-        step = chunk_rows(n, v)
+        step = chunk_rows(n, v, device=logits.device)
 
         def chunk(s: int, e: int) -> None:
             if direct:
@@ -273,8 +284,17 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
             else:  # a private float32 copy, overwritten in place
                 src = out = chunk_buffer("copy", e - s, v, cd, logits.device).copy_(logits[s:e])
             write_grad(
-                src, out, lse[s:e], tau[s:e], chunk_tied(tied_rows, s, e), y[s:e], scale[s:e], eps[s:e],
-                ctx.sm, chunk_buffer("mask", e - s, v, cd, logits.device), negative,
+                src,
+                out,
+                lse[s:e],
+                tau[s:e],
+                chunk_tied(tied_rows, s, e),
+                y[s:e],
+                scale[s:e],
+                eps[s:e],
+                ctx.sm,
+                chunk_buffer("work", e - s, v, cd, logits.device),
+                negative,
             )
             if not direct:
                 grad[s:e].copy_(out)
@@ -308,7 +328,9 @@ def chunked_dpls_loss(
     n = logits.shape[0]
     eps = eps_rows(epsilon, n, compute_dtype(logits.dtype), logits.device)
     sm = Smoothing(top_k=top_k, active=is_active(epsilon))
-    loss, nll = ChunkedSoftTargetLoss.apply(logits, target, eps, sm, ignore_index, reduction, inplace_backward)
+    loss, nll = ChunkedSoftTargetLoss.apply(
+        logits, target, eps, sm, ignore_index, reduction, inplace_backward
+    )
     return (loss, nll) if return_nll else loss
 
 

@@ -41,12 +41,20 @@ def dpls_loss(
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a float tensor, got {type(logits).__name__}")
     check_impl_name(impl)
-    args = check_loss_args(logits.shape, logits.dtype, logits.device, target, epsilon, top_k, ignore_index, reduction)
+    args = check_loss_args(
+        logits.shape, logits.dtype, logits.device, target, epsilon, top_k, ignore_index, reduction
+    )
     spec = resolve_impl(impl, logits.device, logits.dtype)
     logits2d = logits.reshape(-1, logits.shape[-1])
     out = spec.fn(
-        logits2d, args.target, args.epsilon, args.top_k, args.ignore_index, args.reduction,
-        return_nll, inplace_backward,
+        logits2d,
+        args.target,
+        args.epsilon,
+        args.top_k,
+        args.ignore_index,
+        args.reduction,
+        return_nll,
+        inplace_backward,
     )
     if reduction != "none":
         return out
@@ -67,6 +75,10 @@ def label_smoothing_loss(
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
         raise ValueError("logits must be a float tensor of shape [..., V]")
     return dpls_loss(
-        logits, target, epsilon=epsilon, top_k=logits.shape[-1], ignore_index=ignore_index,
+        logits,
+        target,
+        epsilon=epsilon,
+        top_k=logits.shape[-1],
+        ignore_index=ignore_index,
         reduction=reduction,
     )

@@ -49,14 +49,21 @@ def make_hf_loss(
         outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None, **_: Any
     ) -> torch.Tensor:
         if labels is None:
-            raise ValueError("labels are required (the Trainer passes them when the dataset has a 'labels' column)")
+            raise ValueError(
+                "labels are required (the Trainer passes them when the dataset has a 'labels' column)"
+            )
         logits = _logits_of(outputs)
         # Pad one ignored label at the end and drop the first: labels[t + 1] for logits[t].
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:].to(logits.device)
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = dpls_loss(
-            logits, shift_labels, epsilon=epsilon, top_k=top_k, ignore_index=ignore_index,
-            reduction=reduction, impl=impl,
+            logits,
+            shift_labels,
+            epsilon=epsilon,
+            top_k=top_k,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            impl=impl,
         )
         if num_items_in_batch is not None:
             if isinstance(num_items_in_batch, torch.Tensor):

@@ -87,7 +87,11 @@ class ChunkedLinearDPLS(torch.autograd.Function):
         valid = target != ignore_index
         y = torch.where(valid, target, torch.zeros_like(target))
         cd = compute_dtype(hidden.dtype)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        need = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         eager = reduction != "none" and any(need)
         scale = row_scale(torch.ones((), device=hidden.device), valid, reduction, cd).expand(y.shape[0])
         with torch.no_grad():
@@ -184,22 +188,41 @@ def dpls_linear_loss(
             f"weight ({weight.dtype}, {weight.device}) must match hidden ({hidden.dtype}, {hidden.device})"
         )
     if bias is not None and (
-        not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)
-        or bias.dtype != weight.dtype or bias.device != weight.device
+        not isinstance(bias, torch.Tensor)
+        or tuple(bias.shape) != (weight.shape[0],)
+        or bias.dtype != weight.dtype
+        or bias.device != weight.device
     ):
         raise ValueError(f"bias must be a [V={weight.shape[0]}] tensor like weight, got {bias!r:.80}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_impl_name(impl, linear=True)
     logits_shape = torch.Size((*hidden.shape[:-1], weight.shape[0]))
     args = check_loss_args(
-        logits_shape, hidden.dtype, hidden.device, target, epsilon, top_k, ignore_index, reduction,
+        logits_shape,
+        hidden.dtype,
+        hidden.device,
+        target,
+        epsilon,
+        top_k,
+        ignore_index,
+        reduction,
         name="hidden @ weight.T",
     )
     spec = resolve_impl(impl, hidden.device, hidden.dtype, linear=True)
     out = spec.fn(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, args.target, args.epsilon, args.top_k,
-        args.ignore_index, args.reduction, return_nll, chunk_size,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        args.target,
+        args.epsilon,
+        args.top_k,
+        args.ignore_index,
+        args.reduction,
+        return_nll,
+        chunk_size,
     )
     if reduction != "none":
         return out

@@ -34,8 +34,13 @@ class DPLSLoss(nn.Module):
         self, logits: torch.Tensor, target: torch.Tensor, epsilon: float | torch.Tensor | None = None
     ) -> torch.Tensor:
         return dpls_loss(
-            logits, target, epsilon=self.epsilon if epsilon is None else epsilon, top_k=self.top_k,
-            ignore_index=self.ignore_index, reduction=self.reduction, impl=self.impl,
+            logits,
+            target,
+            epsilon=self.epsilon if epsilon is None else epsilon,
+            top_k=self.top_k,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            impl=self.impl,
         )
 
     def extra_repr(self) -> str:

@@ -68,8 +68,11 @@ class LossConfig:
 
     def schedule(self) -> EpsilonSchedule:
         return EpsilonSchedule(
-            epsilon=self.dpls_epsilon, epsilon_final=self.dpls_epsilon_final, start_step=self.dpls_start_step,
-            end_step=self.dpls_end_step, shape=self.dpls_schedule,
+            epsilon=self.dpls_epsilon,
+            epsilon_final=self.dpls_epsilon_final,
+            start_step=self.dpls_start_step,
+            end_step=self.dpls_end_step,
+            shape=self.dpls_schedule,
         )
 
 
@@ -109,14 +112,25 @@ class Objective:
         check_impl_name(cfg.loss_impl)
 
     # --- subclasses -------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, target: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _loss(
+        self, logits: torch.Tensor, target: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         raise NotImplementedError
 
     def _loss_from_hidden(
-        self, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, step: int, bias: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target: torch.Tensor,
+        step: int,
+        bias: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Default: form the logits (objectives without a fused-linear form)."""
-        logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]), weight.T)
+        logits = (
+            hidden @ weight.T
+            if bias is None
+            else torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]), weight.T)
+        )
         return self._loss(logits.reshape(*hidden.shape[:-1], -1), target, step)
 
     # --- the trainer's calls ------------------------------------------------------------------
@@ -168,7 +182,10 @@ def linear_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         z = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
         return torch.logsumexp(z.float(), dim=-1)
 
-    parts = [checkpoint(chunk_lse, h[s : s + step], weight, bias, use_reentrant=False) for s in range(0, h.shape[0], step)]
+    parts = [
+        checkpoint(chunk_lse, h[s : s + step], weight, bias, use_reentrant=False)
+        for s in range(0, h.shape[0], step)
+    ]
     return torch.cat(parts).reshape(hidden.shape[:-1])
 
 
@@ -183,17 +200,31 @@ class _SmoothedObjective(Objective):
         eps, k, mode, gamma = self._plan(logits.shape[-1], step)
         eps_arg = adaptive_epsilon(logits, eps, mode, gamma) if eps > 0 else eps
         loss, ce = dpls_loss(
-            logits, target, epsilon=eps_arg, top_k=k, ignore_index=IGNORE_INDEX, impl=self.cfg.loss_impl,
+            logits,
+            target,
+            epsilon=eps_arg,
+            top_k=k,
+            ignore_index=IGNORE_INDEX,
+            impl=self.cfg.loss_impl,
             return_nll=True,
         )
         return loss, ce, _eps_report(eps_arg, target)
 
     def _loss_from_hidden(self, hidden, weight, target, step, bias):
         eps, k, mode, gamma = self._plan(weight.shape[0], step)
-        eps_arg = adaptive_epsilon_from_hidden(hidden, weight, eps, mode, gamma, bias=bias) if eps > 0 else eps
+        eps_arg = (
+            adaptive_epsilon_from_hidden(hidden, weight, eps, mode, gamma, bias=bias) if eps > 0 else eps
+        )
         loss, ce = dpls_linear_loss(
-            hidden, weight, target, bias=bias, epsilon=eps_arg, top_k=k, ignore_index=IGNORE_INDEX,
-            impl=self.cfg.loss_impl, return_nll=True,
+            hidden,
+            weight,
+            target,
+            bias=bias,
+            epsilon=eps_arg,
+            top_k=k,
+            ignore_index=IGNORE_INDEX,
+            impl=self.cfg.loss_impl,
+            return_nll=True,
         )
         return loss, ce, _eps_report(eps_arg, target)
 
@@ -236,7 +267,12 @@ class DPLSObjective(_SmoothedObjective):
     def _plan(self, v, step):
         if self.cfg.dpls_top_k > v:
             raise ValueError(f"dpls_top_k must be in [1, V={v}], got {self.cfg.dpls_top_k}")
-        return self.schedule(step), self.cfg.dpls_top_k, self.cfg.dpls_epsilon_mode, float(self.cfg.dpls_gamma)
+        return (
+            self.schedule(step),
+            self.cfg.dpls_top_k,
+            self.cfg.dpls_epsilon_mode,
+            float(self.cfg.dpls_gamma),
+        )
 
     def epsilon_at(self, step):
         return self.schedule(step)
@@ -254,7 +290,11 @@ class ConfidencePenaltyObjective(Objective):
 
     def _loss(self, logits, target, step):
         loss, ce = confidence_penalty_loss(
-            logits, target, beta=float(self.cfg.confidence_penalty_beta), ignore_index=IGNORE_INDEX, return_nll=True
+            logits,
+            target,
+            beta=float(self.cfg.confidence_penalty_beta),
+            ignore_index=IGNORE_INDEX,
+            return_nll=True,
         )
         return loss, ce, 0.0
 
@@ -273,10 +313,16 @@ class PriorLabelSmoothingObjective(Objective):
     def _loss(self, logits, target, step):
         prior = self.token_prior
         if prior.shape[0] != logits.shape[-1]:
-            raise ValueError(f"token_prior has {prior.shape[0]} entries but the vocabulary has {logits.shape[-1]}")
+            raise ValueError(
+                f"token_prior has {prior.shape[0]} entries but the vocabulary has {logits.shape[-1]}"
+            )
         loss, ce = prior_label_smoothing_loss(
-            logits, target, prior.to(logits.device), epsilon=float(self.cfg.label_smoothing),
-            ignore_index=IGNORE_INDEX, return_nll=True,
+            logits,
+            target,
+            prior.to(logits.device),
+            epsilon=float(self.cfg.label_smoothing),
+            ignore_index=IGNORE_INDEX,
+            return_nll=True,
         )
         return loss, ce, float(self.cfg.label_smoothing)
 

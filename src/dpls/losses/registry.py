@@ -51,7 +51,9 @@ _LINEAR_IMPLS: dict[str, ImplSpec] = {}
 # Implementations that live in optional modules: name -> (module, function attribute).
 # They are imported on first need (a CUDA input, or an explicit request under TRITON_INTERPRET=1).
 _LAZY: dict[str, tuple[str, str]] = {"triton": ("dpls.losses.triton_impl", "triton_dpls_loss")}
-_LAZY_LINEAR: dict[str, tuple[str, str]] = {"triton": ("dpls.losses.triton_linear", "triton_dpls_linear_loss")}
+_LAZY_LINEAR: dict[str, tuple[str, str]] = {
+    "triton": ("dpls.losses.triton_linear", "triton_dpls_linear_loss")
+}
 _LAZY_PRIORITY = 100
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _lazy_failed: dict[str, str] = {}
@@ -145,7 +147,9 @@ def resolve_impl(
         _load_lazy(impl, linear)
     spec = table.get(impl)
     if spec is None:
-        why = _lazy_failed.get(f"{'linear:' if linear else ''}{impl}", "it needs a CUDA device (or TRITON_INTERPRET=1)")
+        why = _lazy_failed.get(
+            f"{'linear:' if linear else ''}{impl}", "it needs a CUDA device (or TRITON_INTERPRET=1)"
+        )
         raise ValueError(f"impl={impl!r} is not available here: {why}")
     if not spec.runs_on(device, dtype):
         raise ValueError(f"impl={impl!r} does not run on device {device} with dtype {dtype}")

@@ -31,7 +31,9 @@ def _restore(out, args, reduction: str, return_nll: bool):
 def check_prior(prior: torch.Tensor, v: int, device: torch.device) -> torch.Tensor:
     """A ``[V]`` non-negative finite tensor with positive sum, normalised to a distribution (float64 sum)."""
     if not isinstance(prior, torch.Tensor) or not prior.is_floating_point() or tuple(prior.shape) != (v,):
-        raise ValueError(f"prior must be a float tensor of shape [V={v}], got {getattr(prior, 'shape', prior)!r}")
+        raise ValueError(
+            f"prior must be a float tensor of shape [V={v}], got {getattr(prior, 'shape', prior)!r}"
+        )
     p = prior.detach().to(device=device, dtype=torch.float64)
     if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or float(p.sum()) <= 0:
         raise ValueError("prior must be finite, >= 0, with a positive sum")
@@ -49,12 +51,16 @@ def prior_label_smoothing_loss(
     return_nll: bool = False,
 ):
     """Label smoothing whose ε mass follows ``prior`` (normalised here) instead of the uniform."""
-    args = check_loss_args(logits.shape, logits.dtype, logits.device, target, epsilon, None, ignore_index, reduction)
+    args = check_loss_args(
+        logits.shape, logits.dtype, logits.device, target, epsilon, None, ignore_index, reduction
+    )
     cd = compute_dtype(logits.dtype)
     pi = check_prior(prior, logits.shape[-1], logits.device).to(cd)
     n = args.target.shape[0]
-    eps = args.epsilon.to(cd) if isinstance(args.epsilon, torch.Tensor) else torch.full(
-        (n,), args.epsilon, dtype=cd, device=logits.device
+    eps = (
+        args.epsilon.to(cd)
+        if isinstance(args.epsilon, torch.Tensor)
+        else torch.full((n,), args.epsilon, dtype=cd, device=logits.device)
     )
     sm = Smoothing(top_k=logits.shape[-1], prior=pi)
     out = ChunkedSoftTargetLoss.apply(
@@ -82,7 +88,7 @@ class _ChunkedConfidencePenalty(torch.autograd.Function):
             ent[s:e] = -(logp.exp() * logp).sum(-1)
 
         with torch.no_grad():
-            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
+            run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
             keep = valid.to(cd)
             nll_rows = (lse - logits.gather(1, y[:, None]).squeeze(1).to(cd)) * keep
             loss = reduce_rows(nll_rows - beta * ent * keep, valid, reduction)
@@ -110,7 +116,7 @@ class _ChunkedConfidencePenalty(torch.autograd.Function):
             grad[s:e] = g
 
         with torch.no_grad():
-            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
+            run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
         return grad, None, None, None, None
 
 
@@ -126,9 +132,13 @@ def confidence_penalty_loss(
     """``CE − β·H(p)`` per token, reduced over non-ignored tokens; ``beta`` ≥ 0."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"beta must be a float >= 0, got {beta!r}")
-    args = check_loss_args(logits.shape, logits.dtype, logits.device, target, 0.0, None, ignore_index, reduction)
+    args = check_loss_args(
+        logits.shape, logits.dtype, logits.device, target, 0.0, None, ignore_index, reduction
+    )
     n = args.target.shape[0]
-    out = _ChunkedConfidencePenalty.apply(logits.reshape(n, -1), args.target, float(beta), args.ignore_index, reduction)
+    out = _ChunkedConfidencePenalty.apply(
+        logits.reshape(n, -1), args.target, float(beta), args.ignore_index, reduction
+    )
     return _restore(out, args, reduction, return_nll)
 
 
@@ -145,7 +155,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             lse[s:e] = torch.logsumexp(logits[s:e].to(cd), dim=-1)
 
         with torch.no_grad():
-            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
+            run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
         ctx.save_for_backward(logits, lse)
         return lse
 
@@ -160,7 +170,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             grad[s:e] = p.mul_(grad_lse[s:e, None].to(lse.dtype))
 
         with torch.no_grad():
-            run_chunks(n, chunk_rows(n, v), chunk, logits.device)
+            run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
         return grad
 
 
@@ -174,14 +184,18 @@ def z_loss(
     logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean"
 ) -> torch.Tensor:
     """``lse(z)²`` per non-ignored token, reduced (mean over valid tokens); multiply by λ yourself."""
-    args = check_loss_args(logits.shape, logits.dtype, logits.device, target, 0.0, None, ignore_index, reduction)
+    args = check_loss_args(
+        logits.shape, logits.dtype, logits.device, target, 0.0, None, ignore_index, reduction
+    )
     valid = args.target != args.ignore_index
     lse = logsumexp_rows(logits).reshape(-1)
     out = reduce_rows(lse.square() * valid.to(lse.dtype), valid, reduction)
     return out.reshape(args.batch_shape) if reduction == "none" else out
 
 
-def soft_target_entropy(epsilon: float | torch.Tensor, top_k: int, target_in_top: torch.Tensor) -> torch.Tensor:
+def soft_target_entropy(
+    epsilon: float | torch.Tensor, top_k: int, target_in_top: torch.Tensor
+) -> torch.Tensor:
     """``H(q)`` of the DPLS soft target, per token; depends on whether ``y`` is one of the top k."""
     eps = torch.as_tensor(epsilon, dtype=torch.float64, device=target_in_top.device)
     eps = eps.expand(target_in_top.shape)
@@ -220,8 +234,10 @@ def dpls_kl_loss(
     def chunk(s: int, e: int) -> None:
         above[s:e] = (z[s:e] > z_y[s:e]).sum(-1)
 
-    run_chunks(z.shape[0], chunk_rows(z.shape[0], v), chunk, z.device)
-    h_q = soft_target_entropy(epsilon.reshape(-1) if isinstance(epsilon, torch.Tensor) else epsilon, top_k, above < top_k)
+    run_chunks(z.shape[0], chunk_rows(z.shape[0], v, device=z.device), chunk, z.device)
+    h_q = soft_target_entropy(
+        epsilon.reshape(-1) if isinstance(epsilon, torch.Tensor) else epsilon, top_k, above < top_k
+    )
     kl = (loss.reshape(-1) - h_q.to(loss.dtype)) * valid.to(loss.dtype)
     out = reduce_rows(kl, valid, reduction)
     return out.reshape(target.shape) if reduction == "none" else out

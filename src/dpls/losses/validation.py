@@ -57,7 +57,9 @@ def check_loss_args(
 ) -> LossArgs:
     """Validate everything about one loss call; ``top_k=None`` means "no top-k" (label smoothing)."""
     if not logits_dtype.is_floating_point:
-        raise ValueError(f"{name} must be a float tensor (float32, float16, bfloat16, float64), got {logits_dtype}")
+        raise ValueError(
+            f"{name} must be a float tensor (float32, float16, bfloat16, float64), got {logits_dtype}"
+        )
     if len(logits_shape) < 1 or logits_shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits_shape)}")
     v = int(logits_shape[-1])
