@@ -5,22 +5,18 @@ parts (schedules, adaptive ε, objectives, the Hugging Face drop-in)."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.loss_reference import check_impl_against_reference, distinct_logits, reference_dpls
 
 from dpls.losses import DPLSLoss, dpls_linear_loss, dpls_loss, label_smoothing_loss
 from dpls.losses.adaptive import adaptive_epsilon
 from dpls.losses.objective import LossConfig, build_objective
 from dpls.losses.schedules import EpsilonSchedule
+from loss_reference import check_impl_against_reference, distinct_logits, reference_dpls
 
 IMPLS = ["reference", "chunked"]
 
@@ -212,49 +208,3 @@ def test_hf_drop_in_shifts_labels_like_transformers():
     got = make_hf_loss(epsilon=0.1, top_k=5)(SimpleNamespace(logits=logits), labels)
     want = dpls_loss(logits[:, :-1], labels[:, 1:], epsilon=0.1, top_k=5)
     torch.testing.assert_close(got, want)
-
-
-@pytest.mark.slow
-def test_hf_trainer_trains_a_tiny_llama():
-    from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-
-    from dpls.losses.hf import make_hf_loss
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=32)
-    model = LlamaForCausalLM(cfg)
-    ids = torch.randint(0, 64, (16, 16))
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = TrainingArguments(output_dir=os.environ.get("TMPDIR", "/tmp") + "/dpls-hf-test", per_device_train_batch_size=4,
-                             max_steps=6, learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
-                             logging_steps=1)
-    trainer = Trainer(model=model, args=args, train_dataset=data, compute_loss_func=make_hf_loss(0.1, 5))
-    result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert math.isfinite(result.training_loss) and losses[-1] < losses[0]
-
-
-def test_chunked_peak_memory_does_not_grow_with_n():
-    """At N=8192, V=32000 float32 the chunked loss needs ≤ 0.25× the logits' size beyond them and
-    their gradient; measured as the growth of the process's peak RSS in a fresh subprocess."""
-    code = textwrap.dedent(
-        """
-        import resource, torch
-        from dpls.losses import dpls_loss
-        n, v = 8192, 32000
-        z = torch.randn(n, v).requires_grad_()
-        y = torch.randint(0, v, (n,))
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loss = dpls_loss(z, y, epsilon=0.1, top_k=100, impl="chunked")
-        loss.backward()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        grad_bytes = z.grad.numel() * 4  # the gradient itself is allowed
-        print(((peak - base) * 1024 - grad_bytes) / (z.numel() * 4))
-        """
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    extra = float(out.stdout.strip().splitlines()[-1])
-    assert extra <= 0.25, f"chunked DPLS used {extra:.2f}× the logits' size beyond logits and gradient"

@@ -50,6 +50,7 @@ def chunk_rows(
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _local = threading.local()
+_pool_lock = threading.Lock()  # one pooled loss at a time: the thread count is process-global
 
 
 def run_chunks(n: int, step: int, fn: Callable[[int, int], None], device: torch.device) -> None:
@@ -68,19 +69,20 @@ def run_chunks(n: int, step: int, fn: Callable[[int, int], None], device: torch.
         for s in starts:
             fn(s, min(n, s + step))
         return
-    if _pool is None or _pool_size != threads:
-        _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="dpls-chunks"), threads
 
     def call(s: int, e: int) -> None:
         with torch.no_grad():  # grad mode is thread-local: the workers' default is "enabled"
             fn(s, e)
 
-    torch.set_num_threads(1)
-    try:
-        for future in [_pool.submit(call, s, min(n, s + step)) for s in starts]:
-            future.result()
-    finally:
-        torch.set_num_threads(threads)
+    with _pool_lock:
+        if _pool is None or _pool_size != threads:
+            _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="dpls-chunks"), threads
+        torch.set_num_threads(1)
+        try:
+            for future in [_pool.submit(call, s, min(n, s + step)) for s in starts]:
+                future.result()
+        finally:
+            torch.set_num_threads(threads)
 
 
 def chunk_buffer(name: str, rows: int, v: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

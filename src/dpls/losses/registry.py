@@ -142,7 +142,7 @@ def resolve_impl(
         candidates = [s for s in table.values() if s.runs_on(device, dtype)]
         if not candidates:
             raise ValueError(f"no loss implementation runs on device {device} with dtype {dtype}")
-        return max(candidates, key=lambda s: s.priority)
+        return sorted(candidates, key=lambda s: -s.priority)[0]
     if impl in lazy and (device.type == "cuda" or _interpret()):
         _load_lazy(impl, linear)
     spec = table.get(impl)
