@@ -213,9 +213,20 @@ def test_study_end_to_end_pairs_arms_and_skips_finished_runs(
     seen.clear()
     import dpls.eval.evaluate as evaluate
 
+    real_evaluate = evaluate.evaluate_checkpoint
     monkeypatch.setattr(evaluate, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated again"))
     assert run_study(spec, progress=False) == report
     assert seen == {}
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", real_evaluate)
+
+    # A study on an existing checkpoint forks from it: seed 0 continues the trunk's stream.
+    seen.clear()
+    other = _spec(tmp_path, stdlib_sample, seeds=[5], iters_per_arm=2, fork_step=None, eval={"tokens": 512})
+    other.update(
+        out_dir=str(tmp_path / "other"), trunk={"checkpoint": str(study / "trunk")}, arms=data["arms"][:1]
+    )
+    assert run_study(parse_spec(other), progress=False).is_file()
+    assert seen == {str((tmp_path / "other" / "arms" / "ce" / "seed5").resolve()): hashes[6:8]}
 
     # A changed study file that contradicts a finished run stops before any work.
     data["arms"][1]["dpls_epsilon"] = 0.2
@@ -250,3 +261,37 @@ loss = "ce"
     assert main(["study", str(study), "--dry-run"]) == 2
     assert "did you mean 'fork_step'" in capsys.readouterr().err
     assert main(["study", str(tmp_path / "missing.toml"), "--dry-run"]) == 2
+
+
+def _run_study_on_rank(data: dict) -> str:
+    from dpls.study.runner import run_study
+
+    report = run_study(parse_spec(data), progress=False)
+    return str(report)
+
+
+@pytest.mark.slow
+def test_study_under_two_ranks(tmp_path, stdlib_sample):
+    """torchrun-style: both ranks train every run, rank 0 evaluates and writes the report."""
+    from dpls.dist.testing import run_workers
+    from dpls.train.checkpoint import read_trainer_state
+
+    data = _spec(tmp_path, stdlib_sample, iters_per_arm=3, fork_step=4, eval={"tokens": 512})
+    data["train"].update(gradient_accumulation_steps=2, eval_interval=100, eval_tokens=256, device="cpu")
+    report = run_workers(_run_study_on_rank, 2, data)
+    study = tmp_path / "study"
+    assert report == str(study / "report" / "report.md") and Path(report).is_file()
+
+    def loader(path: Path) -> dict:
+        return read_trainer_state(path)["loader"]
+
+    def final(arm: str, seed: int) -> Path:
+        return study / "arms" / arm / f"seed{seed}" / "checkpoints" / "step_0000007"
+
+    assert loader(final("ce", 0)) == loader(final("dpls", 0))
+    assert loader(final("ce", 1)) == loader(final("dpls", 1))
+    # Seed 1 forks 3 steps × 2 micro-batches × 2 sequences = 12 windows further along the stream.
+    trunk = loader(study / "trunk" / "checkpoints" / "step_0000004")
+    fork1 = loader(study / "forks" / "seed1" / "checkpoints" / "step_0000004")
+    assert (fork1["epoch"], fork1["position"]) == (trunk["epoch"], trunk["position"] + 12)
+    assert loader(final("ce", 1))["position"] == loader(final("ce", 0))["position"] + 12

@@ -86,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from err
     print(plan.describe(), flush=True)
-    report = run_study(plan, progress=not args.quiet)
+    try:
+        report = run_study(plan, progress=not args.quiet)
+    except ValueError as err:  # bad input found on the way (e.g. by the trainer's checks)
+        raise UsageError(str(err)) from err
     print(f"dpls demo: finished in {time.perf_counter() - started:.0f} s")
     print(report)
     return 0

@@ -41,7 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
-    report = run_study(plan, progress=not args.no_progress)
+    try:
+        report = run_study(plan, progress=not args.no_progress)
+    except ValueError as err:  # bad input found on the way (e.g. by the trainer's checks)
+        raise UsageError(str(err)) from err
     if report is not None:
         print(report)
     return 0

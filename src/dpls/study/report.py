@@ -284,7 +284,8 @@ def _metric_names(groups: Mapping[str, Sequence[RunRecord]]) -> list[str]:
 def _direction(metric: str) -> int:
     if metric in DIRECTION:
         return DIRECTION[metric]
-    name = metric.rsplit("/", 1)[-1].split(",")[0]
+    parts = metric.split("/")
+    name = parts[2] if parts[0] == "lm_eval" and len(parts) > 2 else parts[-1]  # lm_eval/task/metric[/filter]
     if name.startswith(("acc", "exact_match", "f1", "mcc")):
         return +1
     if "perplexity" in name or name in ("ppl", "bits_per_byte", "byte_perplexity"):

@@ -172,6 +172,8 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     notes: list[str] = []
     if spec.prepare is not None:
         _check_prepare_options(spec.prepare, dict(spec.prepare_options))
+        if (data_dir / "meta.json").is_file():
+            _check_prepared(data_dir, spec.prepare, dict(spec.prepare_options))
 
     # The trunk: a new CE run, or an existing checkpoint.
     fork_checkpoint: Path | None = None
@@ -453,7 +455,7 @@ class _Progress:
             return
         elapsed = time.perf_counter() - self.started
         eta = ""
-        if self.done_steps and self.trained_time > 0:
+        if self.done_steps and self.trained_time > 0 and self.left_steps > 0:
             eta = f", ETA ~{_hms(self.trained_time / self.done_steps * self.left_steps)} of training"
         print(f"[study {self.name}] {index}/{self.total} {what} (elapsed {_hms(elapsed)}{eta})", flush=True)
 
@@ -498,6 +500,9 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
 
     # -- the study directory, its state, the data -----------------------------------------------
     if main:
+        if spec.prepare is not None and not (plan.data_dir / "meta.json").is_file():
+            bar.line(0, f"preparing the {spec.prepare} corpus into {plan.data_dir}")
+            _preparer(spec.prepare)(plan.data_dir, **spec.prepare_options, progress=progress)
         study_dir.mkdir(parents=True, exist_ok=True)
         if spec.source is not None and spec.source.resolve() != (study_dir / STUDY_COPY).resolve():
             shutil.copy2(spec.source, study_dir / STUDY_COPY)
@@ -509,9 +514,6 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
         fresh.spec = tomllib.loads(spec.source.read_text()) if spec.source is not None else {}
         state = fresh
         write_state(study_dir, state)
-        if spec.prepare is not None and not (plan.data_dir / "meta.json").is_file():
-            bar.line(0, f"preparing the {spec.prepare} corpus into {plan.data_dir}")
-            _preparer(spec.prepare)(plan.data_dir, **spec.prepare_options, progress=progress)
     sync()
 
     # -- the trunk -------------------------------------------------------------------------------
@@ -552,9 +554,12 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
             entry.status = TRAINED
             write_state(study_dir, state)
 
-    if not main:  # evaluation and the report are rank 0's
-        if ctx is not None:
-            ctx.destroy()
+    # Evaluation and the report are rank 0's, without a process group (a checkpoint read
+    # inside one would wait for the other ranks' collectives).
+    sync()
+    if ctx is not None:
+        ctx.destroy()
+    if not main:
         return None
 
     # -- evaluation and the report ------------------------------------------------------------------
@@ -574,8 +579,6 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
         study_dir, study_dir / REPORT_DIR, baseline=spec.baseline, title=f"Study {spec.name}"
     )
     bar.line(bar.total, f"report written: {report}")
-    if ctx is not None:
-        ctx.destroy()
     return report
 
 
@@ -583,6 +586,22 @@ def _preparer(source: str) -> Any:
     from dpls.data.prepare import prepare_fineweb_edu, prepare_stdlib
 
     return {"stdlib": prepare_stdlib, "fineweb-edu": prepare_fineweb_edu}[source]
+
+
+def _check_prepared(data_dir: Path, source: str, options: dict[str, Any]) -> None:
+    """Data already there must be what the study asks for (the keys it names, at least)."""
+    from dpls.data.meta import DataMeta
+
+    meta = DataMeta.load(data_dir)
+    settings = meta.settings or {}
+    if settings.get("source", meta.source) != source:
+        raise ValueError(f"{data_dir} holds {meta.source!r} data, but the study asks to prepare {source!r}")
+    for key, value in options.items():
+        if key in settings and settings[key] != value:
+            raise ValueError(
+                f"{data_dir} was prepared with {key}={settings[key]!r}, but the study asks for "
+                f"{key}={value!r}; use another data_dir (or --out) or remove that directory"
+            )
 
 
 def _check_prepare_options(source: str, options: dict[str, Any]) -> None:

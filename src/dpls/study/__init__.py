@@ -1,0 +1,42 @@
+"""Paired studies: does DPLS help, by how much, and how sure are we.
+
+`spec` reads a STUDY.toml, `runner` trains the CE trunk and forks every arm × seed from it,
+`stats` gives paired differences with their intervals, `report` turns run directories into
+report.md, summary.json and plots. Names are imported on first use (the runner pulls in the
+trainer; the report, matplotlib).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+# public name -> module under dpls.study that defines it
+_EXPORTS: dict[str, str] = {
+    "StudySpec": "spec",
+    "load_spec": "spec",
+    "parse_spec": "spec",
+    "StudyPlan": "runner",
+    "plan_study": "runner",
+    "run_study": "runner",
+    "paired_ci": "stats",
+    "welch_ci": "stats",
+    "t_quantile": "stats",
+    "write_report": "report",
+    "load_run": "report",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpls.study' has no attribute {name!r}")
+    value = getattr(import_module(f"dpls.study.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
