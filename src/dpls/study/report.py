@@ -25,25 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from dpls.eval.metrics import METRIC_KEYS
 from dpls.study.spec import LOSS_KEYS
 from dpls.study.state import EVAL_DIR, LM_EVAL_FILE, is_study_dir, read_state
 from dpls.study.stats import EFFECT_LARGER, Interval, mean_sd, paired_ci, welch_ci
 
 # SPEC §4, in its order; "tokens" is a count, reported but not compared.
-EVAL_METRICS: tuple[str, ...] = (
-    "loss",
-    "ppl",
-    "entropy",
-    "entropy_top10",
-    "entropy_top100",
-    "entropy_top1000",
-    "top1_acc",
-    "ece",
-    "ece_adaptive",
-    "brier",
-    "best_temperature",
-    "loss_at_best_temperature",
-)
+EVAL_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "tokens")
 TRAIN_LOG_METRIC = "final_val_ce"  # the last val_ce of metrics.jsonl: there even without `dpls eval`
 
 # +1: higher is better, −1: lower is better; absent: neither (entropy, temperature).
