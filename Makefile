@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo readme test lint format clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/dpls demo
+
+# The README's demo section (table and plot) comes from a fresh demo run, never from typing.
+README_DEMO := runs/readme-demo
+readme: $(STAMP)
+	rm -rf $(README_DEMO)
+	$(BIN)/dpls demo --quiet --out $(README_DEMO) --readme README.md
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

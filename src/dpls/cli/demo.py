@@ -9,6 +9,9 @@
 
 It runs the same study as ``dpls study studies/demo.toml``, built in; rerunning it skips
 everything already finished. The last line printed is the path of report.md.
+
+``--readme README.md`` then regenerates the README's demo section (findings, the evaluation
+table and the validation-CE plot) from this report; ``make readme`` does it from a fresh run.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser.add_argument("--out", default="runs/demo", help="study directory (default: %(default)s)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda (default: auto)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        metavar="README.md",
+        help="afterwards, regenerate this README's demo section (between its demo-report markers) "
+        "from the report, and copy the summary and plot into docs/demo/ beside it",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -77,12 +87,15 @@ def demo_study(out: str | Path, device: str | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dpls.study.readme import check_readme, provenance, update_readme
     from dpls.study.runner import plan_study, run_study
     from dpls.study.spec import parse_spec
 
     started = time.perf_counter()
     try:
         plan = plan_study(parse_spec(demo_study(args.out, args.device)))
+        if args.readme is not None:
+            check_readme(args.readme)  # before the work, not after it
     except ValueError as err:
         raise UsageError(str(err)) from err
     print(plan.describe(), flush=True)
@@ -90,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         report = run_study(plan, progress=not args.quiet)
     except ValueError as err:  # bad input found on the way (e.g. by the trainer's checks)
         raise UsageError(str(err)) from err
-    print(f"dpls demo: finished in {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    print(f"dpls demo: finished in {seconds:.0f} s")
+    if args.readme is not None and report is not None:
+        readme = update_readme(args.readme, report.parent, provenance(seconds, args.out))
+        print(f"dpls demo: regenerated the demo section of {readme}")
     print(report)
     return 0

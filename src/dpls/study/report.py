@@ -412,52 +412,38 @@ def _sentence(arm: str, baseline: str, diffs: Mapping[str, Mapping[str, Any]]) -
     return " ".join(parts)
 
 
-def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) -> str:
+def findings_lines(summary: Mapping[str, Any]) -> list[str]:
+    """How the differences were taken, then one sentence per arm: which are larger than their interval."""
     base = summary["baseline"]
-    arms = list(summary["arms"])
-    others = [a for a in arms if a != base]
+    others = [a for a in summary["arms"] if a != base]
     conf = round(100 * summary["confidence"])
     how = (
         f"paired by seed, {conf}% {'t' if summary['method'] == 't' else summary['method']} interval"
         if summary["paired"]
         else f"unpaired, {conf}% Welch interval"
     )
-    lines = [f"# {title}", ""]
-    seeds = {a: summary["arms"][a]["seeds"] for a in arms}
-    lines.append(
-        "Arms: "
-        + ", ".join(
-            f"**{a}** ({len(s)} run{'s' if len(s) != 1 else ''}, seeds {s})" for a, s in seeds.items()
-        )
-        + "."
-    )
-    lines += [
-        "",
+    lines = [
         f"Differences are arm − **{base}**, {how}; **bold**: larger than its interval "
         "(the interval excludes 0).",
         "",
     ]
-    lines += (
-        ["## Findings", ""] + [f"- {_sentence(a, base, summary['differences'][a])}" for a in others] + [""]
-    )
+    lines += [f"- {_sentence(a, base, summary['differences'][a])}" for a in others] + [""]
     lines += [
         "Each interval covers its own metric; with a dozen metrics per arm, about one in "
         f"{round(1 / (1 - summary['confidence']))} intervals excludes 0 by chance alone, "
         "and with few seeds the t interval is wide (t₀.₉₇₅ = 12.7 for two seeds, 4.30 for three).",
         "",
     ]
-    if summary["notes"]:
-        lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+    return lines
 
-    lines += [
-        "## Evaluation",
-        "",
-        "Mean ± sd over seeds (SPEC §4 metrics of the final evaluation; "
-        f"`{TRAIN_LOG_METRIC}` is the last validation CE of the training log).",
-        "",
-    ]
+
+def evaluation_table_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Each arm's mean ± sd per metric, and each arm's difference from the baseline with its interval."""
+    base = summary["baseline"]
+    arms = list(summary["arms"])
+    others = [a for a in arms if a != base]
     header = ["metric", *arms, *(f"Δ {a}" for a in others)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in summary["metrics"]:
         row = [m + {1: " ↑", -1: " ↓"}.get(_direction(m), "")]
         for a in arms:
@@ -469,7 +455,33 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
             d = summary["differences"][a].get(m)
             row.append("n/a" if d is None else _interval_cell(d))
         lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+    return [*lines, ""]
+
+
+def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) -> str:
+    base = summary["baseline"]
+    arms = list(summary["arms"])
+    lines = [f"# {title}", ""]
+    seeds = {a: summary["arms"][a]["seeds"] for a in arms}
+    lines.append(
+        "Arms: "
+        + ", ".join(
+            f"**{a}** ({len(s)} run{'s' if len(s) != 1 else ''}, seeds {s})" for a, s in seeds.items()
+        )
+        + "."
+    )
+    lines += ["", "## Findings", "", *findings_lines(summary)]
+    if summary["notes"]:
+        lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
+
+    lines += [
+        "## Evaluation",
+        "",
+        "Mean ± sd over seeds (SPEC §4 metrics of the final evaluation; "
+        f"`{TRAIN_LOG_METRIC}` is the last validation CE of the training log).",
+        "",
+    ]
+    lines += evaluation_table_lines(summary)
 
     lines += [
         "## Training stability",

@@ -1,0 +1,99 @@
+"""The README's demo section: generated from the demo's summary, rewritten in place, checked before work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpls.cli import main
+from dpls.study.readme import (
+    ASSETS,
+    BEGIN,
+    END,
+    PLOT,
+    SUMMARY,
+    check_readme,
+    current_section,
+    readme_section,
+    update_readme,
+)
+from dpls.study.report import write_report
+from test_study_report import LOSSES, make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_readme_section_is_the_committed_demo_summary():
+    """Fails when the README's table is edited by hand or the summary is regenerated without it."""
+    summary = json.loads((ROOT / ASSETS / SUMMARY).read_text())
+    assert current_section(ROOT / "README.md") == readme_section(summary, (ASSETS / PLOT).as_posix())
+    assert (ROOT / ASSETS / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # it is the demo's report: its arms, two seeds each, paired, with where it came from
+    assert list(summary["arms"]) == ["ce", "ls", "dpls"] and summary["paired"]
+    assert all(a["seeds"] == [0, 1] for a in summary["arms"].values())
+    assert summary["provenance"]["command"] == "make readme"
+
+
+@pytest.fixture
+def report_dir(tmp_path: Path) -> Path:
+    for arm in LOSSES:
+        for seed in range(2):
+            make_run(tmp_path / "runs", f"{arm}{seed}", arm, seed)
+    return write_report(sorted((tmp_path / "runs").iterdir()), tmp_path / "report").parent
+
+
+def readme_with_markers(path: Path, inside: str = "old table\n") -> Path:
+    path.write_text(f"# Title\n\nbefore\n\n{BEGIN}\n{inside}{END}\n\nafter\n")
+    return path
+
+
+def test_update_rewrites_only_the_section_and_is_repeatable(tmp_path: Path, report_dir: Path):
+    (tmp_path / "repo").mkdir()
+    readme = readme_with_markers(tmp_path / "repo" / "README.md")
+    prov = {"command": "make readme", "date": "2026-01-01", "commit": "abc1234", "machine": "m", "seconds": 7}
+    update_readme(readme, report_dir, prov)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n\n" + BEGIN + "\n") and text.endswith(END + "\n\nafter\n")
+    assert "old table" not in text
+
+    summary = json.loads((tmp_path / "repo" / ASSETS / SUMMARY).read_text())
+    assert summary["provenance"] == prov
+    assert summary["arms"] == json.loads((report_dir / SUMMARY).read_text())["arms"]
+    section = current_section(readme)
+    assert section == readme_section(summary, f"{ASSETS.as_posix()}/{PLOT}")
+    # the table holds the report's numbers: the dpls − ce difference of `loss`, as the report wrote it
+    report_rows = [r for r in (report_dir / "report.md").read_text().splitlines() if r.startswith("| loss ↓")]
+    assert report_rows and report_rows[0] in section.splitlines()
+    assert "abc1234" in section and f"]({ASSETS.as_posix()}/{PLOT})" in section
+    assert (tmp_path / "repo" / ASSETS / PLOT).read_bytes() == (report_dir / PLOT).read_bytes()
+
+    update_readme(readme, report_dir, prov)
+    assert readme.read_text() == text
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("# no markers\n", "found 0 and 0"),
+        (f"{BEGIN}\n{END}\n{BEGIN}\n{END}\n", "found 2 and 2"),
+        (f"{END}\nx\n{BEGIN}\n", "after it"),
+    ],
+)
+def test_bad_readme_is_refused_and_left_alone(tmp_path: Path, report_dir: Path, content: str, problem: str):
+    readme = tmp_path / "README.md"
+    readme.write_text(content)
+    with pytest.raises(ValueError, match=problem):
+        update_readme(readme, report_dir, {})
+    assert readme.read_text() == content
+    assert not (tmp_path / ASSETS).exists()
+    with pytest.raises(ValueError, match="no such file"):
+        check_readme(tmp_path / "missing.md")
+
+
+def test_demo_checks_the_readme_before_any_work(tmp_path: Path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--readme", str(tmp_path / "missing.md")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not out.exists()
