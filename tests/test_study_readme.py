@@ -97,3 +97,35 @@ def test_demo_checks_the_readme_before_any_work(tmp_path: Path, capsys):
     assert main(["demo", "--out", str(out), "--readme", str(tmp_path / "missing.md")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_demo_report_agrees_with_its_run_files_and_the_committed_readme(tmp_path: Path, capsys):
+    """The whole demo (about a minute on 2 cores): its report is made of its runs' own numbers,
+    and they are the numbers the README shows (regenerate with `make readme` when they move)."""
+    from dpls.study.report import EVAL_METRICS, find_eval_file
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quiet", "--out", str(out)]) == 0
+    report = out / "report" / "report.md"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
+    fresh = json.loads((out / "report" / SUMMARY).read_text())
+    for arm, entry in fresh["arms"].items():
+        for seed, run in zip(entry["seeds"], entry["runs"], strict=True):
+            on_disk = json.loads(find_eval_file(Path(run)).read_text())
+            for m in EVAL_METRICS:
+                assert entry["metrics"][m]["values"][entry["metrics"][m]["seeds"].index(seed)] == on_disk[m]
+        base = fresh["arms"]["ce"]["metrics"]["loss"]["values"]
+        if arm != "ce":
+            own = entry["metrics"]["loss"]["values"]
+            mean = sum(a - b for a, b in zip(own, base, strict=True)) / len(own)
+            assert fresh["differences"][arm]["loss"]["mean"] == pytest.approx(mean, rel=1e-12)
+
+    committed = json.loads((ROOT / ASSETS / SUMMARY).read_text())
+    assert committed["metrics"] == fresh["metrics"] and list(committed["arms"]) == list(fresh["arms"])
+    for arm in fresh["arms"]:
+        for m in ("loss", "top1_acc", "entropy"):
+            # same code, same corpus: the same numbers up to floating-point order on another CPU
+            assert fresh["arms"][arm]["metrics"][m]["mean"] == pytest.approx(
+                committed["arms"][arm]["metrics"][m]["mean"], rel=0.01
+            ), f"{arm} {m}: README numbers are stale; run `make readme`"
