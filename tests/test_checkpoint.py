@@ -28,13 +28,7 @@ from dpls.train.optim import build_optimizer
 MC = model_config("tiny", vocab_size=97, n_layer=2, n_embd=32, n_head=2, block_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls on a loaded 2-core machine run much faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: much faster on one thread
 
 
 def _trained(seed: int = 0, steps: int = 2) -> tuple[Transformer, torch.optim.AdamW]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpls.data import DataError, DataMeta, TokenLoader, val_token_count, validation_batches, write_shard
+from data_helpers import write_data_dir
+from dpls.data import DataError, TokenLoader, val_token_count, validation_batches
 
 # Token i of the corpus is i (train) or 30000 + i (val): every window is identifiable by its start.
 TRAIN = (1000, 457, 800)
@@ -22,24 +25,13 @@ def data_dir(tmp_path_factory):
 
 
 def _make(root, train, val):
-    names = {"train": [], "val": []}
-    for split, sizes, base in (("train", train, 0), ("val", val, 30000)):
-        start = base
-        for i, n in enumerate(sizes):
-            names[split].append(f"{split}_{i:06d}.bin")
-            write_shard(root / names[split][-1], np.arange(start, start + n, dtype=np.uint16))
-            start += n
-    DataMeta(
-        tokenizer="gpt2",
-        tokenizer_file=None,
-        vocab_size=65536,
-        eot_token=0,
-        train_shards=names["train"],
-        val_shards=names["val"],
-        train_tokens=sum(train),
-        val_tokens=sum(val),
-        source="test",
-    ).save(root)
+    """Shards of consecutive token ids (train from 0, val from 30000): every window is traceable."""
+
+    def consecutive(sizes, start):
+        ends = np.cumsum([start, *sizes])
+        return [np.arange(a, b, dtype=np.uint16) for a, b in itertools.pairwise(ends)]
+
+    write_data_dir(root, consecutive(train, 0), consecutive(val, 30000), vocab_size=65536, tokenizer="gpt2")
     return root
 
 

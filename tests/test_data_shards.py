@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from data_helpers import write_data_dir
 from dpls.data import DataError, DataMeta, ShardError, read_shard, shard_token_count, write_shard
 from dpls.data.shards import HEADER_BYTES, MAGIC
 
@@ -64,25 +65,10 @@ def test_broken_shards_name_the_file(tmp_path, damage, match):
 
 
 def _data_dir(tmp_path, train=(100, 50), val=(30,)):
-    names = {"train": [], "val": []}
-    for split, sizes in (("train", train), ("val", val)):
-        for i, n in enumerate(sizes):
-            name = f"{split}_{i:06d}.bin"
-            write_shard(tmp_path / name, np.arange(n, dtype=np.uint16) % 97)
-            names[split].append(name)
-    meta = DataMeta(
-        tokenizer="bpe",
-        tokenizer_file="tokenizer.json",
-        vocab_size=97,
-        eot_token=0,
-        train_shards=names["train"],
-        val_shards=names["val"],
-        train_tokens=sum(train),
-        val_tokens=sum(val),
-        source="test",
-    )
-    meta.save(tmp_path)
-    return meta
+    def shards(sizes):
+        return [np.arange(n, dtype=np.uint16) % 97 for n in sizes]
+
+    return write_data_dir(tmp_path, shards(train), shards(val), vocab_size=97)
 
 
 def test_meta_round_trip_and_shard_checks(tmp_path):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dpls
+from data_helpers import fake_gpt2
 from dpls.data import BPETokenizer, DataError, DataMeta, TiktokenTokenizer, load_tokenizer, train_bpe
 from dpls.data.tokenizer import EOT
 
@@ -19,20 +20,6 @@ CORPUS = [
     "for i in range(10):\n    print(i * i)  # squares\n",
     "import os\nprint(os.path.join('a', 'b'))\n",
 ] * 20
-
-
-def fake_gpt2():
-    """A tiny real tiktoken Encoding, built locally (GPT-2's own downloads its merges)."""
-    import tiktoken
-
-    ranks = {bytes([i]): i for i in range(256)}
-    ranks.update({b"th": 256, b"he": 257, b"the": 258, b"in": 259})
-    return tiktoken.Encoding(
-        name="fake-gpt2",
-        pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=ranks,
-        special_tokens={EOT: 260},
-    )
 
 
 @pytest.fixture(scope="module")

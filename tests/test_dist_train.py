@@ -29,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from dpls.data import DataMeta, write_shard
+from data_helpers import write_data_dir
 from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_trainer_state
 from dpls.train.config import load_config
 from dpls.train.loggers import read_metrics
 from dpls.train.trainer import train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TOL = 1e-5
 STEPS = 6
@@ -56,21 +55,8 @@ def make_corpus(root: Path, vocab: int = 48, n_train: int = 12_000, n_val: int =
             out[i] = cur
         return out
 
-    root.mkdir(parents=True)
-    write_shard(root / "train_000000.bin", stream(n_train))
-    write_shard(root / "val_000000.bin", stream(n_val))
+    write_data_dir(root, [stream(n_train)], [stream(n_val)], vocab_size=vocab, source="files")
     (root / "tokenizer.json").write_text("{}")
-    DataMeta(
-        tokenizer="bpe",
-        tokenizer_file="tokenizer.json",
-        vocab_size=vocab,
-        eot_token=0,
-        train_shards=["train_000000.bin"],
-        val_shards=["val_000000.bin"],
-        train_tokens=n_train,
-        val_tokens=n_val,
-        source="files",
-    ).save(root)
     return root
 
 
@@ -145,17 +131,6 @@ def assert_same_losses(got: dict[int, dict], want: dict[int, dict], steps) -> No
         for key in ("loss", "ce"):
             assert got[s][key] == pytest.approx(want[s][key], abs=TOL, rel=TOL), (s, key, got[s], want[s])
         assert got[s]["tokens"] == want[s]["tokens"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The in-process runs use one thread, like each torchrun worker: on a loaded two-core
-    machine, OpenMP threads spinning against other processes make a tiny model's step
-    ~100× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_helpers import write_data_dir
 from dpls.eval.metrics import METRIC_KEYS
 from test_export_hf import make_tiny_run
 
@@ -18,26 +19,10 @@ BLOCK = 32  # make_tiny_run's block size
 
 def make_data(root: Path, vocab: int, val_tokens: int = 300) -> Path:
     """A prepared data directory (meta.json + one train and one val shard of random tokens)."""
-    from dpls.data.meta import DataMeta
-    from dpls.data.shards import write_shard
-
-    data = root / "data"
-    data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    write_shard(data / "train_000000.bin", rng.integers(0, vocab, 500))
-    write_shard(data / "val_000000.bin", rng.integers(0, vocab, val_tokens))
-    DataMeta(
-        tokenizer="bpe",
-        tokenizer_file="tokenizer.json",
-        vocab_size=vocab,
-        eot_token=0,
-        train_shards=["train_000000.bin"],
-        val_shards=["val_000000.bin"],
-        train_tokens=500,
-        val_tokens=val_tokens,
-        source="files",
-    ).save(data)
-    return data
+    train, val = rng.integers(0, vocab, 500), rng.integers(0, vocab, val_tokens)
+    write_data_dir(root / "data", [train], [val], vocab_size=vocab, source="files")
+    return root / "data"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from data_helpers import fake_gpt2
 from dpls.cli import main
 from dpls.data import (
     DataMeta,
@@ -44,19 +45,6 @@ WORDS = [
 def _doc(i: int) -> str:
     rng = np.random.default_rng(i)
     return f"doc {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(5, 40))))
-
-
-def fake_gpt2():
-    import tiktoken
-
-    ranks = {bytes([i]): i for i in range(256)}
-    ranks.update({b"th": 256, b"et": 257, b"ta": 258, b"al": 259})
-    return tiktoken.Encoding(
-        name="fake-gpt2",
-        pat_str=r""" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-        mergeable_ranks=ranks,
-        special_tokens={EOT: 260},
-    )
 
 
 def _documents_of(out, split, meta):

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpls.data import DataMeta, TokenLoader, write_shard
+from data_helpers import write_data_dir
+from dpls.data import TokenLoader
 from dpls.study.runner import advance_position, plan_study
 from dpls.study.spec import parse_spec
 
@@ -26,22 +27,8 @@ from dpls.study.spec import parse_spec
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    names = []
-    for i, n in enumerate((700, 333, 512)):
-        names.append(f"train_{i:06d}.bin")
-        write_shard(root / names[-1], np.arange(n, dtype=np.uint16) % 500)
-    write_shard(root / "val_000000.bin", np.arange(300, dtype=np.uint16))
-    DataMeta(
-        tokenizer="gpt2",
-        tokenizer_file=None,
-        vocab_size=512,
-        eot_token=0,
-        train_shards=names,
-        val_shards=["val_000000.bin"],
-        train_tokens=700 + 333 + 512,
-        val_tokens=300,
-        source="test",
-    ).save(root)
+    train = [np.arange(n, dtype=np.uint16) % 500 for n in (700, 333, 512)]
+    write_data_dir(root, train, [np.arange(300, dtype=np.uint16)], vocab_size=512, tokenizer="gpt2")
     return root
 
 
@@ -151,17 +138,6 @@ def _record_batches(monkeypatch) -> dict[str, list[str]]:
     monkeypatch.setattr(trainer, "train", train)
     monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
     return seen
-
-
-@pytest.fixture
-def one_thread():
-    """A model this small gains nothing from threads, and on a busy machine they cost a lot."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from data_helpers import write_data_dir
 from dpls.cli import main
-from dpls.data import DataMeta, write_shard
 from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from dpls.train.config import load_config
 from dpls.train.loggers import read_metrics
@@ -26,6 +26,8 @@ from dpls.train.trainer import TrainingError, plan_run, train
 
 SPEC_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_KEYS = ("val_ce", "val_ppl", "val_entropy")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_corpus(root: Path, vocab: int = 64, train_tokens: int = 40_000, val_tokens: int = 3_000) -> Path:
@@ -42,21 +44,8 @@ def make_corpus(root: Path, vocab: int = 64, train_tokens: int = 40_000, val_tok
             out[i] = cur
         return out
 
-    root.mkdir(parents=True, exist_ok=True)
-    write_shard(root / "train_000000.bin", stream(train_tokens))
-    write_shard(root / "val_000000.bin", stream(val_tokens))
+    write_data_dir(root, [stream(train_tokens)], [stream(val_tokens)], vocab_size=vocab, source="files")
     (root / "tokenizer.json").write_text("{}")  # copied into the run, never parsed here
-    DataMeta(
-        tokenizer="bpe",
-        tokenizer_file="tokenizer.json",
-        vocab_size=vocab,
-        eot_token=0,
-        train_shards=["train_000000.bin"],
-        val_shards=["val_000000.bin"],
-        train_tokens=train_tokens,
-        val_tokens=val_tokens,
-        source="files",
-    ).save(root)
     return root
 
 
@@ -95,16 +84,6 @@ def run_train(data: Path, out: Path, **extra: object) -> Path:
 
 def train_rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run) if "loss" in r}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine, tiny matmuls on 2 spinning OpenMP threads
-    run ~10× slower. Subprocesses get OMP_NUM_THREADS=1 too, so bitwise comparisons hold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

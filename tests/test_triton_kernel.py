@@ -284,6 +284,29 @@ def test_is_available_follows_the_interpreter_switch(monkeypatch):
     assert not triton_impl.is_available(torch.device("cpu"))
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter switch only matters without a GPU")
+def test_auto_never_picks_the_interpreted_kernels_for_cpu_tensors(launches):
+    """Under TRITON_INTERPRET=1 the kernels can run on CPU tensors (for tests, very slowly):
+    impl="triton" still runs them, but "auto" keeps to the PyTorch implementations."""
+    from dpls.losses import dpls_linear_loss, dpls_loss
+    from dpls.losses.registry import available_impls, resolve_impl
+
+    cpu = torch.device("cpu")
+    for linear in (False, True):
+        assert resolve_impl("triton", cpu, torch.float32, linear=linear).name == "triton"  # now loaded
+        assert "triton" in available_impls(cpu, linear=linear)
+        assert resolve_impl("auto", cpu, torch.float32, linear=linear).name != "triton"
+    gen = torch.Generator().manual_seed(0)
+    z, y = torch.randn(4, 50, generator=gen), torch.randint(0, 50, (4,), generator=gen)
+    h, w = torch.randn(4, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    dpls_loss(z, y, top_k=5)
+    dpls_linear_loss(h, w, y, top_k=5)
+    assert not launches, "impl='auto' launched the interpreted Triton kernel on a CPU tensor"
+    dpls_loss(z, y, top_k=5, impl="triton")
+    dpls_linear_loss(h, w, y, top_k=5, impl="triton")
+    assert len(launches) == 2
+
+
 def test_default_configs_are_launchable_shapes():
     for v in [2, 100, 50304, 262144]:
         for dtype in DTYPES:

@@ -11,15 +11,11 @@ import argparse
 from pathlib import Path
 
 from dpls.cli import UsageError
+from dpls.cli._common import doc_parser, usage_errors
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(
-        name,
-        help=help_text,
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else help_text,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(subparsers, name, help_text, __doc__)
     p.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="run directories (or a study / a folder of runs)"
     )
@@ -44,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     runs = iter_runs(args.runs)
     if not runs:
         raise UsageError(f"no run directories (with metrics.jsonl or config.toml) in {', '.join(args.runs)}")
-    try:
+    with usage_errors():
         report = write_report(
             runs,
             args.out,
@@ -53,7 +49,5 @@ def run(args: argparse.Namespace) -> int:
             method=args.method,
             title=args.title,
         )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     print(report)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpls.cli import UsageError
+from dpls.cli._common import add_device_options, usage_errors
 
 
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -24,13 +24,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's data_dir)")
     parser.add_argument("--block-size", type=int, default=None, help="sequence length (default: the run's)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="forward-pass precision",
-    )
+    add_device_options(parser, dtype_help="forward-pass precision")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     parser.set_defaults(func=run)
     return parser
@@ -39,7 +33,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 def run(args: argparse.Namespace) -> int:
     from dpls.eval.evaluate import evaluate_checkpoint, format_metrics, output_paths
 
-    try:
+    with usage_errors():
         metrics = evaluate_checkpoint(
             args.checkpoint,
             data_dir=args.data_dir,
@@ -51,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             plots=not args.no_plots,
         )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     print(format_metrics(metrics))
     written = output_paths(args.out)
     if args.no_plots:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpls.cli import UsageError
+from dpls.cli._common import usage_errors
 
 
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -28,9 +28,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 def run(args: argparse.Namespace) -> int:
     from dpls.eval.export_hf import export_hf
 
-    try:
+    with usage_errors():
         out = export_hf(args.checkpoint, args.out_dir, overwrite=args.force)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     print(f"wrote {out}")
     return 0

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from dpls.cli import UsageError
+from dpls.cli._common import add_device_options
 
 
 def _limit(text: str) -> int | float:
@@ -56,13 +57,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         default=8,
         help="requests per forward pass, or 'auto' (default: %(default)s)",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="weights' precision in the harness (default: %(default)s)",
-    )
+    add_device_options(parser, dtype_help="weights' precision in the harness (default: %(default)s)")
     parser.add_argument("--out", default="lm_eval", help="results directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1234, help="harness seeds: sampling, few-shot choice")
     parser.set_defaults(func=run)

@@ -6,14 +6,26 @@ import argparse
 from typing import Any
 
 from dpls.cli import UsageError
+from dpls.cli._common import usage_errors
 
 EPILOG = (
     "An output directory must be new or empty, or hold an earlier prepare run with the same settings "
     "(finished: nothing is redone; interrupted: it resumes)."
 )
 
+# source -> (function in dpls.data.prepare, the options only that source has)
+SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "stdlib": ("prepare_stdlib", ("vocab_size", "max_files", "include_tests")),
+    "files": ("prepare_files", ("paths", "tokenizer", "vocab_size", "text_field")),
+    "fineweb-edu": ("prepare_fineweb_edu", ("name", "max_tokens", "num_proc", "data_files")),
+}
 
-def _common(parser: argparse.ArgumentParser, shard_tokens: int, val_fraction: float) -> None:
+
+def _source(
+    sources: Any, name: str, help_text: str, description: str, *, shard_tokens: int, val_fraction: float
+) -> argparse.ArgumentParser:
+    """One source's parser with the options every source has (defaults differ by corpus size)."""
+    parser = sources.add_parser(name, help=help_text, description=description, epilog=EPILOG)
     parser.add_argument("--out", required=True, help="output data directory")
     parser.add_argument(
         "--val-fraction",
@@ -26,6 +38,8 @@ def _common(parser: argparse.ArgumentParser, shard_tokens: int, val_fraction: fl
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
 
 
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -37,46 +51,46 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     )
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
 
-    p = sources.add_parser(
+    p = _source(
+        sources,
         "stdlib",
-        help="the running Python's standard library (no download)",
-        description="The embedded corpus: this Python's standard-library .py files and a byte-level BPE "
+        "the running Python's standard library (no download)",
+        "The embedded corpus: this Python's standard-library .py files and a byte-level BPE "
         "trained on them. The same Python version gives the same corpus everywhere.",
-        epilog=EPILOG,
+        shard_tokens=1_000_000,
+        val_fraction=0.05,
     )
-    _common(p, shard_tokens=1_000_000, val_fraction=0.05)
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--max-files", type=int, default=None, help="use a fixed sample of N files")
     p.add_argument("--include-tests", action="store_true", help="include the test suites")
-    p.set_defaults(func=run_stdlib)
 
-    p = sources.add_parser(
+    p = _source(
+        sources,
         "files",
-        help="your .txt, .jsonl or .parquet files",
-        description="Your own text: .txt (one document, or several separated by <|endoftext|>), .jsonl "
+        "your .txt, .jsonl or .parquet files",
+        "Your own text: .txt (one document, or several separated by <|endoftext|>), .jsonl "
         "(one document per line) and .parquet (one per row) files, or directories of them.",
-        epilog=EPILOG,
+        shard_tokens=100_000_000,
+        val_fraction=0.05,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="input files or directories")
-    _common(p, shard_tokens=100_000_000, val_fraction=0.05)
     p.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe", help="train a BPE, or GPT-2's")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default: %(default)s)")
-    p.set_defaults(func=run_files)
 
-    p = sources.add_parser(
+    p = _source(
+        sources,
         "fineweb-edu",
-        help="FineWeb-Edu through Hugging Face datasets, GPT-2 BPE",
-        description="FineWeb-Edu (HuggingFaceFW/fineweb-edu) streamed and tokenized with GPT-2's BPE "
+        "FineWeb-Edu through Hugging Face datasets, GPT-2 BPE",
+        "FineWeb-Edu (HuggingFaceFW/fineweb-edu) streamed and tokenized with GPT-2's BPE "
         "(tiktoken). Resumable: run the same command again after an interruption.",
-        epilog=EPILOG,
+        shard_tokens=100_000_000,
+        val_fraction=0.01,
     )
-    _common(p, shard_tokens=100_000_000, val_fraction=0.01)
     p.add_argument("--name", default="sample-10BT", help="dataset config (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N tokens")
     p.add_argument("--num-proc", type=int, default=None, help="encoding threads (default: all cores)")
     p.add_argument("--data-files", nargs="+", default=None, help="local Parquet files instead of the Hub")
-    p.set_defaults(func=run_fineweb)
 
     parser.set_defaults(func=lambda _args: _missing_source(parser))
     return parser
@@ -96,60 +110,17 @@ def _report(meta: Any, out: str) -> int:
     return 0
 
 
-def run_stdlib(args: argparse.Namespace) -> int:
-    from dpls.data.prepare import prepare_stdlib
+def run(args: argparse.Namespace) -> int:
+    from dpls.data import prepare
 
-    try:
-        meta = prepare_stdlib(
-            args.out,
-            vocab_size=args.vocab_size,
-            val_fraction=args.val_fraction,
-            shard_tokens=args.shard_tokens,
-            seed=args.seed,
-            max_files=args.max_files,
-            include_tests=args.include_tests,
-            progress=not args.quiet,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    return _report(meta, args.out)
-
-
-def run_files(args: argparse.Namespace) -> int:
-    from dpls.data.prepare import prepare_files
-
-    try:
-        meta = prepare_files(
-            args.paths,
-            args.out,
-            tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size,
-            text_field=args.text_field,
+    function, keys = SOURCES[args.source]
+    with usage_errors():
+        meta = getattr(prepare, function)(
+            out_dir=args.out,
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
             seed=args.seed,
             progress=not args.quiet,
+            **{key: getattr(args, key) for key in keys},
         )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    return _report(meta, args.out)
-
-
-def run_fineweb(args: argparse.Namespace) -> int:
-    from dpls.data.prepare import prepare_fineweb_edu
-
-    try:
-        meta = prepare_fineweb_edu(
-            args.out,
-            name=args.name,
-            max_tokens=args.max_tokens,
-            num_proc=args.num_proc,
-            data_files=args.data_files,
-            val_fraction=args.val_fraction,
-            shard_tokens=args.shard_tokens,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     return _report(meta, args.out)

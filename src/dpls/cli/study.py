@@ -12,16 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dpls.cli import UsageError
+from dpls.cli._common import doc_parser, usage_errors
 
 
 def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> None:
-    p = subparsers.add_parser(
-        name,
-        help=help_text,
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else help_text,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = doc_parser(subparsers, name, help_text, __doc__)
     p.add_argument("study_file", type=Path, metavar="STUDY_FILE", help="the study's TOML file (see studies/)")
     p.add_argument("--out", type=Path, default=None, help="study directory (default: the file's out_dir)")
     p.add_argument("--dry-run", action="store_true", help="check the file and print the plan; train nothing")
@@ -33,18 +28,14 @@ def run(args: argparse.Namespace) -> int:
     from dpls.study.runner import plan_study, run_study
     from dpls.study.spec import load_spec
 
-    try:
+    with usage_errors():
         spec = load_spec(args.study_file, out_dir=args.out)
         plan = plan_study(spec)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
     if args.dry_run:
         print(plan.describe())
         return 0
-    try:
+    with usage_errors():  # bad input found on the way (e.g. by the trainer's checks)
         report = run_study(plan, progress=not args.no_progress)
-    except ValueError as err:  # bad input found on the way (e.g. by the trainer's checks)
-        raise UsageError(str(err)) from err
     if report is not None:
         print(report)
     return 0

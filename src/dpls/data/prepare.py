@@ -59,9 +59,12 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
-def _check_fraction(val_fraction: Any) -> None:
+def _check_split(val_fraction: Any, shard_tokens: Any, seed: Any) -> None:
+    """The arguments every source takes: how documents are split and shards cut."""
     if not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    _check_int("shard_tokens", shard_tokens, 1)
+    _check_int("seed", seed, 0)
 
 
 def _normalize(settings: dict[str, Any]) -> dict[str, Any]:
@@ -229,20 +232,23 @@ def _batched(docs: Iterator[Document], max_chars: int) -> Iterator[list[Document
 
 def _build(
     out_dir: Path,
-    *,
     documents: Callable[[int], Iterator[Document]],
     is_val: Callable[[int, Document], bool],
     tokenizer: Tokenizer,
-    tokenizer_file: str | None,
     settings: dict[str, Any],
-    source: str,
-    shard_tokens: int,
-    max_tokens: int | None,
-    num_threads: int | None,
+    *,
     progress: bool,
-    desc: str,
+    max_tokens: int | None = None,
+    num_threads: int | None = None,
+    desc: str | None = None,
 ) -> DataMeta:
-    """Encode ``documents(start)`` (the stream from document ``start`` on) into both splits."""
+    """Encode ``documents(start)`` (the stream from document ``start`` on) into both splits.
+
+    The source and shard size come from ``settings`` (what ``meta.json`` records), and a BPE
+    tokenizer is the one saved as ``TOKENIZER_FILE``, so the three sources cannot disagree
+    with their own metadata.
+    """
+    source, shard_tokens = settings["source"], settings["shard_tokens"]
     saved: dict[str, Any] = {}
     if (out_dir / PROGRESS_FILE).is_file():
         saved = json.loads((out_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
@@ -260,7 +266,7 @@ def _build(
         for writer in writers.values():
             writer.remove_staging(keep_current=True)  # older ones are now in shards
 
-    bar = _progress_bar(max_tokens, total(), desc, progress)
+    bar = _progress_bar(max_tokens, total(), desc or source, progress)
     last_checkpoint = time.monotonic()
     done = max_tokens is not None and total() >= max_tokens
     try:
@@ -295,7 +301,7 @@ def _build(
         writer.finish()
     meta = DataMeta(
         tokenizer=tokenizer.kind,
-        tokenizer_file=tokenizer_file,
+        tokenizer_file=TOKENIZER_FILE if tokenizer.kind == "bpe" else None,
         vocab_size=tokenizer.vocab_size,
         eot_token=tokenizer.eot,
         train_shards=writers["train"].shards,
@@ -407,9 +413,7 @@ def prepare_stdlib(
     ``max_bpe_chars`` characters of training files (about 2 s for 4 MB on two cores).
     """
     _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
-    _check_fraction(val_fraction)
-    _check_int("shard_tokens", shard_tokens, 1)
-    _check_int("seed", seed, 0)
+    _check_split(val_fraction, shard_tokens, seed)
     _check_int("max_bpe_chars", max_bpe_chars, 1)
     if max_files is not None:
         _check_int("max_files", max_files, 2)
@@ -448,20 +452,7 @@ def prepare_stdlib(
 
     _begin(out_dir, state, settings)
     tokenizer = _bpe_tokenizer(out_dir, state, train_texts, vocab_size, progress)
-    return _build(
-        out_dir,
-        documents=documents,
-        is_val=lambda _i, doc: doc.key in held,
-        tokenizer=tokenizer,
-        tokenizer_file=TOKENIZER_FILE,
-        settings=settings,
-        source="stdlib",
-        shard_tokens=shard_tokens,
-        max_tokens=None,
-        num_threads=None,
-        progress=progress,
-        desc="stdlib",
-    )
+    return _build(out_dir, documents, lambda _i, doc: doc.key in held, tokenizer, settings, progress=progress)
 
 
 # -- the user's files ---------------------------------------------------------------------------
@@ -539,9 +530,7 @@ def prepare_files(
     if tokenizer not in ("bpe", "gpt2"):
         raise ValueError(f"tokenizer must be 'bpe' or 'gpt2', got {tokenizer!r}")
     _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
-    _check_fraction(val_fraction)
-    _check_int("shard_tokens", shard_tokens, 1)
-    _check_int("seed", seed, 0)
+    _check_split(val_fraction, shard_tokens, seed)
     _check_int("max_bpe_chars", max_bpe_chars, 1)
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
@@ -586,23 +575,9 @@ def prepare_files(
         tok: Tokenizer = _bpe_tokenizer(
             out_dir, state, lambda: _take_chars(train, max_bpe_chars), vocab_size, progress
         )
-        tok_file: str | None = TOKENIZER_FILE
     else:
-        tok, tok_file = gpt2, None
-    return _build(
-        out_dir,
-        documents=documents,
-        is_val=lambda _i, doc: doc.key in held,
-        tokenizer=tok,
-        tokenizer_file=tok_file,
-        settings=settings,
-        source="files",
-        shard_tokens=shard_tokens,
-        max_tokens=None,
-        num_threads=None,
-        progress=progress,
-        desc="files",
-    )
+        tok = gpt2
+    return _build(out_dir, documents, lambda _i, doc: doc.key in held, tok, settings, progress=progress)
 
 
 # -- FineWeb-Edu --------------------------------------------------------------------------------
@@ -652,9 +627,7 @@ def prepare_fineweb_edu(
         _check_int("max_tokens", max_tokens, 2)
     if num_proc is not None:
         _check_int("num_proc", num_proc, 1)
-    _check_fraction(val_fraction)
-    _check_int("shard_tokens", shard_tokens, 1)
-    _check_int("seed", seed, 0)
+    _check_split(val_fraction, shard_tokens, seed)
     if isinstance(data_files, str | Path):
         data_files = [str(data_files)]
     if data_files is not None:
@@ -690,15 +663,12 @@ def prepare_fineweb_edu(
     _begin(out_dir, state, settings)
     return _build(
         out_dir,
-        documents=documents,
-        is_val=lambda i, doc: i == 0 or _unit_hash(doc.key, seed) < val_fraction,
-        tokenizer=tok,
-        tokenizer_file=None,
-        settings=settings,
-        source="fineweb-edu",
-        shard_tokens=shard_tokens,
+        documents,
+        lambda i, doc: i == 0 or _unit_hash(doc.key, seed) < val_fraction,
+        tok,
+        settings,
+        progress=progress,
         max_tokens=max_tokens,
         num_threads=num_proc or os.cpu_count() or 1,
-        progress=progress,
         desc=f"fineweb-edu {name}",
     )

@@ -6,31 +6,19 @@ lm_eval, so every name is imported on first use.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from dpls._lazy import lazy_exports
 
-# public name -> module under dpls.eval that defines it
+# public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    "METRIC_KEYS": "metrics",
-    "MetricAccumulator": "metrics",
-    "ReliabilityBins": "metrics",
-    "evaluate_model": "evaluate",
-    "evaluate_checkpoint": "evaluate",
-    "export_hf": "export_hf",
-    "run_lm_eval": "lm_eval",
+    "METRIC_KEYS": ".metrics",
+    "MetricAccumulator": ".metrics",
+    "ReliabilityBins": ".metrics",
+    "evaluate_model": ".evaluate",
+    "evaluate_checkpoint": ".evaluate",
+    "export_hf": ".export_hf",
+    "run_lm_eval": ".lm_eval",
 }
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dpls.eval' has no attribute {name!r}")
-    value = getattr(import_module(f"dpls.eval.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

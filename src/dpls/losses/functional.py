@@ -56,11 +56,7 @@ def dpls_loss(
         return_nll,
         inplace_backward,
     )
-    if reduction != "none":
-        return out
-    if return_nll:
-        return out[0].reshape(args.batch_shape), out[1].reshape(args.batch_shape)
-    return out.reshape(args.batch_shape)
+    return args.unflatten(out)
 
 
 def label_smoothing_loss(

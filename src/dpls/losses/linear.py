@@ -224,8 +224,4 @@ def dpls_linear_loss(
         return_nll,
         chunk_size,
     )
-    if reduction != "none":
-        return out
-    if return_nll:
-        return out[0].reshape(args.batch_shape), out[1].reshape(args.batch_shape)
-    return out.reshape(args.batch_shape)
+    return args.unflatten(out)

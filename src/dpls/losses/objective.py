@@ -199,15 +199,7 @@ class _SmoothedObjective(Objective):
     def _loss(self, logits, target, step):
         eps, k, mode, gamma = self._plan(logits.shape[-1], step)
         eps_arg = adaptive_epsilon(logits, eps, mode, gamma) if eps > 0 else eps
-        loss, ce = dpls_loss(
-            logits,
-            target,
-            epsilon=eps_arg,
-            top_k=k,
-            ignore_index=IGNORE_INDEX,
-            impl=self.cfg.loss_impl,
-            return_nll=True,
-        )
+        loss, ce = dpls_loss(logits, target, **self._dpls_args(eps_arg, k))
         return loss, ce, _eps_report(eps_arg, target)
 
     def _loss_from_hidden(self, hidden, weight, target, step, bias):
@@ -215,18 +207,18 @@ class _SmoothedObjective(Objective):
         eps_arg = (
             adaptive_epsilon_from_hidden(hidden, weight, eps, mode, gamma, bias=bias) if eps > 0 else eps
         )
-        loss, ce = dpls_linear_loss(
-            hidden,
-            weight,
-            target,
-            bias=bias,
-            epsilon=eps_arg,
-            top_k=k,
-            ignore_index=IGNORE_INDEX,
-            impl=self.cfg.loss_impl,
-            return_nll=True,
-        )
+        loss, ce = dpls_linear_loss(hidden, weight, target, bias=bias, **self._dpls_args(eps_arg, k))
         return loss, ce, _eps_report(eps_arg, target)
+
+    def _dpls_args(self, epsilon: float | torch.Tensor, top_k: int) -> dict[str, Any]:
+        """The arguments both DPLS entry points get (the plain CE comes back beside the loss)."""
+        return {
+            "epsilon": epsilon,
+            "top_k": top_k,
+            "ignore_index": IGNORE_INDEX,
+            "impl": self.cfg.loss_impl,
+            "return_nll": True,
+        }
 
 
 def _eps_report(eps: float | torch.Tensor, target: torch.Tensor) -> float:

@@ -6,8 +6,10 @@ Every implementation takes the flattened, already validated arguments (docs/ARCH
        ignore_index, reduction, return_nll, inplace_backward) -> loss | (loss, nll)
 
 ``impl="auto"`` picks the available implementation with the highest priority for the input's
-device and dtype. GPU kernels live in their own modules and are imported only when a CUDA tensor
-(or an explicit request) needs them, so ``import dpls.losses`` never imports triton.
+device and dtype; the GPU kernels are candidates only for CUDA tensors (under TRITON_INTERPRET=1
+they also run on the CPU, for tests, but only when named). GPU kernels live in their own modules
+and are imported only when a CUDA tensor (or an explicit request) needs them, so
+``import dpls.losses`` never imports triton.
 
 The fused-linear entry point has a twin registry (``register_linear_impl``) with signature::
 
@@ -63,36 +65,44 @@ def _always(device: torch.device) -> bool:
     return True
 
 
-def register_impl(
-    name: str,
-    fn: LossImpl,
-    *,
-    available: Callable[[torch.device], bool] = _always,
-    priority: int = 0,
-    dtypes: tuple[torch.dtype, ...] | None = None,
-) -> LossImpl:
-    """Make ``fn`` selectable as ``dpls_loss(..., impl=name)``; re-registering a name replaces it."""
-    _IMPLS[name] = ImplSpec(name, fn, available, priority, dtypes)
-    return fn
+def _registrar(table: dict[str, ImplSpec], public_name: str, entry_point: str) -> Callable[..., LossImpl]:
+    """The public ``register`` function of one table: the two registries differ only in that."""
+
+    def register(
+        name: str,
+        fn: LossImpl,
+        *,
+        available: Callable[[torch.device], bool] = _always,
+        priority: int = 0,
+        dtypes: tuple[torch.dtype, ...] | None = None,
+    ) -> LossImpl:
+        table[name] = ImplSpec(name, fn, available, priority, dtypes)
+        return fn
+
+    register.__name__ = register.__qualname__ = public_name
+    register.__doc__ = (
+        f"Make ``fn`` selectable as ``{entry_point}(..., impl=name)``; re-registering a name replaces it."
+    )
+    return register
 
 
-def register_linear_impl(
-    name: str,
-    fn: LossImpl,
-    *,
-    available: Callable[[torch.device], bool] = _always,
-    priority: int = 0,
-    dtypes: tuple[torch.dtype, ...] | None = None,
-) -> LossImpl:
-    """Make ``fn`` selectable as ``dpls_linear_loss(..., impl=name)``."""
-    _LINEAR_IMPLS[name] = ImplSpec(name, fn, available, priority, dtypes)
-    return fn
+register_impl = _registrar(_IMPLS, "register_impl", "dpls_loss")
+register_linear_impl = _registrar(_LINEAR_IMPLS, "register_linear_impl", "dpls_linear_loss")
+
+
+def _tables(linear: bool) -> tuple[dict[str, ImplSpec], dict[str, tuple[str, str]]]:
+    """(registered, lazily importable) implementations of the plain or the fused-linear loss."""
+    return (_LINEAR_IMPLS, _LAZY_LINEAR) if linear else (_IMPLS, _LAZY)
+
+
+def _failure_key(name: str, linear: bool) -> str:
+    return f"linear:{name}" if linear else name
 
 
 def _load_lazy(name: str, linear: bool) -> None:
     """Import an optional implementation's module and register it (if it did not register itself)."""
-    table, lazy = (_LINEAR_IMPLS, _LAZY_LINEAR) if linear else (_IMPLS, _LAZY)
-    key = f"{'linear:' if linear else ''}{name}"
+    table, lazy = _tables(linear)
+    key = _failure_key(name, linear)
     if name in table or name not in lazy or key in _lazy_failed:
         return
     module_name, attr = lazy[name]
@@ -113,13 +123,14 @@ def _load_lazy(name: str, linear: bool) -> None:
     )
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``): tests only."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def impl_names(linear: bool = False) -> list[str]:
     """Every name ``impl=`` accepts (lazy ones included, whether or not they can run here)."""
-    table, lazy = (_LINEAR_IMPLS, _LAZY_LINEAR) if linear else (_IMPLS, _LAZY)
+    table, lazy = _tables(linear)
     return ["auto", *sorted(set(table) | set(lazy))]
 
 
@@ -134,22 +145,25 @@ def resolve_impl(
 ) -> ImplSpec:
     """The implementation ``impl`` names, or for "auto" the best one that runs on ``device``/``dtype``."""
     check_impl_name(impl, linear)
-    table, lazy = (_LINEAR_IMPLS, _LAZY_LINEAR) if linear else (_IMPLS, _LAZY)
+    table, lazy = _tables(linear)
     if impl == "auto":
-        if device.type == "cuda":
+        # The lazy implementations are GPU kernels: off CUDA they run only under Triton's
+        # interpreter, which is for tests and far too slow to be chosen automatically.
+        on_gpu = device.type == "cuda"
+        if on_gpu:
             for name in lazy:
                 _load_lazy(name, linear)
-        candidates = [s for s in table.values() if s.runs_on(device, dtype)]
+        candidates = [
+            s for s in table.values() if (on_gpu or s.name not in lazy) and s.runs_on(device, dtype)
+        ]
         if not candidates:
             raise ValueError(f"no loss implementation runs on device {device} with dtype {dtype}")
         return sorted(candidates, key=lambda s: -s.priority)[0]
-    if impl in lazy and (device.type == "cuda" or _interpret()):
+    if impl in lazy and (device.type == "cuda" or interpreting()):
         _load_lazy(impl, linear)
     spec = table.get(impl)
     if spec is None:
-        why = _lazy_failed.get(
-            f"{'linear:' if linear else ''}{impl}", "it needs a CUDA device (or TRITON_INTERPRET=1)"
-        )
+        why = _lazy_failed.get(_failure_key(impl, linear), "it needs a CUDA device (or TRITON_INTERPRET=1)")
         raise ValueError(f"impl={impl!r} is not available here: {why}")
     if not spec.runs_on(device, dtype):
         raise ValueError(f"impl={impl!r} does not run on device {device} with dtype {dtype}")
@@ -159,8 +173,8 @@ def resolve_impl(
 def available_impls(device: torch.device | str = "cpu", *, linear: bool = False) -> list[str]:
     """Names of the implementations that can run on ``device`` now (importing lazy ones if needed)."""
     device = torch.device(device)
-    table, lazy = (_LINEAR_IMPLS, _LAZY_LINEAR) if linear else (_IMPLS, _LAZY)
-    if device.type == "cuda" or _interpret():
+    table, lazy = _tables(linear)
+    if device.type == "cuda" or interpreting():
         for name in lazy:
             _load_lazy(name, linear)
     return sorted(s.name for s in table.values() if s.runs_on(device))

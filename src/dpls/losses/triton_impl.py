@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
+from dpls.losses.registry import interpreting
+
 __all__ = ["KernelConfig", "choose_config", "is_available", "triton_dpls_loss"]
 
 _KEY_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def is_available(device: torch.device | str) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 _INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+LossOutput = torch.Tensor | tuple[torch.Tensor, ...]  # the loss, or (loss, nll)
 
 
 @dataclass
@@ -26,6 +27,15 @@ class LossArgs:
     ignore_index: int
     reduction: str
     batch_shape: torch.Size  # the target's shape, to restore for reduction="none"
+
+    def unflatten(self, out: LossOutput) -> LossOutput:
+        """An implementation's result in the caller's shape: per-token values (reduction="none",
+        with or without the NLL beside the loss) take the target's shape again."""
+        if self.reduction != "none":
+            return out
+        if isinstance(out, tuple):
+            return tuple(o.reshape(self.batch_shape) for o in out)
+        return out.reshape(self.batch_shape)
 
 
 def _is_number(x: object) -> bool:

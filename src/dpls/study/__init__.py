@@ -8,35 +8,23 @@ trainer; the report, matplotlib).
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from dpls._lazy import lazy_exports
 
-# public name -> module under dpls.study that defines it
+# public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    "StudySpec": "spec",
-    "load_spec": "spec",
-    "parse_spec": "spec",
-    "StudyPlan": "runner",
-    "plan_study": "runner",
-    "run_study": "runner",
-    "paired_ci": "stats",
-    "welch_ci": "stats",
-    "t_quantile": "stats",
-    "write_report": "report",
-    "load_run": "report",
+    "StudySpec": ".spec",
+    "load_spec": ".spec",
+    "parse_spec": ".spec",
+    "StudyPlan": ".runner",
+    "plan_study": ".runner",
+    "run_study": ".runner",
+    "paired_ci": ".stats",
+    "welch_ci": ".stats",
+    "t_quantile": ".stats",
+    "write_report": ".report",
+    "load_run": ".report",
 }
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dpls.study' has no attribute {name!r}")
-    value = getattr(import_module(f"dpls.study.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

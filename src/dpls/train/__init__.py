@@ -6,32 +6,20 @@ config or a checkpoint does not import the model, data and loss libraries.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from dpls._lazy import lazy_exports
 
-# public name -> module under dpls.train that defines it
+# public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
-    "TrainConfig": "config",
-    "load_config": "config",
-    "train": "trainer",
-    "load_model": "checkpoint",
-    "load_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "latest_checkpoint": "checkpoint",
-    "read_metrics": "loggers",
+    "TrainConfig": ".config",
+    "load_config": ".config",
+    "train": ".trainer",
+    "load_model": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
+    "save_checkpoint": ".checkpoint",
+    "latest_checkpoint": ".checkpoint",
+    "read_metrics": ".loggers",
 }
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dpls.train' has no attribute {name!r}")
-    value = getattr(import_module(f"dpls.train.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
