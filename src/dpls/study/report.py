@@ -373,12 +373,16 @@ def summarize(
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _fmt(x: float | None, signed: bool = False) -> str:
+def _fmt(x: float | None, signed: bool = False, digits: int = 4) -> str:
+    """``digits`` significant digits, in plain notation from 1e-4 up (thousands separated)."""
     if x is None or not math.isfinite(x):
         return "n/a"
-    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
-        return f"{x:+.3e}" if signed else f"{x:.3e}"
-    return f"{x:+.4g}" if signed else f"{x:.4g}"
+    sign = "+" if signed else ""
+    if x != 0 and abs(x) < 1e-4:
+        return f"{x:{sign}.{digits - 1}e}"
+    if abs(x) >= 10**digits:
+        return f"{x:{sign},.0f}"
+    return f"{x:{sign}.{digits}g}"
 
 
 def _interval_cell(d: Mapping[str, Any]) -> str:
@@ -449,7 +453,9 @@ def evaluation_table_lines(summary: Mapping[str, Any]) -> list[str]:
         for a in arms:
             s = summary["arms"][a]["metrics"].get(m)
             row.append(
-                "n/a" if s is None else _fmt(s["mean"]) + ("" if s["sd"] is None else f" ± {_fmt(s['sd'])}")
+                "n/a"
+                if s is None
+                else _fmt(s["mean"]) + ("" if s["sd"] is None else f" ± {_fmt(s['sd'], digits=2)}")
             )
         for a in others:
             d = summary["differences"][a].get(m)
