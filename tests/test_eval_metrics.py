@@ -166,6 +166,18 @@ def test_topk_entropy_by_hand():
     assert m["entropy"] == pytest.approx(m["entropy_top1000"], rel=1e-7)
 
 
+def test_skipping_topk_entropies_leaves_every_other_metric_unchanged():
+    torch.manual_seed(3)
+    logits, targets = torch.randn(64, 300) * 3, torch.randint(0, 300, (64,))
+    full, cheap = MetricAccumulator(), MetricAccumulator(topk_entropies=False)
+    full.update(logits, targets)
+    cheap.update(logits, targets)
+    a, b = full.compute(), cheap.compute()
+    topk = {f"entropy_top{k}" for k in TOPK_ENTROPIES}
+    assert all(math.isnan(b[k]) and math.isfinite(a[k]) for k in topk)
+    assert {k: a[k] for k in a if k not in topk} == {k: b[k] for k in b if k not in topk}
+
+
 @given(
     n=st.integers(1, 120),
     vocab=st.integers(2, 1100),

@@ -143,7 +143,9 @@ class MetricAccumulator:
     for frequent validation). ``fine_bins``: resolution of the confidence histogram that
     adaptive ECE is cut from. ``entropy_bins``: bins of the entropy histogram over
     ``[0, log V]``. ``chunk_elements``: rows are processed in chunks of about this many
-    logits, bounding the temporary memory of `update`.
+    logits, bounding the temporary memory of `update`. ``topk_entropies=False`` skips the
+    entropies over the top 10/100/1000 tokens (they come out NaN): the top-1000 selection
+    costs more than all other metrics together, and validation during training needs none.
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class MetricAccumulator:
         fine_bins: int = 10_000,
         entropy_bins: int = 100,
         chunk_elements: int = 1 << 24,
+        topk_entropies: bool = True,
     ) -> None:
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -170,6 +173,7 @@ class MetricAccumulator:
         self.fine_bins = fine_bins
         self.entropy_bins = entropy_bins
         self.chunk_elements = chunk_elements
+        self.topk_entropies = topk_entropies
         # Ascending inverse temperatures β = 1/T: the variable in which the loss is convex.
         self._betas = sorted({1.0 / t for t in temps})
         self.vocab_size: int | None = None
@@ -275,15 +279,16 @@ class MetricAccumulator:
         brier = 1.0 - 2.0 * (d_y.exp() / s) + (p * p).sum(dim=-1)
         del p
 
-        ks = [min(k, vocab) for k in TOPK_ENTROPIES]
-        top = d.topk(max(ks), dim=-1, sorted=True).values
-        topk_entropy = []
-        for k in ks:
-            sub = top[:, :k]
-            ek = sub.exp()
-            sk = ek.sum(dim=-1)
-            topk_entropy.append((sk.log() - (ek * sub).sum(dim=-1) / sk).double().sum())
-        del top
+        topk_entropy = [torch.zeros((), dtype=torch.float64, device=z.device)] * len(TOPK_ENTROPIES)
+        if self.topk_entropies:
+            ks = [min(k, vocab) for k in TOPK_ENTROPIES]
+            top = d.topk(max(ks), dim=-1, sorted=True).values
+            for i, k in enumerate(ks):
+                sub = top[:, :k]
+                ek = sub.exp()
+                sk = ek.sum(dim=-1)
+                topk_entropy[i] = (sk.log() - (ek * sub).sum(dim=-1) / sk).double().sum()
+            del top
 
         temp = []  # per β: Σ f, Σ f', Σ f''
         for beta in self._betas:
@@ -357,7 +362,7 @@ class MetricAccumulator:
             "entropy": float(sc[_ENT] / n),
         }
         for i, k in enumerate(TOPK_ENTROPIES):
-            out[f"entropy_top{k}"] = float(sc[_TOPK0 + i] / n)
+            out[f"entropy_top{k}"] = float(sc[_TOPK0 + i] / n) if self.topk_entropies else math.nan
         out["top1_acc"] = float(sc[_CORRECT] / n)
         out["ece"] = _calibration_error(st["bin_count"], st["bin_conf"], st["bin_correct"])
         adaptive = self._adaptive_bins(st)

@@ -286,7 +286,7 @@ def evaluate(
     """
     from dpls.eval.metrics import MetricAccumulator
 
-    acc = MetricAccumulator(temperatures=())  # no temperature grid: the cheap setting
+    acc = MetricAccumulator(temperatures=(), topk_entropies=False)  # the cheap setting: no grid, no top-k
     rounds = int(ctx.all_reduce_max(torch.tensor([len(val_set)])).item())
     was_training = step_module.training
     step_module.eval()
