@@ -105,6 +105,80 @@ def test_plan_rejects_bad_values_before_any_work(tmp_path, tiny_data):
     assert not (tmp_path / "study").exists()
 
 
+def test_trunk_only_keys_stay_with_the_trunk(tmp_path, tiny_data):
+    from dpls.train.config import TrainConfig
+
+    trunk = {"warmup_iters": 1, "z_loss": 1e-4, "min_lr": 1e-5}
+    plan = plan_study(
+        parse_spec(
+            _spec(
+                tmp_path,
+                tiny_data,
+                trunk=trunk,
+                train={**_spec(tmp_path, tiny_data)["train"], "min_lr": 2e-5},
+            )
+        )
+    )
+    assert plan.trunk is not None and plan.trunk.values["z_loss"] == 1e-4
+    for job in plan.arms:  # a fork keeps its checkpoint's keys unless told: the study tells it
+        assert job.values["warmup_iters"] == TrainConfig().warmup_iters and job.values["z_loss"] == 0.0
+        assert job.values["min_lr"] == 2e-5  # [train]'s value, not the trunk's
+    with pytest.raises(ValueError, match=r"\[trunk\] cannot set batch_size.*belong in \[train\]"):
+        parse_spec(_spec(tmp_path, tiny_data, trunk={"batch_size": 4}))
+
+
+def test_seed_offsets_are_kept_by_the_study_state(tmp_path, tiny_data):
+    from dpls.study.runner import _initial_state
+    from dpls.study.state import write_state
+
+    study = tmp_path / "study"
+    plan = plan_study(parse_spec(_spec(tmp_path, tiny_data, seeds=[5, 9])))
+    assert plan.seed_offsets == {5: 0, 9: 1} and [j.seed_offset for j in plan.arms] == [0, 0, 1, 1]
+    study.mkdir()
+    write_state(study, _initial_state(plan))
+    # reordered, inserted, removed: a seed that has an offset keeps it; a new one takes the next free
+    plan = plan_study(parse_spec(_spec(tmp_path, tiny_data, seeds=[9, 7, 5])))
+    assert {j.seed: j.seed_offset for j in plan.arms} == {9: 1, 7: 2, 5: 0}
+    plan = plan_study(parse_spec(_spec(tmp_path, tiny_data, seeds=[3])))
+    assert {j.seed: j.seed_offset for j in plan.arms} == {3: 2}
+    # a state written before offsets were recorded: they were the positions in its seed list
+    state = json.loads((study / "study_state.json").read_text())
+    state.pop("seed_offsets")
+    state["seeds"] = [9, 5]
+    (study / "study_state.json").write_text(json.dumps(state))
+    plan = plan_study(parse_spec(_spec(tmp_path, tiny_data, seeds=[5, 9, 1])))
+    assert {j.seed: j.seed_offset for j in plan.arms} == {9: 0, 5: 1, 1: 2}
+
+
+def test_a_run_stopped_by_a_signal_stops_the_study(tmp_path, tiny_data, monkeypatch, capsys):
+    """The trainer saves and returns on SIGTERM; the study must not go on as if the run had finished."""
+    import dpls.train.trainer as trainer
+    from dpls.cli import main
+
+    monkeypatch.setattr(trainer, "train", lambda cfg: Path(cfg.out_dir))  # returns before the last step
+    study = tmp_path / "s.toml"
+    study.write_text(
+        f"""
+name = "stop"
+data_dir = "{tiny_data}"
+fork_step = 3
+seeds = 1
+iters_per_arm = 2
+[train]
+block_size = 16
+batch_size = 2
+[[arms]]
+name = "ce"
+loss = "ce"
+"""
+    )
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--no-progress"]) == 143
+    err = capsys.readouterr().err
+    assert "trunk stopped before step 3" in err and "rerun the same study to continue" in err
+    state = json.loads((tmp_path / "out" / "study_state.json").read_text())
+    assert state["trunk_status"] == "pending"
+
+
 # -- end to end (slow) ------------------------------------------------------------------------------
 
 
@@ -204,9 +278,19 @@ def test_study_end_to_end_pairs_arms_and_skips_finished_runs(
     assert run_study(parse_spec(other), progress=False).is_file()
     assert seen == {str((tmp_path / "other" / "arms" / "ce" / "seed5").resolve()): hashes[6:8]}
 
-    # A changed study file that contradicts a finished run stops before any work.
+    # Seeds listed in another order: every run is where it was, nothing is trained again.
+    seen.clear()
+    assert run_study(parse_spec({**data, "seeds": [1, 0]}), progress=False) == report
+    assert seen == {}
+
+    # A changed study file that contradicts a finished run stops before any work: a loss key ...
     data["arms"][1]["dpls_epsilon"] = 0.2
     with pytest.raises(ValueError, match=r"dpls_epsilon=0\.1 but the study now says dpls_epsilon=0\.2"):
+        run_study(parse_spec(data), progress=False)
+    # ... or any other training key (but not where files go or how progress is shown).
+    data["arms"][1]["dpls_epsilon"] = 0.1
+    data["train"]["min_lr"] = 1e-5
+    with pytest.raises(ValueError, match=r"min_lr=6e-05 but the study now says min_lr=1e-05"):
         run_study(parse_spec(data), progress=False)
 
 

@@ -83,15 +83,11 @@ def time_case(
     step_module = TrainStep(model, build_objective(loss_cfg), fused=case.fused_linear)
     if compile_model:
         step_module = torch.compile(step_module)
-    optimizer = build_optimizer(
-        model, learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device
-    )
+    optimizer = build_optimizer(model, learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=gen).to(device)
     y = torch.randint(0, cfg.vocab_size, (batch_size, block_size), generator=gen).to(device)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
     def one_step(i: int) -> None:
         with autocast:
@@ -142,9 +138,7 @@ def bench_train(
     rows: list[TrainTiming] = []
     for preset in presets:
         for impl in impls:
-            group = [
-                time_case(TrainCase(preset, loss, impl, fused_linear), **kwargs) for loss in losses
-            ]
+            group = [time_case(TrainCase(preset, loss, impl, fused_linear), **kwargs) for loss in losses]
             ce = next((r for r in group if r.loss == "ce"), None)
             for r in group:
                 r.ratio_to_ce = r.ms_per_step / ce.ms_per_step if ce else None
@@ -214,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}, dtype: {str(dtype).removeprefix('torch.')}, batch {args.batch_size}×{args.block_size}")
+    print(
+        f"device: {name}, dtype: {str(dtype).removeprefix('torch.')}, batch {args.batch_size}×{args.block_size}"
+    )
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

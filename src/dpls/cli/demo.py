@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def demo_study(out: str | Path, device: str | None = None) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from dpls.study.readme import check_readme, provenance, update_readme
-    from dpls.study.runner import plan_study, run_study
+    from dpls.study.runner import StudyStopped, plan_study, run_study
     from dpls.study.spec import parse_spec
 
     started = time.perf_counter()
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         report = run_study(plan, progress=not args.quiet)
     except ValueError as err:  # bad input found on the way (e.g. by the trainer's checks)
         raise UsageError(str(err)) from err
+    except StudyStopped as err:
+        print(f"dpls demo: stopped: {err}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports a process ended by it
     seconds = time.perf_counter() - started
     print(f"dpls demo: finished in {seconds:.0f} s")
     if args.readme is not None and report is not None:

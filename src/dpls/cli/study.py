@@ -10,6 +10,7 @@ Several GPUs: `torchrun --nproc_per_node=N -m dpls study STUDY_FILE`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dpls.cli._common import doc_parser, usage_errors
@@ -25,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpls.study.runner import plan_study, run_study
+    from dpls.study.runner import StudyStopped, plan_study, run_study
     from dpls.study.spec import load_spec
 
     with usage_errors():
@@ -34,8 +35,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
-    with usage_errors():  # bad input found on the way (e.g. by the trainer's checks)
-        report = run_study(plan, progress=not args.no_progress)
+    try:
+        with usage_errors():  # bad input found on the way (e.g. by the trainer's checks)
+            report = run_study(plan, progress=not args.no_progress)
+    except StudyStopped as err:
+        print(f"dpls study: stopped: {err}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as the shell reports a process ended by it
     if report is not None:
         print(report)
     return 0

@@ -13,17 +13,21 @@ Layout of the study directory::
 **Pairing.** Every arm of one seed forks from the same checkpoint, whose saved data
 position the trainer carries into the fork, so they train on the same batches in the same
 order and differ only in the loss keys. **Seeds.** After the fork nothing random is left
-but the data order, so the seeds must see different data: seed number ``i`` (0-based
-position in ``seeds``) continues the trunk's data stream after skipping ``i`` arm budgets
-of it. On a corpus with enough data the seeds therefore train on disjoint, unseen tokens;
-on a small one (many epochs) on differently aligned stretches of the stream. The fork
-point of seed ``i > 0`` is a copy of the trunk checkpoint (files hard-linked, not copied)
-whose only change is the data position in ``trainer_state.json``.
+but the data order, so the seeds must see different data: the seed with offset ``i``
+continues the trunk's data stream after skipping ``i`` arm budgets of it. Offsets are
+handed out in the order seeds first appear and kept in ``study_state.json``, so adding,
+removing or reordering seeds later never moves a seed that already has runs. On a corpus
+with enough data the seeds therefore train on disjoint, unseen tokens; on a small one (many
+epochs) on differently aligned stretches of the stream. The fork point of a seed with
+offset ``i > 0`` is a copy of the trunk checkpoint (files hard-linked, not copied) whose
+only change is the data position in ``trainer_state.json``. Keys of ``[trunk]`` are the
+trunk's alone: the arms get ``[train]``'s value or the default for them.
 
 **Rerun.** A run is finished when its final checkpoint and its evaluation exist; a rerun
-skips it. A run interrupted mid-way is resumed in place from its latest checkpoint. If
-the study file changed in a way that contradicts what is on disk, the study stops before
-doing anything and says which key differs.
+skips it. A run interrupted mid-way (a crash, or SIGTERM/SIGINT, after which the study
+stops) is resumed in place from its latest checkpoint. If the study file changed in a way
+that contradicts what is on disk (any training key of a run, other than where its files
+go and how it logs), the study stops before doing anything and says which key differs.
 
 Several GPUs: ``torchrun --nproc_per_node=N -m dpls study FILE``: every rank trains,
 rank 0 prepares data, writes the state, evaluates and writes the report.
@@ -36,6 +40,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ from dpls.study.state import (
     TRAINED,
     RunEntry,
     StudyState,
+    is_study_dir,
     read_state,
     write_state,
 )
@@ -56,9 +62,31 @@ from dpls.study.state import (
 STUDY_COPY = "study.toml"
 REPORT_DIR = "report"
 
-# Keys compared between the plan and a run already on disk (a change there would make the
-# finished run answer a different question).
-_COMPARED_KEYS = ("max_iters", "batch_size", "block_size", "gradient_accumulation_steps", "learning_rate")
+# Training keys NOT compared between the plan and a run already on disk: where files go
+# and how progress is shown. Any other difference would make the run answer another question.
+_NOT_COMPARED = frozenset(
+    {
+        "out_dir",
+        "data_dir",
+        "resume_dir",
+        "run_name",
+        "device",
+        "compile",
+        "loss_impl",
+        "progress",
+        "tensorboard",
+        "swanlab",
+        "swanlab_project",
+        "log_interval",
+        "checkpoint_interval",
+        "keep_checkpoints",
+        "max_skipped_steps",
+    }
+)
+
+
+class StudyStopped(RuntimeError):
+    """A run stopped before its last step (SIGTERM): the study stops too; rerun to continue."""
 
 
 @dataclass
@@ -71,7 +99,7 @@ class Job:
     final_step: int
     arm: str | None = None
     seed: int | None = None
-    seed_index: int = 0
+    seed_offset: int = 0  # arm budgets the seed's fork point is along the trunk's data stream
 
     @property
     def final_checkpoint(self) -> Path:
@@ -98,6 +126,7 @@ class StudyPlan:
     fork_checkpoint: Path | None  # the existing checkpoint, or None until the trunk is trained
     arms: list[Job] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seed_offsets: dict[int, int] = field(default_factory=dict)  # every seed the study has known
 
     @property
     def trunk_dir(self) -> Path:
@@ -208,11 +237,17 @@ def plan_study(spec: StudySpec) -> StudyPlan:
         TrainConfig.from_dict(values).validate()
         trunk = Job("trunk", study_dir / "trunk", values, fork_step)
 
+    # Keys set for the trunk only go back to [train]'s value or the default in the arms
+    # (a fork otherwise keeps every key of the checkpoint it starts from).
+    defaults = TrainConfig()
+    trunk_only = {k: getattr(defaults, k) for k in spec.trunk.train if k not in spec.train}
+    offsets = _seed_offsets(study_dir, spec.seeds)
     jobs = []
-    for i, seed in enumerate(spec.seeds):
+    for seed in spec.seeds:
         for arm in spec.arms:
             run_dir = study_dir / "arms" / arm.name / f"seed{seed}"
             values = {
+                **trunk_only,
                 **spec.train,
                 **arm.loss,
                 "seed": seed,
@@ -221,7 +256,9 @@ def plan_study(spec: StudySpec) -> StudyPlan:
             }
             values["data_dir"] = str(data_dir)
             TrainConfig.from_dict(values).validate()  # types and ranges of every key, before any work
-            jobs.append(Job(f"{arm.name}/seed{seed}", run_dir, values, final_step, arm.name, seed, i))
+            jobs.append(
+                Job(f"{arm.name}/seed{seed}", run_dir, values, final_step, arm.name, seed, offsets[seed])
+            )
 
     if spec.eval.lm_eval_tasks:
         from dpls.eval.lm_eval import parse_tasks
@@ -237,7 +274,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
         from dpls.data.meta import DataMeta
 
         corpus = DataMeta.load(data_dir).train_tokens
-        needed = (fork_step + len(spec.seeds) * iters) * tokens_per_step
+        needed = (fork_step + (1 + max(offsets[s] for s in spec.seeds)) * iters) * tokens_per_step
         if needed > corpus:
             notes.append(
                 f"the trunk and the seeds' arm budgets need {needed:,} tokens of a {corpus:,}-token corpus "
@@ -254,7 +291,28 @@ def plan_study(spec: StudySpec) -> StudyPlan:
         fork_checkpoint=fork_checkpoint,
         arms=jobs,
         notes=notes,
+        seed_offsets=offsets,
     )
+
+
+def _seed_offsets(study_dir: Path, seeds: Sequence[int]) -> dict[int, int]:
+    """Each seed's offset: the one the study state records, else the next free one.
+
+    Every seed ever run keeps its offset, so a seed added later can never share a data
+    stretch with an existing one, and a reordered list changes nothing on disk.
+    """
+    known: dict[int, int] = {}
+    if is_study_dir(study_dir):
+        state = read_state(study_dir)
+        if state.seed_offsets:
+            known = {int(s): int(o) for s, o in state.seed_offsets.items()}
+        else:  # written before offsets were recorded: they were the positions in `seeds`
+            known = {int(s): i for i, s in enumerate(state.seeds)}
+    free = max(known.values(), default=-1) + 1
+    for seed in seeds:
+        if seed not in known:
+            known[seed], free = free, free + 1
+    return known
 
 
 # -- the fork point of each seed --------------------------------------------------------------
@@ -285,19 +343,25 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def seed_fork_point(plan: StudyPlan, seed_index: int, world_size: int = 1) -> Path:
-    """The checkpoint the arms of seed number ``seed_index`` fork from (made if missing).
+def _fork_dir(plan: StudyPlan, seed: int) -> Path:
+    from dpls.train.checkpoint import checkpoint_name
 
-    Seed 0 forks from the trunk checkpoint itself; seed ``i`` from a copy whose data
-    position is ``i`` arm budgets further along the trunk's data stream.
+    return plan.study_dir / "forks" / f"seed{seed}" / "checkpoints" / checkpoint_name(plan.fork_step)
+
+
+def seed_fork_point(plan: StudyPlan, seed: int, world_size: int = 1) -> Path:
+    """The checkpoint the arms of ``seed`` fork from (made if missing).
+
+    The seed with offset 0 forks from the trunk checkpoint itself; offset ``i`` from a copy
+    whose data position is ``i`` arm budgets further along the trunk's data stream.
     """
-    from dpls.train.checkpoint import TRAINER_STATE, checkpoint_name, is_complete, read_trainer_state
+    from dpls.train.checkpoint import TRAINER_STATE, is_complete, read_trainer_state
 
     source = plan.trunk_checkpoint()
+    seed_index = plan.seed_offsets[seed]
     if seed_index == 0:
         return source
-    seed = plan.spec.seeds[seed_index]
-    dest = plan.study_dir / "forks" / f"seed{seed}" / "checkpoints" / checkpoint_name(plan.fork_step)
+    dest = _fork_dir(plan, seed)
     if is_complete(dest):
         return dest
     state = read_trainer_state(source)
@@ -331,20 +395,26 @@ def _read_flat_toml(path: Path) -> dict[str, Any]:
 # -- running ------------------------------------------------------------------------------------
 
 
-def _check_on_disk(job: Job) -> None:
+def _check_on_disk(job: Job, plan: StudyPlan) -> None:
     """A run already in the study directory must be the one planned (else stop before any work)."""
+    from dpls.train.checkpoint import is_complete, read_trainer_state
+
+    if job.seed is not None and job.seed_offset > 0 and is_complete(fork := _fork_dir(plan, job.seed)):
+        had = read_trainer_state(fork).get("study_seed_offset")
+        if had != job.seed_offset:
+            raise ValueError(
+                f"{fork} is the fork point of seed {job.seed} at offset {had}, but the study state "
+                f"gives offset {job.seed_offset}; use another out_dir (--out) or remove {fork.parent.parent}"
+            )
     cfg_file = job.run_dir / "config.toml"
     if not cfg_file.is_file():
         return
     saved = _read_flat_toml(cfg_file)
-    for key in (
-        *_COMPARED_KEYS,
-        *(k for k in job.values if k in ("loss",) or k.startswith(("dpls_", "label_"))),
-    ):
-        if key in job.values and key in saved and saved[key] != job.values[key]:
+    for key, value in job.values.items():
+        if key not in _NOT_COMPARED and key in saved and saved[key] != value:
             raise ValueError(
                 f"{job.run_dir} was trained with {key}={saved[key]!r} but the study now says "
-                f"{key}={job.values[key]!r}; use another out_dir (--out) or remove that run"
+                f"{key}={value!r}; use another out_dir (--out) or remove that run"
             )
 
 
@@ -367,6 +437,11 @@ def _train_job(job: Job, fork_from: Path | None) -> None:
     else:
         cfg = load_config(overrides=job.values)
     train(cfg)
+    if not _is_trained(job):  # the trainer saved and returned early: it was asked to stop
+        raise StudyStopped(
+            f"{job.name} stopped before step {job.final_step} (its progress is saved); "
+            "rerun the same study to continue"
+        )
 
 
 def _flatten_lm_eval(results: dict[str, Any]) -> dict[str, float]:
@@ -429,6 +504,7 @@ def _initial_state(plan: StudyPlan) -> StudyState:
         arms=[a.name for a in spec.arms],
         fork_step=plan.fork_step,
         trunk_dir=rel,
+        seed_offsets={str(s): o for s, o in sorted(plan.seed_offsets.items())},
         runs=[
             RunEntry(j.arm or "", j.seed or 0, os.path.relpath(j.run_dir, plan.study_dir)) for j in plan.arms
         ],
@@ -450,14 +526,17 @@ class _Progress:
         ) * plan.iters_per_arm
         self.trained_time = 0.0
 
-    def line(self, index: int, what: str) -> None:
+    def line(self, index: int, what: str, of: int | None = None) -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.started
         eta = ""
         if self.done_steps and self.trained_time > 0 and self.left_steps > 0:
             eta = f", ETA ~{_hms(self.trained_time / self.done_steps * self.left_steps)} of training"
-        print(f"[study {self.name}] {index}/{self.total} {what} (elapsed {_hms(elapsed)}{eta})", flush=True)
+        print(
+            f"[study {self.name}] {index}/{of or self.total} {what} (elapsed {_hms(elapsed)}{eta})",
+            flush=True,
+        )
 
     def trained(self, steps: int, seconds: float) -> None:
         self.done_steps += steps
@@ -486,7 +565,7 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
     )
     spec = plan.spec
     for job in ([plan.trunk] if plan.trunk else []) + plan.arms:
-        _check_on_disk(job)
+        _check_on_disk(job, plan)
 
     ctx = init_distributed() if launched_by_torchrun() else None
     main = ctx is None or ctx.is_main
@@ -540,14 +619,15 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
         if _is_trained(job):
             bar.line(index, f"{job.name}: already trained, skipped")
         else:
-            if job.seed_index not in fork_points:
+            seed = job.seed or 0
+            if seed not in fork_points:
                 if main:
-                    seed_fork_point(plan, job.seed_index, world_size)
+                    seed_fork_point(plan, seed, world_size)
                 sync()
-                fork_points[job.seed_index] = seed_fork_point(plan, job.seed_index, world_size)
+                fork_points[seed] = seed_fork_point(plan, seed, world_size)
             bar.line(index, f"training {job.name} from step {plan.fork_step} to {job.final_step}")
             t0 = time.perf_counter()
-            _train_job(job, fork_points[job.seed_index])
+            _train_job(job, fork_points[seed])
             bar.trained(plan.iters_per_arm, time.perf_counter() - t0)
         bar.left_steps -= plan.iters_per_arm
         if entry is not None and entry.status == PENDING:
@@ -568,7 +648,7 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
         if _is_done(job, plan):
             entry.status = DONE
             continue
-        bar.line(i, f"evaluating {job.name}")
+        bar.line(i, f"evaluating {job.name}", of=len(plan.arms))
         _evaluate_job(job, plan, progress)
         entry.status = DONE
         write_state(study_dir, state)

@@ -14,7 +14,8 @@ baseline = "ce"                    # differences are arm − baseline (default: 
 model = "tiny"
 batch_size = 8
 
-[trunk]                            # extra keys for the trunk only (its loss defaults to "ce") ...
+[trunk]                            # keys for the trunk only (its loss defaults to "ce"); the arms get
+                                   # [train]'s value or the default; model/batch keys go in [train] ...
 warmup_iters = 50
 # checkpoint = "runs/ce/checkpoints/step_0005000"   # ... or fork an existing checkpoint
 
@@ -29,7 +30,7 @@ dpls_epsilon = 0.1
 dpls_top_k = 100
 
 [eval]
-tokens = 200_000                   # validation tokens per evaluation (default: the evaluator's)
+tokens = 200_000                   # validation tokens per evaluation (default: the whole split)
 lm_eval_tasks = ["hellaswag"]      # downstream tasks through lm-evaluation-harness (optional)
 lm_eval_limit = 500
 ```
@@ -49,6 +50,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from dpls.train.config import MODEL_KEYS
+
+# Training keys the arms inherit from the trunk whatever they say: the model and the shape
+# of the data stream (and the LR horizon, which the study sets for trunk and arms at once).
+SHARED_WITH_ARMS: frozenset[str] = frozenset(
+    {*MODEL_KEYS, "block_size", "batch_size", "gradient_accumulation_steps", "data_seed", "lr_decay_iters"}
+)
 
 # Training keys that choose the objective: what one arm differs in.
 LOSS_KEYS: tuple[str, ...] = (
@@ -309,6 +318,12 @@ def parse_spec(
         raise ValueError(
             f"[trunk] with a checkpoint takes no training keys (got {sorted(trunk_train)}): "
             "the checkpoint is used as it is"
+        )
+    shared = sorted(k for k in trunk_train if k in SHARED_WITH_ARMS)
+    if shared:
+        raise ValueError(
+            f"[trunk] cannot set {', '.join(shared)}: the arms continue the trunk's model and data "
+            "stream, so these keys belong in [train]"
         )
     if data_dir is None and prepare is None:
         raise ValueError('the study needs data: set data_dir = PATH or prepare = "stdlib"')

@@ -42,6 +42,8 @@ class StudyState:
     runs: list[RunEntry] = field(default_factory=list)
     trunk_status: str = PENDING
     spec: dict[str, Any] = field(default_factory=dict)
+    # seed -> arm budgets its fork point lies along the trunk's data stream (JSON keys are strings)
+    seed_offsets: dict[str, int] = field(default_factory=dict)
 
     def entry(self, arm: str, seed: int) -> RunEntry:
         for r in self.runs:
