@@ -355,3 +355,32 @@ def test_study_under_two_ranks(tmp_path, stdlib_sample):
     fork1 = loader(study / "forks" / "seed1" / "checkpoints" / "step_0000004")
     assert (fork1["epoch"], fork1["position"]) == (trunk["epoch"], trunk["position"] + 12)
     assert loader(final("ce", 1))["position"] == loader(final("ce", 0))["position"] + 12
+
+
+@pytest.mark.slow
+def test_study_runs_lm_eval_on_every_arm_and_reports_it(tmp_path, stdlib_sample, monkeypatch, one_thread):
+    """[eval] lm_eval_tasks: every arm is scored by the harness (offline, a local task) and the
+    flattened scores reach the report as `lm_eval/<task>/<metric>`."""
+    from dpls.study.runner import run_study
+    from test_lm_eval import write_task
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    tasks = write_task(tmp_path)
+    data = _spec(tmp_path, stdlib_sample, seeds=[0], iters_per_arm=2, fork_step=3)
+    data["eval"] = {"tokens": 512, "lm_eval_tasks": ["toy_mc"], "lm_eval_include_path": str(tasks)}
+    data["train"].update(eval_interval=100, eval_tokens=256)
+    report = run_study(parse_spec(data), progress=False)
+    study = tmp_path / "study"
+    summary = json.loads((report.parent / "summary.json").read_text())
+    for arm in ("ce", "dpls"):
+        flat = json.loads((study / "arms" / arm / "seed0" / "eval" / "lm_eval.json").read_text())
+        assert set(flat) == {"toy_mc/acc"} and 0.0 <= flat["toy_mc/acc"] <= 1.0
+        harness = json.loads(
+            (study / "arms" / arm / "seed0" / "eval" / "lm_eval" / "results.json").read_text()
+        )
+        assert flat["toy_mc/acc"] == harness["results"]["toy_mc"]["acc,none"]
+        assert summary["arms"][arm]["metrics"]["lm_eval/toy_mc/acc"]["values"] == [flat["toy_mc/acc"]]
+    assert "lm_eval/toy_mc/acc" in report.read_text()
