@@ -78,6 +78,27 @@ def _spec(tmp_path: Path, data: Path, **changes) -> dict:
     return spec
 
 
+def _study_file(tmp_path: Path, data: Path, name: str, seeds: int) -> Path:
+    """A one-arm STUDY.toml on ``data``: a 3-step trunk, 2 steps per arm."""
+    study = tmp_path / "s.toml"
+    study.write_text(
+        f"""
+name = "{name}"
+data_dir = "{data}"
+fork_step = 3
+seeds = {seeds}
+iters_per_arm = 2
+[train]
+block_size = 16
+batch_size = 2
+[[arms]]
+name = "ce"
+loss = "ce"
+"""
+    )
+    return study
+
+
 def test_plan(tmp_path, tiny_data):
     plan = plan_study(parse_spec(_spec(tmp_path, tiny_data)))
     assert plan.fork_step == 6 and plan.iters_per_arm == 4 and plan.tokens_per_step == 32
@@ -156,22 +177,7 @@ def test_a_run_stopped_by_a_signal_stops_the_study(tmp_path, tiny_data, monkeypa
     from dpls.cli import main
 
     monkeypatch.setattr(trainer, "train", lambda cfg: Path(cfg.out_dir))  # returns before the last step
-    study = tmp_path / "s.toml"
-    study.write_text(
-        f"""
-name = "stop"
-data_dir = "{tiny_data}"
-fork_step = 3
-seeds = 1
-iters_per_arm = 2
-[train]
-block_size = 16
-batch_size = 2
-[[arms]]
-name = "ce"
-loss = "ce"
-"""
-    )
+    study = _study_file(tmp_path, tiny_data, "stop", seeds=1)
     assert main(["study", str(study), "--out", str(tmp_path / "out"), "--no-progress"]) == 143
     err = capsys.readouterr().err
     assert "trunk stopped before step 3" in err and "rerun the same study to continue" in err
@@ -297,22 +303,7 @@ def test_study_end_to_end_pairs_arms_and_skips_finished_runs(
 def test_cli_dry_run_and_errors(tmp_path, tiny_data, capsys):
     from dpls.cli import main
 
-    study = tmp_path / "s.toml"
-    study.write_text(
-        f"""
-name = "cli"
-data_dir = "{tiny_data}"
-fork_step = 3
-seeds = 2
-iters_per_arm = 2
-[train]
-block_size = 16
-batch_size = 2
-[[arms]]
-name = "ce"
-loss = "ce"
-"""
-    )
+    study = _study_file(tmp_path, tiny_data, "cli", seeds=2)
     assert main(["study", str(study), "--dry-run", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "study 'cli'" in out and "CE for 3 steps" in out
