@@ -115,6 +115,8 @@ def test_cli_table_and_json(tmp_path, capsys):
         (["--impls", "dpls:nonesuch"], "--impls"),
         (["--device", "tpu"], "--device"),
         (["--json", "/nonexistent-dir/x.json"], "--json"),
+        (["--json", "/"], "is a directory"),
+        (["--n", "1000000000", "--v", "1000000"], "lower --n or --v"),
     ],
 )
 def test_cli_bad_arguments_are_usage_errors(args, needle, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dpls.bench.train import bench_train, format_table
@@ -29,3 +30,21 @@ def test_rows_carry_their_ratio_to_the_ce_step_of_the_same_group():
 def test_unknown_preset_is_a_usage_error(capsys):
     assert main(["bench", "train", "--presets", "tiny,huge", "--device", "cpu"]) == 2
     assert "huge" in capsys.readouterr().err
+
+
+def test_bad_loss_keys_and_outputs_are_usage_errors_before_any_case(capsys, monkeypatch):
+    import dpls.bench.train as bt
+
+    monkeypatch.setattr(bt, "time_case", lambda *a, **k: pytest.fail("a case ran before the checks"))
+    base = ["bench", "train", "--presets", "tiny", "--device", "cpu", "--vocab-size", "512"]
+    for extra, needle in (
+        (["--losses", "ce,dlps"], "loss must be one of"),
+        (["--top-k", "600"], "dpls_top_k must be in [1, V=512]"),
+        (["--epsilon", "1.5"], "epsilon"),
+        (["--impls", "nope"], "impl must be one of"),
+        (["--json", "/"], "--json"),
+        (["--device", "tpu"], "device"),
+    ):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err

@@ -140,3 +140,24 @@ def test_load_model_from_run_or_checkpoint(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no complete checkpoint"):
         load_model(empty)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: (c / "__0_0.distcp").write_bytes((c / "__0_0.distcp").read_bytes()[:1000]), "EOFError"),
+        (lambda c: (c / "__0_0.distcp").unlink(), "__0_0.distcp"),
+        (lambda c: (c / ".metadata").write_bytes(b"garbage\n"), "damaged or incomplete"),
+        (lambda c: (c / "trainer_state.json").write_text('{"step": 2'), "trainer_state.json is damaged"),
+        (lambda c: (c / "model_config.json").write_text("xx"), "model_config.json is damaged"),
+    ],
+)
+def test_damaged_checkpoint_is_a_value_error_naming_it(tmp_path, capfd, damage, message):
+    """A truncated or garbled file is bad input (one line naming the checkpoint), not a reader traceback."""
+    model, opt = _trained()
+    path = _save(tmp_path, 2, model, opt)
+    damage(path)
+    with pytest.raises(ValueError, match=message) as err:
+        dpls.load_model(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert "Traceback" not in capfd.readouterr().err  # no fallback tracebacks logged on the way

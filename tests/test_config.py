@@ -91,6 +91,12 @@ def test_unknown_key_suggests_closest(tmp_path):
         read_toml(path)
     with pytest.raises(ValueError, match="needs a value"):
         parse_overrides(["--max_iters"])
+    for typo in ("max_iters=3", "-max_iters=3"):  # not "config file not found: max_iters=3"
+        with pytest.raises(ValueError, match="a key is given as --max_iters=3"):
+            parse_overrides([typo])
+    path.write_bytes(b"\xff\xfemax_iters = 3\n")
+    with pytest.raises(ValueError, match=r"c\.toml is not valid TOML: not UTF-8"):
+        read_toml(path)
 
 
 def test_validation_ranges():

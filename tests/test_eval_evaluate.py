@@ -117,7 +117,37 @@ def test_bad_input_fails_before_writing(run_and_data, tmp_path):
             evaluate_checkpoint(run, out=out, progress=False, **kwargs)
     with pytest.raises(ValueError, match="not found"):
         evaluate_checkpoint(tmp_path / "missing", out=out)
+    damaged = make_data(tmp_path / "damaged", 50)
+    (damaged / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match=r"damaged/data/meta\.json' is not valid JSON"):
+        evaluate_checkpoint(run, data_dir=damaged, out=out)
     assert not out.exists()
+
+
+def test_outputs_never_replace_other_files(run_and_data, tmp_path):
+    """--out that is a directory, lies under a file, or names a file dpls eval did not write
+    (a data directory's meta.json) is refused before any work; an earlier evaluation's is replaced."""
+    from dpls.eval.evaluate import evaluate_checkpoint
+
+    run, data, _ = run_and_data
+    meta = (data / "meta.json").read_bytes()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "notes_bins.json").write_text("{}")  # where out=notes.json would put its bins
+    cases = [
+        (data / "meta.json", "was not written by dpls eval"),
+        (tmp_path / "notes.json", "notes_bins.json exists and was not written by dpls eval"),
+        (run, "is not a file"),
+        (tmp_path / "notes.txt" / "metrics.json", "a file is in the way"),
+    ]
+    for out, message in cases:
+        with pytest.raises(ValueError, match=message):
+            evaluate_checkpoint(run, out=out, tokens=40, progress=False, plots=False)
+    assert (data / "meta.json").read_bytes() == meta and (tmp_path / "notes_bins.json").read_text() == "{}"
+    assert not (tmp_path / "notes.json").exists()
+    out = tmp_path / "again.json"
+    for tokens in (40, 50):  # a rerun replaces its own files
+        evaluate_checkpoint(run, out=out, tokens=tokens, progress=False, plots=False)
+        assert json.loads(out.read_text())["tokens"] == tokens
 
 
 def test_cli(run_and_data, tmp_path, capsys):
@@ -136,3 +166,18 @@ def test_cli(run_and_data, tmp_path, capsys):
     assert main(["eval", str(run), "--out", str(tmp_path / "x.json"), "--tokens", "0"]) == 2
     assert "tokens must be" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_ctrl_c_exits_130_without_a_traceback(run_and_data, tmp_path, capsys, monkeypatch):
+    import dpls.eval.evaluate as ev
+    from dpls.cli import main
+
+    run, _, _ = run_and_data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate_model", interrupted)
+    out = tmp_path / "m.json"
+    assert main(["eval", str(run), "--out", str(out), "--tokens", "40"]) == 130
+    assert capsys.readouterr().err == "dpls eval: interrupted\n" and not out.exists()

@@ -130,6 +130,33 @@ def test_existing_directory_is_never_clobbered(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no temporaries left
 
 
+def test_overwrite_never_deletes_the_source_a_run_or_data(tmp_path):
+    """overwrite replaces a directory wholesale: the checkpoint being exported, its run, a
+    folder of runs, a data directory and a folder under a file are refused before any work."""
+    from dpls.eval.export_hf import export_hf
+
+    run, _ = make_tiny_run(tmp_path)
+    other = tmp_path / "other_run"
+    (other / "checkpoints").mkdir(parents=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.json").write_text("{}")
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (run, "holds the checkpoint being exported"),
+        (run / "checkpoints" / "step_0000001", "holds the checkpoint being exported"),
+        (tmp_path, "holds the checkpoint being exported"),
+        (other, "holds a dpls run or data directory"),
+        (data, "holds a dpls run or data directory"),
+        (tmp_path / "file" / "hf", "a file is in the way"),
+    ]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, message in cases:
+        with pytest.raises(ValueError, match=message):
+            export_hf(run, out, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_cached_export_is_reused_until_the_checkpoint_changes(tmp_path):
     from dpls.eval.export_hf import EXPORT_MARKER, cached_export
 

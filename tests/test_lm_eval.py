@@ -110,17 +110,41 @@ def test_custom_task_end_to_end(tmp_path, offline, capsys):
     assert main(["lm-eval", str(run), "--tasks", "toy_mc", "--limit", "0"]) == 2
 
 
+def test_cli_option_types_say_what_is_allowed(tmp_path, capsys):
+    from dpls.cli import main
+
+    for option, value, allowed in (
+        ("--limit", "abc", "a number of examples"),
+        ("--batch-size", "x", "'auto'"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["lm-eval", str(tmp_path), option, value])
+        assert exc.value.code == 2 and allowed in capsys.readouterr().err
+
+
 def test_cheap_argument_checks(tmp_path):
     from dpls.eval.lm_eval import run_lm_eval
 
     run, _ = make_tiny_run(tmp_path)
     with pytest.raises(ValueError, match="at least one"):
         run_lm_eval(run, " , ")
-    with pytest.raises(ValueError, match="limit"):
-        run_lm_eval(run, "toy", limit=0)
+    for limit in (0, 1.5, math.inf, math.nan):  # 1.5 would silently become 1 example, inf a crash
+        with pytest.raises(ValueError, match="limit must be a whole number"):
+            run_lm_eval(run, "toy", limit=limit)
     with pytest.raises(ValueError, match="not found"):
         run_lm_eval(tmp_path / "missing", "toy")
     assert not (run / "hf").exists()
+
+
+def test_unwritable_results_folder_fails_before_exporting(tmp_path):
+    """--out under a file is found before the export and the evaluation, not after them."""
+    from dpls.eval.lm_eval import run_lm_eval
+
+    run, _ = make_tiny_run(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"cannot create the results folder .* is a file\)"):
+        run_lm_eval(run, "toy_mc", out_dir=tmp_path / "file" / "results")
+    assert not (run / "hf").exists() and (tmp_path / "file").read_text() == "x"
 
 
 def test_parse_tasks_and_table():

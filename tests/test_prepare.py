@@ -138,16 +138,31 @@ def test_finished_directory_is_reused_and_foreign_ones_refused(tmp_path, inputs)
         (lambda d: d / "b.jsonl", {"text_field": "text"}, "no string field 'text'"),
         (lambda d: d / "c.parquet", {"text_field": "text"}, "no column 'text'"),
         (lambda d: d / "one.txt", {}, "at least 2 documents"),
+        (lambda d: d / "latin1.jsonl", {}, "latin1.jsonl: not UTF-8"),
+        (lambda d: d / "fake.parquet", {}, "fake.parquet: not a readable Parquet"),
+        (lambda d: [d, d / "a.txt"], {}, "a.txt' is given twice"),
     ],
 )
 def test_bad_input_is_refused_before_writing(tmp_path, inputs, make, kwargs, match):
     src, _ = inputs
     (src / "x.csv").write_text("a,b")
     (src / "one.txt").write_text("a single document")
+    (src / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (src / "fake.parquet").write_text("not parquet")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=match):
-        prepare_files([make(src)], out, progress=False, **kwargs)
+        made = make(src)
+        prepare_files(made if isinstance(made, list) else [made], out, progress=False, **kwargs)
     assert not out.exists()
+
+
+def test_unwritable_output_directory_is_a_clear_error(tmp_path, inputs):
+    src, _ = inputs
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory would go")
+    with pytest.raises(ValueError, match=r"cannot write the output directory .*file/out"):
+        prepare_files([src / "b.jsonl"], blocker / "out", text_field="body", vocab_size=300, progress=False)
+    assert blocker.read_text() == "a file where a directory would go"
 
 
 @pytest.fixture
@@ -330,3 +345,22 @@ def test_cli_prepare(tmp_path, inputs, capsys):
     assert main(["prepare"]) == 2
     err = capsys.readouterr().err
     assert "vocab_size" in err and "max_tokens" in err and "choose a source" in err
+
+
+def test_cli_ctrl_c_is_one_line_and_resumable(tmp_path, inputs, capsys, monkeypatch):
+    """Ctrl-C mid-run: exit 130 with how to go on (no traceback), and the same command finishes."""
+    src, _ = inputs
+    out = tmp_path / "out"
+    argv = ["prepare", "files", str(src / "b.jsonl"), "--out", str(out), "--text-field", "body"]
+    argv += ["--vocab-size", "300", "--quiet"]
+    real = prep._build
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_build", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run the same command again" in err and err.count("\n") == 1
+    monkeypatch.setattr(prep, "_build", real)
+    assert main(argv) == 0 and DataMeta.load(out).train_tokens > 0

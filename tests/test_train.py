@@ -194,6 +194,8 @@ def test_bad_inputs_exit_2_and_write_nothing(capsys, corpus, straight, tmp_path)
     wide = make_corpus(tmp_path / "wide", vocab=300, train_tokens=5000, val_tokens=500)
     _bad(capsys, [*base_args(wide, out), f"--resume_dir={straight}", "--max_iters=50"], "vocabulary", out)
     _bad(capsys, [f"--resume_dir={straight}", f"--out_dir={out}"], "max_iters", out)  # nothing left to train
+    fork = [f"--resume_dir={straight}", f"--out_dir={out}", "--max_iters=50"]
+    _bad(capsys, [*fork, "--model=small"], "model=small differs from the checkpoint's tiny", out)
     with pytest.raises(ValueError, match="divisible by the number of ranks"):
         plan_run(load_config(overrides=base_args(corpus, out)), world_size=3)  # gas=2 over 3 ranks
     # an existing run with checkpoints is never overwritten
@@ -201,6 +203,37 @@ def test_bad_inputs_exit_2_and_write_nothing(capsys, corpus, straight, tmp_path)
     assert main(["train", *base_args(corpus, straight)]) == 2
     assert "--resume_dir" in capsys.readouterr().err
     assert (straight / "metrics.jsonl").read_bytes() == before
+
+
+def test_out_dir_in_checkpoints_or_data_and_damaged_checkpoints_exit_2(capsys, corpus, straight, tmp_path):
+    """Nothing may be written into a checkpoint (its config.toml) or a data directory, and a
+    damaged checkpoint is a one-line error that leaves the run as it was."""
+    latest = latest_checkpoint(straight)
+    snapshot = {p: p.read_bytes() for p in [*straight.rglob("*"), *corpus.rglob("*")] if p.is_file()}
+    fork = [f"--resume_dir={straight}", "--max_iters=50"]
+    for out, message in (
+        (latest, "inside the checkpoint"),
+        (straight / "checkpoints" / "new", "inside the checkpoints of the run"),
+        (corpus, "is a data directory"),
+    ):
+        assert main(["train", *fork, f"--out_dir={out}"]) == 2, out
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["train", *base_args(corpus, corpus)]) == 2  # a new run into the data directory
+    assert "is a data directory" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in [*straight.rglob("*"), *corpus.rglob("*")] if p.is_file()} == snapshot
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged)
+    tensors = latest_checkpoint(damaged) / "__0_0.distcp"
+    tensors.write_bytes(tensors.read_bytes()[:1000])
+    before = {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()}
+    for elsewhere in ([], [f"--out_dir={tmp_path / 'fork'}"]):  # resumed in place, forked
+        assert main(["train", f"--resume_dir={damaged}", "--max_iters=50", *elsewhere]) == 2
+        err = capsys.readouterr().err
+        assert "damaged or incomplete" in err and str(tensors.parent) in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in damaged.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "fork").exists()
 
 
 def test_gradient_accumulation_is_a_mean_over_the_global_batch(corpus, tmp_path):
@@ -239,7 +272,7 @@ def test_nonfinite_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
         run_train(corpus, tmp_path / "nan_stop", max_iters=10, max_skipped_steps=3, eval_interval=100)
 
 
-def test_sigint_saves_then_exits_130(corpus, tmp_path):
+def test_sigint_saves_then_exits_130(corpus, tmp_path, capsys):
     """Ctrl-C: the step ends, a checkpoint is saved, `dpls train` returns 130."""
     run = tmp_path / "interrupted"
 
@@ -252,6 +285,7 @@ def test_sigint_saves_then_exits_130(corpus, tmp_path):
     # max_iters far away: the run cannot finish before the signal lands inside the loop
     assert main(["train", *base_args(corpus, run, max_iters=100_000, checkpoint_interval=3)]) == 130
     last = latest_checkpoint(run)
+    assert f"continue from {last.name} with --resume_dir={run}" in capsys.readouterr().err
     assert max(train_rows(run)) == int(last.name[5:])  # saved at the step it stopped on
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
@@ -266,6 +300,31 @@ def test_tensorboard_and_swanlab_offline(corpus, tmp_path):
     events.Reload()
     assert {"train/loss", "train/ce", "val/val_ce"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so(corpus, tmp_path, capsys, monkeypatch):
+    import dpls.train.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "plan_run", interrupted)  # Ctrl-C during setup: nothing saved
+    assert main(["train", *base_args(corpus, tmp_path / "run")]) == 130
+    assert "interrupted before the first checkpoint; nothing to resume" in capsys.readouterr().err
+
+
+def test_a_logger_that_cannot_start_is_one_line_exit_2(corpus, tmp_path, capsys, monkeypatch):
+    """swanlab=cloud without a login: a usage error naming the way out, not SwanLab's traceback."""
+    import swanlab
+
+    def no_login(**kwargs):
+        raise RuntimeError("no TTY is available for interactive login")
+
+    monkeypatch.setattr(swanlab, "init", no_login)
+    assert main(["train", *base_args(corpus, tmp_path / "run", max_iters=2, swanlab="cloud")]) == 2
+    err = capsys.readouterr().err
+    assert "swanlab=cloud: SwanLab did not start (no TTY" in err and "offline" in err and err.count("\n") == 1
+    assert not list_checkpoints(tmp_path / "run")
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:

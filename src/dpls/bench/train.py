@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -132,17 +133,28 @@ def bench_train(
     impls: list[str],
     *,
     fused_linear: bool = False,
+    progress: bool = True,
     **kwargs: Any,
 ) -> list[TrainTiming]:
     """Time every (preset, impl, loss); each row gets its ratio to the CE step of its group."""
+    from tqdm import tqdm
+
     rows: list[TrainTiming] = []
+    bar = tqdm(
+        total=len(presets) * len(impls) * len(losses), desc="bench train", unit="case", disable=not progress
+    )
     for preset in presets:
         for impl in impls:
-            group = [time_case(TrainCase(preset, loss, impl, fused_linear), **kwargs) for loss in losses]
+            group = []
+            for loss in losses:
+                bar.set_postfix_str(f"{preset} {loss} {impl}")
+                group.append(time_case(TrainCase(preset, loss, impl, fused_linear), **kwargs))
+                bar.update()
             ce = next((r for r in group if r.loss == "ce"), None)
             for r in group:
                 r.ratio_to_ce = r.ms_per_step / ce.ms_per_step if ce else None
             rows.extend(group)
+    bar.close()
     return rows
 
 
@@ -178,6 +190,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
 
 
+def _check_cases(
+    presets: list[str], losses: list[str], impls: list[str], args: argparse.Namespace, device: torch.device
+) -> None:
+    """Every loss key is checked before the first (possibly minutes-long) case, as the trainer
+    does: build each objective and evaluate it once on one token of the preset's vocabulary,
+    on the benchmark's device (an implementation's availability depends on it)."""
+    from dpls.cli import UsageError
+    from dpls.losses.objective import LossConfig, build_objective
+    from dpls.model import model_config
+
+    if not losses or not impls:
+        raise UsageError("--losses and --impls must each name at least one")
+    for preset in presets:
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
+        try:
+            vocab = model_config(preset, **overrides).vocab_size
+            for loss in losses:
+                for impl in impls:
+                    cfg = LossConfig(
+                        loss=loss, dpls_epsilon=args.epsilon, dpls_top_k=args.top_k, loss_impl=impl
+                    )
+                    logits = torch.zeros(1, vocab, device=device)
+                    build_objective(cfg)(logits, torch.zeros(1, dtype=torch.long, device=device), step=0)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from dpls.cli import UsageError
     from dpls.model import PRESETS
@@ -189,12 +228,24 @@ def run(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "block_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from dpls.eval.evaluate import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    losses = [x for x in args.losses.split(",") if x]
+    impls = [x for x in args.impls.split(",") if x]
+    _check_cases(presets, losses, impls, args, device)
+    if args.json and (
+        os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))
+    ):
+        raise UsageError(f"--json: cannot write {args.json!r} (a directory, or its folder does not exist)")
     rows = bench_train(
         presets,
-        [x for x in args.losses.split(",") if x],
-        [x for x in args.impls.split(",") if x],
+        losses,
+        impls,
         fused_linear=args.fused_linear,
         batch_size=args.batch_size,
         block_size=args.block_size,

@@ -60,3 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"dpls {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not a traceback
+        print(f"dpls {args.command}: interrupted", file=sys.stderr)
+        return 130

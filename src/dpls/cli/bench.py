@@ -10,8 +10,12 @@ import argparse
 import importlib
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 from dpls.cli import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -81,6 +85,7 @@ def _config(args: argparse.Namespace):
         raise UsageError(f"--device must be cpu or cuda[:i], got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available")
+    _check_fits(args.n, args.v, DTYPES[args.dtype], dev)
     impls = None
     if args.impls:
         impls = tuple(s.strip() for s in args.impls.split(",") if s.strip())
@@ -97,6 +102,23 @@ def _config(args: argparse.Namespace):
     )
 
 
+def _check_fits(n: int, v: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The [n, v] logits and their gradient must fit in the device's memory: otherwise the
+    allocation fails with an allocator message (or the machine swaps) after setup."""
+    import torch
+
+    need = 2 * n * v * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(
+            f"--n {n} x --v {v}: the logits and their gradient alone need {need / 2**30:,.1f} GiB, "
+            f"more than the {have / 2**30:,.1f} GiB of {device.type}; lower --n or --v"
+        )
+
+
 def _run_loss(args: argparse.Namespace) -> int:
     import torch
 
@@ -111,6 +133,8 @@ def _run_loss(args: argparse.Namespace) -> int:
                 f"--impls: unknown or unavailable {unknown}; available here: {', '.join(sorted(table))}"
             )
     if args.json:
+        if os.path.isdir(args.json):
+            raise UsageError(f"--json: {args.json!r} is a directory; give a file path such as bench.json")
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise UsageError(f"--json: cannot write {args.json!r}: folder {folder!r} missing or not writable")

@@ -11,12 +11,20 @@ from dpls.cli._common import add_device_options
 
 
 def _limit(text: str) -> int | float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of examples or a fraction, got {text!r}"
+        ) from None
     return int(value) if value >= 1 and value.is_integer() else value
 
 
 def _batch_size(text: str) -> int | str:
-    return text if text.startswith("auto") else int(text)
+    try:
+        return text if text.startswith("auto") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from dpls.cli import UsageError
@@ -114,13 +115,20 @@ def run(args: argparse.Namespace) -> int:
     from dpls.data import prepare
 
     function, keys = SOURCES[args.source]
-    with usage_errors():
-        meta = getattr(prepare, function)(
-            out_dir=args.out,
-            val_fraction=args.val_fraction,
-            shard_tokens=args.shard_tokens,
-            seed=args.seed,
-            progress=not args.quiet,
-            **{key: getattr(args, key) for key in keys},
+    try:
+        with usage_errors():
+            meta = getattr(prepare, function)(
+                out_dir=args.out,
+                val_fraction=args.val_fraction,
+                shard_tokens=args.shard_tokens,
+                seed=args.seed,
+                progress=not args.quiet,
+                **{key: getattr(args, key) for key in keys},
+            )
+    except KeyboardInterrupt:  # the shards up to the last checkpoint are kept: say how to go on
+        print(
+            f"dpls prepare: interrupted; run the same command again to resume into {args.out}",
+            file=sys.stderr,
         )
+        return 130
     return _report(meta, args.out)

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if any(a in ("-h", "--help") for a in args.args):
         args._parser.print_help()
         return 0
-    from dpls.train.checkpoint import CheckpointError
+    from dpls.train.checkpoint import CheckpointError, latest_checkpoint
     from dpls.train.config import load_config
     from dpls.train.trainer import InvalidRun, TrainingError, read_run_summary, train
 
@@ -66,8 +66,15 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingError, CheckpointError) as err:
         print(f"dpls train: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("dpls train: interrupted (a checkpoint was saved; continue with --resume_dir)", file=sys.stderr)
+    except KeyboardInterrupt:  # in the loop the trainer saves first; during setup there may be nothing
+        latest = latest_checkpoint(cfg.out_dir)
+        if latest is None:
+            print("dpls train: interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
+        else:
+            print(
+                f"dpls train: interrupted; continue from {latest.name} with --resume_dir={cfg.out_dir}",
+                file=sys.stderr,
+            )
         return 130
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports for the job
         return 0

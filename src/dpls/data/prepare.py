@@ -323,9 +323,12 @@ def _build(
 def _begin(out_dir: Path, state: str, settings: dict[str, Any]) -> None:
     """Create the output directory and mark it as ours at once, so even a run interrupted
     before its first checkpoint is recognised (and resumed) rather than refused."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if state == "fresh":
-        write_json_atomic(out_dir / PROGRESS_FILE, {"settings": settings, "documents": 0})
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if state == "fresh":
+            write_json_atomic(out_dir / PROGRESS_FILE, {"settings": settings, "documents": 0})
+    except OSError as err:  # read-only, a file in the path, no such mount: nothing written yet
+        raise DataError(f"cannot write the output directory {str(out_dir)!r}: {err.strerror}") from None
 
 
 def _bpe_tokenizer(
@@ -477,13 +480,31 @@ def _expand_paths(paths: Sequence[str | Path]) -> list[Path]:
             found.append(path)
         else:
             raise ValueError(f"input {str(path)!r} does not exist")
+    seen: dict[Path, Path] = {}
+    for path in found:  # the same text twice could land in both splits: validation on training data
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:
+            raise ValueError(
+                f"input {str(path)!r} is given twice (also as {str(first)!r}); give each file once"
+            )
     return found
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[str]:
-    """The documents of one file: a ``.txt`` is one document, or several separated by
-    ``<|endoftext|>`` (the TinyStories convention); ``.jsonl`` one per line; ``.parquet`` one
-    per row."""
+    """The documents of one file, a decoding error naming the file (a bare codec or Arrow
+    message would not say which of many inputs is bad)."""
+    import pyarrow as pa
+
+    try:
+        yield from _file_documents(path, text_field)
+    except (UnicodeDecodeError, pa.ArrowException) as err:
+        kind = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "not a readable Parquet file"
+        raise DataError(f"{path}: {kind} ({err})") from None
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    """A ``.txt`` is one document, or several separated by ``<|endoftext|>`` (the TinyStories
+    convention); ``.jsonl`` one per line; ``.parquet`` one per row."""
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8", errors="replace")
         parts = [p.strip("\n") for p in text.split("<|endoftext|>")]

@@ -158,6 +158,39 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     }
 
 
+# What the JSON files `evaluate_checkpoint` writes hold: how a rerun recognises its own files.
+_OWN_KEYS = {"metrics": {"loss", "ppl", "tokens"}, "bins": {"reliability", "entropy_histogram"}}
+
+
+def _written_by_eval(path: Path, keys: set[str]) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and keys <= doc.keys()
+
+
+def _check_outputs(files: dict[str, Path]) -> None:
+    """Before any work: every output can be written, and none would replace a file that an
+    earlier evaluation did not write (``--out data/meta.json`` must not clobber the data)."""
+    for name, path in files.items():
+        if path.exists() and not path.is_file():
+            raise ValueError(f"out: {path} exists and is not a file; give a file path such as metrics.json")
+        if name in _OWN_KEYS and path.exists() and not _written_by_eval(path, _OWN_KEYS[name]):
+            raise ValueError(
+                f"out: {path} exists and was not written by dpls eval; choose another --out "
+                "(an earlier evaluation's files are replaced, other files never)"
+            )
+    folder = files["metrics"].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = (
+            "a file is in the way" if isinstance(err, FileExistsError | NotADirectoryError) else err.strerror
+        )
+        raise ValueError(f"out: cannot create the folder {folder} ({why})") from None
+
+
 def evaluate_checkpoint(
     path: str | Path,
     *,
@@ -207,7 +240,9 @@ def evaluate_checkpoint(
     model_cfg = read_model_config(path)
     if block_size > model_cfg["block_size"]:
         raise ValueError(f"block_size {block_size} exceeds the model's context of {model_cfg['block_size']}")
-    data_vocab = json.loads((data_dir / "meta.json").read_text()).get("vocab_size", 0)
+    from dpls.data.meta import DataMeta
+
+    data_vocab = DataMeta.load(data_dir, check_shards=False).vocab_size  # a damaged meta.json is named
     if data_vocab > model_cfg["vocab_size"]:
         raise ValueError(
             f"data_dir {str(data_dir)!r} has a {data_vocab}-token vocabulary, larger than the model's "
@@ -215,7 +250,7 @@ def evaluate_checkpoint(
         )
     files = output_paths(out) if out is not None else {}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        _check_outputs(files)
 
     # -- the work -------------------------------------------------------------------------
     from dpls.data.loader import validation_batches

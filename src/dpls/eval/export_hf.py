@@ -135,6 +135,35 @@ def check_exportable(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]
     return ckpt, cfg, find_tokenizer(ckpt)
 
 
+def _holds_dpls_work(folder: Path) -> bool:
+    """A run (``checkpoints/``) or a prepared data directory (``meta.json``)."""
+    return (folder / "checkpoints").is_dir() or (folder / "meta.json").is_file()
+
+
+def _check_replaceable(out: Path, ckpt: Path) -> None:
+    """``overwrite`` replaces an existing directory wholesale: never the checkpoint being
+    exported, a run or data directory, or a folder of them (``runs/``)."""
+    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
+        raise ValueError(f"{out} holds the checkpoint being exported; replacing it would delete it")
+    if out.is_dir() and (
+        _holds_dpls_work(out) or any(_holds_dpls_work(p) for p in out.iterdir() if p.is_dir())
+    ):
+        raise ValueError(
+            f"{out} holds a dpls run or data directory; overwrite replaces only other directories "
+            "(such as an earlier export): choose another DIR"
+        )
+
+
+def _check_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = (
+            "a file is in the way" if isinstance(err, FileExistsError | NotADirectoryError) else err.strerror
+        )
+        raise ValueError(f"cannot create the folder {out.parent} for {out.name} ({why})") from None
+
+
 def export_hf(
     checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, dtype: str = "float32"
 ) -> Path:
@@ -153,8 +182,13 @@ def export_hf(
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     ckpt, cfg, tokenizer_info = check_exportable(checkpoint)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; choose another directory or overwrite it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ValueError(
+                f"{out} already exists and is not empty; choose another directory or overwrite it"
+            )
+        _check_replaceable(out, ckpt)
+    _check_parent(out)
 
     # -- the work -------------------------------------------------------------------------
     from safetensors.torch import save_file
@@ -169,7 +203,6 @@ def export_hf(
     state = {k: v.detach().to(dtypes[dtype]).contiguous() for k, v in model.state_dict().items()}
     del model
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -110,6 +110,19 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _check_out_dir(out: Path) -> None:
+    """The results folder can be created (checked first: it is written only after the
+    evaluation, which may take hours) and its results files are files."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"out_dir: cannot create the results folder {out} ({existing} is a file)")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"out_dir: cannot create the results folder {out} ({existing} is not writable)")
+    for name in ("results.json", "results.md"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise ValueError(f"out_dir: {out / name} exists and is not a file; choose another results folder")
+
+
 def run_lm_eval(
     checkpoint: str | Path,
     tasks: str | Sequence[str] = DEFAULT_TASKS,
@@ -133,8 +146,12 @@ def run_lm_eval(
     # -- everything checked before any work ---------------------------------------------
     checkpoint = Path(checkpoint)
     names = parse_tasks(tasks)
-    if limit is not None and not limit > 0:
-        raise ValueError(f"limit must be > 0 (examples per task, or a fraction < 1), got {limit}")
+    if limit is not None and not (
+        0 < limit < 1 or (limit >= 1 and math.isfinite(limit) and limit == int(limit))
+    ):
+        raise ValueError(
+            f"limit must be a whole number of examples per task (>= 1) or a fraction in (0, 1), got {limit}"
+        )
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
     if isinstance(batch_size, int) and batch_size < 1:
@@ -146,6 +163,9 @@ def run_lm_eval(
 
     if not is_hf_dir(checkpoint):
         check_exportable(checkpoint)  # a complete checkpoint, a Llama-shaped model, a tokenizer
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        _check_out_dir(out)
     _check_harness()
     manager = _task_manager(include_path, names)
 
@@ -179,8 +199,7 @@ def run_lm_eval(
         return {}
     results = dict(results)
     results["dpls"] = {"checkpoint": str(checkpoint), "hf_dir": str(model_dir)}
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(results, indent=2, default=handle_non_serializable)
         _write_text_atomic(out / "results.json", text + "\n")

@@ -306,12 +306,21 @@ def save_checkpoint(
 # -- loading ----------------------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file; a damaged one is a `ValueError` naming the file (a bare
+    decoder message would not say which file of which checkpoint is bad)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is damaged or unreadable ({err}); this checkpoint cannot be used") from None
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
+    return _read_json(Path(path) / TRAINER_STATE)
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / MODEL_CONFIG).read_text())
+    return _read_json(Path(path) / MODEL_CONFIG)
 
 
 def read_config(path: str | Path) -> TrainConfig:
@@ -347,22 +356,44 @@ def load_checkpoint(
 
     ctx = _world(ctx)
     path = resolve_checkpoint(path)
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _quiet_single_process():
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    else:
-        model_sd = get_model_state_dict(model)
-        with _quiet_single_process():
-            dcp.load({"model": model_sd}, checkpoint_id=path)
-        set_model_state_dict(model, model_sd)
-    if restore_rng_state:
-        n = saved_ranks(path)
-        if n:
-            rng = torch.load(path / f"rng_rank{ctx.rank % n}.pt", weights_only=True)
-            restore_rng(rng)
+    try:
+        # read first: when .metadata is unreadable, dcp.load logs tracebacks to the root logger
+        dcp.FileSystemReader(path).read_metadata()
+        if optimizer is not None:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            with _quiet_single_process():
+                dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        else:
+            model_sd = get_model_state_dict(model)
+            with _quiet_single_process():
+                dcp.load({"model": model_sd}, checkpoint_id=path)
+            set_model_state_dict(model, model_sd)
+        if restore_rng_state:
+            n = saved_ranks(path)
+            if n:
+                rng = torch.load(path / f"rng_rank{ctx.rank % n}.pt", weights_only=True)
+                restore_rng(rng)
+    except torch.OutOfMemoryError:
+        raise
+    except (Exception, dcp.CheckpointException) as err:  # truncated or missing files: EOF, assert, ...
+        cause = _first_failure(err)
+        if isinstance(cause, torch.OutOfMemoryError):
+            raise
+        detail = " ".join(str(cause).split())[:300] or "no detail"
+        raise ValueError(
+            f"cannot load the checkpoint {path}: its files are damaged or incomplete "
+            f"({type(cause).__name__}: {detail})"
+        ) from err
     return read_trainer_state(path)
+
+
+def _first_failure(err: BaseException) -> BaseException:
+    """The error behind a `CheckpointException` (whose text is every rank's traceback)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return next(iter(failures.values()))[0]
+    return err
 
 
 def build_model_from_config(model_config: dict[str, Any]) -> nn.Module:

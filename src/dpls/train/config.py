@@ -326,6 +326,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid TOML: not UTF-8 text ({err})") from None
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict):
@@ -350,6 +352,9 @@ def parse_overrides(args: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
         arg = args[i]
         i += 1
         if not arg.startswith("--"):
+            name, eq, value = arg.lstrip("-").partition("=")
+            if eq and name.replace("-", "_") in _FIELD_TYPES and not Path(arg).is_file():
+                raise ValueError(f"unexpected argument {arg!r}: a key is given as --{name}={value}")
             if config_path is not None:
                 raise ValueError(
                     f"unexpected argument {arg!r}: give one config file, then --key=value overrides"

@@ -150,13 +150,19 @@ class SwanLabLogger:
         import swanlab
 
         self._swanlab = swanlab
-        self._run = swanlab.init(
-            project=cfg.swanlab_project,
-            name=cfg.run_name or run_dir.name,
-            mode=SWANLAB_MODES[cfg.swanlab],
-            log_dir=str(run_dir / "swanlab"),
-            config=cfg.to_dict(),
-        )
+        try:
+            self._run = swanlab.init(
+                project=cfg.swanlab_project,
+                name=cfg.run_name or run_dir.name,
+                mode=SWANLAB_MODES[cfg.swanlab],
+                log_dir=str(run_dir / "swanlab"),
+                config=cfg.to_dict(),
+            )
+        except Exception as err:  # e.g. cloud mode with no login and no terminal to ask for one
+            raise ValueError(
+                f"swanlab={cfg.swanlab}: SwanLab did not start ({err}); log in first (swanlab login) "
+                "or use swanlab=offline or local"
+            ) from err
 
     def log(self, row: Mapping[str, Any]) -> None:
         self._swanlab.log(_numbers(row), step=int(row["step"]))

@@ -124,6 +124,29 @@ def token_prior(cfg: TrainConfig, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(counts.astype(np.float64))
 
 
+def _check_not_data_or_checkpoint(run_dir: Path, data_dir: str) -> None:
+    """A run writes config.toml, metrics.jsonl and checkpoints/ into out_dir: inside another
+    run's checkpoints (a checkpoint's own config.toml) or into a data directory it would
+    overwrite or mix with files that are not its own."""
+    from dpls.data.meta import META_FILE
+
+    here = run_dir.resolve()
+    if same_path(here, data_dir) or (here / META_FILE).is_file():
+        raise ValueError(
+            f"out_dir {run_dir} is a data directory (it holds {META_FILE}); choose another --out_dir"
+        )
+    for folder in (here, *here.parents):
+        if folder.name == ckpt.CHECKPOINTS and (folder.parent / "config.toml").is_file():
+            inside = f"the checkpoints of the run {folder.parent}"
+        elif ckpt.is_complete(folder):
+            inside = f"the checkpoint {folder}"
+        else:
+            continue
+        raise ValueError(
+            f"out_dir {run_dir} lies inside {inside}; choose a directory outside it (a fork is a new run directory)"
+        )
+
+
 def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None = None) -> RunPlan:
     """Check ``cfg`` against the data, the run directory and any checkpoint to resume.
 
@@ -140,6 +163,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     run_dir = Path(cfg.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"out_dir {run_dir} exists and is not a directory")
+    _check_not_data_or_checkpoint(run_dir, cfg.data_dir)
 
     # Where the run starts: fresh, in place from its latest checkpoint, or forked.
     checkpoint: Path | None = None
@@ -190,7 +214,11 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
                     f"{k}={mine} differs from the checkpoint's {getattr(mc, k)}: the model cannot change "
                     "when resuming or forking"
                 )
-        cfg.model = saved_cfg.model
+        if cfg.model != saved_cfg.model:  # it would be silently replaced by the checkpoint's
+            raise ValueError(
+                f"model={cfg.model} differs from the checkpoint's {saved_cfg.model}: the model cannot change "
+                "when resuming or forking"
+            )
         if cfg.block_size is not None and cfg.block_size > mc.block_size:
             raise ValueError(f"block_size={cfg.block_size} exceeds the checkpoint model's {mc.block_size}")
     if data_vocab > mc.vocab_size:
@@ -403,9 +431,12 @@ def train(cfg: TrainConfig) -> Path:
         state: dict[str, Any] = {}
         if plan.checkpoint is not None:
             load_optim = plan.mode == "resume" or cfg.fork_optimizer
-            state = ckpt.load_checkpoint(
-                plan.checkpoint, model=model, optimizer=optimizer if load_optim else None, ctx=ctx
-            )
+            try:  # a damaged checkpoint is bad input: nothing is written yet
+                state = ckpt.load_checkpoint(
+                    plan.checkpoint, model=model, optimizer=optimizer if load_optim else None, ctx=ctx
+                )
+            except ValueError as err:
+                raise InvalidRun(str(err)) from err
             set_hyperparameters(optimizer, weight_decay=cfg.weight_decay, betas=betas)
         step, tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
         skipped_in_a_row = int(state.get("skipped_in_a_row", 0)) if plan.mode == "resume" else 0
@@ -442,7 +473,10 @@ def train(cfg: TrainConfig) -> Path:
             write_config(cfg, run_dir / "config.toml", header="resolved configuration written by dpls train")
             _copy_tokenizer(cfg.data_dir, plan.meta, run_dir)
         ctx.barrier()
-        logger = open_loggers(cfg, run_dir) if ctx.is_main else None
+        try:
+            logger = open_loggers(cfg, run_dir) if ctx.is_main else None
+        except ValueError as err:  # a logger that cannot start (SwanLab without a login): no step run yet
+            raise InvalidRun(str(err)) from err
 
         autocast = (
             torch.autocast(ctx.device.type, dtype=plan.dtype)
