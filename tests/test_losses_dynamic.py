@@ -304,3 +304,29 @@ def test_loss_config_from_any_config_and_new_objectives_register():
         torch.testing.assert_close(out.loss, 2 * out.ce)
     finally:
         _OBJECTIVES.pop("test-double-ce")
+
+
+@pytest.mark.parametrize(
+    "key, bad",
+    [
+        ("dpls_epsilon", 1.0),
+        ("dpls_epsilon_final", -0.1),
+        ("label_smoothing", 1.5),
+        ("dpls_top_k", 0),
+        ("dpls_start_step", -1),
+        ("dpls_schedule", "exponential"),
+        ("dpls_epsilon_mode", "margin"),
+        ("dpls_gamma", float("inf")),
+        ("confidence_penalty_beta", -1.0),
+        ("z_loss", float("nan")),
+        ("loss_impl", "fast"),
+    ],
+)
+def test_bad_loss_keys_are_named_as_the_training_keys(key, bad):
+    """`dpls train --dpls_schedule=...` must hear about dpls_schedule, not the helper's `shape`."""
+    from dpls.losses.objective import LossConfig, build_objective
+
+    with pytest.raises(ValueError, match=rf"^{key} must be"):
+        build_objective(LossConfig(loss="dpls", **{key: bad}))
+    with pytest.raises(ValueError, match=r"^dpls_end_step must be > dpls_start_step=5 for the 'cosine'"):
+        build_objective(LossConfig(loss="dpls", dpls_schedule="cosine", dpls_start_step=5, dpls_end_step=5))

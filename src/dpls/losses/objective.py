@@ -14,23 +14,24 @@ Objectives register by name (``@register_objective("dpls")``), so a new loss is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
-from dpls.losses.adaptive import adaptive_epsilon, adaptive_epsilon_from_hidden, check_mode
+from dpls.losses.adaptive import EPSILON_MODES, adaptive_epsilon, adaptive_epsilon_from_hidden, check_mode
 from dpls.losses.functional import dpls_loss
 from dpls.losses.linear import dpls_linear_loss
-from dpls.losses.registry import check_impl_name
+from dpls.losses.registry import check_impl_name, impl_names
 from dpls.losses.related import (
     check_prior,
     confidence_penalty_loss,
     logsumexp_rows,
     prior_label_smoothing_loss,
 )
-from dpls.losses.schedules import EpsilonSchedule
+from dpls.losses.schedules import SHAPES, EpsilonSchedule
 from dpls.losses.validation import check_scalar_epsilon
 
 IGNORE_INDEX = -100
@@ -65,6 +66,39 @@ class LossConfig:
             get = lambda k: getattr(cfg, k)  # noqa: E731
             has = lambda k: hasattr(cfg, k)  # noqa: E731
         return cls(**{f.name: get(f.name) for f in fields(cls) if has(f.name)})
+
+    def check(self) -> LossConfig:
+        """Every key checked under its own name, so a bad ``--dpls_*`` flag is named as it was given
+        (the functions underneath would name their own arguments: ``epsilon``, ``shape``, ...)."""
+        for key in ("dpls_epsilon", "dpls_epsilon_final", "label_smoothing"):
+            check_scalar_epsilon(getattr(self, key), key)
+        for key, low in (("dpls_top_k", 1), ("dpls_start_step", 0), ("dpls_end_step", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        if self.dpls_schedule not in SHAPES:
+            raise ValueError(f"dpls_schedule must be one of {sorted(SHAPES)}, got {self.dpls_schedule!r}")
+        if SHAPES[self.dpls_schedule][2] and 0 < self.dpls_end_step <= self.dpls_start_step:
+            raise ValueError(
+                f"dpls_end_step must be > dpls_start_step={self.dpls_start_step} for the "
+                f"{self.dpls_schedule!r} schedule, got {self.dpls_end_step}"
+            )
+        if self.dpls_epsilon_mode not in EPSILON_MODES:
+            raise ValueError(
+                f"dpls_epsilon_mode must be one of {sorted(EPSILON_MODES)}, got {self.dpls_epsilon_mode!r}"
+            )
+        for key in ("dpls_gamma", "confidence_penalty_beta", "z_loss"):
+            value = getattr(self, key)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{key} must be a finite float >= 0, got {value!r}")
+        if self.loss_impl not in impl_names():
+            raise ValueError(f"loss_impl must be one of {impl_names()}, got {self.loss_impl!r}")
+        return self
 
     def schedule(self) -> EpsilonSchedule:
         return EpsilonSchedule(
@@ -327,4 +361,4 @@ def build_objective(cfg: LossConfig, *, token_prior: torch.Tensor | None = None)
     cls = _OBJECTIVES.get(cfg.loss)
     if cls is None:
         raise ValueError(f"loss must be one of {objective_names()}, got {cfg.loss!r}")
-    return cls(cfg, token_prior)
+    return cls(cfg.check(), token_prior)
