@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from dpls.losses.adaptive import EPSILON_MODES, adaptive_epsilon, adaptive_epsilon_from_hidden, check_mode
+from dpls.losses.adaptive import EPSILON_MODES, adaptive_epsilon, adaptive_epsilon_from_hidden
 from dpls.losses.functional import dpls_loss
 from dpls.losses.linear import dpls_linear_loss
-from dpls.losses.registry import check_impl_name, impl_names
+from dpls.losses.registry import impl_names
 from dpls.losses.related import (
     check_prior,
     confidence_penalty_loss,
@@ -139,11 +139,8 @@ class Objective:
     name: ClassVar[str] = ""
 
     def __init__(self, cfg: LossConfig, token_prior: torch.Tensor | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.check()
         self.token_prior = token_prior
-        if isinstance(cfg.z_loss, bool) or not isinstance(cfg.z_loss, (int, float)) or not cfg.z_loss >= 0:
-            raise ValueError(f"z_loss must be a float >= 0, got {cfg.z_loss!r}")
-        check_impl_name(cfg.loss_impl)
 
     # --- subclasses -------------------------------------------------------------------------
     def _loss(
@@ -269,10 +266,6 @@ class CrossEntropyObjective(_SmoothedObjective):
 
 @register_objective("ls")
 class LabelSmoothingObjective(_SmoothedObjective):
-    def __init__(self, cfg: LossConfig, token_prior: torch.Tensor | None = None) -> None:
-        super().__init__(cfg, token_prior)
-        check_scalar_epsilon(cfg.label_smoothing, "label_smoothing")
-
     def _plan(self, v, step):
         return self.cfg.label_smoothing, v, "constant", 1.0
 
@@ -285,10 +278,6 @@ class DPLSObjective(_SmoothedObjective):
     def __init__(self, cfg: LossConfig, token_prior: torch.Tensor | None = None) -> None:
         super().__init__(cfg, token_prior)
         self.schedule = cfg.schedule()
-        check_mode(cfg.dpls_epsilon_mode, cfg.dpls_gamma)
-        k = cfg.dpls_top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"dpls_top_k must be an int >= 1 (and <= the vocabulary size), got {k!r}")
 
     def _plan(self, v, step):
         if self.cfg.dpls_top_k > v:
@@ -308,12 +297,6 @@ class DPLSObjective(_SmoothedObjective):
 class ConfidencePenaltyObjective(Objective):
     """``CE − β·H(p)``; from hidden states it forms the logits (no fused-linear form)."""
 
-    def __init__(self, cfg: LossConfig, token_prior: torch.Tensor | None = None) -> None:
-        super().__init__(cfg, token_prior)
-        b = cfg.confidence_penalty_beta
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b >= 0:
-            raise ValueError(f"confidence_penalty_beta must be a float >= 0, got {b!r}")
-
     def _loss(self, logits, target, step):
         loss, ce = confidence_penalty_loss(
             logits,
@@ -331,7 +314,6 @@ class PriorLabelSmoothingObjective(Objective):
 
     def __init__(self, cfg: LossConfig, token_prior: torch.Tensor | None = None) -> None:
         super().__init__(cfg, token_prior)
-        check_scalar_epsilon(cfg.label_smoothing, "label_smoothing")
         if token_prior is None:
             raise ValueError("loss 'prior_ls' needs token_prior (a [V] distribution, e.g. token frequencies)")
         self.token_prior = check_prior(token_prior, token_prior.shape[0], token_prior.device)
@@ -361,4 +343,4 @@ def build_objective(cfg: LossConfig, *, token_prior: torch.Tensor | None = None)
     cls = _OBJECTIVES.get(cfg.loss)
     if cls is None:
         raise ValueError(f"loss must be one of {objective_names()}, got {cfg.loss!r}")
-    return cls(cfg.check(), token_prior)
+    return cls(cfg, token_prior)
