@@ -8,11 +8,11 @@ how a run or checkpoint finds its tokenizer without the data directory.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpls._io import write_json_atomic
 from dpls.data.shards import MAX_VOCAB, shard_token_count
 
 META_FILE = "meta.json"
@@ -123,14 +123,3 @@ class DataMeta:
                         f"{str(directory)!r}: the {split} shards hold {total} tokens, {META_FILE} says {expected}"
                     )
         return meta
-
-
-def write_json_atomic(path: Path, obj: Any) -> Path:
-    """JSON to a temporary file, then renamed: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from dpls.data.meta import META_FILE, DataError, DataMeta, write_json_atomic
+from dpls._io import write_json_atomic
+from dpls.data.meta import META_FILE, DataError, DataMeta
 from dpls.data.shards import MAX_VOCAB, write_shard
 from dpls.data.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, train_bpe
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpls._io import write_json_atomic
 from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator
 
 # --dtype choices: the autocast dtype of the forward pass (float32: no autocast).
@@ -130,19 +129,6 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write into a temporary file beside ``path`` and rename it: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def output_paths(out: str | Path) -> dict[str, Path]:
@@ -271,10 +257,10 @@ def evaluate_checkpoint(
     if out is None:
         return metrics
 
-    _write_json_atomic(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
+    write_json_atomic(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
     edges, counts = acc.entropy_histogram()
     equal_width, equal_mass = acc.reliability(), acc.reliability(adaptive=True)
-    _write_json_atomic(
+    write_json_atomic(
         files["bins"],
         _json_safe(
             {

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dpls._io import write_json_atomic, write_text_atomic
 from dpls.eval.evaluate import resolve_device
 
 DEFAULT_TASKS: tuple[str, ...] = ("hellaswag", "lambada_openai", "piqa", "arc_easy", "sciq")
@@ -97,17 +96,6 @@ def results_table(results: dict[str, Any]) -> str:
             label = metric if filt == "none" else f"{metric} ({filt})"
             rows.append(f"| {metrics.get('alias', task)} | {label} | {_fmt(value)} | {_fmt(stderr)} |")
     return "\n".join(rows)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_out_dir(out: Path) -> None:
@@ -201,7 +189,6 @@ def run_lm_eval(
     results["dpls"] = {"checkpoint": str(checkpoint), "hf_dir": str(model_dir)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(results, indent=2, default=handle_non_serializable)
-        _write_text_atomic(out / "results.json", text + "\n")
-        _write_text_atomic(out / "results.md", results_table(results) + "\n")
+        write_json_atomic(out / "results.json", results, default=handle_non_serializable)
+        write_text_atomic(out / "results.md", results_table(results) + "\n")
     return results

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpls._io import write_json_atomic
 from dpls.study.spec import StudySpec, load_spec
 from dpls.study.state import (
     DONE,
@@ -482,9 +483,7 @@ def _evaluate_job(job: Job, plan: StudyPlan, progress: bool) -> None:
         if ev.lm_eval_batch_size is not None:
             kwargs["batch_size"] = ev.lm_eval_batch_size
         results = run_lm_eval(job.final_checkpoint, list(ev.lm_eval_tasks), **kwargs)
-        tmp = lm_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_flatten_lm_eval(results), indent=2) + "\n")
-        os.replace(tmp, lm_file)
+        write_json_atomic(lm_file, _flatten_lm_eval(results))
 
 
 def _is_done(job: Job, plan: StudyPlan) -> bool:

@@ -9,10 +9,11 @@ file + rename), so an interrupted study never leaves it half written.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dpls._io import write_json_atomic
 
 STATE_FILE = "study_state.json"
 EVAL_DIR = "eval"  # RUN/eval/metrics.json: the arm's final evaluation
@@ -74,8 +75,4 @@ def read_state(study_dir: str | Path) -> StudyState:
 
 
 def write_state(study_dir: str | Path, state: StudyState) -> Path:
-    path = Path(study_dir) / STATE_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state.to_dict(), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(study_dir) / STATE_FILE, state.to_dict(), default=str)

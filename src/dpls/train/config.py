@@ -465,17 +465,9 @@ def dumps_toml(values: Mapping[str, Scalar | None], header: str = "") -> str:
 
 def write_config(cfg: TrainConfig, path: str | Path, header: str = "") -> Path:
     """Write ``cfg`` as TOML atomically (temporary file, fsync, rename)."""
-    import os
+    from dpls._io import write_text_atomic
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    text = dumps_toml(cfg.to_dict(), header=header)
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, dumps_toml(cfg.to_dict(), header=header))
 
 
 def help_text() -> str:
