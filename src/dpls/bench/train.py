@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -219,6 +218,7 @@ def _check_cases(
 
 def run(args: argparse.Namespace) -> int:
     from dpls.cli import UsageError
+    from dpls.cli._common import check_output_file
     from dpls.model import PRESETS
 
     presets = [p for p in args.presets.split(",") if p]
@@ -238,10 +238,7 @@ def run(args: argparse.Namespace) -> int:
     losses = [x for x in args.losses.split(",") if x]
     impls = [x for x in args.impls.split(",") if x]
     _check_cases(presets, losses, impls, args, device)
-    if args.json and (
-        os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))
-    ):
-        raise UsageError(f"--json: cannot write {args.json!r} (a directory, or its folder does not exist)")
+    check_output_file(args.json, "--json")
     rows = bench_train(
         presets,
         losses,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,3 +38,14 @@ def add_device_options(parser: argparse.ArgumentParser, dtype_help: str) -> None
     """``--device`` and ``--dtype``, as the commands that run a model spell them."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help=dtype_help)
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """An output file named on the command line can be written (checked before the work it records)."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path!r} is a directory; give a file path such as bench.json")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag}: cannot write {path!r}: folder {folder!r} missing or not writable")

@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from dpls.cli import UsageError
+from dpls.cli._common import check_output_file
 
 if TYPE_CHECKING:
     import torch
@@ -132,12 +133,7 @@ def _run_loss(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--impls: unknown or unavailable {unknown}; available here: {', '.join(sorted(table))}"
             )
-    if args.json:
-        if os.path.isdir(args.json):
-            raise UsageError(f"--json: {args.json!r} is a directory; give a file path such as bench.json")
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UsageError(f"--json: cannot write {args.json!r}: folder {folder!r} missing or not writable")
+    check_output_file(args.json, "--json")
     rows = bench_loss(cfg)
     print(format_table(rows, cfg))
     if args.json:
