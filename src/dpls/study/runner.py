@@ -555,7 +555,7 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
     """
     import tomllib
 
-    from dpls.dist import init_distributed, launched_by_torchrun
+    from dpls.distributed import init_distributed, launched_by_torchrun
 
     plan = (
         study

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from dpls.dist.context import DistContext
+    from dpls.distributed.context import DistContext
     from dpls.train.config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -199,7 +199,7 @@ def _quiet_single_process() -> Iterator[None]:
 def _world(ctx: DistContext | None) -> DistContext:
     if ctx is not None:
         return ctx
-    from dpls.dist.context import DistContext
+    from dpls.distributed.context import DistContext
 
     return DistContext()
 
@@ -226,7 +226,7 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dpls.dist.faults import maybe_inject_enospc
+    from dpls.distributed.faults import maybe_inject_enospc
     from dpls.train.config import dumps_toml
 
     ctx = _world(ctx)

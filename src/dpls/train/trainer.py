@@ -385,9 +385,9 @@ def train(cfg: TrainConfig) -> Path:
     import torch.distributed as dist
 
     from dpls.data.loader import TokenLoader, validation_batches
-    from dpls.dist import StopRequest, init_distributed, maybe_inject_nan, no_sync, wrap_model
-    from dpls.dist.faults import is_out_of_space
-    from dpls.dist.parallel import transformer_blocks
+    from dpls.distributed import StopRequest, init_distributed, maybe_inject_nan, no_sync, wrap_model
+    from dpls.distributed.faults import is_out_of_space
+    from dpls.distributed.parallel import transformer_blocks
     from dpls.losses.objective import build_objective
     from dpls.model import Transformer
 

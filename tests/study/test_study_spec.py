@@ -162,7 +162,7 @@ loss = "ce"
         load_spec(tmp_path / "nope.toml")
 
 
-STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml"))
+STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
@@ -178,7 +178,7 @@ def test_shipped_studies_parse_and_plan(path: Path, tmp_path: Path):
 def test_demo_command_runs_the_shipped_demo_study(tmp_path: Path):
     from dpls.cli.demo import demo_study
 
-    shipped = load_spec(Path(__file__).resolve().parents[1] / "studies" / "demo.toml", out_dir=tmp_path)
+    shipped = load_spec(Path(__file__).resolve().parents[2] / "studies" / "demo.toml", out_dir=tmp_path)
     built_in = parse_spec(demo_study(tmp_path))
     assert shipped.train == built_in.train and shipped.arms == built_in.arms
     assert shipped.eval == built_in.eval and shipped.seeds == built_in.seeds

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpls.dist.testing import run_workers
-from dpls.dist.vocab_parallel import vocab_parallel_dpls_loss
+from dpls.distributed.testing import run_workers
+from dpls.distributed.vocab_parallel import vocab_parallel_dpls_loss
 from dpls.losses import dpls_loss
 
 TOL = 1e-5
@@ -96,7 +96,7 @@ CASES = [
 
 
 def _worker(splits: list[int]) -> list[tuple[float, float, float]]:
-    from dpls.dist import init_distributed
+    from dpls.distributed import init_distributed
 
     ctx = init_distributed("cpu")
     bounds = [0]

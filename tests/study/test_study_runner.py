@@ -324,7 +324,7 @@ def _run_study_on_rank(data: dict) -> str:
 @pytest.mark.slow
 def test_study_under_two_ranks(tmp_path, stdlib_sample):
     """torchrun-style: both ranks train every run, rank 0 evaluates and writes the report."""
-    from dpls.dist.testing import run_workers
+    from dpls.distributed.testing import run_workers
     from dpls.train.checkpoint import read_trainer_state
 
     data = _spec(tmp_path, stdlib_sample, iters_per_arm=3, fork_step=4, eval={"tokens": 512})
@@ -352,8 +352,9 @@ def test_study_under_two_ranks(tmp_path, stdlib_sample):
 def test_study_runs_lm_eval_on_every_arm_and_reports_it(tmp_path, stdlib_sample, monkeypatch, one_thread):
     """[eval] lm_eval_tasks: every arm is scored by the harness (offline, a local task) and the
     flattened scores reach the report as `lm_eval/<task>/<metric>`."""
-    from dpls.study.runner import run_study
     from test_lm_eval import write_task
+
+    from dpls.study.runner import run_study
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")

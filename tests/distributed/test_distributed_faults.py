@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from dpls.dist import DistContext
-from dpls.dist.faults import (
+from dpls.distributed import DistContext
+from dpls.distributed.faults import (
     ENV_ENOSPC,
     ENV_NAN,
     ENV_RANK,

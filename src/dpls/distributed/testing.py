@@ -42,7 +42,7 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         queue.put((rank, False, traceback.format_exc()))
         raise
     finally:
-        from dpls.dist.context import destroy
+        from dpls.distributed.context import destroy
 
         destroy()
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from dpls.dist.context import DistContext
+    from dpls.distributed.context import DistContext
 
 ENV_NAN = "DPLS_INJECT_NAN_AT_STEP"
 ENV_ENOSPC = "DPLS_INJECT_ENOSPC_AT_STEP"

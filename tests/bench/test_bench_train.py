@@ -13,11 +13,24 @@ from dpls.cli import main
 
 def test_rows_carry_their_ratio_to_the_ce_step_of_the_same_group():
     rows = bench_train(
-        ["tiny"], ["ce", "dpls"], ["chunked"], batch_size=2, block_size=16, steps=2, warmup=1,
-        device=torch.device("cpu"), dtype=torch.float32, compile_model=False, epsilon=0.1, top_k=10,
+        ["tiny"],
+        ["ce", "dpls"],
+        ["chunked"],
+        batch_size=2,
+        block_size=16,
+        steps=2,
+        warmup=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        compile_model=False,
+        epsilon=0.1,
+        top_k=10,
         vocab_size=512,
     )
-    assert [(r.preset, r.loss, r.impl) for r in rows] == [("tiny", "ce", "chunked"), ("tiny", "dpls", "chunked")]
+    assert [(r.preset, r.loss, r.impl) for r in rows] == [
+        ("tiny", "ce", "chunked"),
+        ("tiny", "dpls", "chunked"),
+    ]
     ce, dpls = rows
     assert ce.ratio_to_ce == 1.0
     assert math.isclose(dpls.ratio_to_ce, dpls.ms_per_step / ce.ms_per_step)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_study_report import LOSSES, make_run
 
 from dpls.cli import main
 from dpls.study.readme import (
@@ -20,9 +21,8 @@ from dpls.study.readme import (
     update_readme,
 )
 from dpls.study.report import write_report
-from test_study_report import LOSSES, make_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_readme_section_is_the_committed_demo_summary():

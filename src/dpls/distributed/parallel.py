@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from dpls.dist.context import DistContext
+from dpls.distributed.context import DistContext
 
 Wrapper = Callable[[nn.Module, DistContext, "torch.dtype | None"], nn.Module]
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpls.dist.context import DistContext, destroy, init_distributed, launched_by_torchrun
-from dpls.dist.faults import StopRequest, maybe_inject_enospc, maybe_inject_nan
-from dpls.dist.parallel import is_fsdp, no_sync, unwrap, wrap_model
+from dpls.distributed.context import DistContext, destroy, init_distributed, launched_by_torchrun
+from dpls.distributed.faults import StopRequest, maybe_inject_enospc, maybe_inject_nan
+from dpls.distributed.parallel import is_fsdp, no_sync, unwrap, wrap_model
 
 __all__ = [
     "DistContext",
@@ -30,7 +30,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The vocabulary-parallel loss pulls in the loss library; load it on first use.
     if name == "vocab_parallel_dpls_loss":
-        from dpls.dist.vocab_parallel import vocab_parallel_dpls_loss
+        from dpls.distributed.vocab_parallel import vocab_parallel_dpls_loss
 
         return vocab_parallel_dpls_loss
-    raise AttributeError(f"module 'dpls.dist' has no attribute {name!r}")
+    raise AttributeError(f"module 'dpls.distributed' has no attribute {name!r}")

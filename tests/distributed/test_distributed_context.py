@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpls.dist import DistContext, init_distributed, no_sync, unwrap, wrap_model
-from dpls.dist import is_fsdp as parallel_is_fsdp
-from dpls.dist.testing import run_workers
+from dpls.distributed import DistContext, init_distributed, no_sync, unwrap, wrap_model
+from dpls.distributed import is_fsdp as parallel_is_fsdp
+from dpls.distributed.testing import run_workers
 
 WORLD = 2
 
@@ -189,7 +189,7 @@ def test_unwrap_sees_through_compile_wrapper():
 
 
 def test_transformer_blocks_are_the_outermost_list_children():
-    from dpls.dist.parallel import transformer_blocks
+    from dpls.distributed.parallel import transformer_blocks
 
     class Nested(nn.Module):
         def __init__(self) -> None:

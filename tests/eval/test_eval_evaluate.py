@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export_hf import make_tiny_run
 
 from data_helpers import write_data_dir
 from dpls.eval.metrics import METRIC_KEYS
-from test_export_hf import make_tiny_run
 
 BLOCK = 32  # make_tiny_run's block size
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_export_hf import make_tiny_run
 
 QUESTIONS = [
