@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dpls.model.cache import KVCache
 from dpls.model.config import ATTENTIONS, PRESETS, ModelConfig, model_config, swiglu_hidden
+from dpls.model.generate import generate
 from dpls.model.hf import to_hf_config
 from dpls.model.transformer import ATTENTION_CLASSES, Transformer
 
@@ -10,8 +12,10 @@ __all__ = [
     "ATTENTIONS",
     "ATTENTION_CLASSES",
     "PRESETS",
+    "KVCache",
     "ModelConfig",
     "Transformer",
+    "generate",
     "model_config",
     "swiglu_hidden",
     "to_hf_config",

@@ -30,6 +30,11 @@ class ModelConfig:
     ``n_head``) or ``"tpa"`` (Tensor Product Attention, T6: queries, keys and values built per
     token from rank-``tpa_q_rank`` / ``tpa_kv_rank`` factors). ``head_dim`` defaults to
     ``n_embd // n_head``; T6 configs decouple it to match parameter counts.
+
+    ``pad_vocab_to``: the embedding and output layer get ``padded_vocab_size`` rows, the
+    vocabulary rounded up to this multiple (GPT-2's 50257 → 50304 with 64: matmul shapes that
+    suit tensor cores). ``vocab_size`` stays the tokenizer's; the padded logits are exactly
+    ``-inf``, so no probability, loss or sample ever reaches a padded id. 1: no padding.
     """
 
     vocab_size: int = 8192
@@ -47,9 +52,11 @@ class ModelConfig:
     tpa_kv_rank: int = 2
     tie_embeddings: bool = True
     init_std: float = 0.02
+    pad_vocab_to: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tpa_q_rank", "tpa_kv_rank"):
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tpa_q_rank", "tpa_kv_rank")
+        for name in (*positive, "pad_vocab_to"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -93,6 +100,11 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
     @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: ``vocab_size`` rounded up to ``pad_vocab_to``."""
+        return self.pad_vocab_to * math.ceil(self.vocab_size / self.pad_vocab_to)
+
+    @property
     def resolved_intermediate_size(self) -> int:
         return self.intermediate_size if self.intermediate_size is not None else swiglu_hidden(self.n_embd)
 
@@ -111,7 +123,7 @@ class ModelConfig:
         return cls(**values)
 
 
-_GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64 (nanoGPT)
+_GPT2 = dict(vocab_size=50257, pad_vocab_to=64)  # GPT-2's vocabulary, padded to 50304 as in nanoGPT
 
 PRESETS: dict[str, ModelConfig] = {
     # ~1.9M parameters with the embedded corpus' 8192-token vocabulary: the CPU demo model.
@@ -119,10 +131,10 @@ PRESETS: dict[str, ModelConfig] = {
     # ~30M with an 8192 vocabulary (~51M with GPT-2's): quick single-GPU experiments.
     "small": ModelConfig(vocab_size=8192, block_size=1024, n_layer=8, n_head=8, n_embd=512),
     # GPT-2 / nanoGPT sizes, LLaMA-style (the T6 and DPLS papers' scale ladder).
-    "124m": ModelConfig(vocab_size=_GPT2_VOCAB, block_size=1024, n_layer=12, n_head=12, n_embd=768),
-    "350m": ModelConfig(vocab_size=_GPT2_VOCAB, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
-    "760m": ModelConfig(vocab_size=_GPT2_VOCAB, block_size=1024, n_layer=24, n_head=16, n_embd=1536),
-    "1.3b": ModelConfig(vocab_size=_GPT2_VOCAB, block_size=1024, n_layer=24, n_head=32, n_embd=2048),
+    "124m": ModelConfig(**_GPT2, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "350m": ModelConfig(**_GPT2, block_size=1024, n_layer=24, n_head=16, n_embd=1024),
+    "760m": ModelConfig(**_GPT2, block_size=1024, n_layer=24, n_head=16, n_embd=1536),
+    "1.3b": ModelConfig(**_GPT2, block_size=1024, n_layer=24, n_head=32, n_embd=2048),
 }
 
 

@@ -17,11 +17,13 @@ Building on the ``meta`` device works: ``model.to_empty(device=...)`` then ``mod
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpls.model.cache import KVCache, LayerCache
 from dpls.model.config import ModelConfig
 
 
@@ -68,13 +70,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        mask, causal = None, True
+        if cache is not None:  # generation: attend to the cached keys and values too
+            mask, causal = cache.attention_mask(T, x.device)
+            k, v = cache.extend(2, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     @torch.no_grad()
@@ -107,20 +117,40 @@ class TensorProductAttention(nn.Module):
         self.v_b_proj = nn.Linear(C, self.kv_rank * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
-    def _assemble(self, a: nn.Linear, b: nn.Linear, x: torch.Tensor, rank: int, cos=None, sin=None):
+    def _factors(self, a: nn.Linear, b: nn.Linear, x: torch.Tensor, rank: int, cos=None, sin=None):
+        """Head factors ``[B, T, H, R]`` and (rotated) feature factors ``[B, T, R, D]``."""
         B, T, _ = x.shape
         fa = a(x).view(B, T, self.n_head, rank)
         fb = b(x).view(B, T, rank, self.head_dim)
         if cos is not None:
             fb = apply_rope(fb, cos[:, None, :], sin[:, None, :])  # positions on T, shared over R
+        return fa, fb
+
+    @staticmethod
+    def _product(fa: torch.Tensor, fb: torch.Tensor, rank: int) -> torch.Tensor:
         return (fa @ fb).div(rank).transpose(1, 2)  # [B, H, T, D]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _assemble(self, a: nn.Linear, b: nn.Linear, x: torch.Tensor, rank: int, cos=None, sin=None):
+        return self._product(*self._factors(a, b, x, rank, cos, sin), rank)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self._assemble(self.q_a_proj, self.q_b_proj, x, self.q_rank, cos, sin)
-        k = self._assemble(self.k_a_proj, self.k_b_proj, x, self.kv_rank, cos, sin)
-        v = self._assemble(self.v_a_proj, self.v_b_proj, x, self.kv_rank)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            k = self._assemble(self.k_a_proj, self.k_b_proj, x, self.kv_rank, cos, sin)
+            v = self._assemble(self.v_a_proj, self.v_b_proj, x, self.kv_rank)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # generation: cache the rank-R factors of keys and values, not the keys and values
+            mask, causal = cache.attention_mask(T, x.device)
+            factors = (
+                *self._factors(self.k_a_proj, self.k_b_proj, x, self.kv_rank, cos, sin),
+                *self._factors(self.v_a_proj, self.v_b_proj, x, self.kv_rank),
+            )
+            ka, kb, va, vb = cache.extend(1, *factors)
+            k, v = self._product(ka, kb, self.kv_rank), self._product(va, vb, self.kv_rank)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
     @torch.no_grad()
@@ -172,9 +202,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _pad_rows(module: nn.Embedding | nn.Linear, rows: int) -> Any:
+    """``module`` with its weight grown to ``rows`` rows of zeros. Built unpadded first, so it
+    draws the same random numbers as an unpadded model and every other weight's init is unchanged."""
+    extra = rows - module.weight.shape[0]
+    if extra > 0:
+        weight = module.weight.detach()
+        module.weight = nn.Parameter(torch.cat((weight, weight.new_zeros(extra, weight.shape[1]))))
+        if isinstance(module, nn.Embedding):
+            module.num_embeddings = rows
+        else:
+            module.out_features = rows
+    return module
 
 
 class Decoder(nn.Module):
@@ -182,7 +228,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.embed_tokens = _pad_rows(nn.Embedding(cfg.vocab_size, cfg.n_embd), cfg.padded_vocab_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
@@ -191,7 +237,9 @@ class Transformer(nn.Module):
     """The language model: ``forward(idx [B, T] int64) -> logits [B, T, V]``.
 
     The trainer's fused losses use ``hidden_states(idx)`` and ``output_weight`` instead, so the
-    ``[B, T, V]`` logits are never materialised.
+    ``[B, T, V]`` logits are never materialised. With ``pad_vocab_to`` the logits have
+    ``padded_vocab_size`` columns, the padded ones exactly ``-inf``; ``output_weight`` is the
+    real rows only. ``generate`` samples continuations with a key/value cache.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -199,11 +247,23 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         if not config.tie_embeddings:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = _pad_rows(
+                nn.Linear(config.n_embd, config.vocab_size, bias=False), config.padded_vocab_size
+            )
         cos, sin = rope_tables(config.resolved_head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # 0 for real ids, -inf for padded ones: added to the logits by the output matmul itself
+        self.register_buffer("vocab_mask", self._vocab_mask(), persistent=False)
         self.init_weights()
+
+    def _vocab_mask(self, device: torch.device | None = None) -> torch.Tensor | None:
+        cfg = self.config
+        if cfg.padded_vocab_size == cfg.vocab_size:
+            return None
+        mask = torch.zeros(cfg.padded_vocab_size, device=device)
+        mask[cfg.vocab_size :] = float("-inf")
+        return mask
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -212,9 +272,14 @@ class Transformer(nn.Module):
         cfg = self.config
         std = cfg.init_std
         residual_std = std / math.sqrt(2 * cfg.n_layer)
-        nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=std)
+        # Only the real rows are drawn (the same random numbers as an unpadded model); padded
+        # rows are zero and stay so: their logits are masked, so they never receive a gradient.
+        V = cfg.vocab_size
+        nn.init.normal_(self.model.embed_tokens.weight[:V], mean=0.0, std=std)
+        nn.init.zeros_(self.model.embed_tokens.weight[V:])
         if not cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
+            nn.init.normal_(self.lm_head.weight[:V], mean=0.0, std=std)
+            nn.init.zeros_(self.lm_head.weight[V:])
         for layer in self.model.layers:
             layer.self_attn.init_weights(std, residual_std)
             layer.mlp.init_weights(std, residual_std)
@@ -224,29 +289,53 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.resolved_head_dim, cfg.block_size, cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        if self.vocab_mask is not None:
+            self.vocab_mask.copy_(self._vocab_mask(self.vocab_mask.device))
+
+    @property
+    def _padded_output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The ``[V, C]`` output projection (the token embedding when tied)."""
-        return self.model.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+        """The ``[V, C]`` output projection (the token embedding when tied), real rows only:
+        a contiguous view, so fused losses see exactly the unpadded vocabulary."""
+        weight = self._padded_output_weight
+        return weight if self.vocab_mask is None else weight[: self.config.vocab_size]
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states ``[B, T, C]``; logits are ``hidden @ output_weight.T``."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states ``[B, T, C]``; logits are ``hidden @ output_weight.T``.
+
+        With ``cache`` (generation), ``idx`` continues the cached tokens: positions start at
+        ``cache.pos`` and the cache is extended by T.
+        """
         if idx.dim() != 2:
             raise ValueError(f"idx must be [B, T] token ids, got shape {tuple(idx.shape)}")
-        seq_len = idx.shape[1]
-        if seq_len > self.config.block_size:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds the model's block_size {self.config.block_size}"
-            )
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        start = 0 if cache is None else cache.pos
+        end = start + idx.shape[1]
+        if end > self.config.block_size:
+            raise ValueError(f"sequence length {end} exceeds the model's block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         x = self.model.embed_tokens(idx)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i])
         return self.model.norm(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden_states(idx), self.output_weight)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return F.linear(self.hidden_states(idx, cache), self._padded_output_weight, self.vocab_mask)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty key/value cache for up to ``max_len`` tokens (default: ``block_size``)."""
+        return KVCache(self.config.n_layer, self.config.block_size if max_len is None else max_len)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+        """``idx`` ``[B, T]`` followed by ``max_new_tokens`` sampled tokens; the keywords
+        (``temperature``, ``top_k``, ``top_p``, ``generator``, ``eos_id``, ``use_cache``) are
+        those of `dpls.model.generate.generate`."""
+        from dpls.model.generate import generate
+
+        return generate(self, idx, max_new_tokens, **sampling)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied matrix counted once); ``non_embedding`` leaves out the token
@@ -265,7 +354,7 @@ class Transformer(nn.Module):
         cfg = self.config
         T = cfg.block_size if seq_len is None else seq_len
         H, D = cfg.n_head, cfg.resolved_head_dim
-        n_matmul = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        n_matmul = self.num_params(non_embedding=True) + cfg.padded_vocab_size * cfg.n_embd
         flops = 6 * n_matmul + 12 * cfg.n_layer * H * D * T
         if cfg.attention == "tpa":  # the per-token A @ B products that assemble q, k, v
             flops += 6 * cfg.n_layer * H * D * (cfg.tpa_q_rank + 2 * cfg.tpa_kv_rank)
