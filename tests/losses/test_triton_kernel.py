@@ -360,3 +360,143 @@ def test_linear_matches_dense(dtype, reduction, use_bias, per_token, launches):
     torch.testing.assert_close(wl.double(), g_logits.t() @ h.double(), **gtol)
     if bl is not None:
         torch.testing.assert_close(bl.double(), g_logits.sum(0), **gtol)
+
+
+# --- −inf logits (masked / padded vocabularies) ------------------------------------------------
+
+
+def _masked_reference(z, y, eps, k, reduction="sum"):
+    """Reference on the finite columns only (k ≤ their count): −inf entries get p = 0, q = 0."""
+    finite = torch.isfinite(z[0])
+    assert bool((torch.isfinite(z) == finite).all()), "the same columns are masked in every row"
+    cols = finite.nonzero().squeeze(1)
+    remap = torch.full((z.shape[1],), -1, dtype=torch.long)
+    remap[cols] = torch.arange(cols.numel())
+    y_sub = torch.where(y == -100, y, remap[y.clamp(min=0)])
+    loss, nll, g_sub = reference_dpls(z[:, cols], y_sub, epsilon=eps, top_k=k, reduction=reduction)
+    grad = torch.zeros(z.shape, dtype=torch.float64)
+    grad[:, cols] = g_sub
+    return loss, nll, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_minus_inf_logits_first_block_and_anywhere(dtype):
+    """A whole first block of −inf (issue 14, bug 3), and −inf scattered over the row."""
+    v = 150  # blocks of 64: the first block is all −inf, and the last is partial
+    z = distinct_logits(5, v, dtype=dtype)
+    masked = torch.zeros(v, dtype=torch.bool)
+    masked[:64] = True
+    masked[torch.tensor([70, 71, 99, 140, 149])] = True
+    z[:, masked] = -float("inf")
+    n_finite = int((~masked).sum())
+    y = torch.tensor([64, 80, 100, -100, 148])
+    for k in (1, 7, n_finite):
+        loss, nll, grad = _run(z, y, 0.3, k, "sum")
+        ref_loss, ref_nll, ref_grad = _masked_reference(z, y, 0.3, k)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-5)
+        tol = 1e-6 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=tol)
+    # ε = 0 (a float, or per-token zeros) with k past the finite entries: exactly cross-entropy
+    ce = F.cross_entropy(z.double(), y, reduction="sum")
+    for eps in (0.0, torch.zeros(5)):
+        loss, nll, grad = _run(z, y, eps, n_finite + 20, "sum")
+        torch.testing.assert_close(loss.double(), ce, rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(grad).all()
+
+
+def test_minus_inf_in_the_top_k_gives_inf_loss_and_the_exact_gradient():
+    """ε > 0 with k past the finite entries: q puts mass on a −inf logit, so the loss is +inf (as
+    the formula says, never NaN); the gradient softmax − q is still finite and exact."""
+    z = distinct_logits(3, 100)
+    z[:, 10:] = -float("inf")
+    y = torch.tensor([0, 5, 9])
+    k = 15  # the 10 finite entries and the 5 lowest-index −inf ones
+    loss, nll, grad = _run(z, y, 0.2, k, "none", grad_out=torch.ones(3))
+    assert torch.isinf(loss).all() and (loss > 0).all()
+    torch.testing.assert_close(nll.double(), F.cross_entropy(z.double(), y, reduction="none"))
+    p = torch.softmax(z.double(), -1)
+    q = 0.8 * F.one_hot(y, 100).double()
+    q[:, :15] += 0.2 / k
+    torch.testing.assert_close(grad.double(), p - q, rtol=0, atol=1e-6)
+
+
+# --- gradients the fused kernel cannot give: refused, not wrong ---------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_and_double_backward_are_refused(reduction):
+    z = distinct_logits(4, 80)
+    y = _targets(4, 80)
+    leaf = z.clone().requires_grad_(True)
+    loss = triton_dpls_loss(leaf * 1.0, y, 0.1, 5, -100, reduction, False, False, config=SMALL).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    loss = triton_dpls_loss(leaf * 1.0, y, 0.1, 5, -100, reduction, False, False, config=SMALL).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def test_linear_second_backward_refused_or_exact_and_double_backward_refused():
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 8, generator=gen, requires_grad=True)
+    w = torch.randn(40, 8, generator=gen, requires_grad=True)
+    y = _targets(6, 40)
+
+    def run(reduction):
+        return triton_dpls_linear_loss(h, w, None, y, 0.1, 5, -100, reduction, False, 4, config=SMALL).sum()
+
+    loss = run("mean")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    h.grad = w.grad = None
+    loss = run("none")  # recomputed in backward: a second backward is exact
+    loss.backward(retain_graph=True)
+    first = (h.grad.clone(), w.grad.clone())
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first[0])
+    torch.testing.assert_close(w.grad, 2 * first[1])
+    for reduction in ("mean", "none"):
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(run(reduction), h, create_graph=True)
+
+
+# --- backward without a host sync -----------------------------------------------------------------
+
+
+def test_backward_reads_nothing_back_to_the_host(monkeypatch):
+    """grad_output scales the gradient on the device: no .item() / float() / bool() in backward,
+    so torch.compile has no graph break there (issue 18, target 3)."""
+    z = distinct_logits(5, 90)
+    y = _targets(5, 90)
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(5, 8, generator=gen, requires_grad=True)
+    w = torch.randn(90, 8, generator=gen, requires_grad=True)
+    leaf = z.clone().requires_grad_(True)
+    losses = [
+        triton_dpls_loss(leaf * 1.0, y, 0.1, 5, -100, "mean", False, True, config=SMALL),
+        triton_dpls_linear_loss(h, w, None, y, 0.1, 5, -100, "sum", False, 2, config=SMALL),
+    ]
+
+    def host_read(*_args, **_kwargs):
+        raise AssertionError("backward read a device value on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, name, host_read)
+        (2.5 * losses[0] + 0.5 * losses[1]).backward()
+    _, _, ref = reference_dpls(z, y, epsilon=0.1, top_k=5, grad_output=2.5)
+    torch.testing.assert_close(leaf.grad.double(), ref, rtol=0, atol=1e-6)
+    _, _, g_logits = reference_dpls(h.detach() @ w.detach().t(), y, epsilon=0.1, top_k=5, reduction="sum")
+    torch.testing.assert_close(h.grad.double(), 0.5 * g_logits @ w.detach().double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [1.0, -2.5, 0.0])
+def test_scale_inplace_decides_on_the_device(factor):
+    g = torch.randn(3, 1000).to(torch.bfloat16)
+    want = (g.float() * factor).to(torch.bfloat16)
+    out = triton_impl.scale_inplace(g, torch.tensor(factor))
+    assert out is g
+    torch.testing.assert_close(g, want, rtol=2**-7, atol=0)  # the interpreter may round bf16 down

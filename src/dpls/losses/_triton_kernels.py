@@ -132,6 +132,27 @@ def _count_kept(q0, q1, q2, q3, q4, q5, q6, q7, t, TOP_R: tl.constexpr):
 
 
 @triton.jit
+def _lowest_held(q0, q1, q2, q3, q4, q5, q6, q7, TOP_R: tl.constexpr):
+    """Per lane, the smallest key it holds (2^31 − 1 where it holds none); reduced once by the caller."""
+    low = tl.where(q0 > -2147483648, q0, 2147483647)
+    if TOP_R > 1:
+        low = tl.minimum(low, tl.where(q1 > -2147483648, q1, 2147483647))
+    if TOP_R > 2:
+        low = tl.minimum(low, tl.where(q2 > -2147483648, q2, 2147483647))
+    if TOP_R > 3:
+        low = tl.minimum(low, tl.where(q3 > -2147483648, q3, 2147483647))
+    if TOP_R > 4:
+        low = tl.minimum(low, tl.where(q4 > -2147483648, q4, 2147483647))
+    if TOP_R > 5:
+        low = tl.minimum(low, tl.where(q5 > -2147483648, q5, 2147483647))
+    if TOP_R > 6:
+        low = tl.minimum(low, tl.where(q6 > -2147483648, q6, 2147483647))
+    if TOP_R > 7:
+        low = tl.minimum(low, tl.where(q7 > -2147483648, q7, 2147483647))
+    return low
+
+
+@triton.jit
 def _count_at_least(src, n, t, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
     """How many of the ``n`` entries at ``src`` have a key ≥ ``t``."""
     offs = tl.arange(0, BLOCK_V)
@@ -220,21 +241,7 @@ def _select_threshold(
     count_lo = _count_kept(q0, q1, q2, q3, q4, q5, q6, q7, -2147483647, TOP_R)  # real kept values
     count_hi = tl.zeros([], dtype=tl.int32)
     if count_lo >= top_k:
-        lowest = tl.min(tl.where(q0 > -2147483648, q0, 2147483647), 0)  # a lane's max: kept by every lane
-        if TOP_R > 1:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q1 > -2147483648, q1, 2147483647), 0))
-        if TOP_R > 2:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q2 > -2147483648, q2, 2147483647), 0))
-        if TOP_R > 3:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q3 > -2147483648, q3, 2147483647), 0))
-        if TOP_R > 4:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q4 > -2147483648, q4, 2147483647), 0))
-        if TOP_R > 5:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q5 > -2147483648, q5, 2147483647), 0))
-        if TOP_R > 6:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q6 > -2147483648, q6, 2147483647), 0))
-        if TOP_R > 7:
-            lowest = tl.minimum(lowest, tl.min(tl.where(q7 > -2147483648, q7, 2147483647), 0))
+        lowest = tl.min(_lowest_held(q0, q1, q2, q3, q4, q5, q6, q7, TOP_R), 0)  # one reduction
         lo = lowest.to(tl.int64)
         while hi - lo > 1:
             mid = (lo + (hi - lo) // 2).to(tl.int32)
@@ -281,6 +288,14 @@ def _select_threshold(
 
 
 @triton.jit
+def _pow_gamma(x, gamma):
+    """``x ** gamma`` for ``x`` in [0, 1] with torch's conventions (``0 ** 0 = 1``, ``0 ** γ = 0``)."""
+    p = tl.exp(gamma * tl.log(tl.maximum(x, 1e-38)))
+    p = tl.where(x > 0.0, p, 0.0)
+    return tl.where(gamma == 0.0, 1.0, p)
+
+
+@triton.jit
 def _dpls_rows_kernel(
     x_ptr,
     x_stride,
@@ -289,6 +304,8 @@ def _dpls_rows_kernel(
     target_ptr,
     eps_ptr,
     eps_value,
+    gamma,
+    eps_out_ptr,
     scale_ptr,
     loss_ptr,
     nll_ptr,
@@ -303,6 +320,7 @@ def _dpls_rows_kernel(
     TOP_R: tl.constexpr,
     TOPK_MODE: tl.constexpr,
     EPS_PER_ROW: tl.constexpr,
+    EPS_MODE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SCALE_MODE: tl.constexpr,
 ):
@@ -323,6 +341,8 @@ def _dpls_rows_kernel(
         if y == ignore_index:
             tl.store(loss_ptr + r, 0.0)
             tl.store(nll_ptr + r, 0.0)
+            if EPS_MODE != 0:
+                tl.store(eps_out_ptr + r, 0.0)
             if WRITE_GRAD:
                 zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(g_ptr.dtype.element_ty)
                 for start in range(0, V, BLOCK_V):
@@ -339,9 +359,12 @@ def _dpls_rows_kernel(
                 grad_scale = mean_scale
             z_y = tl.load(row + col).to(tl.float32)
 
-            # 1. stats pass: online max / sum-exp, and each lane's TOP_R largest values
+            # 1. stats pass: online max m and s = Σ exp(z − m) (a = Σ exp(z − m)·(z − m) for the entropy
+            #    ε-mode), and each lane's TOP_R largest values. While every entry so far is −inf, m is
+            #    −inf and exponents are taken against 0 instead (exp(−inf − (−inf)) would be NaN).
             m = -float("inf")
             s = 0.0
+            a = 0.0
             k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
             k1 = k0
             k2 = k0
@@ -354,10 +377,29 @@ def _dpls_rows_kernel(
                 idx = start + offs
                 xf = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
                 m_new = tl.maximum(m, tl.max(xf, 0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xf - m_new), 0)
+                m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_ref)
+                e = tl.exp(xf - m_ref)
+                if EPS_MODE == 2:
+                    shift = tl.where(s > 0.0, m - m_ref, 0.0)
+                    dz = tl.where(xf == -float("inf"), 0.0, xf - m_ref)  # 0·(−inf) would be NaN
+                    a = alpha * (a + s * shift) + tl.sum(e * dz, 0)
+                s = s * alpha + tl.sum(e, 0)
                 m = m_new
                 if TOPK_MODE == 1:
                     k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
+
+            # adaptive ε from the same pass: no extra read of the row
+            if EPS_MODE == 1:  # 1 − max p = 1 − exp(m − lse) = 1 − 1/s
+                eps = eps_value * _pow_gamma(tl.minimum(tl.maximum((s - 1.0) / s, 0.0), 1.0), gamma)
+                tl.store(eps_out_ptr + r, eps)
+            elif EPS_MODE == 2:  # H / log V with H = log s − a/s
+                if V > 1:
+                    h = (tl.log(s) - a / s) / tl.log(V * 1.0)
+                else:
+                    h = 0.0
+                eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(h, 0.0), 1.0), gamma)
+                tl.store(eps_out_ptr + r, eps)
 
             # 2–3. the threshold of T
             t = tl.zeros([], dtype=tl.int32)
@@ -368,14 +410,15 @@ def _dpls_rows_kernel(
                     row, V, k0, k1, k2, k3, k4, k5, k6, k7, m, top_k, scratch, KEY_BITS, BLOCK_V, CAP, TOP_R
                 )
                 k_rem = top_k - above
-            need_rank = ties > k_rem  # only then does the index order of ties matter
             t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)  # float compares: −0 == +0 too
 
-            # 4. final pass: membership of T, top-k sum, gradient
+            # 4. final pass: membership of T, top-k sum, gradient. Sums stay per lane and are reduced
+            #    once per row; ties at t are counted block by block only until k_rem of them are taken
+            #    (and ranked by a scan only in the block where that happens).
             inv_s = 1.0 / s
             c_target = (1.0 - eps) * grad_scale
             c_topk = eps / top_k * grad_scale
-            top_sum = 0.0  # Σ_{j∈T} (m − z_j), non-negative terms
+            top_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # Σ_{j∈T} (m − z_j) per lane, ≥ 0
             taken = tl.zeros([], dtype=tl.int32)
             for start in range(0, V, BLOCK_V):
                 idx = start + offs
@@ -384,17 +427,23 @@ def _dpls_rows_kernel(
                 xf = x.to(tl.float32)
                 if TOPK_MODE == 1:
                     tie = valid & (xf == t_value)
-                    if need_rank:
-                        rank = taken + tl.cumsum(tie.to(tl.int32), 0)
-                        take = tie & (rank <= k_rem)
-                        taken += tl.sum(tie.to(tl.int32), 0)
+                    if ties > k_rem:  # only then does the index order of ties matter
+                        if taken < k_rem:
+                            n_tie = tl.sum(tie.to(tl.int32), 0)
+                            if taken + n_tie > k_rem:  # the block where the k_rem-th tie is
+                                take = tie & (taken + tl.cumsum(tie.to(tl.int32), 0) <= k_rem)
+                            else:
+                                take = tie
+                            taken += n_tie
+                        else:
+                            take = tie & (idx < 0)
                     else:
                         take = tie
                     in_t = (valid & (xf > t_value)) | take
                 else:
                     in_t = valid
                 if TOPK_MODE != 0:
-                    top_sum += tl.sum(tl.where(in_t, m - xf, 0.0), 0)
+                    top_acc += tl.where(in_t, m - xf, 0.0)
                 if WRITE_GRAD:
                     g = tl.exp(xf - m) * (inv_s * grad_scale)
                     g -= tl.where(idx == col, c_target, 0.0)
@@ -406,6 +455,27 @@ def _dpls_rows_kernel(
             if TOPK_MODE == 0:
                 loss = nll
             else:
-                loss = tl.log(s) + (1.0 - eps) * (m - z_y) + eps / top_k * top_sum
+                top_sum = tl.sum(top_acc, 0)  # +inf when T holds a −inf logit: then only ε = 0 is finite
+                smooth = eps / top_k * tl.where(eps > 0.0, top_sum, 0.0)  # 0·inf would be NaN
+                loss = tl.log(s) + (1.0 - eps) * (m - z_y) + smooth
             tl.store(loss_ptr + r, loss)
             tl.store(nll_ptr + r, nll)
+
+
+@triton.jit
+def _scale_kernel(g_ptr, numel, factor_ptr, BLOCK: tl.constexpr):
+    """``g *= factor`` in place, with the scalar read on the device; nothing is done when it is 1.
+
+    Backward's common case (grad_output = 1) then costs one launch instead of a pass over the
+    gradient, and needs no host read of grad_output (no sync, no graph break under torch.compile).
+    """
+    factor = tl.load(factor_ptr).to(tl.float32)
+    if factor != 1.0:
+        first = tl.cast(tl.program_id(0), tl.int64) * BLOCK  # int64: N·V may pass 2^31
+        stride = tl.cast(tl.num_programs(0), tl.int64) * BLOCK
+        offs = tl.arange(0, BLOCK)
+        for start in range(first, numel, stride):
+            idx = start + offs
+            live = idx < numel
+            g = tl.load(g_ptr + idx, mask=live, other=0.0)
+            tl.store(g_ptr + idx, (g.to(tl.float32) * factor).to(g_ptr.dtype.element_ty), mask=live)

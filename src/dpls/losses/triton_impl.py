@@ -20,9 +20,11 @@ import torch
 
 from dpls.losses.registry import interpreting
 
-__all__ = ["KernelConfig", "choose_config", "is_available", "triton_dpls_loss"]
+__all__ = ["KernelConfig", "choose_config", "is_available", "triton_adaptive_dpls_loss", "triton_dpls_loss"]
 
 _KEY_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16}
+# ε-modes the kernel computes from its own first pass (names as in ``dpls.losses.adaptive``)
+EPSILON_MODE_IDS = {"constant": 0, "confidence": 1, "entropy": 2}
 
 
 def is_available(device: torch.device | str) -> bool:
@@ -113,12 +115,19 @@ def launch_rows(
     scale: torch.Tensor | None,
     scale_mode: str,
     config: KernelConfig | None = None,
+    epsilon_mode: str = "constant",
+    gamma: float = 1.0,
+    eps_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the row kernel once: per-row loss and NLL (float32 ``[N]``), and the gradient into ``grad``.
 
     ``grad`` may be ``logits`` itself (in-place) or ``None`` (no gradient). ``scale_mode``: ``"mean"``
     (``scale`` holds n_valid, a 0-d float32 on the device), ``"row"`` (``scale`` is ``[N]``) or
     ``"one"``. Rows whose target is ``ignore_index`` get 0 and a zero gradient.
+
+    ``epsilon_mode`` ``"confidence"`` / ``"entropy"``: ``epsilon`` (a float) is the base ε and each
+    row's ε_i is computed from the row's own first-pass statistics (see ``dpls.losses.adaptive``),
+    used at once, and written to ``eps_out`` (float32 ``[N]``, 0 at ignored rows).
     """
     k = _kernels()
     n_rows, vocab = logits.shape
@@ -128,6 +137,12 @@ def launch_rows(
     if n_rows == 0:
         return loss, nll
     per_row_eps = isinstance(epsilon, torch.Tensor)
+    eps_mode = EPSILON_MODE_IDS[epsilon_mode]
+    if eps_mode and (per_row_eps or eps_out is None):
+        raise ValueError(f"epsilon_mode={epsilon_mode!r} takes a float base epsilon and an eps_out buffer")
+    if eps_mode and float(epsilon) == 0.0:
+        eps_out.zero_()
+        eps_mode = 0
     if not per_row_eps and float(epsilon) == 0.0:
         topk_mode = k.TOPK_NONE
     elif top_k >= vocab:
@@ -150,6 +165,8 @@ def launch_rows(
         target,
         eps_tensor,
         0.0 if per_row_eps else float(epsilon),
+        float(gamma),
+        eps_out if eps_mode else dummy,
         scale if scale is not None else dummy,
         loss,
         nll,
@@ -164,6 +181,7 @@ def launch_rows(
         TOP_R=top_r if topk_mode == k.TOPK_SELECT else 1,
         TOPK_MODE=topk_mode,
         EPS_PER_ROW=per_row_eps,
+        EPS_MODE=eps_mode,
         WRITE_GRAD=grad is not None,
         SCALE_MODE=mode,
         num_warps=cfg.num_warps,
@@ -180,12 +198,62 @@ def reduce_rows(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> to
     return total / n_valid.clamp(min=1.0) if reduction == "mean" else total
 
 
+SECOND_BACKWARD = (
+    "the fused Triton DPLS loss computes its gradient in forward and hands that one buffer (scaled "
+    "in place by grad_output, possibly in the logits' own storage) to the first backward; it keeps "
+    "no copy, so a second backward through the same graph (retain_graph=True) is not supported. "
+    "Run the forward again, or use impl='chunked', which recomputes in backward."
+)
+DOUBLE_BACKWARD = (
+    "the fused Triton DPLS loss has no double backward: its gradient is a constant computed in "
+    "forward, so create_graph=True would silently give a zero Hessian-vector product. Use "
+    "impl='reference' for second-order gradients."
+)
+
+
+def check_first_order(ctx, second: str | None = SECOND_BACKWARD) -> None:
+    """Refuse what a gradient computed in forward cannot give: a graph of it (double backward), or,
+    when ``second`` names why, a second backward after its buffers were handed out."""
+    if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+        raise RuntimeError(DOUBLE_BACKWARD)
+    if second is not None:
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(second)
+        ctx.consumed = True
+
+
+def scale_inplace(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``grad *= factor`` (a one-element tensor) decided on the device: no host read of ``factor``.
+
+    When the factor is 1 (the usual ``loss.backward()``) the kernel returns at once, so the common
+    case costs a launch, not a pass over the gradient, and torch.compile sees no ``.item()``.
+    """
+    if grad.numel() == 0:
+        return grad
+    factor = factor.detach().reshape(1).to(device=grad.device, dtype=torch.float32)
+    grid = _grid_size(max(1, grad.numel() // 8192), KernelConfig(), grad.device)
+    _kernels()._scale_kernel[(grid,)](grad, grad.numel(), factor, BLOCK=1024)
+    return grad
+
+
 class _TritonDPLS(torch.autograd.Function):
-    """Loss (and detached NLL) of ``[N, V]`` logits; the gradient is computed in forward."""
+    """Loss, detached NLL and per-row ε of ``[N, V]`` logits; the gradient is computed in forward."""
 
     @staticmethod
     def forward(
-        ctx, logits, target, eps_tensor, eps_value, top_k, ignore_index, reduction, inplace, want_grad, config
+        ctx,
+        logits,
+        target,
+        eps_tensor,
+        eps_value,
+        top_k,
+        ignore_index,
+        reduction,
+        inplace,
+        want_grad,
+        config,
+        epsilon_mode,
+        gamma,
     ):
         epsilon = eps_tensor if eps_tensor is not None else eps_value
         n_valid = (target != ignore_index).sum().to(torch.float32)
@@ -193,6 +261,7 @@ class _TritonDPLS(torch.autograd.Function):
         grad = None
         if needs_grad:
             grad = logits if inplace else torch.empty_like(logits)
+        eps_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         loss_rows, nll_rows = launch_rows(
             logits,
             target,
@@ -203,23 +272,41 @@ class _TritonDPLS(torch.autograd.Function):
             scale=n_valid,
             scale_mode="mean" if reduction == "mean" else "one",
             config=config,
+            epsilon_mode=epsilon_mode,
+            gamma=gamma,
+            eps_out=eps_rows,
         )
         ctx.reduction = reduction
         if needs_grad:
             ctx.save_for_backward(grad.detach())
         loss = reduce_rows(loss_rows, n_valid, reduction)
         nll = reduce_rows(nll_rows, n_valid, reduction)
-        ctx.mark_non_differentiable(nll)
-        return loss, nll
+        ctx.mark_non_differentiable(nll, eps_rows)
+        return loss, nll, eps_rows
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_nll):
+    def backward(ctx, grad_loss, _grad_nll, _grad_eps):
+        check_first_order(ctx)
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad.mul_(grad_loss.to(torch.float32).unsqueeze(1))
-        elif grad_loss.item() != 1.0:  # one scalar read saves a full pass in the common case
-            grad.mul_(grad_loss.to(torch.float32))
-        return grad, None, None, None, None, None, None, None, None, None
+        else:
+            scale_inplace(grad, grad_loss)
+        return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _apply(
+    logits2d, target1d, epsilon, top_k, ignore_index, reduction, inplace_backward, config, mode, gamma
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
+    target = target1d.to(torch.int64).contiguous()
+    eps_tensor = epsilon if isinstance(epsilon, torch.Tensor) else None
+    eps_value = 0.0 if eps_tensor is not None else float(epsilon)
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _TritonDPLS.apply(
+        logits, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction, inplace_backward,
+        want_grad, config, mode, float(gamma),
+    )  # fmt: skip
 
 
 def triton_dpls_loss(
@@ -239,13 +326,48 @@ def triton_dpls_loss(
     The returned NLL is detached (it is for logging). With ``inplace_backward`` the gradient
     overwrites ``logits2d``, which the caller must not read afterwards.
     """
-    logits = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
-    target = target1d.to(torch.int64).contiguous()
-    eps_tensor = epsilon if isinstance(epsilon, torch.Tensor) else None
-    eps_value = 0.0 if eps_tensor is not None else float(epsilon)
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, nll = _TritonDPLS.apply(
-        logits, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction, inplace_backward,
-        want_grad, config,
-    )  # fmt: skip
+    loss, nll, _ = _apply(
+        logits2d, target1d, epsilon, top_k, ignore_index, reduction, inplace_backward, config, "constant", 1.0
+    )
     return (loss, nll) if return_nll else loss
+
+
+def triton_adaptive_dpls_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float,
+    epsilon_mode: str,
+    gamma: float = 1.0,
+    top_k: int = 100,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    inplace_backward: bool = False,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPLS with a confidence-adaptive ε computed inside the kernel's first pass.
+
+    Same values as ``dpls_loss(logits, target, epsilon=adaptive_epsilon(logits, epsilon, mode,
+    gamma), ...)`` (``dpls.losses.adaptive``), without the extra read of the logits that computing
+    ε_i first costs. Returns ``(loss, nll, eps)``: ``eps`` is ε_i per token (the target's shape,
+    float32, detached, 0 at ignored tokens). Arguments are validated like ``dpls_loss``'s.
+    """
+    from dpls.losses.adaptive import check_mode
+    from dpls.losses.validation import check_loss_args
+
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a float tensor, got {type(logits).__name__}")
+    if isinstance(epsilon, torch.Tensor):
+        raise ValueError("epsilon must be a float base value for an adaptive epsilon_mode, got a tensor")
+    check_mode(epsilon_mode, gamma)
+    args = check_loss_args(
+        logits.shape, logits.dtype, logits.device, target, epsilon, top_k, ignore_index, reduction
+    )
+    if not is_available(logits.device):
+        raise ValueError(f"the Triton kernels cannot run on {logits.device} (CUDA, or TRITON_INTERPRET=1)")
+    out = _apply(
+        logits.reshape(-1, logits.shape[-1]), args.target, args.epsilon, args.top_k, args.ignore_index,
+        args.reduction, inplace_backward, config, epsilon_mode, gamma,
+    )  # fmt: skip
+    loss, nll = args.unflatten((out[0], out[1]))
+    return loss, nll, out[2].reshape(target.shape)

@@ -14,10 +14,23 @@ from __future__ import annotations
 
 import torch
 
-from dpls.losses.triton_impl import KernelConfig, is_available, launch_rows, reduce_rows
+from dpls.losses.triton_impl import (
+    KernelConfig,
+    check_first_order,
+    is_available,
+    launch_rows,
+    reduce_rows,
+    scale_inplace,
+)
 
 __all__ = ["default_chunk_size", "is_available", "triton_dpls_linear_loss"]
 
+SECOND_BACKWARD_LINEAR = (
+    "the fused-linear Triton DPLS loss (reduction 'mean' or 'sum') finishes grad_hidden and "
+    "grad_weight in forward and hands them to the first backward, scaled in place to keep its memory "
+    "small; a second backward through the same graph (retain_graph=True) is not supported. Run the "
+    "forward again, or use reduction='none' (recomputed in backward) or impl='chunked'."
+)
 CHUNK_LOGITS = 1 << 27  # logits per chunk (256 MiB in bf16): big GEMMs, bounded memory
 
 
@@ -71,8 +84,12 @@ def _run_chunks(
     grad_hidden: torch.Tensor | None,
     acc: _GradAccumulator | None,
     config: KernelConfig | None,
+    epsilon_mode: str = "constant",
+    gamma: float = 1.0,
+    eps_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sweep over the row chunks: per-row loss/NLL, and the gradients when asked for."""
+    """One sweep over the row chunks: per-row loss/NLL, and the gradients when asked for
+    (with an adaptive ``epsilon_mode``, ε_i is computed by the kernel and written to ``eps_out``)."""
     n_rows = hidden.shape[0]
     want_grad = grad_hidden is not None or acc is not None
     loss = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
@@ -93,6 +110,9 @@ def _run_chunks(
             scale=row_scale,
             scale_mode=scale_mode,
             config=config,
+            epsilon_mode=epsilon_mode,
+            gamma=gamma,
+            eps_out=eps_out[start:end] if eps_out is not None else None,
         )
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
@@ -117,6 +137,8 @@ class _TritonDPLSLinear(torch.autograd.Function):
         chunk,
         grad_on,
         config,
+        epsilon_mode,
+        gamma,
     ):
         epsilon = eps_tensor if eps_tensor is not None else eps_value
         need_h, need_w, need_b = (grad_on and need for need in ctx.needs_input_grad[:3])
@@ -125,11 +147,16 @@ class _TritonDPLSLinear(torch.autograd.Function):
         finish_now = need_any and reduction != "none"
         grad_hidden = torch.empty_like(hidden) if finish_now and need_h else None
         acc = _GradAccumulator(weight, bias, need_w, need_b) if finish_now and (need_w or need_b) else None
+        adaptive = epsilon_mode != "constant"
+        eps_rows = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         loss_rows, nll_rows = _run_chunks(
             hidden, weight, bias, target, epsilon, top_k, ignore_index, chunk,
             scale=n_valid, scale_mode="mean" if reduction == "mean" else "one",
             grad_hidden=grad_hidden, acc=acc, config=config,
+            epsilon_mode=epsilon_mode, gamma=gamma, eps_out=eps_rows if adaptive else None,
         )  # fmt: skip
+        if adaptive:  # a recompute in backward reuses these ε_i (they are constants of the step)
+            eps_tensor, eps_value = eps_rows, 0.0
         ctx.reduction = reduction
         if finish_now:
             ctx.grads = (
@@ -142,20 +169,22 @@ class _TritonDPLSLinear(torch.autograd.Function):
             ctx.args = (eps_value, top_k, ignore_index, chunk, config)
         loss = reduce_rows(loss_rows, n_valid, reduction)
         nll = reduce_rows(nll_rows, n_valid, reduction)
-        ctx.mark_non_differentiable(nll)
-        return loss, nll
+        ctx.mark_non_differentiable(nll, eps_rows)
+        return loss, nll, eps_rows
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_nll):
+    def backward(ctx, grad_loss, _grad_nll, _grad_eps):
         if ctx.reduction != "none":
-            grads = ctx.grads
+            # The gradients finished in forward are handed out scaled in place (no copy: the memory
+            # budget of this path), the factor decided on the device (no host sync).
+            check_first_order(ctx, SECOND_BACKWARD_LINEAR)
+            gh, gw, gb = ctx.grads
             ctx.grads = None
-            if grad_loss.item() != 1.0:
-                for g in grads:
-                    if g is not None:
-                        g.mul_(grad_loss)
-            gh, gw, gb = grads
-        else:
+            for g in (gh, gw, gb):
+                if g is not None:
+                    scale_inplace(g, grad_loss)
+        else:  # recomputed from saved inputs: a second backward works
+            check_first_order(ctx, None)
             hidden, weight, bias, target, eps_tensor = ctx.saved_tensors
             eps_value, top_k, ignore_index, chunk, config = ctx.args
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -169,7 +198,7 @@ class _TritonDPLSLinear(torch.autograd.Function):
             )  # fmt: skip
             gw = acc.w.to(weight.dtype) if acc is not None and acc.w is not None else None
             gb = acc.b.to(bias.dtype) if acc is not None and acc.b is not None else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None, None, None
 
 
 def triton_dpls_linear_loss(
@@ -185,19 +214,28 @@ def triton_dpls_linear_loss(
     chunk_size: int | None = None,
     *,
     config: KernelConfig | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    epsilon_mode: str = "constant",
+    gamma: float = 1.0,
+    return_epsilon: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """DPLS of ``hidden [N, C] @ weight[V, C]ᵀ (+ bias)`` without ever holding the ``[N, V]`` logits.
 
     Arguments as in the linear registry (``dpls.losses.registry``), already validated. The logits
     of a chunk are made in the hidden states' dtype (bf16 stays bf16, as in the dense model).
+    ``epsilon_mode`` ``"confidence"`` / ``"entropy"`` (base ``epsilon``, a float): ε_i is computed
+    inside the kernel from the chunk's own first pass, as ``dpls.losses.adaptive`` defines it, with
+    no extra matmul or read; ``return_epsilon`` appends those ε_i (float32 ``[N]``) to the result.
     """
     hidden = hidden.contiguous()
     target = target.to(torch.int64).contiguous()
     chunk = int(chunk_size) if chunk_size else default_chunk_size(hidden.shape[0], weight.shape[0])
     eps_tensor = epsilon if isinstance(epsilon, torch.Tensor) else None
     eps_value = 0.0 if eps_tensor is not None else float(epsilon)
-    loss, nll = _TritonDPLSLinear.apply(
+    loss, nll, eps_rows = _TritonDPLSLinear.apply(
         hidden, weight, bias, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction,
-        chunk, torch.is_grad_enabled(), config,
+        chunk, torch.is_grad_enabled(), config, epsilon_mode, float(gamma),
     )  # fmt: skip
-    return (loss, nll) if return_nll else loss
+    out = (loss, nll) if return_nll else (loss,)
+    if return_epsilon:
+        out = (*out, eps_rows)
+    return out if len(out) > 1 else loss
