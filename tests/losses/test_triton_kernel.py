@@ -500,3 +500,116 @@ def test_scale_inplace_decides_on_the_device(factor):
     out = triton_impl.scale_inplace(g, torch.tensor(factor))
     assert out is g
     torch.testing.assert_close(g, want, rtol=2**-7, atol=0)  # the interpreter may round bf16 down
+
+
+# --- adaptive ε inside the kernel's first pass --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "gamma", "dtype"),
+    [
+        ("confidence", 1.0, torch.float32),
+        ("confidence", 0.5, torch.bfloat16),
+        ("entropy", 2.0, torch.float32),
+        ("entropy", 1.0, torch.float16),
+        ("entropy", 0.0, torch.float32),
+    ],
+)
+def test_adaptive_epsilon_in_kernel_matches_the_unfused_path(mode, gamma, dtype):
+    """ε_i from the kernel's own max / lse / Σp·z equals ``adaptive_epsilon``'s, and the loss and
+    gradient equal the reference's with those ε_i."""
+    from dpls.losses.adaptive import adaptive_epsilon
+    from dpls.losses.triton_impl import triton_adaptive_dpls_loss
+
+    z = distinct_logits(6, 150, dtype=dtype)
+    z[1] *= 6  # a confident row
+    z[2] /= 20  # a flat one
+    y = _targets(6, 150)
+    want_eps = adaptive_epsilon(z.double(), 0.3, mode, gamma)  # float64: 1 − max p is tiny on row 1
+    leaf = z.clone().requires_grad_(True)
+    loss, nll, eps = triton_adaptive_dpls_loss(
+        leaf * 1, y, epsilon=0.3, epsilon_mode=mode, gamma=gamma, top_k=7, config=SMALL
+    )
+    loss.backward()
+    valid = y != -100
+    assert torch.equal(eps[~valid], torch.zeros_like(eps[~valid]))
+    torch.testing.assert_close(eps[valid].double(), want_eps[valid].double(), rtol=1e-4, atol=1e-7)
+    ref_loss, ref_nll, ref_grad = reference_dpls(z, y, epsilon=want_eps, top_k=7)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps * float(ref_grad.abs().max())
+    torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=0, atol=tol)
+
+
+def test_adaptive_entropy_with_minus_inf_logits_is_finite():
+    """Masked entries have p = 0 and add nothing to Σp·z (a plain 0·(−inf) would be NaN)."""
+    from dpls.losses.triton_impl import triton_adaptive_dpls_loss
+
+    z = distinct_logits(3, 150)
+    z[:, :70] = -float("inf")
+    y = torch.tensor([80, 90, 149])
+    _, _, eps = triton_adaptive_dpls_loss(z, y, epsilon=0.2, epsilon_mode="entropy", top_k=5, config=SMALL)
+    zf = z[:, 70:].double()
+    p = torch.softmax(zf, -1)
+    h = -(p * torch.log_softmax(zf, -1)).sum(-1)
+    torch.testing.assert_close(
+        eps.double(), 0.2 * h / torch.log(torch.tensor(150.0)).double(), rtol=1e-5, atol=0
+    )
+
+
+def test_adaptive_epsilon_in_the_linear_kernel_matches_the_unfused_path():
+    from dpls.losses.adaptive import adaptive_epsilon_from_hidden
+
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(7, 8, generator=gen, requires_grad=True)
+    w = torch.randn(60, 8, generator=gen, requires_grad=True)
+    y = _targets(7, 60)
+    want_eps = adaptive_epsilon_from_hidden(h.double(), w.double(), 0.25, "confidence", 1.5)
+    loss, nll, eps = triton_dpls_linear_loss(
+        h, w, None, y, 0.25, 5, -100, "none", True, 3, config=SMALL,
+        epsilon_mode="confidence", gamma=1.5, return_epsilon=True,
+    )  # fmt: skip
+    g_out = torch.randn(7, generator=gen)
+    (loss * g_out).sum().backward()  # reduction "none": backward recomputes with the same ε_i
+    valid = y != -100
+    torch.testing.assert_close(eps[valid].double(), want_eps[valid].double(), rtol=1e-4, atol=1e-7)
+    logits = (h @ w.t()).detach()
+    ref_loss, ref_nll, g_logits = reference_dpls(
+        logits, y, epsilon=want_eps, top_k=5, reduction="none", grad_output=g_out.double()
+    )
+    torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), g_logits @ w.detach().double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), g_logits.t() @ h.detach().double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["confidence", "entropy"])
+def test_objective_uses_the_in_kernel_epsilon_when_impl_is_triton(mode, launches, monkeypatch):
+    """With loss_impl="triton" the DPLS objective computes ε_i in the kernel (no separate
+    ``adaptive_epsilon`` read) and agrees with the unfused chunked path, logits and hidden alike."""
+    from dpls.losses import objective as objective_mod
+    from dpls.losses.objective import LossConfig, build_objective
+
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 3, 8, generator=gen)
+    w = torch.randn(70, 8, generator=gen)
+    y = torch.randint(0, 70, (2, 3), generator=gen)
+    y[0, 1] = -100
+    keys = dict(loss="dpls", dpls_epsilon=0.3, dpls_top_k=6, dpls_epsilon_mode=mode, dpls_gamma=1.5)
+    want = build_objective(LossConfig(**keys, loss_impl="chunked"))
+    got = build_objective(LossConfig(**keys, loss_impl="triton"))
+    unfused = []
+    for name in ("adaptive_epsilon", "adaptive_epsilon_from_hidden"):
+        real = getattr(objective_mod, name)
+        monkeypatch.setattr(
+            objective_mod, name, lambda *a, _real=real, **kw: unfused.append(1) or _real(*a, **kw)
+        )
+    z = h @ w.t()
+    a, b = want(z, y, step=0), got(z, y, step=0)
+    c, d = want.from_hidden(h, w, y, step=0), got.from_hidden(h, w, y, step=0)
+    assert len(unfused) == 2, "the triton objective read the logits once more for ε_i"
+    assert len(launches) >= 2
+    for ref, out in ((a, b), (c, d)):
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.ce, ref.ce, rtol=1e-5, atol=1e-6)
+        assert out.epsilon == pytest.approx(ref.epsilon, rel=1e-5)

@@ -359,12 +359,13 @@ def _dpls_rows_kernel(
                 grad_scale = mean_scale
             z_y = tl.load(row + col).to(tl.float32)
 
-            # 1. stats pass: online max m and s = Σ exp(z − m) (a = Σ exp(z − m)·(z − m) for the entropy
-            #    ε-mode), and each lane's TOP_R largest values. While every entry so far is −inf, m is
+            # 1. stats pass: online max m and s = Σ exp(z − m) (for the ε-modes also a = Σ exp(z − m)·(z − m)
+            #    or rest = s − 1 without its max term), and each lane's TOP_R largest values. While every entry so far is −inf, m is
             #    −inf and exponents are taken against 0 instead (exp(−inf − (−inf)) would be NaN).
             m = -float("inf")
             s = 0.0
             a = 0.0
+            rest = 0.0
             k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
             k1 = k0
             k2 = k0
@@ -380,6 +381,11 @@ def _dpls_rows_kernel(
                 m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
                 alpha = tl.exp(m - m_ref)
                 e = tl.exp(xf - m_ref)
+                if EPS_MODE == 1:  # s − 1 summed without the max entry: 1 − max p without cancellation
+                    at_max = xf == m_new
+                    n_max = tl.sum(at_max.to(tl.float32), 0) - tl.where(m_new > m, 1.0, 0.0)
+                    old_max = tl.where((m_new > m) & (m > -float("inf")), alpha, 0.0)
+                    rest = rest * alpha + old_max + n_max + tl.sum(tl.where(at_max, 0.0, e), 0)
                 if EPS_MODE == 2:
                     shift = tl.where(s > 0.0, m - m_ref, 0.0)
                     dz = tl.where(xf == -float("inf"), 0.0, xf - m_ref)  # 0·(−inf) would be NaN
@@ -390,8 +396,8 @@ def _dpls_rows_kernel(
                     k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
 
             # adaptive ε from the same pass: no extra read of the row
-            if EPS_MODE == 1:  # 1 − max p = 1 − exp(m − lse) = 1 − 1/s
-                eps = eps_value * _pow_gamma(tl.minimum(tl.maximum((s - 1.0) / s, 0.0), 1.0), gamma)
+            if EPS_MODE == 1:  # 1 − max p = 1 − exp(m − lse) = (s − 1)/s
+                eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(rest / s, 0.0), 1.0), gamma)
                 tl.store(eps_out_ptr + r, eps)
             elif EPS_MODE == 2:  # H / log V with H = log s − a/s
                 if V > 1:

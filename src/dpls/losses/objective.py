@@ -24,7 +24,7 @@ import torch
 from dpls.losses.adaptive import EPSILON_MODES, adaptive_epsilon, adaptive_epsilon_from_hidden
 from dpls.losses.functional import dpls_loss
 from dpls.losses.linear import dpls_linear_loss
-from dpls.losses.registry import impl_names
+from dpls.losses.registry import impl_names, resolve_impl
 from dpls.losses.related import (
     check_prior,
     confidence_penalty_loss,
@@ -229,17 +229,42 @@ class _SmoothedObjective(Objective):
 
     def _loss(self, logits, target, step):
         eps, k, mode, gamma = self._plan(logits.shape[-1], step)
+        if eps > 0 and mode != "constant" and self._fused_kernel(logits):  # ε_i in the kernel's pass
+            from dpls.losses.triton_impl import triton_adaptive_dpls_loss
+
+            loss, ce, eps_i = triton_adaptive_dpls_loss(
+                logits,
+                target,
+                epsilon=eps,
+                epsilon_mode=mode,
+                gamma=gamma,
+                top_k=k,
+                ignore_index=IGNORE_INDEX,
+            )
+            return loss, ce, _eps_report(eps_i, target)
         eps_arg = adaptive_epsilon(logits, eps, mode, gamma) if eps > 0 else eps
         loss, ce = dpls_loss(logits, target, **self._dpls_args(eps_arg, k))
         return loss, ce, _eps_report(eps_arg, target)
 
     def _loss_from_hidden(self, hidden, weight, target, step, bias):
         eps, k, mode, gamma = self._plan(weight.shape[0], step)
+        if eps > 0 and mode != "constant" and self._fused_kernel(hidden, linear=True):
+            from dpls.losses.triton_linear import triton_adaptive_dpls_linear_loss
+
+            loss, ce, eps_i = triton_adaptive_dpls_linear_loss(
+                hidden, weight, target, bias=bias, epsilon=eps, epsilon_mode=mode, gamma=gamma,
+                top_k=k, ignore_index=IGNORE_INDEX,
+            )  # fmt: skip
+            return loss, ce, _eps_report(eps_i, target)
         eps_arg = (
             adaptive_epsilon_from_hidden(hidden, weight, eps, mode, gamma, bias=bias) if eps > 0 else eps
         )
         loss, ce = dpls_linear_loss(hidden, weight, target, bias=bias, **self._dpls_args(eps_arg, k))
         return loss, ce, _eps_report(eps_arg, target)
+
+    def _fused_kernel(self, x: torch.Tensor, *, linear: bool = False) -> bool:
+        """Whether ``loss_impl`` resolves to the Triton kernels, which compute adaptive ε_i themselves."""
+        return resolve_impl(self.cfg.loss_impl, x.device, x.dtype, linear=linear).name == "triton"
 
     def _dpls_args(self, epsilon: float | torch.Tensor, top_k: int) -> dict[str, Any]:
         """The arguments both DPLS entry points get (the plain CE comes back beside the loss)."""

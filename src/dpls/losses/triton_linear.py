@@ -23,7 +23,12 @@ from dpls.losses.triton_impl import (
     scale_inplace,
 )
 
-__all__ = ["default_chunk_size", "is_available", "triton_dpls_linear_loss"]
+__all__ = [
+    "default_chunk_size",
+    "is_available",
+    "triton_adaptive_dpls_linear_loss",
+    "triton_dpls_linear_loss",
+]
 
 SECOND_BACKWARD_LINEAR = (
     "the fused-linear Triton DPLS loss (reduction 'mean' or 'sum') finishes grad_hidden and "
@@ -239,3 +244,50 @@ def triton_dpls_linear_loss(
     if return_epsilon:
         out = (*out, eps_rows)
     return out if len(out) > 1 else loss
+
+
+def triton_adaptive_dpls_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    epsilon: float,
+    epsilon_mode: str,
+    gamma: float = 1.0,
+    top_k: int = 100,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    config: KernelConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused-linear DPLS with ε_i computed inside the kernel (``dpls.losses.adaptive``'s modes).
+
+    Same values as ``dpls_linear_loss(..., epsilon=adaptive_epsilon_from_hidden(...))`` without the
+    extra chunked matmul and read that computing ε_i first costs. Returns ``(loss, nll, eps)`` with
+    ``eps`` the ε_i per token (the target's shape, float32, 0 at ignored tokens).
+    """
+    from dpls.losses.adaptive import check_mode
+    from dpls.losses.validation import check_loss_args
+
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError("hidden and weight must be float tensors")
+    if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, C] with C = hidden's last dimension; got {tuple(weight.shape)}")
+    if isinstance(epsilon, torch.Tensor):
+        raise ValueError("epsilon must be a float base value for an adaptive epsilon_mode, got a tensor")
+    check_mode(epsilon_mode, gamma)
+    logits_shape = torch.Size((*hidden.shape[:-1], weight.shape[0]))
+    args = check_loss_args(
+        logits_shape, hidden.dtype, hidden.device, target, epsilon, top_k, ignore_index, reduction,
+        name="hidden @ weight.T",
+    )  # fmt: skip
+    if not is_available(hidden.device):
+        raise ValueError(f"the Triton kernels cannot run on {hidden.device} (CUDA, or TRITON_INTERPRET=1)")
+    loss, nll, eps = triton_dpls_linear_loss(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, args.target, args.epsilon, args.top_k,
+        args.ignore_index, args.reduction, True, chunk_size, config=config,
+        epsilon_mode=epsilon_mode, gamma=gamma, return_epsilon=True,
+    )  # fmt: skip
+    loss, nll = args.unflatten((loss, nll))
+    return loss, nll, eps.reshape(target.shape)
