@@ -171,8 +171,9 @@ def test_extreme_and_middle_k(k):
         KernelConfig(block_v=32, num_warps=1, programs=2, top_r=1, cap=4096),  # certificate fails: scratch
         KernelConfig(block_v=32, num_warps=1, programs=2, top_r=2, cap=0),  # ... and counting over the row
         KernelConfig(block_v=32, num_warps=1, programs=1, top_r=8, cap=16),  # deep lanes, tiny scratch
+        KernelConfig(block_v=32, num_warps=1, programs=2, top_r=1, cap=4096, split=False),  # one launch
     ],
-    ids=["scratch", "row", "deep"],
+    ids=["scratch", "row", "deep", "one-launch"],
 )
 @pytest.mark.parametrize("k", [3, 40])
 def test_fallback_paths(config, k):
@@ -256,10 +257,11 @@ def test_without_grad_the_logits_are_left_alone():
     programs=st.integers(1, 3),
     reduction=st.sampled_from(["mean", "sum", "none"]),
     inplace=st.booleans(),
+    split=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_every_select_path_matches_reference(
-    n, v, k_frac, dtype, kind, block_v, cap, top_r, programs, reduction, inplace, seed
+    n, v, k_frac, dtype, kind, block_v, cap, top_r, programs, reduction, inplace, split, seed
 ):
     gen = torch.Generator().manual_seed(seed)
     k = max(1, min(v, round(k_frac * v)))
@@ -273,7 +275,7 @@ def test_every_select_path_matches_reference(
         z = -torch.rand(n, v, generator=gen) * 4
     y = torch.randint(0, v, (n,), generator=gen)
     y[torch.rand(n, generator=gen) < 0.25] = -100
-    cfg = KernelConfig(block_v=block_v, num_warps=1, programs=programs, cap=cap, top_r=top_r)
+    cfg = KernelConfig(block_v=block_v, num_warps=1, programs=programs, cap=cap, top_r=top_r, split=split)
     _check(z.to(dtype), y, 0.3, k, reduction, config=cfg, inplace=inplace)
 
 

@@ -20,7 +20,10 @@ int32 whose signed order is the order of the float values (``_signed_key``). The
    ``softmax − (1−ε)·onehot(y) − (ε/k)·1[T]``, already scaled, in the logits' dtype (possibly into
    the logits' own storage: each element is read before it is overwritten).
 
-So a row is usually read twice and written once, like a fused cross-entropy. Only elementwise ops,
+So a row is usually read twice and written once, like a fused cross-entropy. Steps 1–3 and step 4
+run as two launches of one kernel (``PHASE`` 1 and 2, a few numbers per row between them), so the
+final pass runs with the final pass's registers, not the selection's; ties at ``t`` are then taken
+up to the index ``cut`` that phase 1 finds (reading the row only as far as the ``k_rem``-th tie). Only elementwise ops,
 reductions and scans are used (no ``tl.histogram``, whose cost differs a lot between Triton
 versions), so the kernels also run under Triton's CPU interpreter.
 """
@@ -288,6 +291,25 @@ def _select_threshold(
 
 
 @triton.jit
+def _tie_cut(row, V, t_value, k_rem, BLOCK_V: tl.constexpr):
+    """Index of the ``k_rem``-th entry (lowest index first) equal to ``t_value``: T takes the ties up
+    to it. Reads the row only up to that entry (there are more than ``k_rem`` ties)."""
+    offs = tl.arange(0, BLOCK_V)
+    taken = tl.zeros([], dtype=tl.int32)
+    cut = tl.full([], -1, tl.int32)
+    start = tl.zeros([], dtype=tl.int32)
+    while (taken < k_rem) & (start < V):
+        idx = start + offs
+        xf = tl.load(row + idx, mask=idx < V, other=0.0).to(tl.float32)
+        tie = (idx < V) & (xf == t_value)
+        rank = taken + tl.cumsum(tie.to(tl.int32), 0)
+        cut = tl.maximum(cut, tl.max(tl.where(tie & (rank == k_rem), idx, -1), 0))
+        taken += tl.sum(tie.to(tl.int32), 0)
+        start += BLOCK_V
+    return cut
+
+
+@triton.jit
 def _pow_gamma(x, gamma):
     """``x ** gamma`` for ``x`` in [0, 1] with torch's conventions (``0 ** 0 = 1``, ``0 ** γ = 0``)."""
     p = tl.exp(gamma * tl.log(tl.maximum(x, 1e-38)))
@@ -310,6 +332,8 @@ def _dpls_rows_kernel(
     loss_ptr,
     nll_ptr,
     scratch_ptr,
+    stat_f_ptr,
+    stat_i_ptr,
     N,
     V,
     top_k,
@@ -323,8 +347,17 @@ def _dpls_rows_kernel(
     EPS_MODE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SCALE_MODE: tl.constexpr,
+    PHASE: tl.constexpr,
 ):
-    """Loss, plain NLL and (optionally) the scaled gradient of each row; see the module docstring."""
+    """Loss, plain NLL and (optionally) the scaled gradient of each row; see the module docstring.
+
+    ``PHASE`` 0 does a row in one program: stats pass, selection, final pass. With a top-k selection
+    the work is split in two launches instead: phase 1 (stats pass and selection) writes each row's
+    ``m``, ``s``, ε, threshold key ``t`` and tie cut to ``stat_f`` / ``stat_i``; phase 2 is the final
+    pass alone. Registers are allocated for a kernel's heaviest part, so the selection's (about 100
+    per thread at 8 warps, against under 64 for the final pass: read off ``cuobjdump -res-usage``)
+    then no longer limit how many programs stream the final pass on each multiprocessor.
+    """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_V)
@@ -339,11 +372,12 @@ def _dpls_rows_kernel(
         grow = g_ptr + r64 * g_stride
         y = tl.load(target_ptr + r)
         if y == ignore_index:
-            tl.store(loss_ptr + r, 0.0)
-            tl.store(nll_ptr + r, 0.0)
-            if EPS_MODE != 0:
+            if PHASE != 2 and EPS_MODE != 0:
                 tl.store(eps_out_ptr + r, 0.0)
-            if WRITE_GRAD:
+            if PHASE != 1:
+                tl.store(loss_ptr + r, 0.0)
+                tl.store(nll_ptr + r, 0.0)
+            if WRITE_GRAD and PHASE != 1:
                 zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(g_ptr.dtype.element_ty)
                 for start in range(0, V, BLOCK_V):
                     tl.store(grow + start + offs, zero, mask=start + offs < V)
@@ -359,113 +393,152 @@ def _dpls_rows_kernel(
                 grad_scale = mean_scale
             z_y = tl.load(row + col).to(tl.float32)
 
-            # 1. stats pass: online max m and s = Σ exp(z − m) (for the ε-modes also a = Σ exp(z − m)·(z − m)
-            #    or rest = s − 1 without its max term), and each lane's TOP_R largest values. While every entry so far is −inf, m is
-            #    −inf and exponents are taken against 0 instead (exp(−inf − (−inf)) would be NaN).
-            m = -float("inf")
-            s = 0.0
-            a = 0.0
-            rest = 0.0
-            k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
-            k1 = k0
-            k2 = k0
-            k3 = k0
-            k4 = k0
-            k5 = k0
-            k6 = k0
-            k7 = k0
-            for start in range(0, V, BLOCK_V):
-                idx = start + offs
-                xf = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(xf, 0))
-                m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-                alpha = tl.exp(m - m_ref)
-                e = tl.exp(xf - m_ref)
-                if EPS_MODE == 1:  # s − 1 summed without the max entry: 1 − max p without cancellation
-                    at_max = xf == m_new
-                    n_max = tl.sum(at_max.to(tl.float32), 0) - tl.where(m_new > m, 1.0, 0.0)
-                    old_max = tl.where((m_new > m) & (m > -float("inf")), alpha, 0.0)
-                    rest = rest * alpha + old_max + n_max + tl.sum(tl.where(at_max, 0.0, e), 0)
-                if EPS_MODE == 2:
-                    shift = tl.where(s > 0.0, m - m_ref, 0.0)
-                    dz = tl.where(xf == -float("inf"), 0.0, xf - m_ref)  # 0·(−inf) would be NaN
-                    a = alpha * (a + s * shift) + tl.sum(e * dz, 0)
-                s = s * alpha + tl.sum(e, 0)
-                m = m_new
-                if TOPK_MODE == 1:
-                    k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
+            cut = V  # entries equal to t are in T up to this index (phase 2)
+            if PHASE != 2:
+                # 1. stats pass: online max m and s = Σ exp(z − m) (for the ε-modes also a = Σ exp(z − m)·(z − m)
+                #    or rest = s − 1 without its max term), and each lane's TOP_R largest values. While every entry so far is −inf, m is
+                #    −inf and exponents are taken against 0 instead (exp(−inf − (−inf)) would be NaN).
+                m = -float("inf")
+                s = 0.0
+                a = 0.0
+                rest = 0.0
+                k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
+                k1 = k0
+                k2 = k0
+                k3 = k0
+                k4 = k0
+                k5 = k0
+                k6 = k0
+                k7 = k0
+                for start in range(0, V, BLOCK_V):
+                    idx = start + offs
+                    xf = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+                    m_new = tl.maximum(m, tl.max(xf, 0))
+                    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_ref)
+                    e = tl.exp(xf - m_ref)
+                    if EPS_MODE == 1:  # s − 1 summed without the max entry: 1 − max p without cancellation
+                        at_max = xf == m_new
+                        n_max = tl.sum(at_max.to(tl.float32), 0) - tl.where(m_new > m, 1.0, 0.0)
+                        old_max = tl.where((m_new > m) & (m > -float("inf")), alpha, 0.0)
+                        rest = rest * alpha + old_max + n_max + tl.sum(tl.where(at_max, 0.0, e), 0)
+                    if EPS_MODE == 2:
+                        shift = tl.where(s > 0.0, m - m_ref, 0.0)
+                        dz = tl.where(xf == -float("inf"), 0.0, xf - m_ref)  # 0·(−inf) would be NaN
+                        a = alpha * (a + s * shift) + tl.sum(e * dz, 0)
+                    s = s * alpha + tl.sum(e, 0)
+                    m = m_new
+                    if TOPK_MODE == 1:
+                        k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
 
-            # adaptive ε from the same pass: no extra read of the row
-            if EPS_MODE == 1:  # 1 − max p = 1 − exp(m − lse) = (s − 1)/s
-                eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(rest / s, 0.0), 1.0), gamma)
-                tl.store(eps_out_ptr + r, eps)
-            elif EPS_MODE == 2:  # H / log V with H = log s − a/s
-                if V > 1:
-                    h = (tl.log(s) - a / s) / tl.log(V * 1.0)
-                else:
-                    h = 0.0
-                eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(h, 0.0), 1.0), gamma)
-                tl.store(eps_out_ptr + r, eps)
-
-            # 2–3. the threshold of T
-            t = tl.zeros([], dtype=tl.int32)
-            k_rem = tl.zeros([], dtype=tl.int32)
-            ties = tl.zeros([], dtype=tl.int32)
-            if TOPK_MODE == 1:
-                t, above, ties = _select_threshold(
-                    row, V, k0, k1, k2, k3, k4, k5, k6, k7, m, top_k, scratch, KEY_BITS, BLOCK_V, CAP, TOP_R
-                )
-                k_rem = top_k - above
-            t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)  # float compares: −0 == +0 too
-
-            # 4. final pass: membership of T, top-k sum, gradient. Sums stay per lane and are reduced
-            #    once per row; ties at t are counted block by block only until k_rem of them are taken
-            #    (and ranked by a scan only in the block where that happens).
-            inv_s = 1.0 / s
-            c_target = (1.0 - eps) * grad_scale
-            c_topk = eps / top_k * grad_scale
-            top_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # Σ_{j∈T} (m − z_j) per lane, ≥ 0
-            taken = tl.zeros([], dtype=tl.int32)
-            for start in range(0, V, BLOCK_V):
-                idx = start + offs
-                valid = idx < V
-                x = tl.load(row + idx, mask=valid, other=0.0)
-                xf = x.to(tl.float32)
-                if TOPK_MODE == 1:
-                    tie = valid & (xf == t_value)
-                    if ties > k_rem:  # only then does the index order of ties matter
-                        if taken < k_rem:
-                            n_tie = tl.sum(tie.to(tl.int32), 0)
-                            if taken + n_tie > k_rem:  # the block where the k_rem-th tie is
-                                take = tie & (taken + tl.cumsum(tie.to(tl.int32), 0) <= k_rem)
-                            else:
-                                take = tie
-                            taken += n_tie
-                        else:
-                            take = tie & (idx < 0)
+                # adaptive ε from the same pass: no extra read of the row
+                if EPS_MODE == 1:  # 1 − max p = 1 − exp(m − lse) = (s − 1)/s
+                    eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(rest / s, 0.0), 1.0), gamma)
+                    tl.store(eps_out_ptr + r, eps)
+                elif EPS_MODE == 2:  # H / log V with H = log s − a/s
+                    if V > 1:
+                        h = (tl.log(s) - a / s) / tl.log(V * 1.0)
                     else:
-                        take = tie
-                    in_t = (valid & (xf > t_value)) | take
-                else:
-                    in_t = valid
-                if TOPK_MODE != 0:
-                    top_acc += tl.where(in_t, m - xf, 0.0)
-                if WRITE_GRAD:
-                    g = tl.exp(xf - m) * (inv_s * grad_scale)
-                    g -= tl.where(idx == col, c_target, 0.0)
-                    if TOPK_MODE != 0:
-                        g -= tl.where(in_t, c_topk, 0.0)
-                    tl.store(grow + idx, g.to(g_ptr.dtype.element_ty), mask=valid)
+                        h = 0.0
+                    eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(h, 0.0), 1.0), gamma)
+                    tl.store(eps_out_ptr + r, eps)
 
-            nll = tl.log(s) + (m - z_y)
-            if TOPK_MODE == 0:
-                loss = nll
+                # 2–3. the threshold of T
+                t = tl.zeros([], dtype=tl.int32)
+                k_rem = tl.zeros([], dtype=tl.int32)
+                ties = tl.zeros([], dtype=tl.int32)
+                if TOPK_MODE == 1:
+                    t, above, ties = _select_threshold(
+                        row,
+                        V,
+                        k0,
+                        k1,
+                        k2,
+                        k3,
+                        k4,
+                        k5,
+                        k6,
+                        k7,
+                        m,
+                        top_k,
+                        scratch,
+                        KEY_BITS,
+                        BLOCK_V,
+                        CAP,
+                        TOP_R,
+                    )
+                    k_rem = top_k - above
+                t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)  # float compares: −0 == +0 too
+                if PHASE == 1:
+                    if TOPK_MODE == 1:  # noqa: SIM102 - a constexpr test, then a run-time one
+                        if ties > k_rem:
+                            cut = _tie_cut(row, V, t_value, k_rem, BLOCK_V)
+                    tl.store(stat_f_ptr + 3 * r64, m)
+                    tl.store(stat_f_ptr + 3 * r64 + 1, s)
+                    tl.store(stat_f_ptr + 3 * r64 + 2, eps)
+                    tl.store(stat_i_ptr + 2 * r64, t)
+                    tl.store(stat_i_ptr + 2 * r64 + 1, cut)
             else:
-                top_sum = tl.sum(top_acc, 0)  # +inf when T holds a −inf logit: then only ε = 0 is finite
-                smooth = eps / top_k * tl.where(eps > 0.0, top_sum, 0.0)  # 0·inf would be NaN
-                loss = tl.log(s) + (1.0 - eps) * (m - z_y) + smooth
-            tl.store(loss_ptr + r, loss)
-            tl.store(nll_ptr + r, nll)
+                m = tl.load(stat_f_ptr + 3 * r64)
+                s = tl.load(stat_f_ptr + 3 * r64 + 1)
+                eps = tl.load(stat_f_ptr + 3 * r64 + 2)
+                t = tl.load(stat_i_ptr + 2 * r64)
+                cut = tl.load(stat_i_ptr + 2 * r64 + 1)
+                k_rem = tl.zeros([], dtype=tl.int32)
+                ties = tl.zeros([], dtype=tl.int32)
+                t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)
+
+            if PHASE != 1:
+                # 4. final pass: membership of T, top-k sum, gradient. Sums stay per lane and are reduced
+                #    once per row; ties at t are counted block by block only until k_rem of them are taken
+                #    (and ranked by a scan only in the block where that happens).
+                inv_s = 1.0 / s
+                c_target = (1.0 - eps) * grad_scale
+                c_topk = eps / top_k * grad_scale
+                top_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # Σ_{j∈T} (m − z_j) per lane, ≥ 0
+                taken = tl.zeros([], dtype=tl.int32)
+                for start in range(0, V, BLOCK_V):
+                    idx = start + offs
+                    valid = idx < V
+                    x = tl.load(row + idx, mask=valid, other=0.0)
+                    xf = x.to(tl.float32)
+                    if TOPK_MODE == 1 and PHASE == 2:
+                        in_t = valid & ((xf > t_value) | ((xf == t_value) & (idx <= cut)))
+                    elif TOPK_MODE == 1:
+                        tie = valid & (xf == t_value)
+                        if ties > k_rem:  # only then does the index order of ties matter
+                            if taken < k_rem:
+                                n_tie = tl.sum(tie.to(tl.int32), 0)
+                                if taken + n_tie > k_rem:  # the block where the k_rem-th tie is
+                                    take = tie & (taken + tl.cumsum(tie.to(tl.int32), 0) <= k_rem)
+                                else:
+                                    take = tie
+                                taken += n_tie
+                            else:
+                                take = tie & (idx < 0)
+                        else:
+                            take = tie
+                        in_t = (valid & (xf > t_value)) | take
+                    else:
+                        in_t = valid
+                    if TOPK_MODE != 0:
+                        top_acc += tl.where(in_t, m - xf, 0.0)
+                    if WRITE_GRAD:
+                        g = tl.exp(xf - m) * (inv_s * grad_scale)
+                        g -= tl.where(idx == col, c_target, 0.0)
+                        if TOPK_MODE != 0:
+                            g -= tl.where(in_t, c_topk, 0.0)
+                        tl.store(grow + idx, g.to(g_ptr.dtype.element_ty), mask=valid)
+
+                nll = tl.log(s) + (m - z_y)
+                if TOPK_MODE == 0:
+                    loss = nll
+                else:
+                    top_sum = tl.sum(top_acc, 0)  # +inf when T holds a −inf logit: then only ε = 0 is finite
+                    smooth = eps / top_k * tl.where(eps > 0.0, top_sum, 0.0)  # 0·inf would be NaN
+                    loss = tl.log(s) + (1.0 - eps) * (m - z_y) + smooth
+                tl.store(loss_ptr + r, loss)
+                tl.store(nll_ptr + r, nll)
 
 
 @triton.jit

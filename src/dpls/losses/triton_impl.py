@@ -45,7 +45,10 @@ class KernelConfig:
     :func:`lane_depth`); ``cap``: entries of the per-program scratch row used when the lanes' values
     do not certify the threshold (past it the threshold is counted over the row itself: slower, same
     result); ``programs``: size of the persistent grid (0 = the device's multiprocessors ×
-    ``programs_per_sm``, capped by the number of rows).
+    ``programs_per_sm``, capped by the number of rows); ``split``: with a top-k selection, run the
+    stats pass and selection as one launch and the final pass as a second (the selection's
+    registers then do not lower the final pass's occupancy; see ``_dpls_rows_kernel``);
+    ``select_warps``: warps of that first launch (0 = ``num_warps``).
     """
 
     block_v: int = 2048
@@ -55,20 +58,23 @@ class KernelConfig:
     programs_per_sm: int = 4
     programs: int = 0
     num_stages: int = 2
+    split: bool = True
+    select_warps: int = 0
 
 
 def choose_config(vocab: int, dtype: torch.dtype, device: torch.device, top_k: int = 100) -> KernelConfig:
-    """A launch shape for rows of ``vocab`` entries: blocks of 2048 (8 per thread with 8 warps).
-
-    Deep lanes (large k) hold more values per thread, so they get 16 warps (4 entries per thread).
-    """
+    """A launch shape for rows of ``vocab`` entries: blocks of 2048 (8 per thread with 8 warps), and
+    16 warps for the selection launch (4 per thread: its lanes' values fit in fewer registers)."""
     block_v = min(2048, max(128, 1 << (vocab - 1).bit_length()))
     num_warps = 8 if block_v >= 2048 else 4
     if device.type != "cuda":  # the interpreter: programs run one after another, keep blocks small
         return KernelConfig(block_v=min(block_v, 1024), num_warps=1, programs=4)
-    if block_v >= 2048 and lane_depth(top_k, vocab, block_v) > 4:
-        num_warps = 16
-    return KernelConfig(block_v=block_v, num_warps=num_warps, cap=2 * block_v)
+    # The selection launch holds the lanes' values and the search: at 8 warps it needs about 91
+    # registers a thread (2 programs of 8 warps per multiprocessor); at 16 warps 64 (2 programs of
+    # 16 warps: twice the warps streaming). The final pass needs about 61 at 8 warps (4 programs).
+    # Counts from ``cuobjdump -res-usage`` on sm_90 cubins compiled without a GPU (Triton 3.9).
+    select_warps = 16 if block_v >= 2048 else num_warps
+    return KernelConfig(block_v=block_v, num_warps=num_warps, cap=2 * block_v, select_warps=select_warps)
 
 
 def lane_depth(top_k: int, vocab: int, block_v: int, target_rate: float = 0.01) -> int:
@@ -157,7 +163,10 @@ def launch_rows(
     dummy = loss  # any float32 tensor for pointers a mode does not read
     eps_tensor = epsilon.to(device=logits.device, dtype=torch.float32).contiguous() if per_row_eps else dummy
     g = grad if grad is not None else logits
-    k._dpls_rows_kernel[(grid,)](
+    split = cfg.split and topk_mode == k.TOPK_SELECT
+    stat_f = torch.empty(3 * n_rows if split else 1, dtype=torch.float32, device=logits.device)
+    stat_i = torch.empty(2 * n_rows if split else 1, dtype=torch.int32, device=logits.device)
+    args = (
         logits,
         logits.stride(0),
         g,
@@ -171,22 +180,30 @@ def launch_rows(
         loss,
         nll,
         scratch,
+        stat_f,
+        stat_i,
         n_rows,
         vocab,
         int(top_k),
         int(ignore_index),
+    )
+    consts = dict(
         KEY_BITS=_KEY_BITS[logits.dtype],
         BLOCK_V=cfg.block_v,
-        CAP=cap,
-        TOP_R=top_r if topk_mode == k.TOPK_SELECT else 1,
         TOPK_MODE=topk_mode,
         EPS_PER_ROW=per_row_eps,
         EPS_MODE=eps_mode,
-        WRITE_GRAD=grad is not None,
         SCALE_MODE=mode,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    select = dict(CAP=cap, TOP_R=top_r if topk_mode == k.TOPK_SELECT else 1)
+    if split:  # phase 1: stats and selection, phase 2: the final pass (no selection code: fewer registers)
+        first = {**consts, "num_warps": cfg.select_warps or cfg.num_warps}
+        k._dpls_rows_kernel[(grid,)](*args, **select, WRITE_GRAD=False, PHASE=1, **first)
+        k._dpls_rows_kernel[(grid,)](*args, CAP=0, TOP_R=1, WRITE_GRAD=grad is not None, PHASE=2, **consts)
+    else:
+        k._dpls_rows_kernel[(grid,)](*args, **select, WRITE_GRAD=grad is not None, PHASE=0, **consts)
     return loss, nll
 
 
