@@ -16,8 +16,8 @@ _EXPORTS: dict[str, str] = {
     "dpls_linear_loss": ".losses",
     "label_smoothing_loss": ".losses",
     "DPLSLoss": ".losses",
-    "load_model": ".train.checkpoint",
-    "load_tokenizer": ".data.tokenizer",
+    "load_model": ".runs.checkpoint",
+    "load_tokenizer": ".runs.layout",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -110,7 +110,9 @@ def test_load_tokenizer_through_the_run_config(bpe, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(f'data_dir = "{data}"\n')
-    assert load_tokenizer(run).eot == bpe.eot
+    with pytest.raises(DataError, match=r"no meta\.json"):  # the data layer knows no run config
+        load_tokenizer(run)
+    assert dpls.load_tokenizer(run).eot == bpe.eot  # the run layer follows it to the data
 
 
 def test_load_tokenizer_gpt2_meta_uses_injected_encoding(tmp_path):

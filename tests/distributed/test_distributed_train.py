@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 
 from data_helpers import write_data_dir
-from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_trainer_state
+from dpls.runs.checkpoint import latest_checkpoint, list_checkpoints, load_model, read_trainer_state
+from dpls.runs.layout import read_metrics
 from dpls.train.config import load_config
-from dpls.train.loggers import read_metrics
 from dpls.train.trainer import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

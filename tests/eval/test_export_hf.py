@@ -29,7 +29,7 @@ def make_tiny_run(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from dpls.train.checkpoint import save_checkpoint
+    from dpls.runs.checkpoint import save_checkpoint
     from dpls.train.config import TrainConfig
 
     run = root / "run"

@@ -10,7 +10,7 @@ import torch
 
 import dpls
 from dpls.model import Transformer, model_config
-from dpls.train.checkpoint import (
+from dpls.runs.checkpoint import (
     CheckpointError,
     capture_rng,
     checkpoint_name,

@@ -325,7 +325,7 @@ def _run_study_on_rank(data: dict) -> str:
 def test_study_under_two_ranks(tmp_path, stdlib_sample):
     """torchrun-style: both ranks train every run, rank 0 evaluates and writes the report."""
     from dpls.distributed.testing import run_workers
-    from dpls.train.checkpoint import read_trainer_state
+    from dpls.runs.checkpoint import read_trainer_state
 
     data = _spec(tmp_path, stdlib_sample, iters_per_arm=3, fork_step=4, eval={"tokens": 512})
     data["train"].update(gradient_accumulation_steps=2, eval_interval=100, eval_tokens=256, device="cpu")

@@ -11,13 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dpls.cli import main
+from dpls.runs.layout import dumps_toml
 from dpls.train.config import (
     TrainConfig,
     convert,
-    dumps_toml,
     load_config,
     parse_overrides,
-    read_toml,
+    read_config_file,
     write_config,
 )
 
@@ -88,7 +88,7 @@ def test_unknown_key_suggests_closest(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("learnig_rate = 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
-        read_toml(path)
+        read_config_file(path)
     with pytest.raises(ValueError, match="needs a value"):
         parse_overrides(["--max_iters"])
     for typo in ("max_iters=3", "-max_iters=3"):  # not "config file not found: max_iters=3"
@@ -96,7 +96,7 @@ def test_unknown_key_suggests_closest(tmp_path):
             parse_overrides([typo])
     path.write_bytes(b"\xff\xfemax_iters = 3\n")
     with pytest.raises(ValueError, match=r"c\.toml is not valid TOML: not UTF-8"):
-        read_toml(path)
+        read_config_file(path)
 
 
 def test_validation_ranges():

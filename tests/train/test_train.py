@@ -19,10 +19,11 @@ import torch
 
 from data_helpers import write_data_dir
 from dpls.cli import main
-from dpls.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from dpls.runs.checkpoint import latest_checkpoint, list_checkpoints, load_model
+from dpls.runs.layout import read_metrics
 from dpls.train.config import load_config
-from dpls.train.loggers import read_metrics
-from dpls.train.trainer import TrainingError, plan_run, train
+from dpls.train.plan import plan_run
+from dpls.train.trainer import TrainingError, train
 
 SPEC_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_KEYS = ("val_ce", "val_ppl", "val_entropy")

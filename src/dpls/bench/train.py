@@ -9,12 +9,10 @@ same process, because absolute times on shared machines are not comparable acros
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -171,96 +169,28 @@ def format_table(rows: list[TrainTiming]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--presets", default="124m,350m", help="comma-separated model presets")
-    parser.add_argument("--losses", default="ce,dpls", help="comma-separated losses (ce first)")
-    parser.add_argument("--impls", default="auto", help="comma-separated loss implementations")
-    parser.add_argument("--fused-linear", action="store_true", help="fuse the output projection")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
-    parser.add_argument("--epsilon", type=float, default=0.1)
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
-
-
-def _check_cases(
-    presets: list[str], losses: list[str], impls: list[str], args: argparse.Namespace, device: torch.device
+def check_cases(
+    presets: list[str],
+    losses: list[str],
+    impls: list[str],
+    *,
+    vocab_size: int | None,
+    epsilon: float,
+    top_k: int,
+    device: torch.device,
 ) -> None:
     """Every loss key is checked before the first (possibly minutes-long) case, as the trainer
     does: build each objective and evaluate it once on one token of the preset's vocabulary,
-    on the benchmark's device (an implementation's availability depends on it)."""
-    from dpls.cli import UsageError
+    on the benchmark's device (an implementation's availability depends on it). Raises
+    ``ValueError`` naming the bad key."""
     from dpls.losses.objective import LossConfig, build_objective
     from dpls.model import model_config
 
-    if not losses or not impls:
-        raise UsageError("--losses and --impls must each name at least one")
     for preset in presets:
-        overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
-        try:
-            vocab = model_config(preset, **overrides).vocab_size
-            for loss in losses:
-                for impl in impls:
-                    cfg = LossConfig(
-                        loss=loss, dpls_epsilon=args.epsilon, dpls_top_k=args.top_k, loss_impl=impl
-                    )
-                    logits = torch.zeros(1, vocab, device=device)
-                    build_objective(cfg)(logits, torch.zeros(1, dtype=torch.long, device=device), step=0)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
-
-
-def run(args: argparse.Namespace) -> int:
-    from dpls.cli import UsageError
-    from dpls.cli._common import check_output_file
-    from dpls.model import PRESETS
-
-    presets = [p for p in args.presets.split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise UsageError(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)}")
-    for name in ("steps", "batch_size", "block_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    from dpls.eval.evaluate import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    losses = [x for x in args.losses.split(",") if x]
-    impls = [x for x in args.impls.split(",") if x]
-    _check_cases(presets, losses, impls, args, device)
-    check_output_file(args.json, "--json")
-    rows = bench_train(
-        presets,
-        losses,
-        impls,
-        fused_linear=args.fused_linear,
-        batch_size=args.batch_size,
-        block_size=args.block_size,
-        vocab_size=args.vocab_size,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=device,
-        dtype=dtype,
-        compile_model=args.compile,
-        epsilon=args.epsilon,
-        top_k=args.top_k,
-    )
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        f"device: {name}, dtype: {str(dtype).removeprefix('torch.')}, batch {args.batch_size}×{args.block_size}"
-    )
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "rows": [asdict(r) for r in rows]}, f, indent=2)
-    return 0
+        overrides = {"vocab_size": vocab_size} if vocab_size is not None else {}
+        vocab = model_config(preset, **overrides).vocab_size
+        for loss in losses:
+            for impl in impls:
+                cfg = LossConfig(loss=loss, dpls_epsilon=epsilon, dpls_top_k=top_k, loss_impl=impl)
+                logits = torch.zeros(1, vocab, device=device)
+                build_objective(cfg)(logits, torch.zeros(1, dtype=torch.long, device=device), step=0)

@@ -1,19 +1,19 @@
 """``dpls bench loss`` / ``dpls bench train``: performance comparisons as ratios measured in one run.
 
-``bench train`` lives in :mod:`dpls.bench.train` (written with the trainer), which provides
-``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when that command runs.
+The measurements live in `dpls.bench.loss` and `dpls.bench.train`; this module parses and
+checks the arguments (a bad one is a one-line usage error before any case runs) and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import json
 import os
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from dpls.cli import UsageError
-from dpls.cli._common import check_output_file
+from dpls.cli._common import check_output_file, usage_errors
 
 if TYPE_CHECKING:
     import torch
@@ -48,16 +48,87 @@ def register(subparsers, name: str, help_text: str) -> None:
     train = sub.add_parser(
         "train", help="training throughput and memory of the loss variants (tokens/s, MFU)"
     )
-    if importlib.util.find_spec("dpls.bench.train") is not None:
-        module = importlib.import_module("dpls.bench.train")
-        module.add_arguments(train)
-        train.set_defaults(func=module.run)
-    else:
-        train.set_defaults(func=_train_missing)
+    _add_train_arguments(train)
+    train.set_defaults(func=_run_train)
 
 
-def _train_missing(args: argparse.Namespace) -> int:
-    raise UsageError("dpls bench train is not available in this installation (dpls.bench.train is missing)")
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from dpls.bench.train import DTYPES
+
+    parser.add_argument("--presets", default="124m,350m", help="comma-separated model presets")
+    parser.add_argument("--losses", default="ce,dpls", help="comma-separated losses (ce first)")
+    parser.add_argument("--impls", default="auto", help="comma-separated loss implementations")
+    parser.add_argument("--fused-linear", action="store_true", help="fuse the output projection")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument("--epsilon", type=float, default=0.1)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from dpls.bench.train import DTYPES, bench_train, check_cases, format_table
+    from dpls.eval.evaluate import resolve_device
+    from dpls.model import PRESETS
+
+    presets = [p for p in args.presets.split(",") if p]
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise UsageError(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)}")
+    for name in ("steps", "batch_size", "block_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    with usage_errors():
+        device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    losses = [x for x in args.losses.split(",") if x]
+    impls = [x for x in args.impls.split(",") if x]
+    if not losses or not impls:
+        raise UsageError("--losses and --impls must each name at least one")
+    with usage_errors():
+        check_cases(
+            presets,
+            losses,
+            impls,
+            vocab_size=args.vocab_size,
+            epsilon=args.epsilon,
+            top_k=args.top_k,
+            device=device,
+        )
+    check_output_file(args.json, "--json")
+    rows = bench_train(
+        presets,
+        losses,
+        impls,
+        fused_linear=args.fused_linear,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        vocab_size=args.vocab_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        dtype=dtype,
+        compile_model=args.compile,
+        epsilon=args.epsilon,
+        top_k=args.top_k,
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device: {name}, dtype: {str(dtype).removeprefix('torch.')}, batch {args.batch_size}×{args.block_size}"
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "rows": [asdict(r) for r in rows]}, f, indent=2)
+    return 0
 
 
 def _config(args: argparse.Namespace):

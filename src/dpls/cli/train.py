@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if any(a in ("-h", "--help") for a in args.args):
         args._parser.print_help()
         return 0
-    from dpls.train.checkpoint import CheckpointError, latest_checkpoint
+    from dpls.runs.checkpoint import CheckpointError, latest_checkpoint
     from dpls.train.config import load_config
     from dpls.train.trainer import InvalidRun, TrainingError, read_run_summary, train
 

@@ -9,7 +9,6 @@ round-trips every string exactly; ``<|endoftext|>`` (``eot``) separates document
 from __future__ import annotations
 
 import os
-import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -168,8 +167,7 @@ def tokenizer_from_meta(meta: DataMeta, root: str | Path, *, encoding: Any = Non
 def find_meta_dir(path: str | Path, levels: int = 3) -> Path:
     """The directory whose ``meta.json`` describes ``path``'s tokens: ``path`` itself, its
     ``tokenizer/`` folder (where the trainer copies it into a run), then the same for up to
-    ``levels`` parents (a checkpoint sits in ``RUN/checkpoints/``); last, the ``data_dir`` of
-    a ``config.toml`` found on the way."""
+    ``levels`` parents (a checkpoint sits in ``RUN/checkpoints/``)."""
     path = Path(path)
     if path.is_file():
         path = path.parent
@@ -178,15 +176,6 @@ def find_meta_dir(path: str | Path, levels: int = 3) -> Path:
         for candidate in (place, place / "tokenizer"):
             if (candidate / META_FILE).is_file():
                 return candidate
-    for place in places:
-        config = place / "config.toml"
-        if config.is_file():
-            try:
-                data_dir = tomllib.loads(config.read_text(encoding="utf-8")).get("data_dir")
-            except tomllib.TOMLDecodeError:
-                continue
-            if data_dir and (Path(data_dir) / META_FILE).is_file():
-                return Path(data_dir)
     raise DataError(
         f"no {META_FILE} found for {str(path)!r} (looked in it, its tokenizer/ folder and {levels} parents): "
         "pass a data directory, a run directory or a checkpoint"
@@ -194,7 +183,8 @@ def find_meta_dir(path: str | Path, levels: int = 3) -> Path:
 
 
 def load_tokenizer(path: str | Path, *, encoding: Any = None) -> Tokenizer:
-    """The tokenizer of a data directory, run directory or checkpoint (or a ``tokenizer.json``).
+    """The tokenizer of a data directory, run directory or checkpoint (or a ``tokenizer.json``);
+    `dpls.runs.load_tokenizer` also follows a run's config.toml to its data directory.
 
     ``encoding`` replaces tiktoken's GPT-2 encoding for ``"gpt2"`` data (offline use, tests).
     """

@@ -96,11 +96,11 @@ def evaluate_model(
 
 def run_settings(checkpoint: Path) -> dict[str, Any]:
     """The resolved training config saved in a checkpoint (``config.toml``): data_dir, block_size..."""
-    from dpls.train.config import read_toml
+    from dpls.runs.layout import CONFIG_FILE, config_path, read_toml
 
-    path = checkpoint / "config.toml"
+    path = config_path(checkpoint)
     if not path.is_file():
-        raise ValueError(f"{checkpoint} has no config.toml; pass data_dir (--data-dir) and block_size")
+        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; pass data_dir (--data-dir) and block_size")
     return read_toml(path)
 
 
@@ -198,7 +198,8 @@ def evaluate_checkpoint(
     and provenance) and, with ``plots``, the reliability diagrams and the entropy histogram.
     """
     # -- everything checked before any work ---------------------------------------------
-    from dpls.train.checkpoint import read_model_config, resolve_checkpoint
+    from dpls.runs.checkpoint import read_model_config, resolve_checkpoint
+    from dpls.runs.layout import config_path
 
     if tokens is not None and tokens < 1:
         raise ValueError(f"tokens must be a positive number of validation tokens, got {tokens}")
@@ -215,7 +216,7 @@ def evaluate_checkpoint(
         data_dir = data_dir if data_dir is not None else _saved_data_dir(cfg, path)
         block_size = block_size if block_size is not None else cfg.get("block_size")
         if not data_dir or not block_size:
-            raise ValueError(f"{path}/config.toml lacks data_dir or block_size; pass them explicitly")
+            raise ValueError(f"{config_path(path)} lacks data_dir or block_size; pass them explicitly")
         block_size = int(block_size)
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").is_file():
@@ -240,7 +241,7 @@ def evaluate_checkpoint(
 
     # -- the work -------------------------------------------------------------------------
     from dpls.data.loader import validation_batches
-    from dpls.train.checkpoint import load_model
+    from dpls.runs.checkpoint import load_model
 
     batches = validation_batches(data_dir, block_size, batch_size, tokens)  # checks the data first
     model = load_model(path, device=dev)

@@ -32,7 +32,9 @@ HF_CACHE = "hf"  # RUN/hf/step_NNNNNNN: where `cached_export` keeps exports
 
 
 def _run_dir(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    from dpls.runs.layout import CHECKPOINTS_DIR
+
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -48,10 +50,10 @@ def find_tokenizer(checkpoint: Path) -> dict[str, Any]:
     Looked for in ``RUN/tokenizer/`` (copied there by the trainer), then in the run's data
     directory (its ``meta.json`` names the tokenizer).
     """
-    from dpls.train.config import read_toml
+    from dpls.runs.layout import TOKENIZER_DIR, config_path, read_toml
 
-    places = [_run_dir(checkpoint) / "tokenizer"]
-    cfg_file = checkpoint / "config.toml"
+    places = [_run_dir(checkpoint) / TOKENIZER_DIR]
+    cfg_file = config_path(checkpoint)
     data_dir = read_toml(cfg_file).get("data_dir") if cfg_file.is_file() else None
     if data_dir:
         places.append(Path(data_dir))
@@ -127,7 +129,7 @@ def _fingerprint(checkpoint: Path) -> list[list[Any]]:
 def check_exportable(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]:
     """(checkpoint dir, ModelConfig, tokenizer info), or `ValueError` saying why it cannot export."""
     from dpls.model import ModelConfig, to_hf_config
-    from dpls.train.checkpoint import read_model_config, resolve_checkpoint
+    from dpls.runs.checkpoint import read_model_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_dict(read_model_config(ckpt))
@@ -174,7 +176,7 @@ def export_hf(
     models have a Llama equivalent; TPA raises `ValueError`.
     """
     from dpls.model import to_hf_config
-    from dpls.train.checkpoint import load_model
+    from dpls.runs.checkpoint import load_model
 
     # -- everything checked before any work ---------------------------------------------
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,7 +235,7 @@ def export_hf(
 
 def cached_export(checkpoint: str | Path) -> Path:
     """The export of ``checkpoint`` in ``RUN/hf/step_NNNNNNN``, (re)written only when out of date."""
-    from dpls.train.checkpoint import resolve_checkpoint
+    from dpls.runs.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     cache = _run_dir(ckpt) / HF_CACHE / ckpt.name

@@ -10,10 +10,11 @@ from typing import Any
 from dpls.eval.metrics import ReliabilityBins
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only: never needs a display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only: never needs a display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -23,7 +24,7 @@ def plot_reliability(
     bins: ReliabilityBins, path: str | Path, *, ece: float | None = None, title: str = ""
 ) -> Path:
     """Accuracy against confidence per bin (gap to the diagonal shaded), token counts below."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}, constrained_layout=True
     )
@@ -74,7 +75,7 @@ def plot_entropy_histogram(
     edges: list[float], counts: list[float], path: str | Path, *, mean: float | None = None, title: str = ""
 ) -> Path:
     """Histogram of per-token predictive entropy over [0, log V] nats."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
     widths = [hi - lo for lo, hi in pairwise(edges)]
     ax.bar(edges[:-1], counts, width=widths, align="edge", color="tab:green", edgecolor="none")

@@ -6,7 +6,7 @@ A checkpoint is a directory ``RUN/checkpoints/step_NNNNNNN/`` (N = optimizer ste
     trainer_state.json       step, tokens seen, data-loader position, LR schedule, ...
     rng_rank{r}.pt           RNG states of rank r: torch CPU / CUDA, numpy, python
     model_config.json        the network's ModelConfig (vocabulary size included)
-    config.toml              the resolved TrainConfig
+    config.toml              the resolved training config
 
 Tensors go through ``torch.distributed.checkpoint`` (DCP) with the plain parameter names
 of ``get_state_dict``: every rank writes its own shard, and loading reads each tensor into
@@ -34,22 +34,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from dpls.runs.layout import CHECKPOINTS_DIR as CHECKPOINTS
+from dpls.runs.layout import CONFIG_FILE as CONFIG
+from dpls.runs.layout import dumps_toml
+
 if TYPE_CHECKING:
     from dpls.distributed.context import DistContext
-    from dpls.train.config import TrainConfig
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
-CONFIG = "config.toml"
 _STEP_DIR = re.compile(r"step_(\d{7,})")
 _TMP_MARK = ".tmp-"
+
+
+class RunConfig(Protocol):
+    """What a checkpoint needs of the training config (``dpls.train.TrainConfig``): its keys."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class CheckpointError(RuntimeError):
@@ -211,7 +218,7 @@ def save_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     trainer_state: dict[str, Any],
-    config: TrainConfig,
+    config: RunConfig,
     model_config: Any,
     ctx: DistContext | None = None,
     keep: int = 0,
@@ -227,7 +234,6 @@ def save_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from dpls.distributed.faults import maybe_inject_enospc
-    from dpls.train.config import dumps_toml
 
     ctx = _world(ctx)
     run_dir = Path(run_dir)
@@ -321,12 +327,6 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
     return _read_json(Path(path) / MODEL_CONFIG)
-
-
-def read_config(path: str | Path) -> TrainConfig:
-    from dpls.train.config import TrainConfig, read_toml
-
-    return TrainConfig.from_dict(read_toml(Path(path) / CONFIG))
 
 
 def saved_ranks(path: str | Path) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,20 @@ from typing import Any
 import numpy as np
 
 from dpls.eval.metrics import METRIC_KEYS
+from dpls.runs.layout import (
+    EVAL_DIR,
+    EVAL_FILE,
+    METRICS_FILE,
+    config_path,
+    is_run_dir,
+    metrics_path,
+    read_metrics,
+    read_run_config,
+)
+from dpls.study.plots import plot_curves, plot_reliability
 from dpls.study.spec import LOSS_KEYS
-from dpls.study.state import EVAL_DIR, LM_EVAL_FILE, is_study_dir, read_state
-from dpls.study.stats import EFFECT_LARGER, Interval, mean_sd, paired_ci, welch_ci
+from dpls.study.state import LM_EVAL_FILE, is_study_dir, read_state
+from dpls.study.stats import EFFECT_LARGER, Interval, is_finite_number, mean_sd, paired_ci, welch_ci
 
 # SPEC §4, in its order; "tokens" is a count, reported but not compared.
 EVAL_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "tokens")
@@ -68,31 +78,12 @@ class RunRecord:
     reliability: dict[str, list[float]] | None = None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash: skip it, keep the rest
-    return rows
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def find_eval_file(run_dir: Path) -> Path | None:
     """The run's final evaluation: RUN/eval/metrics.json, RUN/metrics.json, else the newest one below RUN."""
-    for candidate in (run_dir / EVAL_DIR / "metrics.json", run_dir / "metrics.json"):
+    for candidate in (run_dir / EVAL_DIR / EVAL_FILE, run_dir / EVAL_FILE):
         if candidate.is_file():
             return candidate
-    found = sorted(run_dir.rglob("metrics.json"), key=lambda p: p.stat().st_mtime)
+    found = sorted(run_dir.rglob(EVAL_FILE), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
@@ -120,25 +111,25 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run directory not found: {run_dir}")
-    config: dict[str, Any] = {}
-    if (run_dir / "config.toml").is_file():
-        config = tomllib.loads((run_dir / "config.toml").read_text())
-    rows = _read_jsonl(run_dir / "metrics.jsonl")
-    if not config and not rows:
+    if not is_run_dir(run_dir):
         raise ValueError(f"{run_dir} is not a run directory (no config.toml or metrics.jsonl)")
+    config = read_run_config(run_dir) if config_path(run_dir).is_file() else {}
+    rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "loss" in r and "step" in r]
-    val_rows = [r for r in rows if _finite(r.get("val_ce")) and "step" in r]
+    val_rows = [r for r in rows if is_finite_number(r.get("val_ce")) and "step" in r]
     metrics: dict[str, float] = {}
     reliability = None
     eval_file = find_eval_file(run_dir)
     if eval_file is not None:
         data = json.loads(eval_file.read_text())
-        metrics.update({k: float(data[k]) for k in (*EVAL_METRICS, "tokens") if _finite(data.get(k))})
+        metrics.update(
+            {k: float(data[k]) for k in (*EVAL_METRICS, "tokens") if is_finite_number(data.get(k))}
+        )
         reliability = _reliability(eval_file)
         lm_file = eval_file.parent / LM_EVAL_FILE
         if lm_file.is_file():
             lm = json.loads(lm_file.read_text())
-            metrics.update({f"lm_eval/{k}": float(v) for k, v in lm.items() if _finite(v)})
+            metrics.update({f"lm_eval/{k}": float(v) for k, v in lm.items() if is_finite_number(v)})
     if val_rows:
         metrics[TRAIN_LOG_METRIC] = float(val_rows[-1]["val_ce"])
     if seed is None and isinstance(config.get("seed"), int):
@@ -168,7 +159,7 @@ def loss_label(config: Mapping[str, Any]) -> str:
         parts.append(f"eps{config.get('label_smoothing', config.get('dpls_epsilon'))}")
     elif loss == "confidence_penalty":
         parts.append(f"beta{config.get('confidence_penalty_beta')}")
-    if _finite(config.get("z_loss")) and config["z_loss"] > 0:
+    if is_finite_number(config.get("z_loss")) and config["z_loss"] > 0:
         parts.append(f"z{config['z_loss']}")
     return "_".join(parts)
 
@@ -205,7 +196,7 @@ def collect_runs(source: str | Path | Sequence[str | Path]) -> tuple[list[RunRec
             state = read_state(s)
             info.update(name=state.name, baseline=state.baseline, arms=state.arms, fork_step=state.fork_step)
             trunk = s / state.trunk_dir
-            if (trunk / "metrics.jsonl").is_file():
+            if metrics_path(trunk).is_file():
                 info["trunk"] = load_run(trunk, arm="trunk")
             for entry in state.runs:
                 if (s / entry.run_dir).is_dir():
@@ -222,17 +213,17 @@ def collect_runs(source: str | Path | Sequence[str | Path]) -> tuple[list[RunRec
 
 def _stability(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Loss spikes, gradient-norm statistics, skipped and non-finite steps of one run."""
-    losses = [float(r["loss"]) for r in rows if _finite(r.get("loss"))]
+    losses = [float(r["loss"]) for r in rows if is_finite_number(r.get("loss"))]
     spikes = 0
     for i in range(5, len(losses)):  # a few logged steps of history before judging
         median = statistics.median(losses[max(0, i - SPIKE_WINDOW) : i])
         spikes += losses[i] > (1.0 + SPIKE_REL) * median
-    grads = [float(r["grad_norm"]) for r in rows if _finite(r.get("grad_norm"))]
+    grads = [float(r["grad_norm"]) for r in rows if is_finite_number(r.get("grad_norm"))]
     return {
         "logged_steps": len(rows),
         "loss_spikes": spikes,
-        "nonfinite_loss": sum(1 for r in rows if "loss" in r and not _finite(r.get("loss"))),
-        "skipped": int(sum(float(r.get("skipped") or 0) for r in rows if _finite(r.get("skipped")))),
+        "nonfinite_loss": sum(1 for r in rows if "loss" in r and not is_finite_number(r.get("loss"))),
+        "skipped": int(sum(float(r.get("skipped") or 0) for r in rows if is_finite_number(r.get("skipped")))),
         "grad_norms": grads,
     }
 
@@ -254,9 +245,12 @@ def _pooled_stability(runs: Sequence[RunRecord]) -> dict[str, Any]:
 def _cost(runs: Sequence[RunRecord]) -> dict[str, Any]:
     """Median throughput over logged steps (the first one, with start-up costs, left out)."""
     tps = [
-        float(r["tokens_per_s"]) for run in runs for r in run.train_rows[1:] if _finite(r.get("tokens_per_s"))
+        float(r["tokens_per_s"])
+        for run in runs
+        for r in run.train_rows[1:]
+        if is_finite_number(r.get("tokens_per_s"))
     ]
-    mfu = [float(r["mfu"]) for run in runs for r in run.train_rows[1:] if _finite(r.get("mfu"))]
+    mfu = [float(r["mfu"]) for run in runs for r in run.train_rows[1:] if is_finite_number(r.get("mfu"))]
     return {
         "tokens_per_s": statistics.median(tps) if tps else None,
         "mfu": statistics.median(mfu) if mfu else None,
@@ -527,166 +521,6 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
     return "\n".join(lines)
 
 
-# -- plots --------------------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _curve(
-    runs: Sequence[RunRecord], rows_of: str, key: str, start: tuple[int, float] | None = None
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], Any]:
-    """Per-run (step, value) arrays and their mean over the steps every run logged.
-
-    ``start``: a point put in front of every series (the trunk's value at the fork), so the
-    arms' curves begin where the trunk's ends.
-    """
-    series = []
-    for r in runs:
-        pts = [(int(row["step"]), float(row[key])) for row in getattr(r, rows_of) if _finite(row.get(key))]
-        if start is not None and pts and start[0] < pts[0][0]:
-            pts.insert(0, start)
-        if pts:
-            steps, vals = zip(*pts)
-            series.append((np.array(steps), np.array(vals)))
-    if not series:
-        return [], None
-    common = sorted(set.intersection(*(set(s.tolist()) for s, _ in series)))
-    if not common:
-        return series, None
-    mean = np.mean([[dict(zip(s.tolist(), v.tolist()))[c] for c in common] for s, v in series], axis=0)
-    return series, (np.array(common), mean)
-
-
-_LINESTYLES = ("-", "--", "-.", ":")
-
-
-def _draw_arms(
-    ax: Any,
-    groups: Mapping[str, Sequence[RunRecord]],
-    rows_of: str,
-    key: str,
-    start: tuple[int, float] | None,
-    thin: bool,
-) -> bool:
-    drew = False
-    for i, (name, runs) in enumerate(groups.items()):
-        style = {"color": f"C{i}", "ls": _LINESTYLES[i % len(_LINESTYLES)]}  # overlapping arms stay visible
-        series, mean = _curve(runs, rows_of, key, start)
-        if thin:
-            for s, v in series:
-                ax.plot(s, v, lw=0.8, alpha=0.35, **style)
-        drew |= bool(series)
-        if mean is not None:
-            ax.plot(*mean, lw=2.0, label=f"{name} (mean of {len(series)})", **style)
-    return drew
-
-
-def _plot_curves(
-    groups: Mapping[str, Sequence[RunRecord]],
-    rows_of: str,
-    key: str,
-    ylabel: str,
-    title: str,
-    path: Path,
-    trunk: RunRecord | None = None,
-) -> bool:
-    """Arms' curves (thick: mean over seeds; thin: each seed). With a trunk, two panels: the
-    whole run, and the part after the fork at a scale where the arms can be told apart."""
-    plt = _pyplot()
-    trunk_series = _curve([trunk], rows_of, key)[0] if trunk is not None else []
-    if trunk_series:
-        fig, (whole, after) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-        steps, vals = trunk_series[0]
-        start = (int(steps[-1]), float(vals[-1]))
-        whole.plot(steps, vals, color="grey", lw=1.5, ls="--", label="trunk (CE)")
-        _draw_arms(whole, groups, rows_of, key, start, thin=False)
-        whole.set_title("whole run")
-        drew = _draw_arms(after, groups, rows_of, key, start, thin=True)
-        after.set_title(f"after the fork at step {start[0]}")
-        axes = (whole, after)
-    else:
-        fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-        drew = _draw_arms(ax, groups, rows_of, key, None, thin=True)
-        axes = (ax,)
-    if not drew:
-        plt.close(fig)
-        return False
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _pooled_bins(runs: Sequence[RunRecord]) -> dict[str, np.ndarray] | None:
-    """Reliability bins summed over seeds: counts add, confidence and accuracy are count-weighted."""
-    bins = [r.reliability for r in runs if r.reliability is not None]
-    if not bins or len({len(b["count"]) for b in bins}) != 1:
-        return None
-    count = np.sum([np.asarray(b["count"]) for b in bins], axis=0)
-
-    def weighted(key: str) -> np.ndarray:
-        num = np.sum([np.nan_to_num(np.asarray(b[key])) * np.asarray(b["count"]) for b in bins], axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, num / np.where(count > 0, count, 1), np.nan)
-
-    return {
-        "lower": np.asarray(bins[0]["lower"]),
-        "upper": np.asarray(bins[0]["upper"]),
-        "count": count,
-        "confidence": weighted("confidence"),
-        "accuracy": weighted("accuracy"),
-    }
-
-
-def _plot_reliability(
-    groups: Mapping[str, Sequence[RunRecord]], summary: Mapping[str, Any], path: Path
-) -> bool:
-    pooled = {name: _pooled_bins(runs) for name, runs in groups.items()}
-    pooled = {k: v for k, v in pooled.items() if v is not None}
-    if not pooled:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(
-        1, len(pooled), figsize=(3.6 * len(pooled), 3.8), sharey=True, constrained_layout=True, squeeze=False
-    )
-    for ax, (name, b) in zip(axes[0], pooled.items()):
-        centers, widths = (b["lower"] + b["upper"]) / 2, b["upper"] - b["lower"]
-        filled = b["count"] > 0
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-        ax.bar(
-            centers[filled],
-            b["accuracy"][filled],
-            width=widths[filled],
-            color="tab:blue",
-            alpha=0.75,
-            edgecolor="black",
-            label="accuracy",
-        )
-        ax.plot(centers[filled], b["confidence"][filled], "o", color="tab:red", ms=4, label="mean confidence")
-        ece = summary["arms"][name]["metrics"].get("ece")
-        ax.set_title(name + (f"\nECE {ece['mean']:.4f}" if ece else ""), fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("top-1 confidence")
-    axes[0][0].set_ylabel("top-1 accuracy")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 # -- entry point --------------------------------------------------------------------------------
 
 
@@ -732,7 +566,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     trunk = info.get("trunk")
     plots: dict[str, str] = {}
-    if _plot_curves(
+    if plot_curves(
         groups,
         "val_rows",
         "val_ce",
@@ -742,9 +576,9 @@ def write_report(
         trunk,
     ):
         plots["Validation cross-entropy"] = "val_ce.png"
-    if _plot_reliability(groups, summary, out / "reliability.png"):
+    if plot_reliability(groups, summary, out / "reliability.png"):
         plots["Reliability diagrams (pooled over seeds)"] = "reliability.png"
-    if _plot_curves(
+    if plot_curves(
         groups,
         "train_rows",
         "epsilon",
@@ -753,7 +587,7 @@ def write_report(
         out / "epsilon.png",
     ):
         plots["ε in force"] = "epsilon.png"
-    if _plot_curves(
+    if plot_curves(
         groups,
         "train_rows",
         "ce",
@@ -783,8 +617,8 @@ def iter_runs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories among ``paths`` (a path holding several runs expands to them)."""
     out: list[Path] = []
     for p in map(Path, paths):
-        if is_study_dir(p) or (p / "metrics.jsonl").is_file() or (p / "config.toml").is_file():
+        if is_study_dir(p) or is_run_dir(p):
             out.append(p)
         elif p.is_dir():
-            out.extend(sorted(q.parent for q in p.glob("*/metrics.jsonl")))
+            out.extend(sorted(q.parent for q in p.glob(f"*/{METRICS_FILE}")))
     return out

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from dpls._io import write_json_atomic
+from dpls.runs.layout import EVAL_DIR, EVAL_FILE, config_path, read_toml
 from dpls.study.spec import StudySpec, load_spec
 from dpls.study.state import (
     DONE,
-    EVAL_DIR,
     LM_EVAL_FILE,
     PENDING,
     TRAINED,
@@ -104,13 +104,14 @@ class Job:
 
     @property
     def final_checkpoint(self) -> Path:
-        from dpls.train.checkpoint import checkpoint_name
+        from dpls.runs.checkpoint import checkpoint_name
+        from dpls.runs.layout import CHECKPOINTS_DIR
 
-        return self.run_dir / "checkpoints" / checkpoint_name(self.final_step)
+        return self.run_dir / CHECKPOINTS_DIR / checkpoint_name(self.final_step)
 
     @property
     def eval_file(self) -> Path:
-        return self.run_dir / EVAL_DIR / "metrics.json"
+        return self.run_dir / EVAL_DIR / EVAL_FILE
 
 
 @dataclass
@@ -192,8 +193,8 @@ def _tokens_per_step(cfg: Any) -> int:
 
 def plan_study(spec: StudySpec) -> StudyPlan:
     """Resolve the study into training jobs and check every one of them; writes nothing."""
-    from dpls.train.checkpoint import read_trainer_state, resolve_checkpoint
-    from dpls.train.config import TrainConfig, read_toml
+    from dpls.runs.checkpoint import read_trainer_state, resolve_checkpoint
+    from dpls.train.config import TrainConfig, read_run_config
 
     study_dir = spec.out_dir
     data_dir = spec.data_dir if spec.data_dir is not None else study_dir / "data"
@@ -215,7 +216,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
                 f"fork_step = {spec.fork_step}, but the trunk checkpoint {fork_checkpoint} is at step {step}"
             )
         fork_step = step
-        saved = TrainConfig.from_dict(read_toml(fork_checkpoint / "config.toml"))
+        saved = read_run_config(fork_checkpoint)
         base_cfg = TrainConfig.from_dict(spec.train, base=saved).validate()
     else:
         assert spec.fork_step is not None
@@ -345,9 +346,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _fork_dir(plan: StudyPlan, seed: int) -> Path:
-    from dpls.train.checkpoint import checkpoint_name
+    from dpls.runs.checkpoint import checkpoint_name
+    from dpls.runs.layout import CHECKPOINTS_DIR
 
-    return plan.study_dir / "forks" / f"seed{seed}" / "checkpoints" / checkpoint_name(plan.fork_step)
+    return plan.study_dir / "forks" / f"seed{seed}" / CHECKPOINTS_DIR / checkpoint_name(plan.fork_step)
 
 
 def seed_fork_point(plan: StudyPlan, seed: int, world_size: int = 1) -> Path:
@@ -356,7 +358,7 @@ def seed_fork_point(plan: StudyPlan, seed: int, world_size: int = 1) -> Path:
     The seed with offset 0 forks from the trunk checkpoint itself; offset ``i`` from a copy
     whose data position is ``i`` arm budgets further along the trunk's data stream.
     """
-    from dpls.train.checkpoint import TRAINER_STATE, is_complete, read_trainer_state
+    from dpls.runs.checkpoint import TRAINER_STATE, is_complete, read_trainer_state
 
     source = plan.trunk_checkpoint()
     seed_index = plan.seed_offsets[seed]
@@ -367,7 +369,7 @@ def seed_fork_point(plan: StudyPlan, seed: int, world_size: int = 1) -> Path:
         return dest
     state = read_trainer_state(source)
     loader = dict(state["loader"])
-    cfg = _read_flat_toml(source / "config.toml")
+    cfg = read_toml(config_path(source))
     batch, accum = int(cfg["batch_size"]), int(cfg["gradient_accumulation_steps"])
     micro_global = batch * world_size  # windows one micro-step takes over all ranks
     micro_steps = seed_index * plan.iters_per_arm * (accum // world_size)
@@ -387,18 +389,12 @@ def seed_fork_point(plan: StudyPlan, seed: int, world_size: int = 1) -> Path:
     return dest
 
 
-def _read_flat_toml(path: Path) -> dict[str, Any]:
-    import tomllib
-
-    return tomllib.loads(path.read_text())
-
-
 # -- running ------------------------------------------------------------------------------------
 
 
 def _check_on_disk(job: Job, plan: StudyPlan) -> None:
     """A run already in the study directory must be the one planned (else stop before any work)."""
-    from dpls.train.checkpoint import is_complete, read_trainer_state
+    from dpls.runs.checkpoint import is_complete, read_trainer_state
 
     if job.seed is not None and job.seed_offset > 0 and is_complete(fork := _fork_dir(plan, job.seed)):
         had = read_trainer_state(fork).get("study_seed_offset")
@@ -407,10 +403,10 @@ def _check_on_disk(job: Job, plan: StudyPlan) -> None:
                 f"{fork} is the fork point of seed {job.seed} at offset {had}, but the study state "
                 f"gives offset {job.seed_offset}; use another out_dir (--out) or remove {fork.parent.parent}"
             )
-    cfg_file = job.run_dir / "config.toml"
+    cfg_file = config_path(job.run_dir)
     if not cfg_file.is_file():
         return
-    saved = _read_flat_toml(cfg_file)
+    saved = read_toml(cfg_file)
     for key, value in job.values.items():
         if key not in _NOT_COMPARED and key in saved and saved[key] != value:
             raise ValueError(
@@ -420,14 +416,14 @@ def _check_on_disk(job: Job, plan: StudyPlan) -> None:
 
 
 def _is_trained(job: Job) -> bool:
-    from dpls.train.checkpoint import is_complete
+    from dpls.runs.checkpoint import is_complete
 
     return is_complete(job.final_checkpoint)
 
 
 def _train_job(job: Job, fork_from: Path | None) -> None:
     """Train ``job``: fresh (trunk), forked from ``fork_from``, or resumed in place after a crash."""
-    from dpls.train.checkpoint import latest_checkpoint
+    from dpls.runs.checkpoint import latest_checkpoint
     from dpls.train.config import load_config
     from dpls.train.trainer import train
 
@@ -553,8 +549,6 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
     ``study``: a STUDY.toml path, a parsed `StudySpec`, or a `StudyPlan`. Everything is
     checked before the first run starts; finished runs are skipped.
     """
-    import tomllib
-
     from dpls.distributed import init_distributed, launched_by_torchrun
 
     plan = (
@@ -589,7 +583,7 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
         known = {(r.arm, r.seed): r for r in state.runs}
         fresh.runs = [known.get((r.arm, r.seed), r) for r in fresh.runs]  # keep statuses, follow the spec
         fresh.trunk_status = state.trunk_status
-        fresh.spec = tomllib.loads(spec.source.read_text()) if spec.source is not None else {}
+        fresh.spec = read_toml(spec.source) if spec.source is not None else {}
         state = fresh
         write_state(study_dir, state)
     sync()

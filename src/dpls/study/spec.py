@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dpls.runs.layout import read_toml
 from dpls.train.config import MODEL_KEYS
 
 # Training keys the arms inherit from the trunk whatever they say: the model and the shape
@@ -389,10 +389,7 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"study file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from err
+    data = read_toml(path)
     data.update({k: str(v) if isinstance(v, Path) else v for k, v in overrides.items() if v is not None})
     try:
         return parse_spec(data, source=path)

@@ -16,7 +16,6 @@ from typing import Any
 from dpls._io import write_json_atomic
 
 STATE_FILE = "study_state.json"
-EVAL_DIR = "eval"  # RUN/eval/metrics.json: the arm's final evaluation
 LM_EVAL_FILE = "lm_eval.json"  # RUN/eval/lm_eval.json: {"task/metric": value}
 
 PENDING, TRAINED, DONE = "pending", "trained", "done"

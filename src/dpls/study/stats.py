@@ -31,6 +31,12 @@ EFFECT_UNDEFINED = "undefined (one seed: no interval)"
 
 METHODS = ("t", "bootstrap")
 
+
+def is_finite_number(x: Any) -> bool:
+    """A real number that is not NaN or ±inf (a bool, None or a string is not one)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 # Above this many degrees of freedom the t distribution is the normal one to ~1e-7.
 _NORMAL_DF = 1.0e7
 

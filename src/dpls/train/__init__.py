@@ -1,7 +1,8 @@
-"""Pretraining: config, optimizer and LR schedule, checkpoints, metrics logging, the loop.
+"""Pretraining: config, optimizer and LR schedule, metrics logging, the plan and the loop.
 
 ``train(cfg)`` runs a whole run; names are imported on first use so that reading a
-config or a checkpoint does not import the model, data and loss libraries.
+config does not import the model, data and loss libraries. Checkpoints and the files of
+a run directory are `dpls.runs`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from dpls._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "TrainConfig": ".config",
     "load_config": ".config",
+    "plan_run": ".plan",
     "train": ".trainer",
-    "load_model": ".checkpoint",
-    "load_checkpoint": ".checkpoint",
-    "save_checkpoint": ".checkpoint",
-    "latest_checkpoint": ".checkpoint",
-    "read_metrics": ".loggers",
 }
 
 __all__ = list(_EXPORTS)

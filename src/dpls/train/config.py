@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from dpls.runs.layout import dumps_toml, find_run_config, read_toml, run_dir_of, toml_value
 
 Scalar = str | int | float | bool
 
@@ -316,18 +316,9 @@ def convert(name: str, value: Any) -> Any:
 # -- reading: TOML files and command-line overrides -------------------------------------------
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path) -> dict[str, Any]:
     """A flat TOML config file → {key: value}, converted and checked key by key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: {err}") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not valid TOML: not UTF-8 text ({err})") from None
+    raw = read_toml(path)
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if isinstance(v, dict):
@@ -378,15 +369,6 @@ def parse_overrides(args: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
     return config_path, values
 
 
-def find_run_config(path: str | Path) -> Path:
-    """The config.toml of a run (``RUN``) or of a checkpoint (``RUN/checkpoints/step_N``)."""
-    path = Path(path)
-    for candidate in (path / "config.toml", path.parent.parent / "config.toml"):
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{path} is not a run or checkpoint directory (no config.toml)")
-
-
 def load_config(
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | Sequence[str] = (),
@@ -405,26 +387,23 @@ def load_config(
             if config_file is not None:
                 raise ValueError(f"two config files given: {config_file} and {path_arg}")
             config_file = path_arg
-    values = read_toml(config_file) if config_file is not None else {}
+    values = read_config_file(config_file) if config_file is not None else {}
     values.update(explicit)
 
     base: TrainConfig | None = None
     resume_dir = values.get("resume_dir")
     if resume_dir:
-        saved = read_toml(find_run_config(resume_dir))
+        saved = read_config_file(find_run_config(resume_dir))
         saved.pop("resume_dir", None)
         if "out_dir" not in values:  # alone: continue the run in place
-            values["out_dir"] = str(_run_dir_of(resume_dir))
+            values["out_dir"] = str(run_dir_of(resume_dir))
         base = TrainConfig.from_dict(saved)
     return TrainConfig.from_dict(values, base=base).validate()
 
 
-def _run_dir_of(path: str | Path) -> Path:
-    """A run dir → itself; a checkpoint dir ``RUN/checkpoints/step_N`` → RUN."""
-    path = Path(path)
-    if path.parent.name == "checkpoints" and path.name.startswith("step_"):
-        return path.parent.parent
-    return path
+def read_run_config(path: str | Path) -> TrainConfig:
+    """The `TrainConfig` saved in a run or checkpoint directory."""
+    return TrainConfig.from_dict(read_config_file(find_run_config(path)))
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:
@@ -432,35 +411,6 @@ def same_path(a: str | Path, b: str | Path) -> bool:
 
 
 # -- writing --------------------------------------------------------------------------------
-
-
-def _toml_value(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        # A JSON string is a TOML basic string (same escapes, \uXXXX included), except that
-        # TOML also forbids a raw DEL character.
-        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-    raise TypeError(f"cannot write {type(value).__name__} to a flat TOML table")
-
-
-def dumps_toml(values: Mapping[str, Scalar | None], header: str = "") -> str:
-    """A flat table of scalars as TOML. ``None`` has no TOML form: it is written as a comment
-    (reading the file back leaves the key at its default, which is None for those keys)."""
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    for k, v in values.items():
-        if not k.isidentifier():
-            raise ValueError(f"config key {k!r} is not a bare TOML key")
-        lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
-    return "\n".join(lines) + "\n"
 
 
 def write_config(cfg: TrainConfig, path: str | Path, header: str = "") -> Path:
@@ -476,7 +426,7 @@ def help_text() -> str:
     for f in fields(TrainConfig):
         tp, optional = _split_optional(_FIELD_TYPES[f.name])
         default = f.default
-        shown = "unset" if default is None else _toml_value(default)
+        shown = "unset" if default is None else toml_value(default)
         rows.append(f"  --{f.name}  ({tp.__name__}{'?' if optional else ''}, default {shown})")
         rows.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(rows)

@@ -8,16 +8,13 @@ is one more class here, not a branch in the training loop. Only rank 0 opens log
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from dpls.runs.layout import jsonl_line, metrics_path
 from dpls.train.config import TrainConfig
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class Logger(Protocol):
@@ -51,12 +48,6 @@ def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
 # -- metrics.jsonl ----------------------------------------------------------------------------
 
 
-def _strict_json(row: Mapping[str, Any]) -> str:
-    """One line of standard JSON: a non-finite number (the loss of a skipped step) becomes null."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    return json.dumps(clean, allow_nan=False)
-
-
 class JsonlLogger:
     """Append one JSON object per row to RUN/metrics.jsonl, flushed at once (a crash loses nothing)."""
 
@@ -65,7 +56,7 @@ class JsonlLogger:
         self._fh = path.open("a", encoding="utf-8")
 
     def log(self, row: Mapping[str, Any]) -> None:
-        self._fh.write(_strict_json(row) + "\n")
+        self._fh.write(jsonl_line(row) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
@@ -74,41 +65,7 @@ class JsonlLogger:
 
 @register_logger("jsonl")
 def _jsonl(cfg: TrainConfig, run_dir: Path) -> Logger:
-    return JsonlLogger(run_dir / METRICS_FILE)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl (a torn last line, from a crash mid-write, is skipped)."""
-    rows = []
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop rows after ``step`` (written by a run that died past its last checkpoint).
-
-    A run resumed from the checkpoint of ``step`` writes those steps again; keeping the
-    old rows would show every such step twice.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.writelines(_strict_json(r) + "\n" for r in kept)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    return JsonlLogger(metrics_path(run_dir))
 
 
 # -- TensorBoard ------------------------------------------------------------------------------
