@@ -1,24 +1,29 @@
 #!/usr/bin/env python3
 """One-call GPU check of the fused DPLS kernels: correctness at full size, then timings.
 
-    python3 benchmarks/gpu_check.py            # on a CUDA machine, from the repository root
+    python3 benchmarks/gpu_check.py            # on a CUDA machine, from the repository root (< 5 min)
+    python3 benchmarks/gpu_check.py --sweep    # also the launch-shape sweep (block_v, num_warps, ...)
     python3 benchmarks/gpu_check.py --smoke    # tiny sizes; also runs on a CPU (Triton interpreter)
+    python3 benchmarks/gpu_check.py --resources  # no GPU needed: registers / spills of each launch
 
 Nothing needs installing: ``src/`` is put on the path. Liger-Kernel and cut-cross-entropy are
 timed when they import; if not, wheels found in ``.whl/`` (or ``$DPLS_WHEELS``) are installed with
 ``pip --no-deps`` into a temporary folder first. With ``$OUT`` set, the full results go to
 ``$OUT/gpu_check.json`` and the printed tables to ``$OUT/gpu_check.txt``. Timing stops starting new
-variants after ``$GPU_CHECK_BUDGET_S`` seconds (default 420). Exit status 1 when a
-correctness check fails.
+variants after ``$GPU_CHECK_BUDGET_S`` seconds (default 230, so that a plain run ends within 5
+minutes). Exit status 1 when a correctness check fails.
 
 1. *Ceilings*: device-to-device copy bandwidth and a bf16 matmul rate, measured here.
 2. *Correctness* against a float64 reference computed on the GPU in row chunks (ties broken by
    lowest index, as the kernel does): N=32768 × V=50304 bf16 (k = 100 and 1024), V = 256k, fp32,
-   fp16, per-token ε, heavy ties, the fallback paths, a run twice for bitwise determinism, and the
-   fused linear loss against the dense one.
+   fp16, per-token ε, heavy ties, −inf logits (a padded vocabulary, a masked first block), the
+   adaptive ε computed in the kernel, the fallback paths, a run twice for bitwise determinism, and
+   the fused linear loss against the dense one.
 3. *Timings* (median of CUDA-event timed steps, forward + backward) and peak extra memory of every
-   contender of ``dpls.bench.contenders_gpu``, as ratios to ``F.cross_entropy`` of the same run.
-4. *Sweep* of the kernel's launch shape (block, warps, scratch cap, programs per SM).
+   contender of ``dpls.bench.contenders_gpu``, as ratios to ``F.cross_entropy`` of the same run, then
+   the issue-18 targets as ratios to Liger's kernels of the same run.
+4. *Sweep* (``--sweep``) of the kernel's launch shape (block, warps, the two-launch split, the
+   selection launch's warps, scratch cap, programs per SM).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,7 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 
 LINES: list[str] = []
 T_START = time.time()
-BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 420))  # stop timing new variants past this
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", 230))  # stop timing new variants past this
 
 
 def over_budget() -> bool:
@@ -186,6 +192,9 @@ def make_logits(n, v, dtype, dev, kind="gauss", seed=0):
     z = torch.randn(n, v, generator=g, device=dev) * 3
     if kind == "ties":  # few distinct values: the threshold is tied in most rows
         z = torch.round(z)
+    if kind == "masked":  # a padded vocabulary (last 47 entries), and a masked first block every 4th row
+        z[:, v - 47 :] = -float("inf")
+        z[::4, : min(2048, v // 4)] = -float("inf")
     return z.to(dtype)
 
 
@@ -193,7 +202,10 @@ def _check_once(c, n, v, dtype, k, dev, eps, kind, config, inplace, reduction):
     from dpls.losses.triton_impl import triton_dpls_loss
 
     z = make_logits(n, v, dtype, dev, kind)
-    y = torch.randint(0, v, (n,), device=dev)
+    if kind == "masked":  # targets on entries that are finite in every row
+        y = torch.randint(min(2048, v // 4), v - 47, (n,), device=dev)
+    else:
+        y = torch.randint(0, v, (n,), device=dev)
     y[torch.rand(n, device=dev) < 0.1] = -100
     if eps == "per_token":
         eps = torch.rand(n, device=dev) * 0.5
@@ -263,6 +275,43 @@ def determinism_check(n, v, dev) -> Check:
         outs.append((loss.detach().clone(), x.grad.clone()))
     c.passed = torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     c.note = "" if c.passed else "outputs differ between two runs: a race?"
+    return c
+
+
+def adaptive_check(n, v, dtype, dev, mode) -> Check:
+    """ε_i computed inside the kernel against float64 statistics, and the loss with those ε_i."""
+    from dpls.losses.triton_impl import triton_adaptive_dpls_loss
+
+    c = Check(f"adaptive eps in kernel ({mode}, gamma=1.5)", n, v, str(dtype).replace("torch.", ""), 100)
+    z = make_logits(n, v, dtype, dev, seed=11)
+    z[: n // 2] *= 3  # confident rows too
+    y = torch.randint(0, v, (n,), device=dev)
+    y[::10] = -100
+    x = z.clone().requires_grad_(True)
+    loss, _, eps = triton_adaptive_dpls_loss(
+        x, y, epsilon=0.2, epsilon_mode=mode, gamma=1.5, top_k=100, reduction="none", inplace_backward=True
+    )
+    loss.backward(torch.ones_like(loss))
+    zd = z.double()
+    lse = torch.logsumexp(zd, 1)
+    if mode == "confidence":
+        stat = -torch.expm1(zd.amax(1) - lse)
+    else:
+        p = torch.softmax(zd, 1)
+        stat = (lse - (p * zd).sum(1)) / math.log(v)
+    want = torch.where(y != -100, 0.2 * stat.clamp(0, 1) ** 1.5, 0.0)
+    c.extra["eps_err"] = ((eps.double() - want).abs() / want.abs().clamp(min=1e-3)).max().item()
+    worst = [0.0]
+
+    def compare(s, g_ref):
+        err = (x.grad[s : s + g_ref.shape[0]].double() - g_ref).abs().max().item()
+        worst[0] = max(worst[0], err / max(g_ref.abs().max().item(), 1e-12))
+
+    ref_loss, _ = reference_rows(z, y, want, 100, compare)
+    c.loss_err = ((loss.double() - ref_loss).abs() / ref_loss.abs().clamp(min=1)).max().item()
+    c.grad_err = worst[0]
+    g_tol = 4 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+    c.passed = c.extra["eps_err"] < 1e-4 and c.loss_err < 2e-5 and c.grad_err <= g_tol
     return c
 
 
@@ -442,6 +491,85 @@ def sweep(problem, dev, reps, variants) -> list[Timing]:
     return rows
 
 
+def targets(rows: list[Timing]) -> dict:
+    """Issue 18's targets as ratios within this run: ours over Liger's kernels on the same inputs."""
+
+    def net(table_start: str, name: str) -> Timing | None:
+        return next((r for r in rows if r.table.startswith(table_start) and r.name == name), None)
+
+    out: dict = {}
+    say("\nissue 18 targets (ratios of net ms within this run)")
+    for label, table_start, ours, theirs, limit in [
+        ("DPLS in-place k=100 / Liger CE", "logits N=32768 V=50304 bfloat16 k=100", "triton DPLS in-place",
+         "liger CE", 1.2),
+        ("DPLS in-place k=1024 / Liger CE", "logits N=32768 V=50304 bfloat16 k=1024", "triton DPLS in-place",
+         "liger CE", 1.5),
+        ("our CE / Liger CE", "logits N=32768 V=50304 bfloat16 k=100", "triton CE in-place", "liger CE", 1.0),
+        ("conf-eps in-kernel / unfused", "logits N=32768 V=50304 bfloat16 k=100",
+         "triton DPLS conf-eps in-kernel", "triton DPLS conf-eps unfused", 1.0),
+        ("fused-linear DPLS / Liger FLCE", "linear N=32768", "triton fused-linear DPLS", "liger fused-linear CE",
+         1.05),
+    ]:  # fmt: skip
+        a, b = net(table_start, ours), net(table_start, theirs)
+        if a is None or b is None or not (a.net_ms > 0 and b.net_ms > 0):
+            say(f"  {label:<36} -  (not timed in this run)")
+            continue
+        ratio = a.net_ms / b.net_ms
+        out[label] = {"ratio": ratio, "ours_ms": a.net_ms, "theirs_ms": b.net_ms, "target": limit}
+        say(f"  {label:<36} {ratio:6.2f}  (target <= {limit}; {a.net_ms:.2f} / {b.net_ms:.2f} ms)")
+    mem = net("linear N=32768", "triton fused-linear DPLS")
+    if mem is not None and mem.peak_extra_gb is not None:
+        out["fused-linear DPLS peak GB"] = mem.peak_extra_gb
+        say(f"  {'fused-linear DPLS peak extra GB':<36} {mem.peak_extra_gb:6.2f}  (target <= 0.3)")
+    return out
+
+
+def resources() -> int:
+    """Registers, stack and spills of each launch of the row kernel, from sm_90 cubins compiled here.
+
+    Needs no GPU (Triton compiles for a named target; its own ``cuobjdump`` reads the cubin).
+    Occupancy follows: 65536 registers per multiprocessor / (registers × 32 × warps).
+    """
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dpls.losses import _triton_kernels as kern
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    ptr = {"fp32": "*fp32", "bf16": "*bf16"}
+    say(f"{'launch':<44} {'regs':>5} {'stack':>6} {'programs/SM':>12}")
+    for dtype, phase, warps, block, top_r in [
+        ("bf16", 0, 8, 2048, 4), ("bf16", 1, 8, 2048, 4), ("bf16", 1, 16, 2048, 4), ("bf16", 2, 8, 2048, 1),
+        ("fp32", 1, 16, 2048, 4), ("fp32", 2, 8, 2048, 1), ("bf16", 1, 4, 1024, 4), ("bf16", 2, 4, 1024, 1),
+    ]:  # fmt: skip
+        types = {"x_ptr": ptr[dtype], "g_ptr": ptr[dtype], "scratch_ptr": ptr[dtype], "target_ptr": "*i64",
+                 "stat_i_ptr": "*i32", "x_stride": "i64", "g_stride": "i64", "eps_value": "fp32", "gamma": "fp32"}  # fmt: skip
+        consts = {"KEY_BITS": 16 if dtype == "bf16" else 32, "BLOCK_V": block, "CAP": 0 if phase == 2 else 2 * block,
+                  "TOP_R": top_r, "TOPK_MODE": 1, "EPS_PER_ROW": False, "EPS_MODE": 0,
+                  "WRITE_GRAD": phase != 1, "SCALE_MODE": 0, "PHASE": phase}  # fmt: skip
+        names = kern._dpls_rows_kernel.arg_names
+        sig = {
+            n: "constexpr" if n in consts else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+            for n in names
+        }
+        src = ASTSource(fn=kern._dpls_rows_kernel, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            report = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+)", report)
+        regs, stack = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        per_sm = 65536 // (max(8, -(-regs // 8) * 8) * 32 * warps) if regs else 0
+        say(
+            f"  {dtype} phase {phase} block {block:<5} warps {warps:<3} top_r {top_r:<2}    {regs:>5} {stack:>6} {per_sm:>12}"
+        )
+    return 0
+
+
 def table(rows: list[Timing]) -> None:
     current = None
     for r in rows:
@@ -464,7 +592,15 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-timings", action="store_true")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--sweep", action="store_true", help="also time the launch-shape sweep")
+    parser.add_argument(
+        "--resources",
+        action="store_true",
+        help="only print each launch's registers and spills (no GPU needed)",
+    )
     args = parser.parse_args()
+    if args.resources:
+        return resources()
     install_wheels()
     import triton
 
@@ -504,6 +640,8 @@ def main() -> int:
             ("fp32 heavy ties", N // 8, V, fp32, 1000, {"kind": "ties"}),
             ("k = V (label smoothing)", N // 8, V, bf16, V, {}),
             ("eps = 0 (cross-entropy)", N // 8, V, bf16, 100, {"eps": 0.0}),
+            ("-inf: padded vocab, masked first blocks", N // 8, V, bf16, 100, {"kind": "masked"}),
+            ("-inf, fp32, k=1024", N // 16, V, fp32, min(1024, V // 2), {"kind": "masked"}),
         ]
         if big:
             from dpls.losses.triton_impl import KernelConfig
@@ -528,6 +666,11 @@ def main() -> int:
             checks.append(c)
             say(f"check {'PASS' if c.passed else 'FAIL'} {name}: loss {c.loss_err:.2e} nll {c.nll_err:.2e} "
                 f"grad {c.grad_err:.2e} {c.extra} {c.note}")  # fmt: skip
+        for mode in ("confidence", "entropy"):
+            c = adaptive_check(N // 8 if big else 16, V, bf16, dev, mode)
+            checks.append(c)
+            say(f"check {'PASS' if c.passed else 'FAIL'} {c.name}: loss {c.loss_err:.2e} grad {c.grad_err:.2e} "
+                f"{c.extra}")  # fmt: skip
         if big:
             checks.append(determinism_check(N // 4, V, dev))
             say(f"check {'PASS' if checks[-1].passed else 'FAIL'} {checks[-1].name} {checks[-1].note}")
@@ -552,9 +695,12 @@ def main() -> int:
         for family, problem in problems:
             timings += time_contenders(problem, family, dev, reps)
         timings += forward_only(LossProblem(N, V, bf16, 0.1, 100), dev, reps)
-        if dev.type == "cuda":
+        if dev.type == "cuda" and args.sweep:
             variants = [
                 {},
+                {"split": False},  # one launch: the selection's registers for the final pass too
+                {"select_warps": 8},
+                {"split": False, "block_v": 1024, "num_warps": 4},
                 {"block_v": 1024, "num_warps": 4},
                 {"block_v": 1024, "num_warps": 8},
                 {"block_v": 2048, "num_warps": 4},
@@ -576,6 +722,7 @@ def main() -> int:
             timings += sweep(LossProblem(N // 8, BIGV, bf16, 0.1, 1024), dev, reps, variants[:7])
             timings += sweep(LossProblem(N // 4, V, fp32, 0.1, 100), dev, reps, variants[:7])
         table(timings)
+        results["targets"] = targets(timings)
     results["timings"] = [asdict(t) for t in timings]
     failed = [c.name for c in checks if not c.passed]
     say(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed {failed if failed else ''}; "

@@ -507,16 +507,16 @@ def test_scale_inplace_decides_on_the_device(factor):
 
 
 @pytest.mark.parametrize(
-    ("mode", "gamma", "dtype"),
+    ("mode", "gamma", "dtype", "k"),
     [
-        ("confidence", 1.0, torch.float32),
-        ("confidence", 0.5, torch.bfloat16),
-        ("entropy", 2.0, torch.float32),
-        ("entropy", 1.0, torch.float16),
-        ("entropy", 0.0, torch.float32),
+        ("confidence", 1.0, torch.float32, 7),
+        ("confidence", 0.5, torch.bfloat16, 7),
+        ("entropy", 2.0, torch.float32, 7),
+        ("entropy", 1.0, torch.float16, 150),  # k = V: label smoothing, the one-launch kernel
+        ("entropy", 0.0, torch.float32, 7),
     ],
 )
-def test_adaptive_epsilon_in_kernel_matches_the_unfused_path(mode, gamma, dtype):
+def test_adaptive_epsilon_in_kernel_matches_the_unfused_path(mode, gamma, dtype, k):
     """ε_i from the kernel's own max / lse / Σp·z equals ``adaptive_epsilon``'s, and the loss and
     gradient equal the reference's with those ε_i."""
     from dpls.losses.adaptive import adaptive_epsilon
@@ -529,13 +529,13 @@ def test_adaptive_epsilon_in_kernel_matches_the_unfused_path(mode, gamma, dtype)
     want_eps = adaptive_epsilon(z.double(), 0.3, mode, gamma)  # float64: 1 − max p is tiny on row 1
     leaf = z.clone().requires_grad_(True)
     loss, nll, eps = triton_adaptive_dpls_loss(
-        leaf * 1, y, epsilon=0.3, epsilon_mode=mode, gamma=gamma, top_k=7, config=SMALL
+        leaf * 1, y, epsilon=0.3, epsilon_mode=mode, gamma=gamma, top_k=k, config=SMALL
     )
     loss.backward()
     valid = y != -100
     assert torch.equal(eps[~valid], torch.zeros_like(eps[~valid]))
     torch.testing.assert_close(eps[valid].double(), want_eps[valid].double(), rtol=1e-4, atol=1e-7)
-    ref_loss, ref_nll, ref_grad = reference_dpls(z, y, epsilon=want_eps, top_k=7)
+    ref_loss, ref_nll, ref_grad = reference_dpls(z, y, epsilon=want_eps, top_k=k)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-6)
     tol = 1e-6 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps * float(ref_grad.abs().max())

@@ -107,6 +107,30 @@ def _triton_rows(*, eps: float | None, k: int | None, inplace: bool) -> Callable
     return make
 
 
+def _triton_adaptive(*, fused: bool) -> Callable[[LossProblem], Step]:
+    """Confidence-adaptive ε (γ = 1): computed in the kernel's first pass, or first by the separate
+    ``adaptive_epsilon`` read and then handed to the kernel as a per-token tensor (the unfused path)."""
+
+    def make(p: LossProblem) -> Step:
+        from dpls.losses.adaptive import adaptive_epsilon
+        from dpls.losses.triton_impl import triton_adaptive_dpls_loss, triton_dpls_loss
+
+        def step(t: dict[str, torch.Tensor]) -> torch.Tensor:
+            z, y = t["logits"], t["target"]
+            if fused:
+                loss = triton_adaptive_dpls_loss(
+                    z, y, epsilon=p.epsilon, epsilon_mode="confidence", top_k=p.top_k, inplace_backward=True
+                )[0]
+            else:
+                eps = adaptive_epsilon(z, p.epsilon, "confidence", 1.0)
+                loss = triton_dpls_loss(z, y, eps, p.top_k, -100, "mean", False, True)
+            return _finish(loss)
+
+        return step
+
+    return make
+
+
 def _liger_ce(*, smoothing: bool) -> Callable[[LossProblem], Step]:
     def make(p: LossProblem) -> Step:
         from liger_kernel.transformers import LigerCrossEntropyLoss
@@ -175,6 +199,10 @@ CONTENDERS: list[GpuContender] = [
     GpuContender("triton DPLS in-place", "logits", "dpls", _triton_rows(eps=None, k=None, inplace=True),
                  _triton_ok, inplace=True),
     GpuContender("triton DPLS", "logits", "dpls", _triton_rows(eps=None, k=None, inplace=False), _triton_ok),
+    GpuContender("triton DPLS conf-eps in-kernel", "logits", "dpls", _triton_adaptive(fused=True),
+                 _triton_ok, inplace=True),
+    GpuContender("triton DPLS conf-eps unfused", "logits", "dpls", _triton_adaptive(fused=False),
+                 _triton_ok, inplace=True),
     GpuContender("triton CE in-place", "logits", "ce", _triton_rows(eps=0.0, k=None, inplace=True),
                  _triton_ok, inplace=True),
     GpuContender("triton LS in-place", "logits", "ls", _triton_rows(eps=None, k=1 << 30, inplace=True),
