@@ -10,7 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpls.model import PRESETS, ModelConfig, Transformer, model_config, swiglu_hidden, to_hf_config
+from dpls.model import (
+    PRESETS,
+    ModelConfig,
+    Transformer,
+    hf_state_dict,
+    model_config,
+    swiglu_hidden,
+    to_hf_config,
+)
 from dpls.model.transformer import apply_rope
 
 
@@ -41,15 +49,17 @@ def _hf_model(cfg: ModelConfig):
         dict(attention="gqa", n_kv_head=2),
         dict(attention="gqa", n_kv_head=1, head_dim=8, rope_theta=500.0, norm_eps=1e-6),
         dict(attention="mha", tie_embeddings=False, intermediate_size=100),
+        dict(attention="gqa", n_kv_head=2, pad_vocab_to=8),  # 97 -> 104: the padded rows are dropped
+        dict(attention="mha", tie_embeddings=False, pad_vocab_to=64),
     ],
-    ids=["mha", "gqa", "mqa-headdim", "untied"],
+    ids=["mha", "gqa", "mqa-headdim", "untied", "padded", "padded-untied"],
 )
 def test_matches_hf_llama(overrides):
     cfg = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=48, **overrides)
     ours = Transformer(cfg).eval()
     _randomize(ours)
     hf = _hf_model(cfg)
-    state = ours.state_dict()
+    state = hf_state_dict(ours)
     if cfg.tie_embeddings:
         assert "lm_head.weight" not in state  # the tied matrix is stored once
         missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -61,8 +71,9 @@ def test_matches_hf_llama(overrides):
     with torch.no_grad():
         ref = hf(input_ids=idx).logits
         out = ours(idx)
-    assert out.shape == (3, 29, cfg.vocab_size)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert out.shape == (3, 29, cfg.padded_vocab_size) and ref.shape == (3, 29, cfg.vocab_size)
+    torch.testing.assert_close(out[..., : cfg.vocab_size], ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[..., cfg.vocab_size :] == float("-inf"))
 
 
 def test_hf_config_refuses_tpa():

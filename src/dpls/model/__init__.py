@@ -5,7 +5,7 @@ from __future__ import annotations
 from dpls.model.cache import KVCache
 from dpls.model.config import ATTENTIONS, PRESETS, ModelConfig, model_config, swiglu_hidden
 from dpls.model.generate import generate
-from dpls.model.hf import to_hf_config
+from dpls.model.hf import hf_state_dict, to_hf_config
 from dpls.model.transformer import ATTENTION_CLASSES, Transformer
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "Transformer",
     "generate",
+    "hf_state_dict",
     "model_config",
     "swiglu_hidden",
     "to_hf_config",

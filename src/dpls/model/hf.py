@@ -10,6 +10,17 @@ from typing import Any
 
 from dpls.model.config import ModelConfig
 
+# parameters with one row per vocabulary entry: the padded rows (pad_vocab_to) are dropped on export
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def hf_state_dict(model: Any) -> dict[str, Any]:
+    """The model's ``state_dict()`` as ``LlamaForCausalLM`` holds it: the names are already
+    the same; the rows of a padded vocabulary are dropped, since Llama has no mask for them
+    (its logits then equal ours on every real token)."""
+    V = model.config.vocab_size
+    return {k: v[:V] if k in VOCAB_ROWS else v for k, v in model.state_dict().items()}
+
 
 def to_hf_config(
     cfg: ModelConfig,
