@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize a corpus into token shards (stdlib, files, fineweb-edu)"),
     "train": ("train", "pretrain a model (CE, LS, DPLS, ...); torchrun for several GPUs"),
     "eval": ("evaluate", "loss, perplexity, entropy and calibration of a checkpoint"),
+    "sample": ("sample", "text sampled from a trained model (temperature, top-k, top-p; KV cache)"),
     "export-hf": ("export_hf", "export a checkpoint as a Hugging Face LlamaForCausalLM directory"),
     "lm-eval": ("lm_eval", "downstream tasks through EleutherAI's lm-evaluation-harness"),
     "study": ("study", "a paired comparison of loss arms forked from one checkpoint"),
