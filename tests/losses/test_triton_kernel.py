@@ -243,7 +243,7 @@ def test_without_grad_the_logits_are_left_alone():
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10, deadline=None)
 @given(
     n=st.integers(1, 4),
     v=st.integers(2, 200),
@@ -619,8 +619,11 @@ def test_objective_uses_the_in_kernel_epsilon_when_impl_is_triton(mode, launches
 # --- the selection, exhaustively on small rows ----------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("split", [True, False], ids=["two-launch", "one-launch"])
+@pytest.mark.parametrize(
+    ("dtype", "split"),
+    [(torch.float32, True), (torch.bfloat16, True), (torch.float16, True), (torch.float32, False)],
+    ids=["fp32", "bf16", "fp16", "fp32-one-launch"],
+)
 def test_selection_ties_masks_and_every_k_against_float64(dtype, split):
     """Rows of heavy ties (few distinct values), −inf masks and ±0, every k from 1 to the finite
     count, shallow lanes (so the certificate fails and the exact search runs) and deep ones."""

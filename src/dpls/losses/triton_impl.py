@@ -230,7 +230,13 @@ DOUBLE_BACKWARD = (
 
 def check_first_order(ctx, second: str | None = SECOND_BACKWARD) -> None:
     """Refuse what a gradient computed in forward cannot give: a graph of it (double backward), or,
-    when ``second`` names why, a second backward after its buffers were handed out."""
+    when ``second`` names why, a second backward after its buffers were handed out.
+
+    Skipped while torch.compile traces the backward: a traced graph keeps no Python side effects
+    (the flag on ``ctx``), and the check must not be what breaks the graph.
+    """
+    if torch.compiler.is_compiling():
+        return
     if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
         raise RuntimeError(DOUBLE_BACKWARD)
     if second is not None:

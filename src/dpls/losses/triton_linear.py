@@ -184,7 +184,8 @@ class _TritonDPLSLinear(torch.autograd.Function):
             # budget of this path), the factor decided on the device (no host sync).
             check_first_order(ctx, SECOND_BACKWARD_LINEAR)
             gh, gw, gb = ctx.grads
-            ctx.grads = None
+            if not torch.compiler.is_compiling():
+                ctx.grads = None  # ctx would keep them alive as long as the loss tensor lives
             for g in (gh, gw, gb):
                 if g is not None:
                     scale_inplace(g, grad_loss)
