@@ -5,63 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from data_helpers import write_data_dir
+from data_helpers import make_text_data, train_tiny_run
 from dpls.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-DOCS = [
-    "the cat sat on the mat and looked at the dog.",
-    "a dog ran in the park; the cat did not.",
-    "def add(a, b):\n    return a + b\n",
-    "import os\nprint(os.getcwd())\n",
-    "héllo wörld: naïve café, ünïcode bytes ✓",
-]
-
-
-def make_text_data(root: Path) -> Path:
-    """A data directory of real text: a byte-level BPE (vocabulary ~300) and its shards."""
-    from dpls.data.tokenizer import train_bpe
-
-    tok = train_bpe(DOCS * 20, vocab_size=300)
-    rng = np.random.default_rng(0)
-    stream = [t for i in rng.integers(0, len(DOCS), 600) for t in [tok.eot, *tok.encode(DOCS[i])]]
-    tokens = np.array(stream, dtype=np.int64)
-    split = len(tokens) * 9 // 10
-    write_data_dir(root, [tokens[:split]], [tokens[split:]], vocab_size=tok.vocab_size)
-    assert tok.eot == 0  # write_data_dir's meta says so
-    tok.save(root / "tokenizer.json")
-    return root
-
-
-def train_tiny_run(data: Path, out: Path, steps: int = 8, **extra: object) -> Path:
-    """A few steps of `dpls train` on ``data``: a run directory with a checkpoint and tokenizer."""
-    values: dict[str, object] = {
-        "data_dir": data,
-        "out_dir": out,
-        "model": "tiny",
-        "n_layer": 2,
-        "n_embd": 32,
-        "n_head": 2,
-        "block_size": 64,
-        "batch_size": 4,
-        "max_iters": steps,
-        "learning_rate": 1e-2,
-        "warmup_iters": 1,
-        "eval_interval": steps,
-        "eval_tokens": 256,
-        "log_interval": steps,
-        "checkpoint_interval": steps,
-        "device": "cpu",
-        "dtype": "float32",
-        "progress": False,
-        **extra,
-    }
-    assert main(["train", *(f"--{k}={v}" for k, v in values.items())]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

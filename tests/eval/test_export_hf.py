@@ -21,6 +21,7 @@ def make_tiny_run(
     tie: bool = True,
     step: int = 1,
     relative_paths: bool = False,
+    pad_vocab_to: int = 1,
 ) -> tuple[Path, Transformer]:
     """A run directory as the trainer leaves it: RUN/tokenizer/tokenizer.json + one checkpoint.
 
@@ -51,6 +52,7 @@ def make_tiny_run(
         n_embd=32,
         attention=attention,
         tie_embeddings=tie,
+        pad_vocab_to=pad_vocab_to,
     )
     model = Transformer(cfg)
     with torch.no_grad():
@@ -72,16 +74,16 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("attention", "n_kv_head", "tie"),
-    [("mha", None, True), ("gqa", 2, False)],
-    ids=["mha-tied", "gqa-untied"],
+    ("attention", "n_kv_head", "tie", "pad"),
+    [("mha", None, True, 1), ("gqa", 2, False, 1), ("mha", None, True, 64)],
+    ids=["mha-tied", "gqa-untied", "mha-tied-padded"],
 )
-def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n_kv_head, tie):
+def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n_kv_head, tie, pad):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpls.eval.export_hf import export_hf
 
-    run, model = make_tiny_run(tmp_path, attention=attention, n_kv_head=n_kv_head, tie=tie)
+    run, model = make_tiny_run(tmp_path, attention=attention, n_kv_head=n_kv_head, tie=tie, pad_vocab_to=pad)
     out = export_hf(run, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
@@ -103,7 +105,10 @@ def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n
     with torch.no_grad():
         theirs = hf(ids).logits
         ours = model(ids)
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    V = model.config.vocab_size  # a padded vocabulary's rows are dropped: Llama has no mask for them
+    assert hf.config.vocab_size == V and ours.shape[-1] == model.config.padded_vocab_size
+    assert (ours.shape[-1] > V) == (pad > 1)
+    torch.testing.assert_close(theirs, ours[..., :V], rtol=0, atol=1e-4)
 
 
 def test_tpa_is_refused_before_writing(tmp_path):

@@ -75,6 +75,7 @@ def evaluate_model(
     )
     from tqdm.auto import tqdm
 
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     was_training = model.training
     model.eval()
     bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
@@ -83,6 +84,8 @@ def evaluate_model(
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with autocast:
                 logits = model(x)
+            if vocab is not None and logits.shape[-1] > vocab:  # pad_vocab_to: padded columns are no tokens
+                logits = logits[..., :vocab]
             acc.update(logits, y, ignore_index=ignore_index)
             bar.update(int(y.numel()))
     finally:

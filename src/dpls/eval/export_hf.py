@@ -2,7 +2,8 @@
 
 The model's parameter names are already Hugging Face Llama's (`dpls.model`), so the
 weights are copied as they are into ``model.safetensors`` (a tied output projection is
-left out, as ``tie_word_embeddings`` tells Hugging Face to re-tie it), and
+left out, as ``tie_word_embeddings`` tells Hugging Face to re-tie it; the rows of a padded
+vocabulary are dropped, `dpls.model.hf_state_dict`), and
 ``config.json`` comes from `dpls.model.to_hf_config`. The tokenizer is the run's own:
 
 * the trained byte-level BPE (``tokenizer.json``) becomes a ``PreTrainedTokenizerFast``
@@ -175,7 +176,7 @@ def export_hf(
     ``out_dir`` must not exist or be empty unless ``overwrite``. Only ``mha`` / ``gqa``
     models have a Llama equivalent; TPA raises `ValueError`.
     """
-    from dpls.model import to_hf_config
+    from dpls.model import hf_state_dict, to_hf_config
     from dpls.runs.checkpoint import load_model
 
     # -- everything checked before any work ---------------------------------------------
@@ -202,7 +203,7 @@ def export_hf(
         tokenizer = _bpe_tokenizer(tokenizer_info, cfg.block_size)
     eot_id = tokenizer.eos_token_id
     model = load_model(ckpt, device="cpu")
-    state = {k: v.detach().to(dtypes[dtype]).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtypes[dtype]).contiguous() for k, v in hf_state_dict(model).items()}
     del model
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

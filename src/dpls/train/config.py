@@ -32,7 +32,15 @@ Scalar = str | int | float | bool
 
 # Keys that define the network: taken from the checkpoint when resuming or forking, and
 # they may not change there (the weights would not fit).
-MODEL_KEYS: tuple[str, ...] = ("model", "n_layer", "n_head", "n_kv_head", "n_embd", "attention")
+MODEL_KEYS: tuple[str, ...] = (
+    "model",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "attention",
+    "pad_vocab_to",
+)
 
 # The values some string keys accept. Keys whose choices live in another component's
 # registry (loss, dpls_schedule, model, ...) are checked by that component.
@@ -71,6 +79,11 @@ class TrainConfig:
     n_kv_head: int | None = key(None, "key/value heads, grouped-query attention (default: the preset's)")
     n_embd: int | None = key(None, "model width (default: the preset's)")
     attention: str | None = key(None, "attention: mha, gqa (with n_kv_head), tpa (default: the preset's)")
+    pad_vocab_to: int | None = key(
+        None,
+        "pad the output layer's rows to a multiple of this, padded logits exactly -inf "
+        "(default: the preset's; 64 for GPT-2-tokenised data: 50257 -> 50304)",
+    )
 
     # -- data and batch ----------------------------------------------------------------
     batch_size: int = key(12, "micro-batch of ONE rank, in sequences")
@@ -165,6 +178,7 @@ class TrainConfig:
             "n_head",
             "n_kv_head",
             "n_embd",
+            "pad_vocab_to",
             "block_size",
             "eval_tokens",
             "lr_decay_iters",
@@ -208,7 +222,7 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """The model keys given explicitly (they override the preset's values)."""
-        keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "block_size")
+        keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "pad_vocab_to", "block_size")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def to_loss_config(self) -> Any:

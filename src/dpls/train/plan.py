@@ -53,6 +53,7 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # Objectives that spread their smoothing mass by a prior over the vocabulary: the trainer
 # gives them the training shards' token frequencies.
 TOKEN_PRIOR_OBJECTIVES = frozenset({"prior_ls"})
+GPT2_PAD_VOCAB_TO = 64  # pad_vocab_to for GPT-2-tokenised data unless set: 50257 -> 50304, as nanoGPT
 PRIOR_MAX_TOKENS = 200_000_000  # counted from the start of every shard, in proportion
 
 
@@ -155,7 +156,10 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     meta = DataMeta.load(cfg.data_dir).to_dict()
     data_vocab = int(meta["vocab_size"])
     if checkpoint is None:
-        mc = model_config(cfg.model, vocab_size=data_vocab, **cfg.model_overrides())
+        overrides = cfg.model_overrides()
+        if cfg.pad_vocab_to is None and meta.get("tokenizer") == "gpt2":
+            overrides["pad_vocab_to"] = GPT2_PAD_VOCAB_TO
+        mc = model_config(cfg.model, vocab_size=data_vocab, **overrides)
     else:
         mc = ModelConfig.from_dict(ckpt.read_model_config(checkpoint))
         saved_cfg = read_run_config(checkpoint)
@@ -178,7 +182,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
             f"the data's vocabulary ({data_vocab} tokens, {cfg.data_dir}) is larger than the model's "
             f"embedding ({mc.vocab_size}{', from the checkpoint' if checkpoint else ''})"
         )
-    for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "attention"):
+    for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "pad_vocab_to"):
         setattr(cfg, k, getattr(mc, k))
     cfg.block_size = cfg.block_size or mc.block_size
     cfg.data_seed = cfg.resolved_data_seed

@@ -92,7 +92,11 @@ class TrainStep(nn.Module):
         if self.fused:
             hidden = self.model.hidden_states(idx)
             return self.objective.from_hidden(hidden, self.model.output_weight, target, step=step)
-        return self.objective(self.model(idx), target, step=step)
+        logits = self.model(idx)
+        vocab = self.model.config.vocab_size
+        if logits.shape[-1] > vocab:  # pad_vocab_to: the padded (-inf) columns are no tokens
+            logits = logits[..., :vocab]
+        return self.objective(logits, target, step=step)
 
 
 @torch.no_grad()
