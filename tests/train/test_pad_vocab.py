@@ -28,8 +28,9 @@ def _train(data, out, **extra):
         dict(loss="ce"),
         dict(loss="ls"),  # smoothing spread over the real vocabulary, never the padding
         dict(loss="dpls", dpls_top_k=20, dpls_epsilon_mode="entropy", z_loss=1e-3),
+        dict(loss="dpls", dpls_top_k=20, fused_linear_loss=True),  # from the output weight's real rows
     ],
-    ids=["ce", "ls", "dpls-entropy-zloss"],
+    ids=["ce", "ls", "dpls-entropy-zloss", "dpls-fused"],
 )
 def test_padded_and_unpadded_runs_give_the_same_numbers(data, tmp_path, capsys, loss):
     plain = _train(data, tmp_path / "plain", pad_vocab_to=1, **loss)
@@ -74,3 +75,24 @@ def test_pad_vocab_to_is_a_model_key(data, tmp_path, capsys):
     assert "pad_vocab_to" in capsys.readouterr().err
     assert main(["train", f"--data_dir={data}", "--pad_vocab_to=0", f"--out_dir={tmp_path / 'c'}"]) == 2
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_gpt2_tokenised_data_pads_to_64_by_default(tmp_path):
+    import numpy as np
+
+    from data_helpers import write_data_dir
+    from dpls.train.config import load_config
+    from dpls.train.plan import plan_run
+
+    tokens = np.arange(4000) % 261
+    write_data_dir(tmp_path / "gpt2", [tokens], [tokens[:600]], vocab_size=261, tokenizer="gpt2")
+    base = [
+        f"--data_dir={tmp_path / 'gpt2'}",
+        f"--out_dir={tmp_path / 'run'}",
+        "--block_size=32",
+        "--n_layer=1",
+    ]
+    plan = plan_run(load_config(overrides=base))
+    assert (plan.model_config.vocab_size, plan.model_config.padded_vocab_size) == (261, 320)
+    assert plan.cfg.pad_vocab_to == 64  # resolved into the run's config.toml
+    assert plan_run(load_config(overrides=[*base, "--pad_vocab_to=1"])).model_config.padded_vocab_size == 261
