@@ -27,6 +27,16 @@ def bpe():
     return train_bpe(CORPUS, vocab_size=300)
 
 
+def test_fingerprint_tells_tokenizers_apart_that_the_vocabulary_size_cannot(bpe):
+    again = train_bpe(CORPUS, vocab_size=300)
+    other = train_bpe([c.upper() for c in CORPUS], vocab_size=bpe.vocab_size)
+    assert other.vocab_size == bpe.vocab_size  # same size, other tokens
+    assert bpe.fingerprint() == again.fingerprint() != other.fingerprint()
+    gpt2 = TiktokenTokenizer(fake_gpt2())
+    assert gpt2.fingerprint() == TiktokenTokenizer(fake_gpt2()).fingerprint() != bpe.fingerprint()
+    assert all(len(t.fingerprint()) == 32 for t in (bpe, gpt2))
+
+
 def test_bpe_learns_merges_and_reserves_eot(bpe):
     assert bpe.kind == "bpe" and 257 < bpe.vocab_size <= 300
     assert bpe.decode([bpe.eot]) == EOT

@@ -329,6 +329,36 @@ def test_prepare_stdlib_small_sample_is_deterministic(tmp_path):
     tok = load_tokenizer(tmp_path / "a")
     code = "def f(self, x):\n    return x\n"
     assert tok.decode(tok.encode(code)) == code and len(tok.encode(code)) < len(code) / 2
+    # the same documents and tokenizer: the same fingerprints, recorded in meta.json
+    b = DataMeta.load(tmp_path / "b")
+    assert a.corpus_fingerprint == b.corpus_fingerprint and len(a.corpus_fingerprint) == 32
+    assert a.tokenizer_fingerprint == tok.fingerprint() == b.tokenizer_fingerprint
+    raw = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert raw["corpus_fingerprint"] == a.corpus_fingerprint
+
+
+def test_corpus_fingerprint_changes_with_any_document_or_the_tokenizer(tmp_path):
+    """The stdlib corpus differs between Python builds; the fingerprint is what tells them apart."""
+    from dpls.data.meta import corpus_fingerprint
+
+    def prepared(name: str, docs: list[str], vocab_size: int = 300) -> DataMeta:
+        (tmp_path / "in" / name).mkdir(parents=True)
+        src = tmp_path / "in" / name / "docs.jsonl"  # one name: the split hashes it
+        src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        return prepare_files([src], tmp_path / name, vocab_size=vocab_size, progress=False)
+
+    docs = [_doc(i) for i in range(60)]
+    base = prepared("base", docs)
+    same = prepared("same", docs)
+    one_char = prepared("one_char", [*docs[:-1], docs[-1] + "."])
+    other_tok = prepared("other_tok", docs, vocab_size=280)
+    assert base.corpus_fingerprint == same.corpus_fingerprint
+    assert base.tokenizer_fingerprint == same.tokenizer_fingerprint
+    assert one_char.corpus_fingerprint != base.corpus_fingerprint
+    assert other_tok.tokenizer_fingerprint != base.tokenizer_fingerprint
+    assert other_tok.corpus_fingerprint != base.corpus_fingerprint
+    # recomputed from the directory, it is the recorded one (data made before it was recorded)
+    assert corpus_fingerprint(tmp_path / "base", base, base.tokenizer_fingerprint) == base.corpus_fingerprint
 
 
 def test_cli_prepare(tmp_path, inputs, capsys):

@@ -7,13 +7,16 @@ how a run or checkpoint finds its tokenizer without the data directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dpls._io import write_json_atomic
-from dpls.data.shards import MAX_VOCAB, shard_token_count
+from dpls.data.shards import MAX_VOCAB, read_shard, shard_token_count
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -38,6 +41,10 @@ class DataMeta:
     source: str  # "stdlib" | "files" | "fineweb-edu"
     settings: dict[str, Any] = field(default_factory=dict)  # the prepare call that made it
     format_version: int = FORMAT_VERSION
+    # Hashes that say "same data" (absent in directories made before they were recorded):
+    # the tokenizer's (Tokenizer.fingerprint) and the corpus's (corpus_fingerprint).
+    tokenizer_fingerprint: str | None = None
+    corpus_fingerprint: str | None = None
 
     def shards(self, split: str) -> list[str]:
         if split not in SPLITS:
@@ -75,7 +82,13 @@ class DataMeta:
             **{k: raw[k] for k in types},
             settings=dict(raw.get("settings") or {}),
             format_version=int(raw.get("format_version", FORMAT_VERSION)),
+            tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
+            corpus_fingerprint=raw.get("corpus_fingerprint"),
         )
+        for key in ("tokenizer_fingerprint", "corpus_fingerprint"):
+            value = getattr(meta, key)
+            if value is not None and not (isinstance(value, str) and value):
+                raise DataError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
         if meta.format_version > FORMAT_VERSION:
             raise DataError(
                 f"{where} has format_version {meta.format_version}; this dpls reads up to {FORMAT_VERSION}"
@@ -123,3 +136,21 @@ class DataMeta:
                         f"{str(directory)!r}: the {split} shards hold {total} tokens, {META_FILE} says {expected}"
                     )
         return meta
+
+
+def corpus_fingerprint(directory: str | Path, meta: DataMeta, tokenizer_fingerprint: str) -> str:
+    """A hash of a data directory's corpus: the tokenizer's fingerprint and every token of both
+    splits, in order. The tokenizer is byte-level and lossless, so this is a hash of the
+    documents as the model sees them: equal fingerprints mean the same training and
+    validation data, whatever machine prepared it. The stdlib corpus differs between Python
+    builds, and so does this hash (and every number measured on the corpus)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tokenizer_fingerprint}\0{meta.vocab_size}\0{meta.eot_token}".encode())
+    for split in SPLITS:
+        h.update(f"\0{split}".encode())
+        for name in meta.shards(split):
+            tokens = read_shard(Path(directory) / name)
+            h.update(len(tokens).to_bytes(8, "little"))
+            for start in range(0, len(tokens), 1 << 24):  # 32 MB at a time
+                h.update(np.ascontiguousarray(tokens[start : start + (1 << 24)], dtype="<u2").tobytes())
+    return h.hexdigest()

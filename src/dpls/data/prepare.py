@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dpls._io import write_json_atomic
-from dpls.data.meta import META_FILE, DataError, DataMeta
+from dpls.data.meta import META_FILE, DataError, DataMeta, corpus_fingerprint
 from dpls.data.shards import MAX_VOCAB, write_shard
 from dpls.data.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, train_bpe
 
@@ -311,7 +311,9 @@ def _build(
         val_tokens=writers["val"].tokens,
         source=source,
         settings=settings,
+        tokenizer_fingerprint=tokenizer.fingerprint(),
     )
+    meta.corpus_fingerprint = corpus_fingerprint(out_dir, meta, meta.tokenizer_fingerprint)
     meta.save(out_dir)
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     for writer in writers.values():

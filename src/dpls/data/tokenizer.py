@@ -8,6 +8,8 @@ round-trips every string exactly; ``<|endoftext|>`` (``eot``) separates document
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +40,22 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids`` (special tokens written out)."""
+
+    @abstractmethod
+    def _identity(self) -> Any:
+        """JSON-able data that decides which ids a text gets (vocabulary, merges, specials)."""
+
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary and merge rules: two tokenizers with the same fingerprint
+        give every text the same ids. The vocabulary size alone cannot tell two BPEs apart."""
+        return tokenizer_fingerprint(self)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """``tokenizer.fingerprint()``: 32 hex digits of BLAKE2b over its canonical JSON identity
+    (not over ``tokenizer.json``'s bytes, whose layout changes between library versions)."""
+    canon = json.dumps([tokenizer.kind, tokenizer._identity()], ensure_ascii=True, separators=(",", ":"))
+    return hashlib.blake2b(canon.encode("ascii"), digest_size=16).hexdigest()
 
 
 class BPETokenizer(Tokenizer):
@@ -88,6 +106,14 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def _identity(self) -> Any:
+        model = json.loads(self._tok.to_str())
+        vocab = sorted(model["model"]["vocab"].items(), key=lambda kv: kv[1])
+        # merges are ["a", "b"] pairs in tokenizers >= 0.20, "a b" strings before
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["model"]["merges"]]
+        added = sorted((t["id"], t["content"]) for t in model.get("added_tokens") or [])
+        return {"vocab": vocab, "merges": merges, "added": added}
+
 
 class TiktokenTokenizer(Tokenizer):
     """GPT-2's BPE through tiktoken. ``encoding`` may be any ``tiktoken.Encoding`` (tests pass
@@ -120,6 +146,18 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
+
+    def _identity(self) -> Any:
+        enc = self.encoding
+        tokens = [_token_hex(enc, i) for i in range(self.vocab_size)]
+        return {"pattern": getattr(enc, "_pat_str", ""), "tokens": tokens, "eot": self.eot}
+
+
+def _token_hex(encoding: Any, token: int) -> str | None:
+    try:
+        return encoding.decode_single_token_bytes(token).hex()
+    except KeyError:  # an id the encoding leaves unused
+        return None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, length: int | None = None) -> BPETokenizer:
