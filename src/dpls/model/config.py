@@ -31,6 +31,10 @@ class ModelConfig:
     token from rank-``tpa_q_rank`` / ``tpa_kv_rank`` factors). ``head_dim`` defaults to
     ``n_embd // n_head``; T6 configs decouple it to match parameter counts.
 
+    ``qk_norm``: RMSNorm over each head's queries and keys before RoPE (Dehghani et al. 2023),
+    the standard cure for attention logits that grow without bound at high learning rates;
+    ``"mha"``/``"gqa"`` only. Hugging Face's Llama has no such layer, so it does not export.
+
     ``pad_vocab_to``: the embedding and output layer get ``padded_vocab_size`` rows, the
     vocabulary rounded up to this multiple (GPT-2's 50257 → 50304 with 64: matmul shapes that
     suit tensor cores). ``vocab_size`` stays the tokenizer's; the padded logits are exactly
@@ -53,6 +57,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     pad_vocab_to: int = 1
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tpa_q_rank", "tpa_kv_rank")
@@ -82,6 +87,10 @@ class ModelConfig:
             raise ValueError(
                 f"attention='tpa' forms keys for every head: n_kv_head must be None or {self.n_head}"
             )
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be true or false, got {self.qk_norm!r}")
+        if self.qk_norm and self.attention == "tpa":
+            raise ValueError("qk_norm is implemented for attention='mha' and 'gqa', not 'tpa'")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
         if not self.rope_theta > 0:

@@ -39,6 +39,11 @@ def to_hf_config(
         raise ValueError(
             f"attention={cfg.attention!r} has no Hugging Face Llama equivalent; only 'mha' and 'gqa' export"
         )
+    if cfg.qk_norm:
+        raise ValueError(
+            "qk_norm=true has no Hugging Face Llama equivalent (Llama attention has no query/key norm); "
+            "only models trained without qk_norm export"
+        )
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

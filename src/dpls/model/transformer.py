@@ -59,8 +59,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Causal self-attention with grouped key/value heads (``n_kv_head == n_head``: plain MHA)."""
+@torch.no_grad()
+def causal_logit_max(q: torch.Tensor, k: torch.Tensor, chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """The largest pre-softmax attention logit ``q·k/√D`` over causal pairs and heads.
+
+    ``q`` ``[B, H, T, D]``, ``k`` ``[B, Hkv, T, D]`` (grouped heads repeated). SDPA never
+    shows its scores, so this is one extra ``q @ kᵀ`` (no softmax, no backward), done only when
+    asked (the trainer's log steps), a few sequences at a time to bound the ``[.., T, T]`` memory.
+    """
+    B, H, T, D = q.shape
+    if k.shape[1] != H:
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    per = max(1, chunk_elements // max(1, H * T * T))
+    best = torch.full((), float("-inf"), device=q.device)
+    for i in range(0, B, per):
+        scores = (q[i : i + per].float() @ k[i : i + per].float().transpose(-2, -1)) / math.sqrt(D)
+        best = torch.maximum(best, scores.masked_fill(future, float("-inf")).amax())
+    return best
+
+
+class LogitRecorder:
+    """Mixin of the attention modules: with ``record_logit_max`` set (the trainer sets it on
+    log steps only), a training forward stores its largest pre-softmax logit in ``logit_max``."""
+
+    record_logit_max: bool = False
+    logit_max: torch.Tensor | None = None
+
+    def _record(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        if self.record_logit_max:
+            self.logit_max = causal_logit_max(q.detach(), k.detach())
+
+
+class Attention(LogitRecorder, nn.Module):
+    """Causal self-attention with grouped key/value heads (``n_kv_head == n_head``: plain MHA).
+
+    With ``qk_norm``, queries and keys are RMS-normalised per head (one learned scale over the
+    head dimension each) before RoPE, which bounds the attention logits' growth.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -69,6 +105,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
@@ -77,11 +116,15 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if cache is not None:  # generation: attend to the cached keys and values too
             mask, causal = cache.attention_mask(T, x.device)
             k, v = cache.extend(2, k, v)
+        else:
+            self._record(q, k)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
         )
@@ -92,9 +135,12 @@ class Attention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.o_proj.weight, mean=0.0, std=residual_std)
+        if hasattr(self, "q_norm"):  # ones: no random numbers, so every other weight's init is unchanged
+            nn.init.ones_(self.q_norm.weight)
+            nn.init.ones_(self.k_norm.weight)
 
 
-class TensorProductAttention(nn.Module):
+class TensorProductAttention(LogitRecorder, nn.Module):
     """Tensor Product Attention (T6, "Tensor Product Attention Is All You Need", 2025).
 
     Every token builds its own low-rank queries, keys and values: for each of q/k/v, an
@@ -141,6 +187,7 @@ class TensorProductAttention(nn.Module):
         if cache is None:
             k = self._assemble(self.k_a_proj, self.k_b_proj, x, self.kv_rank, cos, sin)
             v = self._assemble(self.v_a_proj, self.v_b_proj, x, self.kv_rank)
+            self._record(q, k)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # generation: cache the rank-R factors of keys and values, not the keys and values
             mask, causal = cache.attention_mask(T, x.device)
@@ -323,6 +370,21 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return F.linear(self.hidden_states(idx, cache), self._padded_output_weight, self.vocab_mask)
+
+    def record_attention_logits(self, enabled: bool) -> None:
+        """Switch every attention layer's recording of its largest pre-softmax logit."""
+        for layer in self.model.layers:
+            layer.self_attn.record_logit_max = enabled
+            layer.self_attn.logit_max = None
+
+    def attention_logit_max(self) -> torch.Tensor | None:
+        """The largest recorded pre-softmax logit over layers and heads (a 0-d tensor, on the
+        device), or None when nothing was recorded; the layers' records are cleared."""
+        found = [layer.self_attn.logit_max for layer in self.model.layers]
+        found = [t for t in found if t is not None]
+        for layer in self.model.layers:
+            layer.self_attn.logit_max = None
+        return torch.stack(found).amax() if found else None
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty key/value cache for up to ``max_len`` tokens (default: ``block_size``)."""

@@ -8,6 +8,7 @@ A run directory, as ``dpls train`` leaves it::
       tokenizer/           meta.json and the tokenizer file, copied from the data directory
       checkpoints/         step_NNNNNNN/, see `dpls.runs.checkpoint`
       eval/metrics.json    the final evaluation (written by studies; ``dpls eval --out``)
+      diverged.json        only if training diverged: where and why (``read_diverged``)
 
 Training writes these files; evaluation, studies and the command line only read them, so
 the names and the readers live here, below all of them.
@@ -32,6 +33,7 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_DIR = "eval"
 EVAL_FILE = "metrics.json"  # what `dpls eval` writes by default; RUN/eval/metrics.json in a study
+DIVERGED_FILE = "diverged.json"  # {"step", "detected_at", "reason", "initial_val_ce"}: the run diverged
 
 Scalar = bool | int | float | str
 
@@ -146,6 +148,18 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def read_diverged(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's divergence record (RUN/diverged.json), or None if it did not diverge."""
+    path = Path(run_dir) / DIVERGED_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    return record if isinstance(record, dict) else {}
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:

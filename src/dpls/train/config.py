@@ -40,6 +40,7 @@ MODEL_KEYS: tuple[str, ...] = (
     "n_embd",
     "attention",
     "pad_vocab_to",
+    "qk_norm",
 )
 
 # The values some string keys accept. Keys whose choices live in another component's
@@ -83,6 +84,9 @@ class TrainConfig:
         None,
         "pad the output layer's rows to a multiple of this, padded logits exactly -inf "
         "(default: the preset's; 64 for GPT-2-tokenised data: 50257 -> 50304)",
+    )
+    qk_norm: bool | None = key(
+        None, "RMSNorm on each head's queries and keys (mha/gqa; not exportable to HF) (default: off)"
     )
 
     # -- data and batch ----------------------------------------------------------------
@@ -135,6 +139,11 @@ class TrainConfig:
     checkpoint_interval: int = key(1000, "save a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = key(3, "keep the newest N checkpoints (0: keep all)")
     max_skipped_steps: int = key(10, "stop after this many non-finite steps in a row")
+    divergence_window: int = key(
+        0,
+        "stop as diverged when the training CE of this many logged steps in a row is above the first "
+        "validation CE or not finite (0: off; studies use 5)",
+    )
     progress: bool = key(True, "progress bar on stderr (only on a terminal)")
     tensorboard: bool = key(False, "also log to TensorBoard (RUN/tensorboard)")
     swanlab: str = key("off", "also log to SwanLab: off, cloud, local, offline")
@@ -170,7 +179,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "keep_checkpoints", "dpls_start_step"):
+        for name in ("warmup_iters", "keep_checkpoints", "dpls_start_step", "divergence_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in (
@@ -222,23 +231,27 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """The model keys given explicitly (they override the preset's values)."""
-        keys = ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "pad_vocab_to", "block_size")
+        keys = (
+            "n_layer",
+            "n_head",
+            "n_kv_head",
+            "n_embd",
+            "attention",
+            "pad_vocab_to",
+            "qk_norm",
+            "block_size",
+        )
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def to_loss_config(self) -> Any:
-        """The loss library's ``LossConfig`` from this config's loss keys.
-
-        Fields are matched by name; ``loss_impl`` becomes the loss config's ``impl`` when it
-        has no ``loss_impl``, and ``dpls_end_step`` defaults to ``max_iters``.
-        """
+        """The loss library's ``LossConfig`` from this config's loss keys (matched by name);
+        ``dpls_end_step`` defaults to ``max_iters``."""
         from dpls.losses.objective import LossConfig
 
         values = self.to_dict()
         if values["dpls_end_step"] is None:
             values["dpls_end_step"] = self.max_iters
         names = {f.name for f in fields(LossConfig)}
-        if "impl" in names and "loss_impl" not in names:
-            values["impl"] = values["loss_impl"]
         return LossConfig(**{k: v for k, v in values.items() if k in names})
 
 

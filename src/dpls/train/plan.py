@@ -182,7 +182,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
             f"the data's vocabulary ({data_vocab} tokens, {cfg.data_dir}) is larger than the model's "
             f"embedding ({mc.vocab_size}{', from the checkpoint' if checkpoint else ''})"
         )
-    for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "pad_vocab_to"):
+    for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "pad_vocab_to", "qk_norm"):
         setattr(cfg, k, getattr(mc, k))
     cfg.block_size = cfg.block_size or mc.block_size
     cfg.data_seed = cfg.resolved_data_seed

@@ -36,19 +36,31 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from dpls._io import write_json_atomic
 from dpls.runs import checkpoint as ckpt
-from dpls.runs.layout import TOKENIZER_DIR, config_path, metrics_path, read_metrics, truncate_metrics
+from dpls.runs.layout import (
+    DIVERGED_FILE,
+    TOKENIZER_DIR,
+    config_path,
+    metrics_path,
+    read_metrics,
+    truncate_metrics,
+)
 from dpls.train.config import TrainConfig, write_config
+from dpls.train.diagnostics import DivergenceWatch
 from dpls.train.loggers import open_loggers
 from dpls.train.optim import build_optimizer, cosine_lr, set_hyperparameters
 from dpls.train.perf import mfu, peak_flops
 from dpls.train.plan import RunPlan, plan_run
 from dpls.train.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from dpls.distributed import Faults
 
 # The validation metrics logged as val_<key> (MetricAccumulator's names; loss is CE).
 VAL_KEYS: dict[str, str] = {
@@ -63,6 +75,14 @@ VAL_KEYS: dict[str, str] = {
 
 class TrainingError(RuntimeError):
     """The run stopped on its own (e.g. too many non-finite steps); the message says why."""
+
+
+class Diverged(TrainingError):
+    """The run diverged (see `dpls.train.diagnostics`); RUN/diverged.json says where and why."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 class InvalidRun(ValueError):
@@ -85,17 +105,22 @@ class TrainStep(nn.Module):
         self.model = model
         self.objective = objective
         self.fused = fused
+        self.diagnostics: Any = None  # a train.diagnostics.Diagnostics on log steps: record the logits
 
     def forward(self, idx: torch.Tensor, target: torch.Tensor | None = None, step: int = 0) -> Any:
         if target is None:
             return self.model(idx)
         if self.fused:
             hidden = self.model.hidden_states(idx)
+            if self.diagnostics is not None:
+                self.diagnostics.add_hidden(hidden, self.model.output_weight)
             return self.objective.from_hidden(hidden, self.model.output_weight, target, step=step)
         logits = self.model(idx)
         vocab = self.model.config.vocab_size
         if logits.shape[-1] > vocab:  # pad_vocab_to: the padded (-inf) columns are no tokens
             logits = logits[..., :vocab]
+        if self.diagnostics is not None:
+            self.diagnostics.add_logits(logits)
         return self.objective(logits, target, step=step)
 
 
@@ -188,6 +213,7 @@ class Parts:
     val_set: Any  # this rank's share of the fixed validation batches
     autocast: Any  # torch.autocast, or a null context in float32
     state: dict[str, Any]  # the restored trainer state ({} for a new run)
+    faults: Faults  # faults injected by tests (none in a real run)
 
 
 def build(plan: RunPlan, ctx: Any) -> Parts:
@@ -197,12 +223,16 @@ def build(plan: RunPlan, ctx: Any) -> Parts:
     is bad input (`InvalidRun`): nothing is written yet.
     """
     from dpls.data.loader import TokenLoader, validation_batches
-    from dpls.distributed import wrap_model
+    from dpls.distributed import Faults, wrap_model
     from dpls.distributed.parallel import transformer_blocks
     from dpls.losses.objective import build_objective
     from dpls.model import Transformer
 
     cfg = plan.cfg
+    try:
+        faults = Faults.from_env()
+    except ValueError as err:
+        raise InvalidRun(str(err)) from err
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -260,7 +290,7 @@ def build(plan: RunPlan, ctx: Any) -> Parts:
     autocast = (
         torch.autocast(ctx.device.type, dtype=plan.dtype) if plan.dtype != torch.float32 else nullcontext()
     )
-    return Parts(ctx, model, wrapped, optimizer, params, loader, batches, val_set, autocast, state)
+    return Parts(ctx, model, wrapped, optimizer, params, loader, batches, val_set, autocast, state, faults)
 
 
 def prepare_run_dir(plan: RunPlan, ctx: Any, step: int) -> None:
@@ -269,6 +299,7 @@ def prepare_run_dir(plan: RunPlan, ctx: Any, step: int) -> None:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_tmp(run_dir)  # left by a save that was killed
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # this run continues: no longer diverged
         if plan.mode == "resume":
             truncate_metrics(run_dir, step)
         else:
@@ -291,27 +322,50 @@ class StepStats:
     grad_norm: float  # before clipping
     skipped: bool  # non-finite loss or gradient on some rank: the weights did not change
     stopping: bool  # some rank received SIGTERM / SIGINT: stop after this step
+    diagnostics: dict[str, float] | None = None  # logit_max, lse_mean, attn_logit_max (log steps)
 
 
-def train_step(parts: Parts, cfg: TrainConfig, step: int, lr: float, stop_requested: bool) -> StepStats:
+def _step_module(parts: Parts) -> TrainStep:
+    return getattr(parts.wrapped, "module", parts.wrapped)  # DDP wraps it; FSDP2 shards it in place
+
+
+def _record_diagnostics(parts: Parts, diag: Any) -> None:
+    """Switch the recording of `dpls.train.diagnostics` on (``diag``) or off (None)."""
+    _step_module(parts).diagnostics = diag
+    parts.model.record_attention_logits(diag is not None)
+
+
+def train_step(
+    parts: Parts, cfg: TrainConfig, step: int, lr: float, stop_requested: bool, diagnostics: bool = False
+) -> StepStats:
     """One optimizer step at learning rate ``lr``: this rank's micro-steps, clipping, and the update.
 
     ``step`` is the 0-based index of the step being taken (the objective's schedules see it).
     Gradients are all-reduced once, in the backward of the last micro-step; one collective
     then decides for every rank whether to skip the update and whether to stop after it.
+    ``diagnostics`` (log steps): also measure the instability diagnostics of this step's
+    forward (`dpls.train.diagnostics`); the gradients and the update are the same either way.
     """
-    from dpls.distributed import maybe_inject_nan, no_sync
+    from dpls.distributed import no_sync
 
     ctx, wrapped = parts.ctx, parts.wrapped
     micro_steps = cfg.gradient_accumulation_steps // ctx.world_size
     set_hyperparameters(parts.optimizer, lr=lr)
     sums = torch.zeros(3, device=ctx.device)  # this rank's sums of (loss, ce, ε)
+    diag = None
+    if diagnostics:
+        from dpls.train.diagnostics import Diagnostics
+
+        diag = Diagnostics(ctx.device)
+        _record_diagnostics(parts, diag)
     for micro in range(micro_steps):
         x, y = next(parts.batches)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         with no_sync(wrapped, enabled=micro < micro_steps - 1), parts.autocast:
             out = wrapped(x, y, step)
-        loss = maybe_inject_nan(out.loss, step + 1, ctx.rank)
+        if diag is not None:
+            diag.add_attention(parts.model.attention_logit_max())
+        loss = parts.faults.nan(out.loss, step + 1, ctx.rank)
         (loss / micro_steps).backward()
         eps = torch.tensor(float(out.epsilon), device=ctx.device)
         sums += torch.stack([loss.detach().float(), out.ce.float(), eps])
@@ -323,7 +377,11 @@ def train_step(parts: Parts, cfg: TrainConfig, step: int, lr: float, stop_reques
     if not skip:
         parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    return StepStats(mean_loss, mean_ce, mean_eps, grad_norm, skip, stopping)
+    values = None
+    if diag is not None:
+        _record_diagnostics(parts, None)
+        values = diag.reduce(ctx)
+    return StepStats(mean_loss, mean_ce, mean_eps, grad_norm, skip, stopping, values)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -354,6 +412,9 @@ def train(cfg: TrainConfig) -> Path:
         parts = build(plan, ctx)
         step, tokens = int(parts.state.get("step", 0)), int(parts.state.get("tokens", 0))
         skipped_in_a_row = int(parts.state.get("skipped_in_a_row", 0)) if plan.mode == "resume" else 0
+        watch = DivergenceWatch(cfg.divergence_window)
+        if plan.mode == "resume":
+            watch.load_state_dict(parts.state)
         prepare_run_dir(plan, ctx, step)
         try:
             logger = open_loggers(cfg, run_dir) if ctx.is_main else None
@@ -384,6 +445,7 @@ def train(cfg: TrainConfig) -> Path:
                 "loader": parts.loader.state_dict(),
                 "data_dir": cfg.data_dir,
                 "skipped_in_a_row": skipped_in_a_row,
+                **watch.state_dict(),
                 "lr": cosine_lr(at_step, **lr_args),
                 "lr_schedule": lr_args,
             }
@@ -397,6 +459,23 @@ def train(cfg: TrainConfig) -> Path:
                 model_config=plan.model_config,
                 ctx=ctx,
                 keep=cfg.keep_checkpoints,
+                faults=parts.faults,
+            )
+
+        def diverged(began: int, reason: str) -> Diverged:
+            """Record the divergence in RUN/diverged.json (rank 0) and the error every rank raises."""
+            if ctx.is_main:
+                record = {
+                    "step": began,
+                    "detected_at": step,
+                    "reason": reason,
+                    "initial_val_ce": watch.initial,
+                }
+                write_json_atomic(run_dir / DIVERGED_FILE, record)
+            return Diverged(
+                f"stopped at step {step}: {reason}: diverged from step {began}; "
+                f"last checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}",
+                began,
             )
 
         bar = ProgressBar(cfg.max_iters, step, enabled=cfg.progress and ctx.is_main, echo=ctx.is_main)
@@ -414,11 +493,14 @@ def train(cfg: TrainConfig) -> Path:
         try:
             with StopRequest() as stop, bar:
                 if plan.mode != "resume":  # validate the starting weights: curves start at the first step
-                    log({"step": step, "tokens": tokens, **validate()})
+                    first = validate()
+                    watch.initial = first["val_ce"]
+                    log({"step": step, "tokens": tokens, **first})
                 while step < cfg.max_iters:
                     t0 = time.perf_counter()
                     lr = cosine_lr(step, **lr_args)
-                    stats = train_step(parts, cfg, step, lr, stop.requested)
+                    log_step = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters
+                    stats = train_step(parts, cfg, step, lr, stop.requested, diagnostics=log_step)
                     skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
                     step += 1
                     tokens += tokens_per_step
@@ -441,17 +523,24 @@ def train(cfg: TrainConfig) -> Path:
                             "tokens_per_s": tps,
                             "mfu": mfu(flops_per_token, tps, peak, ctx.world_size),
                             "skipped": int(stats.skipped),
+                            **(stats.diagnostics or {}),
                             "elapsed_s": time.perf_counter() - started,
                         }
                     if step % cfg.eval_interval == 0 or last:
                         row = {"step": step, "tokens": tokens, **row, **validate()}
                     if row:
                         log(row)
+                    if "loss" in row and (began := watch.see(step, stats.ce)) is not None:
+                        raise diverged(
+                            began,
+                            f"the training CE of {watch.window} logged steps in a row was above the "
+                            f"initial validation CE {watch.initial:.4f} or not finite",
+                        )
                     if skipped_in_a_row >= cfg.max_skipped_steps:
-                        raise TrainingError(
-                            f"stopped at step {step}: {skipped_in_a_row} non-finite steps in a row "
-                            f"(max_skipped_steps={cfg.max_skipped_steps}); they did not change the weights; "
-                            f"last checkpoint: {ckpt.latest_checkpoint(run_dir) or 'none'}"
+                        raise diverged(
+                            step - skipped_in_a_row + 1,
+                            f"{skipped_in_a_row} non-finite steps in a row "
+                            f"(max_skipped_steps={cfg.max_skipped_steps}); they did not change the weights",
                         )
                     if step % cfg.checkpoint_interval == 0 or last or stats.stopping:
                         try:
@@ -503,6 +592,7 @@ def read_run_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "Diverged",
     "InvalidRun",
     "Parts",
     "StepStats",

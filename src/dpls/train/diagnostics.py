@@ -1,0 +1,102 @@
+"""Instability diagnostics of log steps, and the rule that calls a run diverged.
+
+Wortsman et al. (2023) reproduce two large-model instabilities at small scale: output logits
+that drift (their log-partition log Z grows; z-loss pulls it to 0) and attention logits that
+grow without bound (qk-layernorm stops it). On log steps the trainer records, for the
+global batch of that step:
+
+- ``logit_max``: the largest |output logit|;
+- ``lse_mean``: the mean log Z = logsumexp of the logits over the batch's tokens;
+- ``attn_logit_max``: the largest pre-softmax attention logit over layers and heads.
+
+They come from the step's own forward: the logits (or, with ``fused_linear_loss``, which
+never forms them, one extra output matmul of the hidden states, in chunks) and each attention
+layer's ``q @ kᵀ`` (one extra product per layer: SDPA keeps its scores to itself). Nothing
+runs on other steps, and the values stay on the device until the log row is written.
+
+`DivergenceWatch` is the rule: a run has diverged when the training CE of ``window`` logged
+steps in a row is above the loss at its start (the first validation CE) or not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DIAGNOSTIC_KEYS = ("logit_max", "lse_mean", "attn_logit_max")
+_HIDDEN_CHUNK = 4096  # rows of hidden states per extra output matmul (fused losses)
+
+
+class Diagnostics:
+    """Running maxima and sums over one step's micro-batches, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.logit_max = torch.zeros((), device=device)
+        self.lse_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.tokens = 0
+        self.attn_max = torch.full((), float("-inf"), device=device)
+
+    @torch.no_grad()
+    def add_logits(self, logits: torch.Tensor) -> None:
+        """Logits ``[..., V]`` of real tokens (padded columns already dropped)."""
+        lf = logits.detach().float().reshape(-1, logits.shape[-1])
+        self.logit_max = torch.maximum(self.logit_max, lf.abs().amax())
+        self.lse_sum += torch.logsumexp(lf, dim=-1).double().sum()
+        self.tokens += lf.shape[0]
+
+    @torch.no_grad()
+    def add_hidden(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        """The same from hidden states ``[..., C]`` and the ``[V, C]`` output weight, chunk by chunk."""
+        h = hidden.detach().reshape(-1, hidden.shape[-1])
+        for i in range(0, h.shape[0], _HIDDEN_CHUNK):
+            self.add_logits(h[i : i + _HIDDEN_CHUNK] @ weight.detach().t())
+
+    def add_attention(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self.attn_max = torch.maximum(self.attn_max, value.detach().float())
+
+    def reduce(self, ctx: Any) -> dict[str, float]:
+        """Over all ranks (two collectives), then one copy to the host."""
+        maxima = ctx.all_reduce_max(torch.stack([self.logit_max, self.attn_max]).float())
+        sums = ctx.all_reduce_sum(
+            torch.stack([self.lse_sum, torch.tensor(float(self.tokens), device=self.lse_sum.device).double()])
+        )
+        logit_max, attn_max, lse_sum, tokens = [*maxima.tolist(), *sums.tolist()]
+        out = {"logit_max": logit_max, "lse_mean": lse_sum / tokens if tokens else math.nan}
+        if math.isfinite(attn_max) or math.isnan(attn_max):  # -inf: no layer recorded (none had one)
+            out["attn_logit_max"] = attn_max
+        return out
+
+
+@dataclass
+class DivergenceWatch:
+    """Calls a run diverged when ``window`` logged training CEs in a row are above ``initial`` or not finite.
+
+    ``window`` 0 switches the rule off. Its state (``initial``, ``streak``) goes into the
+    checkpoint's trainer state, so a resumed run continues the count.
+    """
+
+    window: int
+    initial: float | None = None
+    streak: list[int] = field(default_factory=list)  # steps of the current run of bad rows
+
+    def see(self, step: int, ce: float) -> int | None:
+        """Take a logged row; the step where the divergence began, once ``window`` rows in a row are bad."""
+        if self.window <= 0 or self.initial is None:
+            return None
+        if math.isfinite(ce) and ce <= self.initial:
+            self.streak = []
+            return None
+        self.streak.append(step)
+        return self.streak[0] if len(self.streak) >= self.window else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_val_ce": self.initial, "divergence_streak": list(self.streak)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("initial_val_ce") is not None:
+            self.initial = float(state["initial_val_ce"])
+        self.streak = [int(s) for s in state.get("divergence_streak", [])]
