@@ -1,4 +1,5 @@
-"""An independent float64 statement of SPEC §1, and a checker every loss implementation reuses.
+"""An independent float64 statement of the loss (docs/losses.md), and a checker every loss
+implementation reuses.
 
 Nothing here imports the implementation under test except through the public front
 ``dpls.losses.dpls_loss(..., impl=name)``, so the reference cannot share a bug with it.
@@ -34,7 +35,9 @@ def reference_dpls(
     """``(loss, nll, grad)`` in float64 for logits ``[..., V]``; ``grad`` is d(grad_output·loss)/d logits.
 
     ``grad_output`` is the upstream gradient: a scalar for "mean"/"sum", one value per token for
-    "none". Ties are broken by lowest index (any consistent rule is allowed; tests avoid ties).
+    "none". ``T`` is the ``min(k, #finite)`` largest finite logits (a ``−inf`` logit is masked:
+    never smoothed onto), ties to the lowest index; ``0·log 0 = 0``. Ignored rows contribute 0,
+    whatever their logits.
     """
     v = logits.shape[-1]
     z = logits.detach().reshape(-1, v).to(torch.float64)
@@ -48,21 +51,27 @@ def reference_dpls(
         eps = torch.full((n,), float(epsilon), dtype=torch.float64)
     k = int(top_k)
 
+    z = torch.where(valid[:, None], z, torch.zeros_like(z))  # ignored rows: anything finite
     logp = torch.log_softmax(z, dim=-1)
     onehot = torch.zeros_like(z)
     onehot[torch.arange(n), y_safe] = 1.0
-    # k largest, ties to the lowest index: stable sort of −z keeps index order among equals.
-    order = torch.sort(-z, dim=-1, stable=True).indices[:, :k]
+    # k largest finite entries, ties to the lowest index: a stable sort of −z keeps index order
+    # among equals (and puts −inf last); a row with fewer than k finite entries smooths over them.
+    finite = torch.isfinite(z)
+    k_eff = finite.sum(-1).clamp(1, k)
+    order = torch.sort(-z, dim=-1, stable=True).indices
     in_top = torch.zeros_like(z)
-    in_top.scatter_(1, order, 1.0)
-    q = (1.0 - eps)[:, None] * onehot + (eps / k)[:, None] * in_top
-    per_tok = -(q * logp).sum(-1)
-    per_nll = -(onehot * logp).sum(-1)
+    for i in range(n):
+        in_top[i, order[i, : int(k_eff[i])]] = 1.0
+    in_top = in_top * finite
+    q = (1.0 - eps)[:, None] * onehot + (eps / k_eff)[:, None] * in_top
+    per_tok = -torch.where(q > 0, q * logp, torch.zeros_like(q)).sum(-1)
+    per_nll = -logp[torch.arange(n), y_safe]
     per_grad = logp.exp() - q
 
     vmask = valid.to(torch.float64)
-    per_tok = per_tok * vmask
-    per_nll = per_nll * vmask
+    per_tok = torch.where(valid, per_tok, torch.zeros_like(per_tok))
+    per_nll = torch.where(valid, per_nll, torch.zeros_like(per_nll))
     n_valid = int(valid.sum())
     if reduction == "none":
         g = torch.as_tensor(grad_output, dtype=torch.float64).reshape(-1).expand(n)
@@ -77,7 +86,8 @@ def reference_dpls(
         row_scale = float(grad_output) * vmask / denom
     else:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    grad = (per_grad * row_scale[:, None]).reshape(logits.shape)
+    grad = torch.where(valid[:, None], per_grad * row_scale[:, None], torch.zeros_like(per_grad))
+    grad = grad.reshape(logits.shape)
     return loss, nll, grad
 
 
@@ -147,11 +157,16 @@ def check_impl_against_reference(
     seed: int = 0,
     loss_rtol: float = 1e-5,
     grad_rtol: float | None = None,
+    masked: float = 0.0,
+    pad: int = 0,
+    offset: float = 0.0,
 ) -> CheckResult:
     """Run ``dpls_loss(impl=impl_name)`` forward+backward and compare with :func:`reference_dpls`.
 
     ``epsilon="per_token"`` draws one ε per token in ``[0, 0.5)``. ``batch_shape`` (default ``(n,)``)
-    lets the logits be ``[*batch_shape, v]``. Loss and nll must match within ``loss_rtol``
+    lets the logits be ``[*batch_shape, v]``. ``masked`` sets that fraction of the logits to
+    ``−inf`` (never a target's), ``pad`` the last ``pad`` columns (a padded vocabulary; targets
+    stay below), and ``offset`` is added to every logit. Loss and nll must match within ``loss_rtol``
     (relative); the gradient within ``grad_rtol`` of its largest entry (default 1e-4 for float32
     gradients, 4 ulps of the dtype for half types, whose gradient is stored in that dtype).
     """
@@ -164,7 +179,14 @@ def check_impl_against_reference(
     for s in shape:
         n_tok *= s
     logits = distinct_logits(n_tok, v, dtype=dtype, generator=gen).reshape(*shape, v)
-    target = torch.randint(0, v, shape, generator=gen)
+    if offset:
+        logits = (logits.double() + offset).to(dtype)
+    target = torch.randint(0, v - pad, shape, generator=gen)
+    if masked or pad:
+        off = torch.rand(*shape, v, generator=gen) < masked
+        off[..., v - pad :] = True
+        off.scatter_(-1, target[..., None], False)
+        logits = logits.masked_fill(off, -float("inf"))
     if ignore_frac > 0:
         drop = torch.rand(shape, generator=gen) < ignore_frac
         target = torch.where(drop, torch.full_like(target, ignore_index), target)

@@ -44,3 +44,34 @@ def test_pytest_collects_every_test_file() -> None:
     every = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
     missed = sorted(every - collected)
     assert not missed, f"pytest does not collect these test files: {missed}"
+
+
+def _lazy_packages() -> list[Path]:
+    src = ROOT / "src" / "dpls"
+    return sorted(p for p in src.rglob("__init__.py") if "lazy_exports(globals()" in p.read_text())
+
+
+@pytest.mark.parametrize("init", _lazy_packages(), ids=lambda p: str(p.parent.relative_to(ROOT / "src")))
+def test_lazy_exports_match_their_type_checking_imports(init: Path) -> None:
+    """One lazy-export style: the names a type checker sees (the ``if TYPE_CHECKING:`` imports),
+    ``__all__`` and the runtime table agree, and every name imports from the module it names."""
+    import ast
+    import importlib
+    from importlib.util import resolve_name
+
+    package = ".".join(init.parent.relative_to(ROOT / "src").parts)
+    module = importlib.import_module(package)
+    tree = ast.parse(init.read_text())
+    blocks = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    assert len(blocks) == 1, f"{package}: expected one `if TYPE_CHECKING:` block"
+    seen = {
+        alias.asname or alias.name: node.module
+        for node in blocks[0].body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    runtime = {name: resolve_name(where, package) for name, where in module._EXPORTS.items()}
+    assert seen == runtime, f"{package}: TYPE_CHECKING imports and _EXPORTS differ"
+    assert set(module.__all__) - {"__version__"} == set(runtime), f"{package}: __all__ and _EXPORTS differ"
+    for name, where in runtime.items():
+        assert getattr(module, name) is getattr(importlib.import_module(where), name)

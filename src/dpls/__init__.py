@@ -6,7 +6,14 @@ model, data and evaluation code pull in more) are imported on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dpls._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from dpls.losses import DPLSLoss, dpls_linear_loss, dpls_loss, label_smoothing_loss
+    from dpls.runs.checkpoint import load_model
+    from dpls.runs.layout import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -20,6 +27,14 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": ".runs.layout",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "DPLSLoss",
+    "__version__",
+    "dpls_linear_loss",
+    "dpls_loss",
+    "label_smoothing_loss",
+    "load_model",
+    "load_tokenizer",
+]
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

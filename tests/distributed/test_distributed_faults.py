@@ -1,4 +1,4 @@
-"""Fault hooks and the agreed stop, in one process (the multi-rank runs are in test_dist_train.py)."""
+"""Fault hooks and the agreed stop, in one process (the multi-rank runs are in test_distributed_train.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from dpls.distributed.faults import (
     ENV_ENOSPC,
     ENV_NAN,
     ENV_RANK,
+    Faults,
     StopRequest,
     is_out_of_space,
-    maybe_inject_enospc,
-    maybe_inject_nan,
     parse_steps,
 )
 
@@ -37,20 +36,35 @@ def test_nan_injection_keeps_graph_and_respects_rank(monkeypatch):
     w = torch.ones(2, requires_grad=True)
     loss = (w * 2).sum()
     monkeypatch.setenv(ENV_NAN, "5-6")
-    assert maybe_inject_nan(loss, 4) is loss
-    bad = maybe_inject_nan(loss, 5)
+    faults = Faults.from_env()
+    assert faults.nan(loss, 4) is loss
+    bad = faults.nan(loss, 5)
     assert math.isnan(bad.item()) and bad.requires_grad
     monkeypatch.setenv(ENV_RANK, "1")
-    assert maybe_inject_nan(loss, 6, rank=0) is loss
-    assert math.isnan(maybe_inject_nan(loss, 6, rank=1).item())
+    assert math.isnan(faults.nan(loss, 6, rank=0).item())  # read once: a later change does not count
+    one_rank = Faults.from_env()
+    assert one_rank.nan(loss, 6, rank=0) is loss
+    assert math.isnan(one_rank.nan(loss, 6, rank=1).item())
+    assert Faults().nan(loss, 5) is loss  # nothing injected by default
 
 
 def test_enospc_injection(monkeypatch):
     monkeypatch.setenv(ENV_ENOSPC, "10")
-    maybe_inject_enospc(9)
+    faults = Faults.from_env()
+    faults.enospc(9)
     with pytest.raises(OSError) as info:
-        maybe_inject_enospc(10)
+        faults.enospc(10)
     assert info.value.errno == errno.ENOSPC and is_out_of_space(info.value)
+
+
+def test_malformed_fault_variables_are_named(monkeypatch):
+    monkeypatch.setenv(ENV_NAN, "x")
+    with pytest.raises(ValueError, match=ENV_NAN):
+        Faults.from_env()
+    monkeypatch.setenv(ENV_NAN, "3")
+    monkeypatch.setenv(ENV_RANK, "first")
+    with pytest.raises(ValueError, match=ENV_RANK):
+        Faults.from_env()
 
 
 def test_out_of_space_found_in_chain():
@@ -67,8 +81,9 @@ def test_out_of_space_found_in_chain():
 
 def test_stop_request_notes_sigterm_and_restores_handler():
     before = signal.getsignal(signal.SIGTERM)
+    ctx = DistContext()
     with StopRequest() as stop:
-        assert not stop.requested and not stop.agreed(DistContext())
+        assert not stop.requested and not ctx.any_rank(stop.requested)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.received == signal.SIGTERM and stop.agreed(DistContext())
+        assert stop.received == signal.SIGTERM and ctx.any_rank(stop.requested)
     assert signal.getsignal(signal.SIGTERM) is before

@@ -20,7 +20,7 @@ TOL = 1e-5
 
 
 def reference_value(z, target, eps, k, reduction, ignore_index=-100):
-    """SPEC §1 in float64, T = the k largest logits, ties broken towards the lower index.
+    """The DPLS loss in float64, T = the k largest logits, ties broken towards the lower index.
 
     Differentiable in ``z`` (the selection T is a constant), so autograd gives the
     reference gradient.
@@ -108,7 +108,7 @@ def _worker(splits: list[int]) -> list[tuple[float, float, float]]:
         assert v == bounds[-1]
         logits, target, eps = make_case(i, n, v, ties=ties, per_token_eps=per_tok)
         errs = torch.tensor(_max_errors(logits, target, eps, k, red, start, stop))
-        if not ties:  # tie-breaking is free (SPEC §1): compare with dpls_loss only without ties
+        if not ties:  # tie-breaking is free (docs/reference.md): compare with dpls_loss only without ties
             errs = errs.maximum(
                 torch.tensor(_max_errors(logits, target, eps, k, red, start, stop, "dpls_loss"))
             )

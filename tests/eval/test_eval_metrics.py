@@ -34,7 +34,7 @@ def calibrated_set() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
-    """The SPEC §4 definitions, dense, in float64 (adaptive ECE by sorting every token)."""
+    """The metric definitions (docs/reference.md, section 6), dense, in float64 (adaptive ECE by sorting every token)."""
     z = logits.double()
     logp = z.log_softmax(-1)
     p = logp.exp()

@@ -10,38 +10,7 @@ import pytest
 import torch
 from test_export_hf import make_tiny_run
 
-QUESTIONS = [
-    ("def add(x, y):", ["return x + y", "pass", "class Point"], 0),
-    ("class Point:", ["pass", "return x", "def add"], 0),
-    ("x + y", ["return", "class", "def"], 1),
-    ("return x", ["+ y", "pass", "Point"], 0),
-    ("def", ["add", "Point", "return"], 0),
-    ("class", ["Point", "add", "x"], 0),
-    ("pass", ["def", "class", "return"], 2),
-    ("y):", ["return", "pass", "def"], 1),
-    ("Point", ["pass", "add", "y"], 2),
-    ("add(x,", ["y", "x", "Point"], 0),
-]
-
-
-def write_task(root: Path) -> Path:
-    """A task folder for --include_path: a multiple_choice YAML over a local JSONL file."""
-    tasks = root / "tasks"
-    tasks.mkdir()
-    data = root / "toy.jsonl"
-    data.write_text("".join(json.dumps({"q": q, "choices": c, "label": y}) + "\n" for q, c, y in QUESTIONS))
-    (tasks / "toy_mc.yaml").write_text(
-        "task: toy_mc\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{q}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        "doc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return tasks
+from lm_eval_helpers import QUESTIONS, write_task
 
 
 def direct_accuracy(model: torch.nn.Module, tokenizer_file: Path) -> float:

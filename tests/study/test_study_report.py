@@ -24,7 +24,7 @@ LOSSES = {
 
 
 def eval_metrics(arm: str, seed: int) -> dict[str, float]:
-    """Deterministic, distinct numbers for every SPEC §4 key."""
+    """Deterministic, distinct numbers for every evaluation metric key."""
     offset = {"ce": 0.0, "ls": 0.01, "dpls": -0.05}[arm]
     noise = {0: 0.0, 1: 0.1, 2: -0.05}[seed]
     # dpls − ce on "loss" is −0.05 + a seed-dependent wiggle; ls − ce is +0.01 + another.

@@ -352,9 +352,8 @@ def test_study_under_two_ranks(tmp_path, stdlib_sample):
 def test_study_runs_lm_eval_on_every_arm_and_reports_it(tmp_path, stdlib_sample, monkeypatch, one_thread):
     """[eval] lm_eval_tasks: every arm is scored by the harness (offline, a local task) and the
     flattened scores reach the report as `lm_eval/<task>/<metric>`."""
-    from test_lm_eval import write_task
-
     from dpls.study.runner import run_study
+    from lm_eval_helpers import write_task
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(var, "1")

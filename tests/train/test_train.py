@@ -25,7 +25,7 @@ from dpls.train.config import load_config
 from dpls.train.plan import plan_run
 from dpls.train.trainer import TrainingError, train
 
-SPEC_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
+METRIC_ROW_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
 VAL_KEYS = ("val_ce", "val_ppl", "val_entropy")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +109,7 @@ def test_metrics_and_run_files(straight, corpus):
     train = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 41))
     for r in train:
-        assert all(k in r for k in SPEC_KEYS) and r["skipped"] == 0
+        assert all(k in r for k in METRIC_ROW_KEYS) and r["skipped"] == 0
         assert r["tokens"] == r["step"] * 4 * 32 * 2 and r["epsilon"] == 0.0 and r["loss"] == r["ce"]
         assert r["mfu"] is None  # CPU: no peak to compare with
     evals = [r for r in rows if "val_ce" in r]
@@ -398,7 +398,7 @@ def test_stdlib_corpus_end_to_end(tmp_path):
     assert main(["train", *args]) == 0
     rows = read_metrics(run)
     train = [r for r in rows if "loss" in r]
-    assert len(train) == 4 and all(all(k in r for k in SPEC_KEYS) for r in train)  # log_interval 10
+    assert len(train) == 4 and all(all(k in r for k in METRIC_ROW_KEYS) for r in train)  # log_interval 10
     assert all(r["epsilon"] == pytest.approx(0.1) and r["loss"] != r["ce"] for r in train)
     val = [r["val_ce"] for r in rows if "val_ce" in r]
     assert len(val) == 3 and val[0] > val[1] > val[2]  # steps 0, 20, 40

@@ -18,10 +18,8 @@ included, since every contender must produce it):
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
-import pkgutil
 import statistics
 import subprocess
 import sys
@@ -123,16 +121,11 @@ register_loss_contender("dense_published", _build_published, description="publis
 
 
 def load_contenders(device: torch.device) -> dict[str, Contender]:
-    """Built-ins, one ``dpls:<impl>`` per loss implementation running on ``device``, and plug-ins."""
-    import dpls.bench as bench_pkg
+    """Built-ins, one ``dpls:<impl>`` per loss implementation running on ``device``, and the GPU
+    contenders of `dpls.bench.contenders_gpu` (which registers those whose package imports)."""
+    import dpls.bench.contenders_gpu  # noqa: F401  (registers on import)
     from dpls.losses import available_impls
 
-    for info in pkgutil.iter_modules(bench_pkg.__path__):
-        if info.name.startswith("contenders_"):
-            try:
-                importlib.import_module(f"dpls.bench.{info.name}")
-            except ImportError:  # an optional dependency is missing: its contenders just don't appear
-                continue
     table = dict(CONTENDERS)
     for impl in available_impls(device):
         table.setdefault(f"dpls:{impl}", Contender(f"dpls:{impl}", _dpls_builder(impl), lambda d: True, impl))

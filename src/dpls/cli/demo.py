@@ -4,7 +4,7 @@
 2. a tiny model trains with cross-entropy: the shared trunk;
 3. CE, label smoothing and DPLS arms fork from it, two seeds each (one seed's arms see
    the same batches);
-4. every arm is evaluated (SPEC §4 metrics) and ``OUT/report/report.md`` gives each
+4. every arm is evaluated (every evaluation metric) and ``OUT/report/report.md`` gives each
    arm's paired difference from CE with its 95% interval, with plots.
 
 It runs the same study as ``dpls study studies/demo.toml``, built in; rerunning it skips

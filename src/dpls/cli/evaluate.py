@@ -14,7 +14,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         help=help_text,
         description=(
             "Evaluate a checkpoint (or the latest checkpoint of a run directory) on the fixed validation "
-            "set and write the SPEC §4 metrics as JSON, with a reliability diagram and an entropy "
+            "set and write its metrics (docs/reference.md) as JSON, with a reliability diagram and an entropy "
             "histogram beside it."
         ),
     )

@@ -4,7 +4,8 @@ A signal or a non-finite loss may reach only some ranks; if those acted alone, t
 would wait forever in the next collective. So a rank only *notes* the event, and every
 rank asks ``ctx.any_rank(noted)`` at the same point of the step, and all act together.
 
-Test hooks (environment variables, read when used, so a test sets them for a subprocess):
+Test hooks: environment variables, read once when a run starts (`Faults.from_env`), so a test
+sets them for a subprocess or before calling ``train``:
 
 * ``DPLS_INJECT_NAN_AT_STEP=7`` (or ``7,9`` or ``7-11``): the loss of those optimizer steps
   becomes NaN on every rank — exercises non-finite step skipping;
@@ -18,14 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
-
-    from dpls.distributed.context import DistContext
 
 ENV_NAN = "DPLS_INJECT_NAN_AT_STEP"
 ENV_ENOSPC = "DPLS_INJECT_ENOSPC_AT_STEP"
@@ -50,30 +50,46 @@ def parse_steps(spec: str) -> frozenset[int]:
     return frozenset(steps)
 
 
-def _armed(env: str, step: int, rank: int | None) -> bool:
-    spec = os.environ.get(env, "")
-    if not spec or step not in parse_steps(spec):
-        return False
-    only = os.environ.get(ENV_RANK, "")
-    return not only or rank is None or int(only) == rank
+@dataclass(frozen=True)
+class Faults:
+    """The faults injected into one run: read from the environment once, then asked every step."""
 
+    nan_steps: frozenset[int] = frozenset()
+    enospc_steps: frozenset[int] = frozenset()
+    rank: int | None = None  # only this rank; None: every rank
 
-def maybe_inject_nan(loss: torch.Tensor, step: int, rank: int | None = None) -> torch.Tensor:
-    """``loss`` turned into NaN (keeping its graph) when ``DPLS_INJECT_NAN_AT_STEP`` names ``step``."""
-    if _armed(ENV_NAN, step, rank):
-        return loss * float("nan")
-    return loss
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Faults:
+        """The hooks of the module docstring; a malformed value is a `ValueError` naming it."""
+        steps = {}
+        for env in (ENV_NAN, ENV_ENOSPC):
+            try:
+                steps[env] = parse_steps(environ.get(env, ""))
+            except ValueError as err:
+                raise ValueError(f"{env}: {err}") from None
+        only = environ.get(ENV_RANK, "").strip()
+        if only and not only.isdigit():
+            raise ValueError(f"{ENV_RANK} must be a rank number, got {only!r}")
+        return cls(steps[ENV_NAN], steps[ENV_ENOSPC], int(only) if only else None)
 
+    def _armed(self, steps: frozenset[int], step: int, rank: int | None) -> bool:
+        return step in steps and (self.rank is None or rank is None or self.rank == rank)
 
-def maybe_inject_enospc(step: int, rank: int | None = None) -> None:
-    """Raise ``OSError(ENOSPC)`` when ``DPLS_INJECT_ENOSPC_AT_STEP`` names ``step``.
+    def nan(self, loss: torch.Tensor, step: int, rank: int | None = None) -> torch.Tensor:
+        """``loss`` turned into NaN (keeping its graph) when ``step`` is one of ``nan_steps``."""
+        if self._armed(self.nan_steps, step, rank):
+            return loss * float("nan")
+        return loss
 
-    Call it inside the checkpoint write, after something has been written: a real full
-    disk fails midway, and the point of the test is that the half-written folder never
-    replaces a good checkpoint.
-    """
-    if _armed(ENV_ENOSPC, step, rank):
-        raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_ENOSPC}={step})")
+    def enospc(self, step: int, rank: int | None = None) -> None:
+        """Raise ``OSError(ENOSPC)`` when ``step`` is one of ``enospc_steps``.
+
+        Called inside the checkpoint write, after something has been written: a real full
+        disk fails midway, and the point of the test is that the half-written folder never
+        replaces a good checkpoint.
+        """
+        if self._armed(self.enospc_steps, step, rank):
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_ENOSPC}={step})")
 
 
 def is_out_of_space(err: BaseException) -> bool:
@@ -99,8 +115,9 @@ def is_out_of_space(err: BaseException) -> bool:
 class StopRequest:
     """Notes SIGTERM / SIGINT instead of dying, so the loop can save and exit at a step boundary.
 
-    ``with StopRequest() as stop: ... if stop.agreed(ctx): save(); break``. The previous
-    handlers come back on exit. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt.
+    ``with StopRequest() as stop:`` ... every rank passes ``stop.requested`` to the step's
+    collective (``ctx.any_rank``), so all ranks stop together. The previous handlers come
+    back on exit. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt.
     """
 
     def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
@@ -129,7 +146,3 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.received is not None
-
-    def agreed(self, ctx: DistContext) -> bool:
-        """True on every rank when any rank received a stop signal (a collective: call it on all)."""
-        return ctx.any_rank(self.requested)

@@ -1,10 +1,12 @@
 """DPLS when the vocabulary is split across ranks (tensor-parallel output layer).
 
 Each rank holds the logits of one contiguous vocabulary slice ``[vocab_start,
-vocab_start + V_local)`` for the same ``N`` tokens. The loss of SPEC §1,
+vocab_start + V_local)`` for the same ``N`` tokens. The loss of docs/losses.md,
 
-    ℓ = lse(z) − (1 − ε)·z_y − (ε/k)·Σ_{j∈T} z_j ,   ∂ℓ/∂z = softmax(z) − q ,
+    ℓ = lse(z) − (1 − ε)·z_y − (ε/|T|)·Σ_{j∈T} z_j ,   ∂ℓ/∂z = softmax(z) − q ,
 
+with ``T`` the ``|T| = min(k, #finite)`` largest finite logits (masked ``−inf`` logits are never
+smoothed onto), ties to the lowest global index,
 needs four global quantities per row, and only those travel between ranks:
 
 * the max and the sum of exponentials (all-reduce MAX, SUM) → ``lse``;
@@ -17,7 +19,9 @@ needs four global quantities per row, and only those travel between ranks:
   first, the same rule on every rank.
 
 Backward needs no communication at all: each rank forms ``softmax − q`` for its slice
-from the saved per-row ``lse``, ``τ`` and tie quota. Every rank returns the same loss.
+from the saved per-row max, sum of exponentials, ``τ`` and tie quota (the max is subtracted
+before exponentiating, so the gradient is exact at any logit offset). Every rank returns the
+same loss. The backward builds no graph: double backward raises.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dpls.losses.chunked import refuse_double_backward
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -127,39 +133,42 @@ class _VocabParallelDPLS(torch.autograd.Function):
         n, v_local = x.shape
         valid = target != ignore_index
 
-        # log-sum-exp over the whole vocabulary
-        row_max = _all_reduce(x.max(dim=-1).values, dist.ReduceOp.MAX, group)
-        sum_exp = _all_reduce(torch.exp(x - row_max[:, None]).sum(-1), dist.ReduceOp.SUM, group)
-        lse = row_max + torch.log(sum_exp)
+        # log-sum-exp over the whole vocabulary, kept as (row max, Σ exp(z − max))
+        row_max = _all_reduce(x.amax(dim=-1), dist.ReduceOp.MAX, group)
+        shifted = x - row_max[:, None]
+        sum_exp = _all_reduce(torch.exp(shifted).sum(-1), dist.ReduceOp.SUM, group)
+        lse_rel = torch.log(sum_exp)  # lse − max
 
-        # target logit, from the owning rank
+        # target logit (relative to the max), from the owning rank
         local_t = target.long() - vocab_start
         owned = valid & (local_t >= 0) & (local_t < v_local)
-        z_y = torch.where(owned, x.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1), 0.0)
-        z_y = _all_reduce(z_y, dist.ReduceOp.SUM, group)
+        zy_rel = torch.where(owned, shifted.gather(1, local_t.clamp(0, v_local - 1)[:, None]).squeeze(1), 0.0)
+        zy_rel = _all_reduce(zy_rel, dist.ReduceOp.SUM, group)
 
         # global top-k from the local top-k values only
         k_local = min(top_k, v_local)
         cand = x.topk(k_local, dim=-1, sorted=False).values
-        if k_local < top_k:  # equal sizes for all_gather; -inf never enters the top-k
+        if k_local < top_k:  # equal sizes for all_gather; −inf pads are never counted in T
             cand = torch.cat([cand, cand.new_full((n, top_k - k_local), float("-inf"))], dim=1)
-        union = _all_gather(cand, group).permute(1, 0, 2).reshape(n, -1)  # [N, W·k]
-        top = union.topk(top_k, dim=-1).values
-        tau = top[:, -1]
-        # Σ_T with -inf-safe padding: padded entries are never among the k largest of V ≥ k reals
-        topk_sum = top.sum(-1)
+        union = _all_gather(cand, group).permute(1, 0, 2).flatten(1)  # [N, W·k], also for N = 0
+        top = union.topk(top_k, dim=-1).values  # descending
+        # T holds only finite logits: |T| = min(k, #finite), all of which are in ``top``
+        k_fin = (top > -float("inf")).sum(-1)
+        k_eff = k_fin.clamp(min=1)
+        tau = top.gather(1, (k_eff - 1)[:, None]).squeeze(1)  # the smallest value in T
+        top_rel = torch.where(top > -float("inf"), top - row_max[:, None], 0.0).sum(-1)
 
         # ties at τ: the quota of tied entries this rank contributes, lowest global index first
         n_gt = (union > tau[:, None]).sum(-1)
-        need_eq = top_k - n_gt
+        need_eq = k_eff - n_gt
         eq_counts = _all_gather((x == tau[:, None]).sum(-1), group)  # [W, N]
         before = (slices[:, 0] < vocab_start).to(eq_counts.dtype)  # ranks holding lower ids
         prior = (eq_counts * before[:, None]).sum(0)
         my_eq = (x == tau[:, None]).sum(-1)
         take = (need_eq - prior).clamp(min=0).minimum(my_eq)
 
-        loss = lse - (1.0 - eps) * z_y - (eps / top_k) * topk_sum
-        nll = lse - z_y
+        loss = lse_rel - (1.0 - eps) * zy_rel - (eps / k_eff) * top_rel
+        nll = lse_rel - zy_rel
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
         loss = torch.where(valid, loss, zero)
         nll = torch.where(valid, nll, zero)
@@ -173,7 +182,7 @@ class _VocabParallelDPLS(torch.autograd.Function):
             loss_out, nll_out = loss, nll
 
         ctx.mark_non_differentiable(nll_out)  # a logged number, as in dpls.losses.dpls_loss
-        ctx.save_for_backward(local_logits, target, eps, lse, tau, take, n_valid)
+        ctx.save_for_backward(local_logits, target, eps, row_max, sum_exp, tau, take, k_eff, n_valid)
         ctx.top_k, ctx.vocab_start, ctx.ignore_index, ctx.reduction = (
             top_k,
             vocab_start,
@@ -184,7 +193,8 @@ class _VocabParallelDPLS(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_loss: torch.Tensor, g_nll: torch.Tensor | None) -> tuple[Any, ...]:
-        local_logits, target, eps, lse, tau, take, n_valid = ctx.saved_tensors
+        refuse_double_backward("vocab_parallel_dpls_loss")
+        local_logits, target, eps, row_max, sum_exp, tau, take, k_eff, n_valid = ctx.saved_tensors
         x = local_logits.float()
         n, v_local = x.shape
         valid = target != ctx.ignore_index
@@ -197,14 +207,15 @@ class _VocabParallelDPLS(torch.autograd.Function):
         w = torch.where(valid, w, 0.0)
 
         # w·(softmax − q),  q = (1 − ε)·onehot(y) + (ε/k)·1[T]
-        grad = torch.exp(x - lse[:, None]) * w[:, None]
+        grad = torch.exp(x - row_max[:, None]) * (w / sum_exp)[:, None]
+        grad = torch.where(valid[:, None], grad, 0.0)  # an ignored row of −inf: 0, not NaN
         local_t = target.long() - ctx.vocab_start
         owned = valid & (local_t >= 0) & (local_t < v_local)
         onehot_w = torch.where(owned, w * (1.0 - eps), 0.0)
         grad.scatter_add_(1, local_t.clamp(0, v_local - 1)[:, None], -onehot_w[:, None])
         eq = x == tau[:, None]
         in_top = (x > tau[:, None]) | (eq & (eq.cumsum(-1) <= take[:, None]))
-        grad -= in_top * (w * eps / ctx.top_k)[:, None]
+        grad -= in_top * (w * eps / k_eff)[:, None]
         return grad.to(local_logits.dtype), None, None, None, None, None, None, None, None
 
 

@@ -6,7 +6,15 @@ lm_eval, so every name is imported on first use.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dpls._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from dpls.eval.evaluate import evaluate_checkpoint, evaluate_model
+    from dpls.eval.export_hf import export_hf
+    from dpls.eval.lm_eval import run_lm_eval
+    from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator, ReliabilityBins
 
 # public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
@@ -19,6 +27,14 @@ _EXPORTS: dict[str, str] = {
     "run_lm_eval": ".lm_eval",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "METRIC_KEYS",
+    "MetricAccumulator",
+    "ReliabilityBins",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "export_hf",
+    "run_lm_eval",
+]
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -58,7 +58,7 @@ def evaluate_model(
     progress: bool = True,
     desc: str = "eval",
 ) -> dict[str, float]:
-    """SPEC §4 metrics of ``model`` over ``batches`` of ``(x, y)`` int64 ``[B, T]``.
+    """The evaluation metrics (`METRIC_KEYS`) of ``model`` over ``batches`` of ``(x, y)`` int64 ``[B, T]``.
 
     Pass an ``accumulator`` to keep the per-bin data (reliability diagram, histograms)
     or to reduce it over ranks before `compute`. ``device`` defaults to the model's.
@@ -197,7 +197,7 @@ def evaluate_checkpoint(
 
     ``data_dir`` and ``block_size`` default to the run's ``config.toml``; ``tokens`` caps the
     number of validation tokens (None: all of them). With ``out`` it writes the metrics
-    there (exactly the SPEC §4 keys) and, beside it, ``<stem>_bins.json`` (per-bin data
+    there (exactly `METRIC_KEYS`) and, beside it, ``<stem>_bins.json`` (per-bin data
     and provenance) and, with ``plots``, the reliability diagrams and the entropy histogram.
     """
     # -- everything checked before any work ---------------------------------------------

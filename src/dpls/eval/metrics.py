@@ -1,4 +1,4 @@
-"""Every evaluation metric of SPEC §4, in one streaming accumulator.
+"""Every evaluation metric (docs/reference.md, section 6), in one streaming accumulator.
 
 `MetricAccumulator.update(logits, targets)` folds a batch of token predictions into a
 fixed-size state; `compute()` turns the state into the metrics. The state does not grow
@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-# The metric keys of SPEC §4, in the order metrics.json lists them.
+# The metric keys of metrics.json, in the order it lists them (docs/reference.md, section 6).
 METRIC_KEYS: tuple[str, ...] = (
     "loss",
     "ppl",
@@ -135,9 +135,9 @@ def _hermite_minimum(
 
 
 class MetricAccumulator:
-    """Streaming evaluation metrics over token predictions (SPEC §4).
+    """Streaming evaluation metrics over token predictions (the keys of `METRIC_KEYS`).
 
-    ``n_bins``: equal-width and equal-mass bins for ECE (15 in the SPEC).
+    ``n_bins``: equal-width and equal-mass bins for ECE (15 in metrics.json).
     ``temperatures``: the grid for temperature scaling (``None``: `DEFAULT_TEMPERATURES`;
     an empty sequence skips it, and both temperature metrics are NaN: the cheap setting
     for frequent validation). ``fine_bins``: resolution of the confidence histogram that
@@ -350,7 +350,7 @@ class MetricAccumulator:
         return 1.0 / beta, loss
 
     def compute(self) -> dict[str, float]:
-        """The SPEC §4 metrics (exactly `METRIC_KEYS`) over everything seen so far."""
+        """The evaluation metrics (exactly `METRIC_KEYS`) over everything seen so far."""
         st = self._host_state()
         sc = st["scalars"]
         n = float(sc[_N])

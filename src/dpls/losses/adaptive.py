@@ -2,7 +2,7 @@
 
 ``constant``    ε_i = ε
 ``confidence``  ε_i = ε·(1 − max_j p_ij)^γ      confident rows get little smoothing
-``entropy``     ε_i = ε·(H_i / log V)^γ          uncertain (flat) rows get more
+``entropy``     ε_i = ε·(H_i / log V)^γ          uncertain (flat) rows get more (V: unmasked logits)
 
 The prediction is detached, so ε_i is a constant of the step: it reaches every implementation as
 the per-token ``epsilon`` tensor. It costs one extra read of the logits, in row chunks under
@@ -26,12 +26,13 @@ def _one_minus_max_p(z: torch.Tensor) -> torch.Tensor:
 
 
 def _normalized_entropy(z: torch.Tensor) -> torch.Tensor:
-    v = z.shape[-1]
-    if v == 1:
-        return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+    """``H(p) / log V'`` with ``V'`` the row's finite (unmasked) logits: a padded vocabulary
+    changes nothing; ``0·log 0 = 0``; 0 for a row with a single finite logit."""
     logp = torch.log_softmax(z, dim=-1)
-    h = -(logp.exp() * logp).sum(-1)
-    return (h / math.log(v)).clamp_(0.0, 1.0)
+    finite = logp > -float("inf")
+    h = -(logp.exp() * torch.where(finite, logp, 0.0)).sum(-1)
+    log_v = finite.sum(-1).to(z.dtype).log()
+    return torch.where(log_v > 0, h / log_v.clamp_min(1e-30), 0.0).clamp_(0.0, 1.0)
 
 
 # mode -> per-row statistic in [0, 1] that ε is scaled by (before the power γ); None: constant ε

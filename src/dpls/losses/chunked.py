@@ -1,21 +1,27 @@
 """The chunked implementation: pure PyTorch, rows in cache-sized chunks, gradient recomputed.
 
-Forward walks the rows in chunks and keeps a few numbers per row — ``lse``, the target logit
-``z_y``, the smoothing term ``Σ_j r_j z_j`` and the k-th largest value ``τ`` — and nothing of size
-``[N, V]``. Backward walks the chunks again and writes ``(softmax − q)·scale`` straight into the
-gradient (or, with ``inplace_backward``, into the logits' own storage). The soft target is
+The soft target is
 
-    q = (1 − ε)·onehot(y) + ε·r,   r = uniform over T (DPLS; T = whole row for k = V)
+    q = (1 − ε)·onehot(y) + ε·r,   r = uniform over T (DPLS; T = every finite logit for k = V)
                                     or a fixed prior over the vocabulary (prior-weighted LS),
-    T = {j : z_j > τ}  ∪  the first (k − |{z_j > τ}|) indices with z_j = τ,
 
-so exactly ``k`` entries receive ``ε/k`` even when values tie at the threshold (the same
-lowest-index rule as the Triton kernel and the vocabulary-parallel loss). The loss does not depend
-on how ties are broken: tied entries have equal logits.
+with ``T`` the ``k`` largest *finite* logits of the row, ties at the threshold to the lowest index,
+and ``|T| = min(k, number of finite logits)``: a masked (``−inf``) logit is outside the vocabulary,
+so padding a vocabulary with masked entries changes nothing (docs/losses.md).
 
-Why it is fast on CPU: each chunk stays in cache between the passes over it, the only allocation
-of size ``[N, V]`` is the gradient itself, and ``torch.topk(sorted=False)`` on a chunk is a partial
-selection, not a sort. The helpers here (``row_stats``, ``write_grad``) are shared with the
+Forward, per chunk: one fused ``log_softmax`` into a cache-resident buffer gives ``log p_y`` and,
+gathered at ``T``, the smoothing term; the loss is ``−(1−ε)·log p_y − ε·Σ_j r_j log p_j``, so the
+row maximum is subtracted before anything is exponentiated (exact at any logit offset, as CE).
+``T`` is found without a full-row ``topk`` (the slow part on CPU): the row is viewed as ``B``
+interleaved strips of ``V/B`` columns, the ``k+1`` columns with the largest strip maxima hold
+every one of the row's ``k+1`` largest entries, and one small ``topk`` over those ``B·(k+1)``
+candidates gives the values and column indices. For small ``k`` the ``k`` indices per row are
+kept for backward; otherwise the threshold ``τ`` is kept and backward compares against it.
+
+Backward, per chunk: one fused ``softmax`` written straight into the gradient (or the logits'
+own storage with ``inplace_backward``), scaled per row, and ``−ε·r·scale`` / ``−(1−ε)·scale``
+scattered onto the ``k`` entries of ``T`` and the target: no ``[N, V]`` temporary besides the
+gradient itself. The helpers (``chunk_forward``, ``chunk_grad``) are shared with the
 fused-linear loss and the related objectives.
 """
 
@@ -32,10 +38,10 @@ import torch
 from dpls.losses.reference import compute_dtype, reduce_rows
 from dpls.losses.registry import register_impl
 
-CHUNK_ELEMS = 1 << 19  # 2 MiB of float32 per chunk: stays in cache next to its temporaries
-
-
+CHUNK_ELEMS = 1 << 21  # 8 MiB of float32 per chunk: few enough chunks that per-op overhead is small
 GPU_CHUNK_ELEMS = 1 << 24  # on a GPU, fewer and larger launches (64 MiB of float32 per chunk)
+STRIPS = 16  # B: candidates per selected column in the top-k search
+SPARSE_K_FRACTION = 16  # keep T's indices when k ≤ V/16 (then they cost ≤ V/8 bytes per row)
 
 
 def chunk_rows(
@@ -59,8 +65,8 @@ def run_chunks(n: int, step: int, fn: Callable[[int, int], None], device: torch.
     On CPU the chunks are spread over a pool of Python threads, each running single-threaded
     ops (torch releases the GIL inside ops). Why not intra-op threads: each of the many small ops
     would open an OpenMP region whose barrier waits for every thread, and on a busy machine a
-    descheduled thread stalls every region — measured 5–15× slower than CE under load, while
-    dynamic chunk scheduling keeps both cores busy. GPU chunks simply run in order.
+    descheduled thread stalls every region, while dynamic chunk scheduling keeps both cores
+    busy. GPU chunks simply run in order.
     """
     global _pool, _pool_size
     starts = range(0, n, step)
@@ -95,6 +101,54 @@ def chunk_buffer(name: str, rows: int, v: int, dtype: torch.dtype, device: torch
     return buf[: rows * v].view(rows, v)
 
 
+_HUGE_PAGE = 2 << 20
+_madvise: Callable[[int, int, int], int] | bool | None = None  # None: not looked up yet; False: unavailable
+
+
+def empty_like_huge(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(t)``, asking Linux for transparent huge pages on a large CPU tensor.
+
+    Why: the gradient is fresh memory, and on first touch every 4 KiB page faults; at
+    ``N·V`` = 131M floats that is 128k faults, a fifth of a cross-entropy step. ``MADV_HUGEPAGE``
+    on the 2 MiB-aligned inside of the tensor's own storage is only a hint (honoured when the
+    kernel's THP mode is ``madvise`` or ``always``); where it is unavailable nothing changes.
+    """
+    global _madvise
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    nbytes = out.numel() * out.element_size()
+    if out.device.type != "cpu" or nbytes < 4 * _HUGE_PAGE:
+        return out
+    if _madvise is None:
+        try:
+            import ctypes
+            import sys
+
+            if not sys.platform.startswith("linux"):
+                raise OSError("not Linux")
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            _madvise(start, end - start, 14)  # MADV_HUGEPAGE
+    return out
+
+
+def refuse_double_backward(name: str) -> None:
+    """Raise when a backward that builds no graph is asked for one (``create_graph=True``):
+    a silently zero Hessian-vector product is worse than an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} does not support double backward (create_graph=True): its backward builds no "
+            "graph. Use dpls_loss(..., impl='chunked') or impl='reference' on the logits for "
+            "second-order gradients."
+        )
+
+
 @dataclass(frozen=True)
 class Smoothing:
     """Where the ε mass goes: uniformly on the ``top_k`` largest logits, or along a fixed ``prior``."""
@@ -103,41 +157,60 @@ class Smoothing:
     prior: torch.Tensor | None = None  # [V] in the compute dtype, sums to 1
     active: bool = True  # False when ε = 0 everywhere: plain CE, skip the selection
 
+    def mode(self, v: int) -> str:
+        """How ``T`` is represented: ``none`` (CE), ``prior``, ``all`` (k = V: every finite logit),
+        ``sparse`` (its k column indices per row) or ``dense`` (the threshold τ, compared in backward)."""
+        if not self.active:
+            return "none"
+        if self.prior is not None:
+            return "prior"
+        if self.top_k >= v:
+            return "all"
+        return "sparse" if self.top_k * SPARSE_K_FRACTION <= v else "dense"
 
-class RowStats(NamedTuple):
-    lse: torch.Tensor  # log-sum-exp of the row
-    smooth: torch.Tensor  # Σ_j r_j z_j: the mean of the top-k logits, or the prior-weighted mean
-    tau: torch.Tensor  # the k-th largest logit (−inf when T is the whole row)
-    tied: torch.Tensor  # bool: the (k+1)-th largest equals τ, so ``z ≥ τ`` would select more than k
+
+class Selection(NamedTuple):
+    """``T`` for the rows of a chunk (or of the whole batch, once the chunks are stored)."""
+
+    k_eff: torch.Tensor  # |T| per row (compute dtype, ≥ 1): k, or fewer finite logits
+    cols: torch.Tensor | None = None  # sparse: [rows, k] int64, entries j ≥ k_eff unused
+    tau: torch.Tensor | None = None  # dense/all: T = {z ≥ τ} (plus the tie rule on ``tied`` rows)
+    tied: torch.Tensor | None = None  # dense: bool per row, the (k+1)-th value equals τ
 
 
-def row_stats(zc: torch.Tensor, sm: Smoothing, scratch: torch.Tensor | None = None) -> RowStats:
-    """Per-row statistics of one chunk ``zc`` (compute dtype); ``scratch`` is a buffer like ``zc``.
+_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    One partial selection ``topk(k + 1, sorted=False)`` gives the top-k sum, ``τ``, whether the
-    row ties at ``τ`` (then the (k+1)-th value equals ``τ``), and the row maximum for ``lse``.
+
+def _strip_offsets(width: int, device: torch.device) -> torch.Tensor:
+    """``[1, STRIPS, 1]`` column offsets of the strips (cached: one tensor per shape)."""
+    key = (width, device)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.arange(STRIPS, device=device)[None, :, None] * width
+    return _OFFSETS[key]
+
+
+def top_candidates(zc: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kk`` largest values of each row, descending, and their column indices.
+
+    Rows are viewed as ``STRIPS`` strips of ``V // STRIPS`` interleaved columns (plus a short
+    tail). If an entry among the row's ``kk`` largest sat in a column outside the ``kk`` columns
+    with the largest maxima, those ``kk`` maxima would be ``kk`` other entries at least as large:
+    so the ``kk`` largest values (and, without ties at the ``kk``-th, their positions) are among
+    the ``STRIPS·kk`` candidates of those columns. Falls back to a full ``topk`` when the
+    candidates would not be much fewer than the row.
     """
     rows, v = zc.shape
-    no_tie = torch.zeros(rows, dtype=torch.bool, device=zc.device)
-    if sm.active and sm.prior is None and sm.top_k < v:
-        vals = torch.topk(zc, sm.top_k + 1, dim=-1, sorted=False).values
-        low2 = torch.topk(vals, 2, dim=-1, largest=False, sorted=True).values  # (k+1)-th and k-th largest
-        lse = _lse(zc, vals.amax(-1), scratch)
-        smooth = (vals.sum(-1) - low2[:, 0]) / sm.top_k
-        return RowStats(lse, smooth, low2[:, 1], low2[:, 0] == low2[:, 1])
-    lse = _lse(zc, zc.amax(-1), scratch)
-    if not sm.active:
-        return RowStats(lse, torch.zeros_like(lse), torch.zeros_like(lse), no_tie)
-    if sm.prior is not None:
-        return RowStats(lse, zc @ sm.prior, torch.zeros_like(lse), no_tie)
-    return RowStats(lse, zc.mean(-1), torch.full_like(lse, -float("inf")), no_tie)  # k = V: T is the row
-
-
-def _lse(zc: torch.Tensor, row_max: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
-    """``log Σ exp z`` given the row maxima, with the exponentials written into ``scratch``."""
-    buf = torch.sub(zc, row_max[:, None], out=scratch[: zc.shape[0]] if scratch is not None else None)
-    # A row of −inf has max −inf and gives NaN above; logsumexp's answer (−inf) is kept for it.
-    return torch.where(torch.isfinite(row_max), buf.exp_().sum(-1).log_() + row_max, row_max)
+    width = v // STRIPS
+    if kk * STRIPS * 4 > v:
+        return torch.topk(zc, kk, dim=-1)
+    head = zc[:, : STRIPS * width].unflatten(1, (STRIPS, width))  # [rows, B, width], a view
+    best = head.amax(1).topk(kk, dim=-1, sorted=False).indices  # [rows, kk] columns
+    cand_col = (best[:, None, :] + _strip_offsets(width, zc.device)).flatten(1)
+    if STRIPS * width < v:  # the tail columns are always candidates
+        tail = torch.arange(STRIPS * width, v, device=zc.device).expand(rows, -1)
+        cand_col = torch.cat([cand_col, tail], 1)
+    vals, pos = torch.topk(zc.gather(1, cand_col), kk, dim=-1)
+    return vals, cand_col.gather(1, pos)
 
 
 def exact_topk_mask(zc: torch.Tensor, tau: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -148,49 +221,152 @@ def exact_topk_mask(zc: torch.Tensor, tau: torch.Tensor, top_k: int) -> torch.Te
     return above | (equal & (equal.cumsum(-1) <= quota))
 
 
-def write_grad(
+class RawTop(NamedTuple):
+    """The ``k+1`` largest logits of each row, before the finite / tie rules are applied."""
+
+    vals: torch.Tensor  # [rows, k+1] descending
+    cols: torch.Tensor  # [rows, k+1] their columns
+    logp: torch.Tensor  # [rows, k+1] log p there
+
+
+def finish_top(
+    raw: RawTop, k: int, mode: str, rows_of: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, Selection]:
+    """Smoothing term ``mean_{j∈T} log p_j`` and ``T`` from the raw top ``k+1``: only finite logits
+    count (``|T| = min(k, #finite)``), ties at τ go to the lowest index. ``rows_of(idx)`` returns
+    those rows' logits (compute dtype), read only for rows that tie."""
+    vals = raw.vals
+    k_fin = (vals[:, :k] > -float("inf")).sum(-1)
+    k_eff = k_fin.clamp_min(1).to(vals.dtype)
+    used = torch.arange(k, device=vals.device) < k_fin[:, None]
+    smooth = torch.where(used, raw.logp[:, :k], 0.0).sum(-1) / k_eff  # tied entries: equal log p
+    tau = vals.gather(1, (k_fin - 1).clamp_min(0)[:, None]).squeeze(1)  # the smallest value in T
+    tied = (vals[:, k - 1] == vals[:, k]) & (vals[:, k] > -float("inf"))
+    if mode == "dense":
+        return smooth, Selection(k_eff, tau=tau, tied=tied)
+    cols = raw.cols[:, :k]
+    tied_rows = tied.nonzero().flatten()
+    if tied_rows.numel():  # the lowest-index rule, exactly, on the rows that tie at τ
+        mask = exact_topk_mask(rows_of(tied_rows), tau[tied_rows], k)
+        cols = cols.clone()
+        cols[tied_rows] = mask.nonzero()[:, 1].view(-1, k)
+    return smooth, Selection(k_eff, cols=cols)
+
+
+def chunk_forward(
+    zc: torch.Tensor, y: torch.Tensor, sm: Smoothing, logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | RawTop | None, Selection | None]:
+    """``log p_y`` of one chunk ``zc`` (compute dtype) and what the smoothing needs: the smoothing
+    term and ``T`` (``all``, ``prior`` modes; None and None for CE) or, for top-k modes, the raw
+    top ``k+1`` for :func:`finish_top`. ``logp`` is a buffer like ``zc`` for ``log_softmax(zc)``."""
+    torch.log_softmax(zc, -1, out=logp)
+    logp_y = logp.gather(1, y[:, None]).squeeze(1)
+    mode = sm.mode(zc.shape[1])
+    if mode == "none":
+        return logp_y, None, None
+    if mode == "prior":
+        used = sm.prior > 0  # 0·log p is 0 even where log p = −inf
+        return logp_y, torch.where(used, logp, 0.0) @ sm.prior, None
+    if mode == "all":  # T = every finite logit; τ = the smallest of them
+        finite = zc > -float("inf")
+        k_eff = finite.sum(-1).clamp_min(1).to(zc.dtype)
+        tau = torch.where(finite, zc, float("inf")).amin(-1)
+        return logp_y, torch.where(finite, logp, 0.0).sum(-1) / k_eff, Selection(k_eff, tau=tau)
+    vals, cols = top_candidates(zc, sm.top_k + 1)
+    return logp_y, RawTop(vals, cols, logp.gather(1, cols)), None
+
+
+def chunk_stats(
+    zc: torch.Tensor, y: torch.Tensor, sm: Smoothing, logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Selection | None]:
+    """``(log p_y, smoothing term, T)`` of one chunk: :func:`chunk_forward` and :func:`finish_top`."""
+    logp_y, extra, sel = chunk_forward(zc, y, sm, logp)
+    if isinstance(extra, RawTop):
+        smooth, sel = finish_top(extra, sm.top_k, sm.mode(zc.shape[1]), lambda idx: zc[idx])
+        return logp_y, smooth, sel
+    return logp_y, torch.zeros_like(logp_y) if extra is None else extra, sel
+
+
+def dense_mask(src: torch.Tensor, sel: Selection, top_k: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Membership of T as a 0/1 tensor like ``src`` (dense and all modes)."""
+    mask = torch.ge(src, sel.tau[:, None], out=out)
+    if sel.tied is not None:
+        rows = sel.tied.nonzero().flatten()
+        if rows.numel():
+            mask[rows] = exact_topk_mask(src[rows], sel.tau[rows], top_k).to(mask.dtype)
+    return mask
+
+
+def grad_weights(
+    scale: torch.Tensor, eps: torch.Tensor, sm: Smoothing, sel: Selection | None, v: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row weights of the soft target in the gradient: ``(1−ε)·scale`` at the target, and the
+    ε share: ``[rows, k]`` per entry of T (sparse), per row ``ε·scale/|T|`` (dense, all) or
+    ``ε·scale`` (prior), None for CE."""
+    mode = sm.mode(v)
+    on_target = scale * (1.0 - eps)
+    if mode == "none":
+        return on_target, None
+    if mode == "prior":
+        return on_target, scale * eps
+    share = scale * eps / sel.k_eff
+    if mode == "sparse":
+        used = torch.arange(sel.cols.shape[1], device=share.device) < sel.k_eff[:, None]
+        return on_target, torch.where(used, -share[:, None], 0.0)
+    return on_target, share
+
+
+def chunk_grad(
     src: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
-    tau: torch.Tensor,
-    tied: torch.Tensor | None,
     y: torch.Tensor,
     scale: torch.Tensor,
-    eps: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor | None],
     sm: Smoothing,
+    sel: Selection | None,
     scratch: torch.Tensor | None = None,
-    negative: bool = True,
 ) -> torch.Tensor:
     """``out = (softmax(src) − q)·scale`` for one chunk; ``out`` may be ``src`` itself.
 
-    Per-row arguments are ``[rows]``; ``tied`` lists the rows (indices in the chunk) whose entries
-    tie at ``τ``, or is None when there are none; ``scratch`` is a float buffer like ``src``;
-    ``negative=False`` promises that no ``scale`` is negative (saves a pass).
-    Four passes over the chunk: the top-k mask, ``src − shift``, ``exp``, and ``−spread·mask``,
-    with the scale folded into the exponent (``p·s = exp(z − lse + log s)``).
+    Per-row arguments are the chunk's rows; ``weights`` come from :func:`grad_weights`;
+    ``scratch`` is a float buffer like ``src`` (dense modes). One fused softmax, one scaling
+    pass, and (sparse) a scatter onto the ``k`` entries of T and the target.
     """
     rows, v = src.shape
-    partial = sm.active and sm.prior is None and sm.top_k < v
-    spread = scale * eps / (sm.top_k if sm.prior is None else 1.0)
-    if partial:  # the mask must be read before ``out`` (maybe ``src``) is overwritten
-        mask = scratch[:rows] if scratch is not None else torch.empty_like(src)
-        torch.ge(src, tau[:, None], out=mask)
-        if tied is not None:
-            exact = exact_topk_mask(src[tied], tau[tied], sm.top_k)
-            mask[tied] = exact.to(mask.dtype)
-    shift = lse - scale.abs().log()  # +inf where scale = 0: exp gives exact zeros
-    torch.sub(src, shift[:, None], out=out)
-    out.exp_()
-    if negative:  # a negative upstream gradient is possible: restore the sign
-        out.mul_(scale.sign()[:, None])
-    if partial:
-        out.addcmul_(mask, spread[:, None], value=-1.0)
-    elif sm.active and sm.prior is not None:
-        out.sub_(spread[:, None] * sm.prior)
-    elif sm.active:  # k = V: every entry gets ε/V
-        out.sub_(spread[:, None])
-    out[torch.arange(rows, device=out.device), y] -= scale * (1.0 - eps)
+    mode = sm.mode(v)
+    on_target, share = weights
+    mask = None
+    if mode in ("dense", "all"):  # read before ``out`` (maybe ``src``) is overwritten
+        buf = scratch[:rows] if scratch is not None and scratch.dtype == src.dtype else None
+        mask = dense_mask(src, sel, sm.top_k, buf)
+    torch.softmax(src, -1, out=out)
+    out.mul_(scale[:, None])
+    if mode == "sparse":
+        out.scatter_add_(1, sel.cols, share)
+    elif mode in ("dense", "all"):
+        out.addcmul_(mask, share[:, None], value=-1.0)
+    elif mode == "prior":
+        out.sub_(share[:, None] * sm.prior)
+    out.scatter_add_(1, y[:, None], -on_target[:, None])
     return out
+
+
+def dense_grad(
+    logits: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor, sm: Smoothing, sel
+) -> torch.Tensor:
+    """``(softmax − q)·scale`` with differentiable ops on the whole batch (for double backward)."""
+    z = logits.to(compute_dtype(logits.dtype))
+    v = z.shape[1]
+    mode = sm.mode(v)
+    q = torch.zeros_like(z).scatter_(1, y[:, None], (1.0 - eps)[:, None])
+    if mode == "sparse":
+        used = torch.arange(sel.cols.shape[1], device=z.device) < sel.k_eff[:, None]
+        q.scatter_add_(1, sel.cols, torch.where(used, (eps / sel.k_eff)[:, None], 0.0))
+    elif mode in ("dense", "all"):
+        q = q + dense_mask(z.detach(), sel, sm.top_k, None).to(z.dtype) * (eps / sel.k_eff)[:, None]
+    elif mode == "prior":
+        q = q + eps[:, None] * sm.prior
+    return ((torch.softmax(z, -1) - q) * scale[:, None]).to(logits.dtype)
 
 
 def row_scale(
@@ -204,25 +380,38 @@ def row_scale(
 
 
 def loss_rows(
-    lse: torch.Tensor, z_y: torch.Tensor, smooth: torch.Tensor, eps: torch.Tensor | float, keep: torch.Tensor
+    logp_y: torch.Tensor, smooth: torch.Tensor, eps: torch.Tensor | float, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss ``lse − (1−ε)z_y − ε·Σ r z`` and plain CE ``lse − z_y``, both 0 at ignored rows."""
-    nll = (lse - z_y) * keep
-    return nll + eps * (z_y - smooth) * keep, nll
+    """Per-row loss ``−(1−ε)·log p_y − ε·Σ r log p`` and plain CE ``−log p_y``, exactly 0 at ignored rows."""
+    loss = -(1.0 - eps) * logp_y - eps * smooth
+    return torch.where(valid, loss, 0.0), torch.where(valid, -logp_y, 0.0)
 
 
-def chunk_tied(tied_rows: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
-    """The tied rows falling in chunk ``[s, e)``, as chunk-local indices (None if there are none)."""
-    if tied_rows is None:
-        return None
-    local = tied_rows[(tied_rows >= s) & (tied_rows < e)] - s
-    return local if local.numel() else None
+class StoredSelection:
+    """Room for every row's ``T`` (filled chunk by chunk in forward, read back in backward)."""
+
+    def __init__(self, n: int, sm: Smoothing, v: int, dtype: torch.dtype, device: torch.device):
+        self.mode = sm.mode(v)
+        self.k_eff = torch.ones(n, dtype=dtype, device=device)
+        sparse, dense = self.mode == "sparse", self.mode in ("dense", "all")
+        self.cols = torch.zeros(n, sm.top_k, dtype=torch.int64, device=device) if sparse else None
+        self.tau = torch.zeros(n, dtype=dtype, device=device) if dense else None
+        self.tied = torch.zeros(n, dtype=torch.bool, device=device) if self.mode == "dense" else None
+
+    def put(self, s: int, e: int, sel: Selection | None) -> None:
+        if sel is None:
+            return
+        self.k_eff[s:e] = sel.k_eff
+        for name in ("cols", "tau", "tied"):
+            if getattr(self, name) is not None:
+                getattr(self, name)[s:e] = getattr(sel, name)
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.k_eff, self.cols, self.tau, self.tied]
 
 
-def tied_row_index(tied: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows that tie at ``τ`` (one host sync on GPU), or None."""
-    idx = tied.nonzero().flatten()
-    return idx if idx.numel() else None
+def _part(t: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    return None if t is None else t[s:e]
 
 
 class ChunkedSoftTargetLoss(torch.autograd.Function):
@@ -243,67 +432,87 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         cd = compute_dtype(logits.dtype)
         valid = target != ignore_index
         y = torch.where(valid, target, torch.zeros_like(target))
-        lse = torch.empty(n, dtype=cd, device=logits.device)
-        smooth, tau = torch.empty_like(lse), torch.empty_like(lse)
-        tied = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        step = chunk_rows(n, v, device=logits.device)
+        logp_y = torch.empty(n, dtype=cd, device=logits.device)
+        smooth = torch.zeros_like(logp_y)
+        mode = sm.mode(v)
+        stored = StoredSelection(n, sm, v, cd, logits.device)
+        raw = None
+        if mode == "sparse":  # the raw top k+1 of every row, finished once for the whole batch
+            kk = sm.top_k + 1
+            raw = RawTop(
+                torch.empty(n, kk, dtype=cd, device=logits.device),
+                torch.empty(n, kk, dtype=torch.int64, device=logits.device),
+                torch.empty(n, kk, dtype=cd, device=logits.device),
+            )
 
         def chunk(s: int, e: int) -> None:
             zc = logits[s:e]
-            buf = chunk_buffer("work", e - s, v, cd, zc.device)
             if zc.dtype != cd:
                 zc = chunk_buffer("copy", e - s, v, cd, zc.device).copy_(zc)
-            lse[s:e], smooth[s:e], tau[s:e], tied[s:e] = row_stats(zc, sm, buf)
+            logp_buf = chunk_buffer("work", e - s, v, cd, zc.device)
+            logp_y[s:e], extra, sel = chunk_forward(zc, y[s:e], sm, logp_buf)
+            if raw is not None:
+                for whole, part in zip(raw, extra):
+                    whole[s:e] = part
+                return
+            if isinstance(extra, RawTop):
+                extra, sel = finish_top(extra, sm.top_k, mode, lambda idx: zc[idx])
+            if extra is not None:
+                smooth[s:e] = extra
+            stored.put(s, e, sel)
 
         with torch.no_grad():
-            run_chunks(n, step, chunk, logits.device)
-            z_y = logits.gather(1, y[:, None]).squeeze(1).to(cd)
-            per_loss, per_nll = loss_rows(lse, z_y, smooth, eps, valid.to(cd))
+            run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
+            if raw is not None:
+                smooth, sel = finish_top(raw, sm.top_k, mode, lambda idx: logits[idx].to(cd))
+                stored.put(0, n, sel)
+            per_loss, per_nll = loss_rows(logp_y, smooth, eps, valid)
             loss = reduce_rows(per_loss, valid, reduction)
             nll = reduce_rows(per_nll, valid, reduction)
-            if nll is loss:  # ε = 0 with reduction "none": two outputs must be two tensors
-                nll = nll.clone()
-        ctx.save_for_backward(logits, y, valid, lse, tau, tied, eps)
+        ctx.save_for_backward(logits, y, valid, eps, *stored.tensors())
         ctx.sm, ctx.reduction, ctx.inplace = sm, reduction, inplace_backward
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, grad_nll: torch.Tensor | None):
-        logits, y, valid, lse, tau, tied, eps = ctx.saved_tensors
+        logits, y, valid, eps, k_eff, cols, tau, tied = ctx.saved_tensors
         n, v = logits.shape
-        cd = lse.dtype
+        cd = compute_dtype(logits.dtype)
+        sel = Selection(k_eff, cols, tau, tied)
         scale = row_scale(grad_loss, valid, ctx.reduction, cd).expand(n)
-        negative = logits.device.type != "cpu" or bool((scale < 0).any())  # no host sync on GPU
-        tied_rows = tied_row_index(tied)
-        grad = logits if ctx.inplace else torch.empty_like(logits)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so double backward is exact
+            return dense_grad(logits, y, scale, eps, ctx.sm, sel), None, None, None, None, None, None
+        weights = grad_weights(scale, eps, ctx.sm, sel, v)
+        grad = logits if ctx.inplace else empty_like_huge(logits)
         direct = logits.dtype == cd  # compute straight into the output rows
-        step = chunk_rows(n, v, device=logits.device)
 
         def chunk(s: int, e: int) -> None:
             if direct:
                 src, out = logits[s:e], grad[s:e]
             else:  # a private float32 copy, overwritten in place
                 src = out = chunk_buffer("copy", e - s, v, cd, logits.device).copy_(logits[s:e])
-            write_grad(
-                src,
-                out,
-                lse[s:e],
-                tau[s:e],
-                chunk_tied(tied_rows, s, e),
-                y[s:e],
-                scale[s:e],
-                eps[s:e],
-                ctx.sm,
-                chunk_buffer("work", e - s, v, cd, logits.device),
-                negative,
-            )
+            part = Selection(*(_part(t, s, e) for t in sel))
+            scratch = chunk_buffer("work", e - s, v, cd, logits.device)
+            part_w = (weights[0][s:e], _part(weights[1], s, e))
+            chunk_grad(src, out, y[s:e], scale[s:e], part_w, ctx.sm, part, scratch)
             if not direct:
                 grad[s:e].copy_(out)
 
         with torch.no_grad():
-            run_chunks(n, step, chunk, logits.device)
+            run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
+            _zero_ignored_nonfinite_rows(grad, valid)
         return grad, None, None, None, None, None, None
+
+
+def _zero_ignored_nonfinite_rows(grad: torch.Tensor, valid: torch.Tensor) -> None:
+    """An ignored row of all ``−inf`` gives ``softmax = NaN`` (times a zero scale): its gradient is 0."""
+    if grad.device.type != "cpu" or bool(valid.all()):
+        return
+    rows = (~valid).nonzero().flatten()
+    bad = rows[~torch.isfinite(grad[rows]).all(-1)]
+    if bad.numel():
+        grad[bad] = 0
 
 
 def eps_rows(epsilon: float | torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -18,13 +18,14 @@ import torch
 
 from dpls.losses.chunked import (
     Smoothing,
+    chunk_grad,
+    chunk_stats,
     eps_rows,
+    grad_weights,
     is_active,
     loss_rows,
+    refuse_double_backward,
     row_scale,
-    row_stats,
-    tied_row_index,
-    write_grad,
 )
 from dpls.losses.reference import compute_dtype, reduce_rows, reference_dpls_loss
 from dpls.losses.registry import check_impl_name, register_linear_impl, resolve_impl
@@ -47,14 +48,12 @@ def _walk(
     chunk: int,
     scale: torch.Tensor | None,
     need: tuple[bool, bool, bool],
-    negative: bool = True,
 ):
     """One pass over the row chunks: per-row stats, and with ``scale`` the input gradients."""
     n = hidden.shape[0]
     cd = compute_dtype(hidden.dtype)
-    lse = torch.empty(n, dtype=cd, device=hidden.device)
-    smooth = torch.empty_like(lse)
-    z_y = torch.empty_like(lse)
+    logp_y = torch.empty(n, dtype=cd, device=hidden.device)
+    smooth = torch.empty_like(logp_y)
     need_h, need_w, need_b = need if scale is not None else (False, False, False)
     g_h = torch.empty_like(hidden) if need_h else None
     g_w = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_w else None
@@ -64,13 +63,11 @@ def _walk(
         h = hidden[s:e]
         z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
         zf = z.to(cd)
-        stats = row_stats(zf, sm)
-        lse[s:e], smooth[s:e] = stats.lse, stats.smooth
-        z_y[s:e] = zf.gather(1, y[s:e, None]).squeeze(1)
+        logp_y[s:e], smooth[s:e], sel = chunk_stats(zf, y[s:e], sm, torch.empty_like(zf))
         if scale is None or not (need_h or need_w or need_b):
             continue
-        tied = tied_row_index(stats.tied)
-        d = write_grad(zf, zf, stats.lse, stats.tau, tied, y[s:e], scale[s:e], eps[s:e], sm, None, negative)
+        weights = grad_weights(scale[s:e], eps[s:e], sm, sel, zf.shape[1])
+        d = chunk_grad(zf, zf, y[s:e], scale[s:e], weights, sm, sel)
         d_in = d.to(hidden.dtype)  # the matmuls run in the model's dtype, as autograd would
         if g_h is not None:
             torch.mm(d_in, weight, out=g_h[s:e])
@@ -78,7 +75,7 @@ def _walk(
             g_w.add_(d_in.T @ h)
         if g_b is not None:
             g_b.add_(d.sum(0))
-    return lse, smooth, z_y, g_h, g_w, g_b
+    return logp_y, smooth, g_h, g_w, g_b
 
 
 class ChunkedLinearDPLS(torch.autograd.Function):
@@ -95,14 +92,12 @@ class ChunkedLinearDPLS(torch.autograd.Function):
         eager = reduction != "none" and any(need)
         scale = row_scale(torch.ones((), device=hidden.device), valid, reduction, cd).expand(y.shape[0])
         with torch.no_grad():
-            lse, smooth, z_y, g_h, g_w, g_b = _walk(
-                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need, negative=False
+            logp_y, smooth, g_h, g_w, g_b = _walk(
+                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need
             )
-            per_loss, per_nll = loss_rows(lse, z_y, smooth, eps, valid.to(cd))
+            per_loss, per_nll = loss_rows(logp_y, smooth, eps, valid)
             loss = reduce_rows(per_loss, valid, reduction)
             nll = reduce_rows(per_nll, valid, reduction)
-            if nll is loss:
-                nll = nll.clone()
         ctx.eager, ctx.sm, ctx.reduction, ctx.chunk, ctx.need = eager, sm, reduction, chunk, need
         if eager:
             ctx.save_for_backward(*_cast((g_h, g_w, g_b), weight))
@@ -113,14 +108,14 @@ class ChunkedLinearDPLS(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nll):
+        refuse_double_backward("dpls_linear_loss (fused-linear)")
         if ctx.eager:
             grads = [None if t is None else t * grad_loss.to(t.dtype) for t in ctx.saved_tensors]
         else:
             hidden, weight, bias, y, valid, eps = ctx.saved_tensors
             scale = row_scale(grad_loss, valid, ctx.reduction, compute_dtype(hidden.dtype)).expand(y.shape[0])
             with torch.no_grad():
-                negative = hidden.device.type != "cpu" or bool((scale < 0).any())
-                grads = _walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need, negative)[3:]
+                grads = _walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need)[2:]
                 grads = _cast(grads, weight)
         return *grads, None, None, None, None, None, None
 
@@ -168,7 +163,7 @@ def dpls_linear_loss(
     return_nll: bool = False,
     chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """DPLS of the logits ``hidden @ weight.T (+ bias)`` without materialising them (SPEC §1).
+    """DPLS of the logits ``hidden @ weight.T (+ bias)`` without materialising them (docs/losses.md).
 
     ``hidden`` is ``[..., C]``, ``weight`` ``[V, C]`` (the output embedding), ``bias`` ``[V]``;
     ``target`` has ``hidden``'s shape without the last dimension. The other keywords are those of

@@ -1,8 +1,10 @@
-"""The reference implementation: SPEC §1 written out densely, for reading and for testing.
+"""The reference implementation: the definition of docs/losses.md written out densely.
 
 It builds the soft target ``q`` as a full ``[N, V]`` tensor and lets autograd differentiate
-``−Σ q·log_softmax(z)``, exactly as the definition reads. It is the slowest and hungriest
-implementation; use it to check the others, not to train.
+``−Σ q·log_softmax(z)``, exactly as the definition reads: ``T`` is the ``min(k, #finite)``
+largest finite logits, ties to the lowest index (a stable sort), and ``0·log p`` is 0 where
+``p = 0``. It is the slowest and hungriest implementation; use it to check the others, not to
+train. Differentiable twice (the selection is a constant).
 """
 
 from __future__ import annotations
@@ -37,23 +39,36 @@ def reference_dpls_loss(
     return_nll: bool = False,
     inplace_backward: bool = False,  # part of the shared signature; nothing to reuse here
 ):
-    z = logits.to(compute_dtype(logits.dtype))
     valid = target != ignore_index
+    # Ignored rows get zeros: they contribute nothing, and a row of −inf there cannot make NaN.
+    z = torch.where(valid[:, None], logits.to(compute_dtype(logits.dtype)), 0.0)
     y = torch.where(valid, target, torch.zeros_like(target))
     eps = epsilon.to(z.dtype)[:, None] if isinstance(epsilon, torch.Tensor) else epsilon
 
     logp = torch.log_softmax(z, dim=-1)
     onehot = torch.zeros_like(z).scatter_(1, y[:, None], 1.0)
-    top = torch.topk(z.detach(), top_k, dim=-1).indices  # the selection is a constant
-    in_top = torch.zeros_like(z).scatter_(1, top, 1.0)
-    q = (1.0 - eps) * onehot + (eps / top_k) * in_top
-
-    keep = valid.to(z.dtype)
-    loss = reduce_rows(-(q * logp).sum(-1) * keep, valid, reduction)
+    q = (1.0 - eps) * onehot + eps * top_k_target(z.detach(), top_k)
+    loss = reduce_rows(torch.where(valid, _cross(q, logp), 0.0), valid, reduction)
     if not return_nll:
         return loss
-    nll = reduce_rows(-logp.gather(1, y[:, None]).squeeze(1) * keep, valid, reduction)
+    nll = reduce_rows(torch.where(valid, _cross(onehot, logp), 0.0), valid, reduction)
     return loss, nll.detach()
+
+
+def top_k_target(z: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The uniform distribution over T: the ``min(k, #finite)`` largest finite entries of each row,
+    ties to the lowest index (a stable descending sort keeps index order among equal values)."""
+    finite = z > -float("inf")
+    k_eff = finite.sum(-1, keepdim=True).clamp(1, top_k)
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(z.shape[1], device=z.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return ((rank < k_eff) & finite).to(z.dtype) / k_eff.to(z.dtype)
+
+
+def _cross(q: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``−Σ_j q_j log p_j`` per row, with ``0·log 0 = 0`` (masked logits carry no mass)."""
+    return -torch.where(q > 0, q * logp, 0.0).sum(-1)
 
 
 register_impl("reference", reference_dpls_loss, priority=0)

@@ -1,4 +1,4 @@
-"""Objectives related to DPLS, on the same chunked machinery, for comparisons (SPEC §1).
+"""Objectives related to DPLS, on the same chunked machinery, for comparisons (docs/losses.md).
 
 * :func:`prior_label_smoothing_loss` — the ε mass spread ∝ a distribution over the vocabulary
   (e.g. the training shards' token frequencies): ``q = (1−ε)·onehot(y) + ε·π``.
@@ -8,14 +8,21 @@
   Same gradient as the loss, a different constant; use it only when a KL number is wanted.
 
 All take logits ``[..., V]`` and a target of the batch shape, ignore ``ignore_index`` tokens,
-and (except ``z_loss``) can return the plain CE from the same pass.
+and (except ``z_loss``) can return the plain CE from the same pass. Masked (``−inf``) logits
+have ``p = 0`` and contribute ``0·log 0 = 0`` to every entropy.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpls.losses.chunked import ChunkedSoftTargetLoss, Smoothing, chunk_rows, row_scale, run_chunks
+from dpls.losses.chunked import (
+    ChunkedSoftTargetLoss,
+    Smoothing,
+    chunk_rows,
+    row_scale,
+    run_chunks,
+)
 from dpls.losses.functional import dpls_loss
 from dpls.losses.reference import compute_dtype, reduce_rows
 from dpls.losses.validation import check_loss_args
@@ -84,17 +91,13 @@ class _ChunkedConfidencePenalty(torch.autograd.Function):
         def chunk(s: int, e: int) -> None:
             z = logits[s:e].to(cd)
             lse[s:e] = lse_c = torch.logsumexp(z, dim=-1)
-            logp = z - lse_c[:, None]
-            ent[s:e] = -(logp.exp() * logp).sum(-1)
+            ent[s:e] = _entropy(z - lse_c[:, None])
 
         with torch.no_grad():
             run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
-            keep = valid.to(cd)
-            nll_rows = (lse - logits.gather(1, y[:, None]).squeeze(1).to(cd)) * keep
-            loss = reduce_rows(nll_rows - beta * ent * keep, valid, reduction)
+            nll_rows = torch.where(valid, lse - logits.gather(1, y[:, None]).squeeze(1).to(cd), 0.0)
+            loss = reduce_rows(nll_rows - beta * torch.where(valid, ent, 0.0), valid, reduction)
             nll = reduce_rows(nll_rows, valid, reduction)
-            if nll is loss:
-                nll = nll.clone()
         ctx.save_for_backward(logits, y, valid, lse, ent)
         ctx.beta, ctx.reduction = beta, reduction
         ctx.mark_non_differentiable(nll)
@@ -106,18 +109,33 @@ class _ChunkedConfidencePenalty(torch.autograd.Function):
         n, v = logits.shape
         cd = lse.dtype
         scale = row_scale(grad_loss, valid, ctx.reduction, cd).expand(n)
+        if torch.is_grad_enabled():  # create_graph=True: the same formula with differentiable ops
+            logp = torch.log_softmax(torch.where(valid[:, None], logits.to(cd), 0.0), -1)
+            g = _penalty_grad(logp, _entropy(logp)[:, None], ctx.beta, y) * scale[:, None]
+            return g.to(logits.dtype), None, None, None, None
         grad = torch.empty_like(logits)
 
         def chunk(s: int, e: int) -> None:
             logp = logits[s:e].to(cd) - lse[s:e, None]
-            g = logp.exp() * (1.0 + ctx.beta * (logp + ent[s:e, None]))
-            g.mul_(scale[s:e, None])
-            g[torch.arange(e - s, device=g.device), y[s:e]] -= scale[s:e]
-            grad[s:e] = g
+            g = _penalty_grad(logp, ent[s:e, None], ctx.beta, y[s:e]).mul_(scale[s:e, None])
+            grad[s:e] = torch.where(scale[s:e, None] != 0, g, 0.0)  # ignored rows: 0, even if all −inf
 
         with torch.no_grad():
             run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
         return grad, None, None, None, None
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """``−Σ p log p`` per row, with ``0·log 0 = 0`` at masked (``−inf``) logits."""
+    return -(logp.exp() * torch.where(logp > -float("inf"), logp, 0.0)).sum(-1)
+
+
+def _penalty_grad(logp: torch.Tensor, ent: torch.Tensor, beta: float, y: torch.Tensor) -> torch.Tensor:
+    """``p − onehot(y) + β·p·(log p + H)``: the gradient of ``CE − β·H`` (0 where ``p = 0``)."""
+    safe = torch.where(logp > -float("inf"), logp, 0.0)
+    g = logp.exp() * (1.0 + beta * (safe + ent))
+    onehot = torch.zeros_like(g).scatter_(1, y[:, None], 1.0)
+    return g - onehot
 
 
 def confidence_penalty_loss(
@@ -163,6 +181,9 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_lse):
         logits, lse = ctx.saved_tensors
         n, v = logits.shape
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops, exact double backward
+            p = torch.softmax(logits.to(lse.dtype), -1)
+            return (p * grad_lse.to(lse.dtype)[:, None]).to(logits.dtype)
         grad = torch.empty_like(logits)
 
         def chunk(s: int, e: int) -> None:
@@ -194,18 +215,20 @@ def z_loss(
 
 
 def soft_target_entropy(
-    epsilon: float | torch.Tensor, top_k: int, target_in_top: torch.Tensor
+    epsilon: float | torch.Tensor, k_eff: torch.Tensor, target_in_top: torch.Tensor
 ) -> torch.Tensor:
-    """``H(q)`` of the DPLS soft target, per token; depends on whether ``y`` is one of the top k."""
+    """``H(q)`` of the DPLS soft target per token (float64): ``|T| = k_eff`` entries get ``ε/|T|``,
+    the target ``1 − ε`` on top, so it depends on whether ``y`` is one of them."""
     eps = torch.as_tensor(epsilon, dtype=torch.float64, device=target_in_top.device)
     eps = eps.expand(target_in_top.shape)
-    spread = eps / top_k
+    k = k_eff.to(torch.float64)
+    spread = eps / k
 
     def xlogx(x: torch.Tensor) -> torch.Tensor:
         return torch.where(x > 0, x * torch.log(x.clamp_min(1e-300)), torch.zeros_like(x))
 
-    in_top = -(xlogx(1 - eps + spread) + (top_k - 1) * xlogx(spread))
-    out_top = -(xlogx(1 - eps) + top_k * xlogx(spread))
+    in_top = -(xlogx(1 - eps + spread) + (k - 1) * xlogx(spread))
+    out_top = -(xlogx(1 - eps) + k * xlogx(spread))
     return torch.where(target_in_top, in_top, out_top)
 
 
@@ -219,7 +242,11 @@ def dpls_kl_loss(
     reduction: str = "mean",
     impl: str = "auto",
 ) -> torch.Tensor:
-    """``KL(q ‖ p) = dpls_loss − H(q)``: the same gradient as :func:`dpls_loss`, offset by ``H(q) ≥ 0``."""
+    """``KL(q ‖ p) = dpls_loss − H(q)``: the same gradient as :func:`dpls_loss`, offset by ``H(q) ≥ 0``.
+
+    ``q`` is the one the loss uses: ``T`` = the ``min(k, #finite)`` largest finite logits, ties to
+    the lowest index, so whether the target is in ``T`` is decided by the same rule.
+    """
     loss = dpls_loss(
         logits, target, epsilon=epsilon, top_k=top_k, ignore_index=ignore_index, reduction="none", impl=impl
     )
@@ -229,15 +256,22 @@ def dpls_kl_loss(
     valid = y != ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y))
     z_y = z.gather(1, y_safe[:, None])
-    above = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)
+    rank = torch.empty(z.shape[0], dtype=torch.int64, device=z.device)  # y's place in the tie order
+    n_finite = torch.empty_like(rank)
+    cols = torch.arange(v, device=z.device)
 
     def chunk(s: int, e: int) -> None:
-        above[s:e] = (z[s:e] > z_y[s:e]).sum(-1)
+        zc, zy = z[s:e], z_y[s:e]
+        before = (zc > zy) | ((zc == zy) & (cols < y_safe[s:e, None]))
+        rank[s:e] = before.sum(-1)
+        n_finite[s:e] = (zc > -float("inf")).sum(-1)
 
-    run_chunks(z.shape[0], chunk_rows(z.shape[0], v, device=z.device), chunk, z.device)
-    h_q = soft_target_entropy(
-        epsilon.reshape(-1) if isinstance(epsilon, torch.Tensor) else epsilon, top_k, above < top_k
-    )
-    kl = (loss.reshape(-1) - h_q.to(loss.dtype)) * valid.to(loss.dtype)
+    with torch.no_grad():
+        run_chunks(z.shape[0], chunk_rows(z.shape[0], v, device=z.device), chunk, z.device)
+    k_eff = n_finite.clamp(1, top_k)
+    in_top = (rank < k_eff) & (z_y.squeeze(1) > -float("inf"))
+    eps = epsilon.reshape(-1) if isinstance(epsilon, torch.Tensor) else epsilon
+    h_q = soft_target_entropy(eps, k_eff, in_top)
+    kl = torch.where(valid, loss.reshape(-1) - h_q.to(loss.dtype), 0.0)
     out = reduce_rows(kl, valid, reduction)
     return out.reshape(target.shape) if reduction == "none" else out

@@ -46,6 +46,7 @@ from dpls.runs.layout import dumps_toml
 
 if TYPE_CHECKING:
     from dpls.distributed.context import DistContext
+    from dpls.distributed.faults import Faults
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
@@ -222,6 +223,7 @@ def save_checkpoint(
     model_config: Any,
     ctx: DistContext | None = None,
     keep: int = 0,
+    faults: Faults | None = None,
 ) -> Path:
     """Write ``RUN/checkpoints/step_NNNNNNN`` atomically; every rank calls it.
 
@@ -229,12 +231,14 @@ def save_checkpoint(
     JSON-serialisable (step, tokens, loader position, ...). ``keep`` > 0 prunes older
     checkpoints once this one is in place. Raises `CheckpointError` (on every rank) when
     any rank failed; the previous checkpoint is then untouched and still the latest.
+    ``faults``: the run's injected faults (tests); by default read from the environment.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from dpls.distributed.faults import maybe_inject_enospc
+    from dpls.distributed.faults import Faults
 
+    faults = faults if faults is not None else Faults.from_env()
     ctx = _world(ctx)
     run_dir = Path(run_dir)
     folder = run_dir / CHECKPOINTS
@@ -259,7 +263,7 @@ def save_checkpoint(
                 state = {"model": get_model_state_dict(model)}
             with _quiet_single_process():
                 dcp.save(state, checkpoint_id=tmp)
-            maybe_inject_enospc(step, ctx.rank)
+            faults.enospc(step, ctx.rank)
             import io
 
             buf = io.BytesIO()

@@ -2,7 +2,7 @@
 
 Input is a study directory (its ``study_state.json`` says which run is which arm and seed)
 or any list of run directories (``dpls compare``): runs are then grouped by their loss
-configuration and matched by ``seed``. For every metric of SPEC §4 (plus the last
+configuration and matched by ``seed``. For every evaluation metric (plus the last
 validation CE of the training log and each lm-eval task) the report gives each arm's mean
 ± sd over seeds and its difference from the baseline arm with a 95% interval: paired by
 seed when every arm has each seed once, Welch's unpaired interval otherwise (and it says
@@ -40,7 +40,7 @@ from dpls.study.spec import LOSS_KEYS
 from dpls.study.state import LM_EVAL_FILE, is_study_dir, read_state
 from dpls.study.stats import EFFECT_LARGER, Interval, is_finite_number, mean_sd, paired_ci, welch_ci
 
-# SPEC §4, in its order; "tokens" is a count, reported but not compared.
+# The evaluation metrics in metrics.json order; "tokens" is a count, reported but not compared.
 EVAL_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "tokens")
 TRAIN_LOG_METRIC = "final_val_ce"  # the last val_ce of metrics.jsonl: there even without `dpls eval`
 
@@ -477,7 +477,7 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
     lines += [
         "## Evaluation",
         "",
-        "Mean ± sd over seeds (SPEC §4 metrics of the final evaluation; "
+        "Mean ± sd over seeds (the metrics of the final evaluation; "
         f"`{TRAIN_LOG_METRIC}` is the last validation CE of the training log).",
         "",
     ]

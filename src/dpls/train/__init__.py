@@ -7,7 +7,14 @@ a run directory are `dpls.runs`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dpls._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from dpls.train.config import TrainConfig, load_config
+    from dpls.train.plan import plan_run
+    from dpls.train.trainer import train, train_step
 
 # public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
@@ -15,8 +22,9 @@ _EXPORTS: dict[str, str] = {
     "load_config": ".config",
     "plan_run": ".plan",
     "train": ".trainer",
+    "train_step": ".trainer",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = ["TrainConfig", "load_config", "plan_run", "train", "train_step"]
 
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
