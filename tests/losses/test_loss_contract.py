@@ -1,4 +1,4 @@
-"""SPEC §1 as tests: every pure-PyTorch implementation against the float64 definition, the exact
+"""The loss contract (docs/losses.md) as tests: every pure-PyTorch implementation against the float64 definition, the exact
 special cases (ε=0 is CE, k=V is label smoothing), ignored tokens, bad arguments, and the dynamic
 parts (schedules, adaptive ε, objectives, the Hugging Face drop-in)."""
 

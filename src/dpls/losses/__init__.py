@@ -1,4 +1,4 @@
-"""The DPLS loss library (SPEC §1): kernel → functional → ``nn.Module`` → training objective.
+"""The DPLS loss library (docs/losses.md): kernel → functional → ``nn.Module`` → training objective.
 
 Implementations register in :mod:`dpls.losses.registry`; importing this package registers the
 pure-PyTorch ones (``reference``, ``chunked``) and never imports triton (the ``triton``

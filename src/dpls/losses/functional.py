@@ -20,7 +20,7 @@ def dpls_loss(
     return_nll: bool = False,
     inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic partial label smoothing (SPEC §1).
+    """Dynamic partial label smoothing (the definition: docs/losses.md).
 
     ``loss = lse(z) − (1 − ε)·z_y − (ε/k)·Σ_{j∈T} z_j`` per token, ``T`` the ``k`` largest logits
     (a constant: no gradient through the selection); gradient ``softmax(z) − q``.

@@ -65,29 +65,40 @@ def _always(device: torch.device) -> bool:
     return True
 
 
-def _registrar(table: dict[str, ImplSpec], public_name: str, entry_point: str) -> Callable[..., LossImpl]:
-    """The public ``register`` function of one table: the two registries differ only in that."""
-
-    def register(
-        name: str,
-        fn: LossImpl,
-        *,
-        available: Callable[[torch.device], bool] = _always,
-        priority: int = 0,
-        dtypes: tuple[torch.dtype, ...] | None = None,
-    ) -> LossImpl:
-        table[name] = ImplSpec(name, fn, available, priority, dtypes)
-        return fn
-
-    register.__name__ = register.__qualname__ = public_name
-    register.__doc__ = (
-        f"Make ``fn`` selectable as ``{entry_point}(..., impl=name)``; re-registering a name replaces it."
-    )
-    return register
+def _register(
+    table: dict[str, ImplSpec],
+    name: str,
+    fn: LossImpl,
+    available: Callable[[torch.device], bool],
+    priority: int,
+    dtypes: tuple[torch.dtype, ...] | None,
+) -> LossImpl:
+    table[name] = ImplSpec(name, fn, available, priority, dtypes)
+    return fn
 
 
-register_impl = _registrar(_IMPLS, "register_impl", "dpls_loss")
-register_linear_impl = _registrar(_LINEAR_IMPLS, "register_linear_impl", "dpls_linear_loss")
+def register_impl(
+    name: str,
+    fn: LossImpl,
+    *,
+    available: Callable[[torch.device], bool] = _always,
+    priority: int = 0,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+) -> LossImpl:
+    """Make ``fn`` selectable as ``dpls_loss(..., impl=name)``; re-registering a name replaces it."""
+    return _register(_IMPLS, name, fn, available, priority, dtypes)
+
+
+def register_linear_impl(
+    name: str,
+    fn: LossImpl,
+    *,
+    available: Callable[[torch.device], bool] = _always,
+    priority: int = 0,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+) -> LossImpl:
+    """Make ``fn`` selectable as ``dpls_linear_loss(..., impl=name)``; re-registering a name replaces it."""
+    return _register(_LINEAR_IMPLS, name, fn, available, priority, dtypes)
 
 
 def _tables(linear: bool) -> tuple[dict[str, ImplSpec], dict[str, tuple[str, str]]]:

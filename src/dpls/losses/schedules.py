@@ -1,4 +1,4 @@
-"""Step schedules for ε: the smoothing in force at optimizer step ``t`` (SPEC §1, dynamic smoothing).
+"""Step schedules for ε: the smoothing in force at optimizer step ``t`` (dynamic smoothing).
 
 Every shape gives ``ε = 0`` — exactly cross-entropy — before ``start_step``. From ``start_step``:
 
