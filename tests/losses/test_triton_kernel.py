@@ -367,14 +367,16 @@ def test_linear_matches_dense(dtype, reduction, use_bias, per_token, launches):
 
 
 def _masked_reference(z, y, eps, k, reduction="sum"):
-    """Reference on the finite columns only (k ≤ their count): −inf entries get p = 0, q = 0."""
+    """Reference on the finite columns only: a −inf logit is masked (p = 0 and never smoothed onto),
+    so T is the min(k, #finite) largest finite logits, each getting ε / min(k, #finite)."""
     finite = torch.isfinite(z[0])
     assert bool((torch.isfinite(z) == finite).all()), "the same columns are masked in every row"
     cols = finite.nonzero().squeeze(1)
     remap = torch.full((z.shape[1],), -1, dtype=torch.long)
     remap[cols] = torch.arange(cols.numel())
     y_sub = torch.where(y == -100, y, remap[y.clamp(min=0)])
-    loss, nll, g_sub = reference_dpls(z[:, cols], y_sub, epsilon=eps, top_k=k, reduction=reduction)
+    k_eff = min(k, cols.numel())
+    loss, nll, g_sub = reference_dpls(z[:, cols], y_sub, epsilon=eps, top_k=k_eff, reduction=reduction)
     grad = torch.zeros(z.shape, dtype=torch.float64)
     grad[:, cols] = g_sub
     return loss, nll, grad
@@ -391,7 +393,7 @@ def test_minus_inf_logits_first_block_and_anywhere(dtype):
     z[:, masked] = -float("inf")
     n_finite = int((~masked).sum())
     y = torch.tensor([64, 80, 100, -100, 148])
-    for k in (7, n_finite):
+    for k in (7, n_finite, n_finite + 20):  # past the finite count: T = every finite entry
         loss, nll, grad = _run(z, y, 0.3, k, "sum")
         ref_loss, ref_nll, ref_grad = _masked_reference(z, y, 0.3, k)
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -406,20 +408,19 @@ def test_minus_inf_logits_first_block_and_anywhere(dtype):
         assert torch.isfinite(grad).all()
 
 
-def test_minus_inf_in_the_top_k_gives_inf_loss_and_the_exact_gradient():
-    """ε > 0 with k past the finite entries: q puts mass on a −inf logit, so the loss is +inf (as
-    the formula says, never NaN); the gradient softmax − q is still finite and exact."""
+def test_k_past_the_finite_logits_smooths_over_the_finite_ones_only():
+    """A −inf logit is outside the vocabulary: with k past the finite entries, T is every finite
+    entry and each gets ε / (their count), so a padded vocabulary changes nothing."""
     z = distinct_logits(3, 100)
-    z[:, 10:] = -float("inf")
     y = torch.tensor([0, 5, 9])
-    k = 15  # the 10 finite entries and the 5 lowest-index −inf ones
-    loss, nll, grad = _run(z, y, 0.2, k, "none", grad_out=torch.ones(3))
-    assert torch.isinf(loss).all() and (loss > 0).all()
-    torch.testing.assert_close(nll.double(), F.cross_entropy(z.double(), y, reduction="none"))
-    p = torch.softmax(z.double(), -1)
-    q = 0.8 * F.one_hot(y, 100).double()
-    q[:, :15] += 0.2 / k
-    torch.testing.assert_close(grad.double(), p - q, rtol=0, atol=1e-6)
+    padded = torch.cat([z[:, :10], torch.full((3, 90), -float("inf"))], 1)
+    for k in (15, 100):  # the selection kernel, and k = V (every entry: label smoothing)
+        loss, nll, grad = _run(padded, y, 0.2, k, "none", grad_out=torch.ones(3))
+        ref_loss, ref_nll, ref_grad = reference_dpls(z[:, :10], y, epsilon=0.2, top_k=10, reduction="none")
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad[:, :10].double(), ref_grad, rtol=0, atol=1e-6)
+        assert torch.equal(grad[:, 10:], torch.zeros(3, 90))
 
 
 # --- gradients the fused kernel cannot give: refused, not wrong ---------------------------------
@@ -553,9 +554,8 @@ def test_adaptive_entropy_with_minus_inf_logits_is_finite():
     zf = z[:, 70:].double()
     p = torch.softmax(zf, -1)
     h = -(p * torch.log_softmax(zf, -1)).sum(-1)
-    torch.testing.assert_close(
-        eps.double(), 0.2 * h / torch.log(torch.tensor(150.0)).double(), rtol=1e-5, atol=0
-    )
+    log_v = torch.log(torch.tensor(80.0, dtype=torch.float64))  # the finite entries: padding changes nothing
+    torch.testing.assert_close(eps.double(), 0.2 * h / log_v, rtol=1e-5, atol=0)
 
 
 def test_adaptive_epsilon_in_the_linear_kernel_matches_the_unfused_path():
@@ -637,7 +637,7 @@ def test_selection_ties_masks_and_every_k_against_float64(dtype, split):
     z[:, masked] = -float("inf")
     y = torch.tensor([2, 5, -100])
     n_finite = v - int(masked.sum())
-    for k, top_r in ((1, 1), (2, 8), (17, 1), (40, 2), (n_finite - 1, 3), (n_finite, 1)):
+    for k, top_r in ((1, 1), (2, 8), (17, 1), (40, 2), (n_finite - 1, 3), (n_finite, 1), (v - 1, 2), (v, 1)):
         cfg = KernelConfig(block_v=32, num_warps=1, programs=2, top_r=top_r, cap=16, split=split)
         loss, nll, grad = _run(z, y, 0.3, k, "sum", config=cfg)
         ref_loss, ref_nll, ref_grad = _masked_reference(z, y, 0.3, k)

@@ -20,6 +20,11 @@ int32 whose signed order is the order of the float values (``_signed_key``). The
    ``softmax − (1−ε)·onehot(y) − (ε/k)·1[T]``, already scaled, in the logits' dtype (possibly into
    the logits' own storage: each element is read before it is overwritten).
 
+A ``−inf`` logit is masked: outside the vocabulary, never smoothed onto. So ``k`` above stands for
+``k_eff = min(k, finite entries of the row)`` (T is that many largest finite logits, each with
+``ε / k_eff``; for ``k ≥ V``, every finite entry), the entropy ε-mode normalises by the log of the
+finite count, and no step forms ``−inf − (−inf)`` or ``0·(−inf)``: a padded vocabulary changes nothing.
+
 So a row is usually read twice and written once, like a fused cross-entropy. Steps 1–3 and step 4
 run as two launches of one kernel (``PHASE`` 1 and 2, a few numbers per row between them), so the
 final pass runs with the final pass's registers, not the selection's; ties at ``t`` are then taken
@@ -402,6 +407,7 @@ def _dpls_rows_kernel(
                 s = 0.0
                 a = 0.0
                 rest = 0.0
+                fin = tl.zeros([BLOCK_V], dtype=tl.int32)  # finite entries per lane
                 k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
                 k1 = k0
                 k2 = k0
@@ -428,6 +434,8 @@ def _dpls_rows_kernel(
                         a = alpha * (a + s * shift) + tl.sum(e * dz, 0)
                     s = s * alpha + tl.sum(e, 0)
                     m = m_new
+                    if TOPK_MODE != 0 or EPS_MODE == 2:
+                        fin += (xf > -float("inf")).to(tl.int32)
                     if TOPK_MODE == 1:
                         k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
 
@@ -435,39 +443,26 @@ def _dpls_rows_kernel(
                 if EPS_MODE == 1:  # 1 − max p = 1 − exp(m − lse) = (s − 1)/s
                     eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(rest / s, 0.0), 1.0), gamma)
                     tl.store(eps_out_ptr + r, eps)
-                elif EPS_MODE == 2:  # H / log V with H = log s − a/s
-                    if V > 1:
-                        h = (tl.log(s) - a / s) / tl.log(V * 1.0)
-                    else:
-                        h = 0.0
+                elif EPS_MODE == 2:  # H / log V' with H = log s − a/s, V' the finite entries (0 if V' ≤ 1)
+                    n_fin = tl.sum(fin, 0)
+                    h = (tl.log(s) - a / s) / tl.log(tl.maximum(n_fin, 2).to(tl.float32))
+                    h = tl.where(n_fin > 1, h, 0.0)
                     eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(h, 0.0), 1.0), gamma)
                     tl.store(eps_out_ptr + r, eps)
 
-                # 2–3. the threshold of T
+                # 2–3. the threshold of T. A −inf logit is masked, never smoothed onto: T is the
+                #    k_eff = min(k, finite entries) largest finite logits, each getting ε / k_eff.
+                k_eff = tl.zeros([], dtype=tl.int32) + top_k
+                if TOPK_MODE != 0:
+                    k_eff = tl.minimum(tl.maximum(tl.sum(fin, 0), 1), top_k)
                 t = tl.zeros([], dtype=tl.int32)
                 k_rem = tl.zeros([], dtype=tl.int32)
                 ties = tl.zeros([], dtype=tl.int32)
                 if TOPK_MODE == 1:
                     t, above, ties = _select_threshold(
-                        row,
-                        V,
-                        k0,
-                        k1,
-                        k2,
-                        k3,
-                        k4,
-                        k5,
-                        k6,
-                        k7,
-                        m,
-                        top_k,
-                        scratch,
-                        KEY_BITS,
-                        BLOCK_V,
-                        CAP,
-                        TOP_R,
-                    )
-                    k_rem = top_k - above
+                        row, V, k0, k1, k2, k3, k4, k5, k6, k7, m, k_eff, scratch, KEY_BITS, BLOCK_V, CAP, TOP_R
+                    )  # fmt: skip
+                    k_rem = k_eff - above
                 t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)  # float compares: −0 == +0 too
                 if PHASE == 1:
                     if TOPK_MODE == 1:  # noqa: SIM102 - a constexpr test, then a run-time one
@@ -476,14 +471,16 @@ def _dpls_rows_kernel(
                     tl.store(stat_f_ptr + 3 * r64, m)
                     tl.store(stat_f_ptr + 3 * r64 + 1, s)
                     tl.store(stat_f_ptr + 3 * r64 + 2, eps)
-                    tl.store(stat_i_ptr + 2 * r64, t)
-                    tl.store(stat_i_ptr + 2 * r64 + 1, cut)
+                    tl.store(stat_i_ptr + 3 * r64, t)
+                    tl.store(stat_i_ptr + 3 * r64 + 1, cut)
+                    tl.store(stat_i_ptr + 3 * r64 + 2, k_eff)
             else:
                 m = tl.load(stat_f_ptr + 3 * r64)
                 s = tl.load(stat_f_ptr + 3 * r64 + 1)
                 eps = tl.load(stat_f_ptr + 3 * r64 + 2)
-                t = tl.load(stat_i_ptr + 2 * r64)
-                cut = tl.load(stat_i_ptr + 2 * r64 + 1)
+                t = tl.load(stat_i_ptr + 3 * r64)
+                cut = tl.load(stat_i_ptr + 3 * r64 + 1)
+                k_eff = tl.load(stat_i_ptr + 3 * r64 + 2)
                 k_rem = tl.zeros([], dtype=tl.int32)
                 ties = tl.zeros([], dtype=tl.int32)
                 t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)
@@ -494,7 +491,7 @@ def _dpls_rows_kernel(
                 #    (and ranked by a scan only in the block where that happens).
                 inv_s = 1.0 / s
                 c_target = (1.0 - eps) * grad_scale
-                c_topk = eps / top_k * grad_scale
+                c_topk = eps / k_eff * grad_scale
                 top_acc = tl.zeros([BLOCK_V], dtype=tl.float32)  # Σ_{j∈T} (m − z_j) per lane, ≥ 0
                 taken = tl.zeros([], dtype=tl.int32)
                 for start in range(0, V, BLOCK_V):
@@ -520,7 +517,7 @@ def _dpls_rows_kernel(
                             take = tie
                         in_t = (valid & (xf > t_value)) | take
                     else:
-                        in_t = valid
+                        in_t = valid & (xf > -float("inf"))  # k ≥ V: every finite entry
                     if TOPK_MODE != 0:
                         top_acc += tl.where(in_t, m - xf, 0.0)
                     if WRITE_GRAD:
@@ -534,8 +531,8 @@ def _dpls_rows_kernel(
                 if TOPK_MODE == 0:
                     loss = nll
                 else:
-                    top_sum = tl.sum(top_acc, 0)  # +inf when T holds a −inf logit: then only ε = 0 is finite
-                    smooth = eps / top_k * tl.where(eps > 0.0, top_sum, 0.0)  # 0·inf would be NaN
+                    top_sum = tl.sum(top_acc, 0)  # finite: T holds finite logits only
+                    smooth = eps / k_eff * tl.where(eps > 0.0, top_sum, 0.0)
                     loss = tl.log(s) + (1.0 - eps) * (m - z_y) + smooth
                 tl.store(loss_ptr + r, loss)
                 tl.store(nll_ptr + r, nll)

@@ -165,7 +165,7 @@ def launch_rows(
     g = grad if grad is not None else logits
     split = cfg.split and topk_mode == k.TOPK_SELECT
     stat_f = torch.empty(3 * n_rows if split else 1, dtype=torch.float32, device=logits.device)
-    stat_i = torch.empty(2 * n_rows if split else 1, dtype=torch.int32, device=logits.device)
+    stat_i = torch.empty(3 * n_rows if split else 1, dtype=torch.int32, device=logits.device)
     args = (
         logits,
         logits.stride(0),
