@@ -337,6 +337,30 @@ def test_prepare_stdlib_small_sample_is_deterministic(tmp_path):
     assert raw["corpus_fingerprint"] == a.corpus_fingerprint
 
 
+def test_max_train_tokens_shrinks_training_only(tmp_path):
+    """A data-limited corpus: fewer training tokens, the same tokenizer and validation tokens."""
+    kw = dict(max_files=24, vocab_size=512, shard_tokens=20_000, max_bpe_chars=300_000, progress=False)
+    full = prepare_stdlib(tmp_path / "full", **kw)
+    limit = full.train_tokens // 2
+    cut = prepare_stdlib(tmp_path / "cut", max_train_tokens=limit, **kw)
+    assert cut.train_tokens == limit and cut.settings["max_train_tokens"] == limit
+    assert cut.tokenizer_fingerprint == full.tokenizer_fingerprint
+    assert cut.corpus_fingerprint != full.corpus_fingerprint
+    assert cut.val_tokens == full.val_tokens
+    for name in full.val_shards:
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    assert _documents_of(tmp_path / "cut", "val", cut) == _documents_of(tmp_path / "full", "val", full)
+    # the training slice is made of whole training documents (the last one cut), none from validation
+    val_docs = set(_documents_of(tmp_path / "full", "val", full))
+    train_docs = _documents_of(tmp_path / "cut", "train", cut)
+    assert len(train_docs) > 1 and not val_docs.intersection(train_docs)
+    full_train = set(_documents_of(tmp_path / "full", "train", full))
+    assert set(train_docs[:-1]) <= full_train
+    with pytest.raises(ValueError, match="max_train_tokens"):
+        prepare_stdlib(tmp_path / "bad", max_train_tokens=0, **kw)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_corpus_fingerprint_changes_with_any_document_or_the_tokenizer(tmp_path):
     """The stdlib corpus differs between Python builds; the fingerprint is what tells them apart."""
     from dpls.data.meta import corpus_fingerprint

@@ -16,7 +16,7 @@ EPILOG = (
 
 # source -> (function in dpls.data.prepare, the options only that source has)
 SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "stdlib": ("prepare_stdlib", ("vocab_size", "max_files", "include_tests")),
+    "stdlib": ("prepare_stdlib", ("vocab_size", "max_files", "max_train_tokens", "include_tests")),
     "files": ("prepare_files", ("paths", "tokenizer", "vocab_size", "text_field")),
     "fineweb-edu": ("prepare_fineweb_edu", ("name", "max_tokens", "num_proc", "data_files")),
 }
@@ -57,12 +57,19 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         "stdlib",
         "the running Python's standard library (no download)",
         "The embedded corpus: this Python's standard-library .py files and a byte-level BPE "
-        "trained on them. The same Python version gives the same corpus everywhere.",
+        "trained on them. Its content differs between Python builds, so meta.json records its "
+        "fingerprint (corpus_fingerprint).",
         shard_tokens=1_000_000,
         val_fraction=0.05,
     )
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--max-files", type=int, default=None, help="use a fixed sample of N files")
+    p.add_argument(
+        "--max-train-tokens",
+        type=int,
+        default=None,
+        help="keep only N training tokens (files spread over the library); validation is unchanged",
+    )
     p.add_argument("--include-tests", action="store_true", help="include the test suites")
 
     p = _source(

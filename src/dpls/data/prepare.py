@@ -240,10 +240,14 @@ def _build(
     *,
     progress: bool,
     max_tokens: int | None = None,
+    max_train_tokens: int | None = None,
     num_threads: int | None = None,
     desc: str | None = None,
 ) -> DataMeta:
     """Encode ``documents(start)`` (the stream from document ``start`` on) into both splits.
+
+    ``max_train_tokens`` cuts the training split there and stops: the caller puts every
+    validation document first, so the validation split is whole.
 
     The source and shard size come from ``settings`` (what ``meta.json`` records), and a BPE
     tokenizer is the one saved as ``TOKENIZER_FILE``, so the three sources cannot disagree
@@ -269,7 +273,9 @@ def _build(
 
     bar = _progress_bar(max_tokens, total(), desc or source, progress)
     last_checkpoint = time.monotonic()
-    done = max_tokens is not None and total() >= max_tokens
+    done = (max_tokens is not None and total() >= max_tokens) or (
+        max_train_tokens is not None and writers["train"].tokens >= max_train_tokens
+    )
     try:
         for batch in _batched(documents(consumed) if not done else iter(()), ENCODE_BATCH_CHARS):
             encoded = tokenizer.encode_batch([d.text for d in batch], num_threads=num_threads)
@@ -278,10 +284,15 @@ def _build(
                 tokens = np.concatenate([eot, np.asarray(ids, dtype=np.uint16)])
                 if max_tokens is not None:
                     tokens = tokens[: max_tokens - total()]
-                writers["val" if is_val(consumed, doc) else "train"].add(tokens)
+                split = "val" if is_val(consumed, doc) else "train"
+                if split == "train" and max_train_tokens is not None:
+                    tokens = tokens[: max_train_tokens - writers["train"].tokens]
+                writers[split].add(tokens)
                 consumed += 1
                 bar.update(len(tokens))
-                if max_tokens is not None and total() >= max_tokens:
+                if (max_tokens is not None and total() >= max_tokens) or (
+                    max_train_tokens is not None and writers["train"].tokens >= max_train_tokens
+                ):
                     done = True
                     break
             cut = sum(len(w.shards) for w in writers.values()) != shards_before
@@ -408,6 +419,7 @@ def prepare_stdlib(
     shard_tokens: int = 1_000_000,
     seed: int = 0,
     max_files: int | None = None,
+    max_train_tokens: int | None = None,
     include_tests: bool = False,
     max_bpe_chars: int = 4_000_000,
     progress: bool = True,
@@ -415,14 +427,19 @@ def prepare_stdlib(
     """The embedded default corpus: this Python's standard library, tokenized.
 
     ``max_files`` keeps a fixed sample of that many files (the lowest hashes: spread over the
-    whole library), for tests and quick trials. The BPE is trained on at most
-    ``max_bpe_chars`` characters of training files (about 2 s for 4 MB on two cores).
+    whole library), for tests and quick trials; it shrinks both splits. ``max_train_tokens``
+    shrinks only the training split, for data-limited studies: training files are taken in
+    hash order (spread over the library) until that many tokens, while the tokenizer and the
+    validation split stay exactly those of the corpus without the limit. The BPE is trained
+    on at most ``max_bpe_chars`` characters of training files (about 2 s for 4 MB on two cores).
     """
     _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
     _check_split(val_fraction, shard_tokens, seed)
     _check_int("max_bpe_chars", max_bpe_chars, 1)
     if max_files is not None:
         _check_int("max_files", max_files, 2)
+    if max_train_tokens is not None:
+        _check_int("max_train_tokens", max_train_tokens, 1)
     out_dir = Path(out_dir)
     root, files = stdlib_files(include_tests=include_tests)
     if max_files is not None:
@@ -439,12 +456,17 @@ def prepare_stdlib(
             "shard_tokens": shard_tokens,
             "seed": seed,
             "max_bpe_chars": max_bpe_chars,
+            "max_train_tokens": max_train_tokens,
         }
     )
     state = _out_dir_state(out_dir, settings)
     if state == "done":
         return _finished(out_dir, progress)
     held = assign_validation(files, val_fraction, seed)
+    order = files
+    if max_train_tokens is not None:  # validation whole and first, then a spread-out training slice
+        train = sorted((f for f in files if f not in held), key=lambda f: _unit_hash(f, seed, "train"))
+        order = [f for f in files if f in held] + train
 
     def read(rel: str) -> str:
         return (root / rel).read_text(encoding="utf-8", errors="replace")
@@ -454,11 +476,19 @@ def prepare_stdlib(
         return _take_chars(map(read, ordered), max_bpe_chars)
 
     def documents(start: int) -> Iterator[Document]:
-        return (Document(rel, read(rel)) for rel in files[start:])
+        return (Document(rel, read(rel)) for rel in order[start:])
 
     _begin(out_dir, state, settings)
     tokenizer = _bpe_tokenizer(out_dir, state, train_texts, vocab_size, progress)
-    return _build(out_dir, documents, lambda _i, doc: doc.key in held, tokenizer, settings, progress=progress)
+    return _build(
+        out_dir,
+        documents,
+        lambda _i, doc: doc.key in held,
+        tokenizer,
+        settings,
+        progress=progress,
+        max_train_tokens=max_train_tokens,
+    )
 
 
 # -- the user's files ---------------------------------------------------------------------------
