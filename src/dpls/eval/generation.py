@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 GENERATION_METRICS = ("distinct_1", "distinct_2", "distinct_3", "repetition_4", "mean_length")
@@ -151,6 +152,89 @@ def make_generator(seed: int, device: Any = "cpu") -> Any:
     import torch
 
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+# -- samples of a run, for studies -----------------------------------------------------------------
+
+
+def validation_prompts(data_dir: str | Path, count: int, length: int) -> list[list[int]]:
+    """The openings of the first ``count`` validation documents with at least ``length``
+    tokens: ``<|endoftext|>`` and their first ``length`` tokens (fixed, so every arm of a
+    study is given the same prompts). Fewer come back when the split has fewer such documents."""
+    import numpy as np
+
+    from dpls.data.meta import DataMeta
+    from dpls.data.shards import read_shard
+
+    meta = DataMeta.load(data_dir, check_shards=False)
+    eot = meta.eot_token
+    prompts: list[list[int]] = []
+    for name in meta.val_shards:
+        tokens = read_shard(Path(data_dir) / name)
+        for start in np.flatnonzero(tokens == eot):
+            opening = tokens[start : start + 1 + length]
+            if len(opening) == length + 1 and not (opening[1:] == eot).any():
+                prompts.append([int(t) for t in opening])
+                if len(prompts) == count:
+                    return prompts
+    return prompts
+
+
+def run_samples(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    *,
+    num_samples: int,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    device: Any = "cpu",
+) -> dict[str, Any]:
+    """``num_samples`` samples of a checkpoint, one per validation prompt, drawn in one batch
+    with a generator seeded by ``seed`` (so arms given the same seed share their random
+    numbers), and their generation metrics: what ``samples.json`` of a study run holds.
+
+    Never an error after a study's training: too few validation documents give fewer
+    samples, and none (or no room in the context) gives none, with a ``note`` saying why.
+    """
+    import torch
+
+    from dpls.data.tokenizer import load_tokenizer
+    from dpls.runs.checkpoint import load_model
+
+    tokenizer = load_tokenizer(data_dir)
+    prompts = validation_prompts(data_dir, num_samples, prompt_tokens)
+    model = load_model(checkpoint, device=device)
+    new = min(max_new_tokens, model.config.block_size - (prompt_tokens + 1))
+    settings = {
+        "num_samples": len(prompts),
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": new,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    note = None
+    if not prompts:
+        note = f"no validation document has {prompt_tokens} tokens to prompt with"
+    elif new < 1:
+        note = f"a prompt of {prompt_tokens} tokens leaves no room in block_size {model.config.block_size}"
+    if note is not None:
+        return {"settings": settings, "prompts": [], "samples": [], "metrics": {}, "note": note}
+    idx = torch.tensor(prompts, dtype=torch.long, device=device)
+    out = model.generate(
+        idx, new, temperature=temperature, generator=make_generator(seed, device), eos_id=tokenizer.eot
+    )
+    samples = []
+    for row in out[:, idx.shape[1] :].tolist():
+        ended = tokenizer.eot in row
+        samples.append(row[: row.index(tokenizer.eot)] if ended else row)
+    return {
+        "settings": settings,
+        "prompts": [tokenizer.decode(p[1:]) for p in prompts],
+        "samples": [tokenizer.decode(t) for t in samples],
+        "metrics": generation_metrics(samples),
+    }
 
 
 # -- what the samples look like ------------------------------------------------------------------

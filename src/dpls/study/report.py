@@ -14,6 +14,7 @@ stability (loss spikes, gradient norms, skipped steps) and cost (tokens/s).
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import statistics
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dpls.eval.generation import GENERATION_METRICS
 from dpls.eval.metrics import METRIC_KEYS
 from dpls.runs.layout import (
     EVAL_DIR,
@@ -37,12 +39,16 @@ from dpls.runs.layout import (
 )
 from dpls.study.plots import plot_curves, plot_reliability
 from dpls.study.spec import LOSS_KEYS
-from dpls.study.state import LM_EVAL_FILE, is_study_dir, read_state
+from dpls.study.state import LM_EVAL_FILE, SAMPLES_FILE, is_study_dir, read_state
 from dpls.study.stats import EFFECT_LARGER, Interval, is_finite_number, mean_sd, paired_ci, welch_ci
 
 # The evaluation metrics in metrics.json order; "tokens" is a count, reported but not compared.
 EVAL_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "tokens")
 TRAIN_LOG_METRIC = "final_val_ce"  # the last val_ce of metrics.jsonl: there even without `dpls eval`
+GENERATION = (
+    "generation/"  # generation metrics of the run's samples (samples.json), e.g. generation/distinct_2
+)
+SAMPLE_PROMPTS = 3  # prompts whose samples the report shows side by side
 
 # +1: higher is better, −1: lower is better; absent: neither (entropy, temperature).
 DIRECTION: dict[str, int] = {
@@ -74,8 +80,9 @@ class RunRecord:
     config: dict[str, Any]
     train_rows: list[dict[str, Any]]  # metrics.jsonl rows with a training loss
     val_rows: list[dict[str, Any]]  # metrics.jsonl rows with val_ce
-    metrics: dict[str, float] = field(default_factory=dict)  # final evaluation + lm-eval
+    metrics: dict[str, float] = field(default_factory=dict)  # final evaluation + lm-eval + generation
     reliability: dict[str, list[float]] | None = None
+    samples: dict[str, Any] | None = None  # samples.json: prompts, samples, generation metrics
 
 
 def find_eval_file(run_dir: Path) -> Path | None:
@@ -118,7 +125,7 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
     train_rows = [r for r in rows if "loss" in r and "step" in r]
     val_rows = [r for r in rows if is_finite_number(r.get("val_ce")) and "step" in r]
     metrics: dict[str, float] = {}
-    reliability = None
+    reliability = samples = None
     eval_file = find_eval_file(run_dir)
     if eval_file is not None:
         data = json.loads(eval_file.read_text())
@@ -130,6 +137,11 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
         if lm_file.is_file():
             lm = json.loads(lm_file.read_text())
             metrics.update({f"lm_eval/{k}": float(v) for k, v in lm.items() if is_finite_number(v)})
+        samples_file = eval_file.parent / SAMPLES_FILE
+        if samples_file.is_file():
+            samples = json.loads(samples_file.read_text())
+            gen = samples.get("metrics", {})
+            metrics.update({GENERATION + k: float(v) for k, v in gen.items() if is_finite_number(v)})
     if val_rows:
         metrics[TRAIN_LOG_METRIC] = float(val_rows[-1]["val_ce"])
     if seed is None and isinstance(config.get("seed"), int):
@@ -143,6 +155,7 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
         val_rows=val_rows,
         metrics=metrics,
         reliability=reliability,
+        samples=samples,
     )
 
 
@@ -260,6 +273,7 @@ def _cost(runs: Sequence[RunRecord]) -> dict[str, Any]:
 def _metric_names(groups: Mapping[str, Sequence[RunRecord]]) -> list[str]:
     present = {k for runs in groups.values() for r in runs for k in r.metrics}
     ordered = [k for k in (*EVAL_METRICS, TRAIN_LOG_METRIC) if k in present]
+    ordered += [GENERATION + k for k in GENERATION_METRICS if GENERATION + k in present]
     return ordered + sorted(k for k in present if k.startswith("lm_eval/"))
 
 
@@ -360,7 +374,30 @@ def summarize(
         "arms": arms,
         "differences": differences,
         "notes": sorted(notes),
+        "samples": _samples_side_by_side(groups),
         "spike_rule": f"loss > {1 + SPIKE_REL:.2f} × median of the previous {SPIKE_WINDOW} logged losses",
+    }
+
+
+def _samples_side_by_side(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str, Any] | None:
+    """The first prompts' samples of every arm, from the smallest seed all arms have samples
+    for (the same prompts and the same random numbers), or None."""
+    by_arm = {
+        a: {r.seed: r.samples for r in runs if r.samples and r.samples.get("samples")}
+        for a, runs in groups.items()
+    }
+    common = set.intersection(*(set(s) for s in by_arm.values())) if by_arm else set()
+    common.discard(None)
+    if not common:
+        return None
+    seed = min(common)
+    first = next(iter(by_arm.values()))[seed]
+    n = min(SAMPLE_PROMPTS, *(len(s[seed]["samples"]) for s in by_arm.values()))
+    return {
+        "seed": seed,
+        "settings": first.get("settings", {}),
+        "prompts": first["prompts"][:n],
+        "arms": {a: s[seed]["samples"][:n] for a, s in by_arm.items()},
     }
 
 
@@ -458,6 +495,39 @@ def evaluation_table_lines(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _code_cell(text: str) -> str:
+    """Text in a markdown table cell, exactly: HTML-escaped, line breaks shown as ⏎."""
+    body = html.escape(text).replace("|", "&#124;").replace("\n", "⏎")
+    return f"<code>{body}</code>" if body else "(nothing)"
+
+
+def samples_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The "Samples" section: each prompt's continuation by every arm, side by side."""
+    block = summary.get("samples")
+    if not block:
+        return []
+    arms = list(block["arms"])
+    settings = block.get("settings", {})
+    lines = [
+        "## Samples",
+        "",
+        f"The openings ({settings.get('prompt_tokens', '?')} tokens) of the first validation documents, "
+        f"continued by every arm's seed-{block['seed']} run with the same random numbers "
+        f"(temperature {settings.get('temperature', '?')}, at most {settings.get('max_new_tokens', '?')} "
+        "new tokens, ending at <|endoftext|>). The `generation/` rows of the evaluation table measure "
+        f"{settings.get('num_samples', '?')} such samples per run: distinct n-grams over all n-grams "
+        "(distinct_1/2/3), the share of 4-grams repeated within a sample (repetition_4) and the "
+        "mean length in tokens before <|endoftext|>.",
+        "",
+        "| prompt | " + " | ".join(arms) + " |",
+        "|" + "---|" * (len(arms) + 1),
+    ]
+    for i, prompt in enumerate(block["prompts"]):
+        cells = [_code_cell(prompt), *(_code_cell(block["arms"][a][i]) for a in arms)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) -> str:
     base = summary["baseline"]
     arms = list(summary["arms"])
@@ -482,6 +552,7 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
         "",
     ]
     lines += evaluation_table_lines(summary)
+    lines += samples_lines(summary)
 
     lines += [
         "## Training stability",

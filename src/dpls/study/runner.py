@@ -52,6 +52,7 @@ from dpls.study.state import (
     DONE,
     LM_EVAL_FILE,
     PENDING,
+    SAMPLES_FILE,
     TRAINED,
     RunEntry,
     StudyState,
@@ -171,7 +172,8 @@ class StudyPlan:
         if ev.lm_eval_tasks:
             lm = f"; lm-eval {', '.join(ev.lm_eval_tasks)}"
             lm += f" (limit {ev.lm_eval_limit})" if ev.lm_eval_limit else ""
-        lines.append(f"  eval: {f'{ev.tokens:,}' if ev.tokens else 'all'} validation tokens per run{lm}")
+        gen = f"; {ev.samples} samples of {ev.sample_tokens} tokens" if ev.samples else ""
+        lines.append(f"  eval: {f'{ev.tokens:,}' if ev.tokens else 'all'} validation tokens per run{lm}{gen}")
         lines.append(f"  {len(self.arms) + (self.trunk is not None)} training runs, {total:,} steps in all")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -480,12 +482,30 @@ def _evaluate_job(job: Job, plan: StudyPlan, progress: bool) -> None:
             kwargs["batch_size"] = ev.lm_eval_batch_size
         results = run_lm_eval(job.final_checkpoint, list(ev.lm_eval_tasks), **kwargs)
         write_json_atomic(lm_file, _flatten_lm_eval(results))
+    samples_file = job.eval_file.parent / SAMPLES_FILE
+    if ev.samples and not samples_file.is_file():
+        from dpls.eval.evaluate import resolve_device
+        from dpls.eval.generation import run_samples
+
+        samples = run_samples(
+            job.final_checkpoint,
+            plan.data_dir,
+            num_samples=ev.samples,
+            prompt_tokens=ev.sample_prompt_tokens,
+            max_new_tokens=ev.sample_tokens,
+            seed=job.seed or 0,  # every arm of a seed draws the same random numbers
+            device=resolve_device("auto"),
+        )
+        write_json_atomic(samples_file, samples)
 
 
 def _is_done(job: Job, plan: StudyPlan) -> bool:
     if not (_is_trained(job) and job.eval_file.is_file()):
         return False
-    return not plan.spec.eval.lm_eval_tasks or (job.eval_file.parent / LM_EVAL_FILE).is_file()
+    ev, folder = plan.spec.eval, job.eval_file.parent
+    return (not ev.lm_eval_tasks or (folder / LM_EVAL_FILE).is_file()) and (
+        not ev.samples or (folder / SAMPLES_FILE).is_file()
+    )
 
 
 def _initial_state(plan: StudyPlan) -> StudyState:

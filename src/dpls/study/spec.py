@@ -33,6 +33,9 @@ dpls_top_k = 100
 tokens = 200_000                   # validation tokens per evaluation (default: the whole split)
 lm_eval_tasks = ["hellaswag"]      # downstream tasks through lm-evaluation-harness (optional)
 lm_eval_limit = 500
+samples = 8                        # samples per run for the generation metrics (0: none)
+sample_tokens = 32                 # new tokens per sample at most
+sample_prompt_tokens = 16          # each prompt: the opening of a validation document
 ```
 
 Relative paths are taken from the current directory, as ``dpls train`` does. Every key is
@@ -105,6 +108,9 @@ EVAL_KEYS = (
     "lm_eval_limit",
     "lm_eval_include_path",
     "lm_eval_batch_size",
+    "samples",
+    "sample_tokens",
+    "sample_prompt_tokens",
 )
 PREPARE_SOURCES = ("stdlib", "fineweb-edu")
 
@@ -137,6 +143,10 @@ class EvalSpec:
     lm_eval_limit: float | None = None
     lm_eval_include_path: Path | None = None
     lm_eval_batch_size: int | None = None
+    # generation: one batch of samples per run, from the openings of validation documents
+    samples: int = 8
+    sample_tokens: int = 32
+    sample_prompt_tokens: int = 16
 
 
 @dataclass(frozen=True)
@@ -279,6 +289,15 @@ def _eval(table: Any) -> EvalSpec:
         lm_eval_limit=limit,
         lm_eval_include_path=_optional_path(table.get("lm_eval_include_path"), "[eval] lm_eval_include_path"),
         lm_eval_batch_size=opt_int("lm_eval_batch_size"),
+        samples=_int(table.get("samples", EvalSpec.samples), "[eval] samples", minimum=0),
+        sample_tokens=_int(
+            table.get("sample_tokens", EvalSpec.sample_tokens), "[eval] sample_tokens", minimum=1
+        ),
+        sample_prompt_tokens=_int(
+            table.get("sample_prompt_tokens", EvalSpec.sample_prompt_tokens),
+            "[eval] sample_prompt_tokens",
+            minimum=1,
+        ),
     )
 
 

@@ -17,6 +17,7 @@ from dpls._io import write_json_atomic
 
 STATE_FILE = "study_state.json"
 LM_EVAL_FILE = "lm_eval.json"  # RUN/eval/lm_eval.json: {"task/metric": value}
+SAMPLES_FILE = "samples.json"  # RUN/eval/samples.json: prompts, samples and generation metrics
 
 PENDING, TRAINED, DONE = "pending", "trained", "done"
 
