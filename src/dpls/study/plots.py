@@ -1,4 +1,5 @@
-"""The study's figures: training curves per arm and pooled reliability diagrams (PNG, Agg).
+"""The study's figures: training curves per arm, pooled reliability diagrams, and the final
+loss against a swept value (PNG, Agg).
 
 `report.write_report` decides which to draw and links them from report.md; each function
 here draws one figure from the runs' records and says whether there was anything to draw.
@@ -6,6 +7,7 @@ here draws one figure from the runs' records and says whether there was anything
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -166,6 +168,59 @@ def plot_reliability(
         ax.set_xlabel("top-1 confidence")
     axes[0][0].set_ylabel("top-1 accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_sweep(sweep: Mapping[str, Any], path: Path) -> bool:
+    """Final validation CE against the swept value: one line per arm (the mean over seeds,
+    diverged runs at L_init), every seed's point, diverged runs marked with an x."""
+    values = list(sweep["values"])
+    if not values or not sweep["arms"]:
+        return False
+    numeric = all(is_finite_number(v) and v > 0 for v in values)
+    xs = [float(v) for v in values] if numeric else list(range(len(values)))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
+    drew = False
+    initials = []
+    for i, (arm, a) in enumerate(sweep["arms"].items()):
+        color, ls = f"C{i}", _LINESTYLES[i % len(_LINESTYLES)]
+        means = [(x, g["mean"]) for x, g in zip(xs, a["grid"]) if is_finite_number(g["mean"])]
+        if means:
+            ax.plot(*zip(*means), color=color, ls=ls, lw=2.0, marker="o", ms=4, label=arm)
+            drew = True
+        jitter = 1.0 + 0.03 * (i - (len(sweep["arms"]) - 1) / 2) if numeric else 0.0
+        for x, g in zip(xs, a["grid"]):
+            xp = x * jitter if numeric else x + jitter
+            for p in g["points"]:
+                if is_finite_number(p.get("initial")):
+                    initials.append(p["initial"])
+                y = p["effective"]
+                if not is_finite_number(y):
+                    continue
+                if p["diverged"]:
+                    ax.plot(xp, y, marker="x", ms=9, mew=2, color=color, ls="none")
+                else:
+                    ax.plot(xp, y, marker=".", ms=6, alpha=0.5, color=color, ls="none")
+    if not drew:
+        plt.close(fig)
+        return False
+    if initials:
+        ax.axhline(
+            statistics.fmean(initials), color="grey", ls=":", lw=1, label="L_init (loss at initialisation)"
+        )
+    ax.plot([], [], marker="x", ms=8, mew=2, color="black", ls="none", label="diverged run (at L_init)")
+    if numeric:
+        ax.set_xscale("log")
+    else:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(sweep["key"])
+    ax.set_ylabel("final validation CE (nats/token)")
+    ax.set_title("Final validation CE against the swept value (dots: each seed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

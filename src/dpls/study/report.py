@@ -25,15 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from dpls._io import check_output_dir, forget_owned, mark_owned, write_owned_json, write_owned_text
 from dpls.eval.generation import GENERATION_METRICS
 from dpls.eval.metrics import METRIC_KEYS
 from dpls.runs.layout import (
     EVAL_DIR,
     EVAL_FILE,
     METRICS_FILE,
+    TOKENIZER_DIR,
     config_path,
     is_run_dir,
     metrics_path,
+    read_diverged,
     read_metrics,
     read_run_config,
 )
@@ -41,10 +44,16 @@ from dpls.study.plots import plot_curves, plot_reliability
 from dpls.study.spec import LOSS_KEYS
 from dpls.study.state import LM_EVAL_FILE, SAMPLES_FILE, is_study_dir, read_state
 from dpls.study.stats import EFFECT_LARGER, Interval, is_finite_number, mean_sd, paired_ci, welch_ci
+from dpls.study.sweep import SWEEP_PLOTS
 
 # The evaluation metrics in metrics.json order; "tokens" is a count, reported but not compared.
 EVAL_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "tokens")
 TRAIN_LOG_METRIC = "final_val_ce"  # the last val_ce of metrics.jsonl: there even without `dpls eval`
+# The lowest val_ce of the run's own training log and the step it was logged at: beside
+# final_val_ce they show overfitting (the curve turned upward when best < final).
+BEST_VAL_METRIC = "best_val_ce"
+BEST_STEP_METRIC = "best_val_ce_step"
+TRAIN_LOG_METRICS = (TRAIN_LOG_METRIC, BEST_VAL_METRIC, BEST_STEP_METRIC)
 GENERATION = (
     "generation/"  # generation metrics of the run's samples (samples.json), e.g. generation/distinct_2
 )
@@ -60,6 +69,7 @@ DIRECTION: dict[str, int] = {
     "brier": -1,
     "loss_at_best_temperature": -1,
     TRAIN_LOG_METRIC: -1,
+    BEST_VAL_METRIC: -1,
 }
 
 # Loss spikes: a logged loss above (1 + SPIKE_REL) × the median of the previous SPIKE_WINDOW.
@@ -83,6 +93,26 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)  # final evaluation + lm-eval + generation
     reliability: dict[str, list[float]] | None = None
     samples: dict[str, Any] | None = None  # samples.json: prompts, samples, generation metrics
+    value: Any = None  # the swept key's value ([sweep] studies)
+    diverged: dict[str, Any] | None = None  # RUN/diverged.json: where and why it diverged
+    data: dict[str, Any] = field(default_factory=dict)  # corpus fingerprint and source of its data
+
+
+def run_data(run_dir: Path) -> dict[str, Any]:
+    """What the run was trained on, from the meta.json copied into ``RUN/tokenizer/``: the
+    corpus fingerprint (equal fingerprints: the same tokens), the source and, for the stdlib
+    corpus, the Python it came from. Empty for runs without that copy."""
+    try:
+        meta = json.loads((run_dir / TOKENIZER_DIR / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+    out = {"corpus_fingerprint": meta.get("corpus_fingerprint"), "source": meta.get("source")}
+    if settings.get("python"):
+        out["python"] = settings["python"]
+    return out
 
 
 def find_eval_file(run_dir: Path) -> Path | None:
@@ -144,6 +174,9 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
             metrics.update({GENERATION + k: float(v) for k, v in gen.items() if is_finite_number(v)})
     if val_rows:
         metrics[TRAIN_LOG_METRIC] = float(val_rows[-1]["val_ce"])
+        best = min(val_rows, key=lambda r: float(r["val_ce"]))  # the first of equal ones
+        metrics[BEST_VAL_METRIC] = float(best["val_ce"])
+        metrics[BEST_STEP_METRIC] = float(best["step"])
     if seed is None and isinstance(config.get("seed"), int):
         seed = int(config["seed"])
     return RunRecord(
@@ -156,6 +189,8 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
         metrics=metrics,
         reliability=reliability,
         samples=samples,
+        diverged=read_diverged(run_dir),
+        data=run_data(run_dir),
     )
 
 
@@ -208,12 +243,15 @@ def collect_runs(source: str | Path | Sequence[str | Path]) -> tuple[list[RunRec
         if is_study_dir(s):
             state = read_state(s)
             info.update(name=state.name, baseline=state.baseline, arms=state.arms, fork_step=state.fork_step)
+            if state.sweep:
+                info["sweep"] = state.sweep
             trunk = s / state.trunk_dir
-            if metrics_path(trunk).is_file():
+            if state.trunk_dir and metrics_path(trunk).is_file():
                 info["trunk"] = load_run(trunk, arm="trunk")
             for entry in state.runs:
                 if (s / entry.run_dir).is_dir():
                     records.append(load_run(s / entry.run_dir, arm=entry.arm, seed=entry.seed))
+                    records[-1].value = entry.value
         else:
             records.append(load_run(s))
     if not records:
@@ -272,7 +310,7 @@ def _cost(runs: Sequence[RunRecord]) -> dict[str, Any]:
 
 def _metric_names(groups: Mapping[str, Sequence[RunRecord]]) -> list[str]:
     present = {k for runs in groups.values() for r in runs for k in r.metrics}
-    ordered = [k for k in (*EVAL_METRICS, TRAIN_LOG_METRIC) if k in present]
+    ordered = [k for k in (*EVAL_METRICS, *TRAIN_LOG_METRICS) if k in present]
     ordered += [GENERATION + k for k in GENERATION_METRICS if GENERATION + k in present]
     return ordered + sorted(k for k in present if k.startswith("lm_eval/"))
 
@@ -375,8 +413,47 @@ def summarize(
         "differences": differences,
         "notes": sorted(notes),
         "samples": _samples_side_by_side(groups),
+        "data": _data_provenance(groups),
         "spike_rule": f"loss > {1 + SPIKE_REL:.2f} × median of the previous {SPIKE_WINDOW} logged losses",
     }
+
+
+def _data_provenance(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str, Any]:
+    """The corpus fingerprint the runs share (None when they differ or none is recorded), every
+    fingerprint seen, and the sources and Pythons of the data: numbers measured on different
+    corpora (the stdlib corpus of two Python builds, say) are not comparable."""
+    records = [r for runs in groups.values() for r in runs]
+    prints = sorted(
+        {str(r.data.get("corpus_fingerprint")) for r in records if r.data.get("corpus_fingerprint")}
+    )
+    unknown = sum(1 for r in records if not r.data.get("corpus_fingerprint"))
+    return {
+        "corpus_fingerprint": prints[0] if len(prints) == 1 and not unknown else None,
+        "corpus_fingerprints": prints,
+        "runs_without_fingerprint": unknown,
+        "sources": sorted({str(r.data["source"]) for r in records if r.data.get("source")}),
+        "python": sorted({str(r.data["python"]) for r in records if r.data.get("python")}),
+    }
+
+
+def data_line(summary: Mapping[str, Any]) -> str | None:
+    """One sentence on the data the numbers were measured on (None when nothing is known)."""
+    data = summary.get("data") or {}
+    prints = data.get("corpus_fingerprints") or []
+    if not prints:
+        return None
+    where = ", ".join(data.get("sources") or []) or "?"
+    if data.get("python"):
+        where += f" ({', '.join(data['python'])})"
+    if len(prints) == 1:
+        line = f"Data: {where}, corpus fingerprint `{prints[0]}`"
+        if data.get("runs_without_fingerprint"):
+            line += f" ({data['runs_without_fingerprint']} runs record none)"
+        return line + "."
+    return (
+        f"Data: the runs were trained on {len(prints)} different corpora "
+        f"({', '.join(f'`{p}`' for p in prints)}; {where}): their numbers are not comparable."
+    )
 
 
 def _samples_side_by_side(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str, Any] | None:
@@ -540,6 +617,17 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
         )
         + "."
     )
+    if summary.get("sweep"):
+        from dpls.study.sweep import sweep_section_lines
+
+        sw = summary["sweep"]
+        lines += ["", *sweep_section_lines(sw, sw.get("plots"))]
+        lines.append(
+            f"The sections below compare the arms at {sw['key']} = {sw['reference_value']} "
+            f"(the best value of **{base}**)."
+        )
+    if data_line(summary):
+        lines += ["", data_line(summary)]
     lines += ["", "## Findings", "", *findings_lines(summary)]
     if summary["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
@@ -548,7 +636,9 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
         "## Evaluation",
         "",
         "Mean ± sd over seeds (the metrics of the final evaluation; "
-        f"`{TRAIN_LOG_METRIC}` is the last validation CE of the training log).",
+        f"`{TRAIN_LOG_METRIC}` is the last validation CE of the training log, `{BEST_VAL_METRIC}` "
+        f"its lowest and `{BEST_STEP_METRIC}` the step of that lowest: a best below the final "
+        "value means the curve turned upward).",
         "",
     ]
     lines += evaluation_table_lines(summary)
@@ -595,6 +685,18 @@ def _markdown(summary: Mapping[str, Any], title: str, plots: Mapping[str, str]) 
 # -- entry point --------------------------------------------------------------------------------
 
 
+# Every file `write_report` may write: checked before any of them is.
+REPORT_FILES = (
+    "report.md",
+    "summary.json",
+    "val_ce.png",
+    "reliability.png",
+    "epsilon.png",
+    "train_ce.png",
+    *SWEEP_PLOTS,
+)
+
+
 def write_report(
     source: str | Path | Sequence[str | Path] | Sequence[RunRecord],
     out_dir: str | Path,
@@ -620,6 +722,16 @@ def write_report(
         records = list(source)  # type: ignore[arg-type]
     else:
         records, info = collect_runs(source)  # type: ignore[arg-type]
+    out = Path(out_dir)
+    check_output_dir(out, REPORT_FILES, "out")
+    sweep = None
+    if info.get("sweep"):  # the sweep's own section; the other sections compare at one value
+        from dpls.study.sweep import sweep_report
+
+        out.mkdir(parents=True, exist_ok=True)
+        sweep, records = sweep_report(
+            records, info["sweep"], baseline or info.get("baseline"), info.get("arms", []), out, confidence
+        )
     groups = group_runs(records)
     order = [a for a in info.get("arms", []) if a in groups]
     groups = {a: groups[a] for a in [*order, *(g for g in groups if g not in order)]}
@@ -632,8 +744,9 @@ def write_report(
     summary = summarize(groups, baseline, confidence=confidence, method=method)
     title = title or (f"Study {info['name']}" if "name" in info else "Comparison of runs")
     summary["title"] = title
+    if sweep is not None:
+        summary["sweep"] = sweep
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trunk = info.get("trunk")
     plots: dict[str, str] = {}
@@ -670,9 +783,11 @@ def write_report(
         plots["Training cross-entropy"] = "train_ce.png"
     summary["plots"] = plots
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    report = out / "report.md"
-    report.write_text(_markdown(summary, title, plots))
+    write_owned_json(out / "summary.json", summary, default=_json_default)
+    report = write_owned_text(out / "report.md", _markdown(summary, title, plots))
+    written = {out / name for name in [*plots.values(), *(sweep or {}).get("plots", {}).values()]}
+    mark_owned(*written)
+    forget_owned(*(out / n for n in REPORT_FILES if n.endswith(".png") and out / n not in written))
     return report
 
 

@@ -29,6 +29,15 @@ stops) is resumed in place from its latest checkpoint. If the study file changed
 that contradicts what is on disk (any training key of a run, other than where its files
 go and how it logs), the study stops before doing anything and says which key differs.
 
+**From scratch and sweeps.** Without ``fork_step`` and ``[trunk]`` there is no trunk: every
+run trains from initialisation, seeded by its seed, so all runs of one seed start from the
+same weights and read the same batches (the data order follows the seed), whatever the arm
+and the swept value. A ``[sweep]`` makes every arm × value × seed a run, in
+``STUDY/arms/<arm>/<key>_<value>/seed<S>/``. Such runs stop as *diverged* when their training
+CE stays above the initial validation CE for `DIVERGENCE_WINDOW` logged steps in a row (or the
+skipped-steps limit trips); ``diverged.json`` records it, the study goes on, and a rerun
+keeps the result instead of retraining.
+
 Several GPUs: ``torchrun --nproc_per_node=N -m dpls study FILE``: every rank trains,
 rank 0 prepares data, writes the state, evaluates and writes the report.
 """
@@ -49,6 +58,7 @@ from dpls._io import write_json_atomic
 from dpls.runs.layout import EVAL_DIR, EVAL_FILE, config_path, read_toml
 from dpls.study.spec import StudySpec, load_spec
 from dpls.study.state import (
+    DIVERGED,
     DONE,
     LM_EVAL_FILE,
     PENDING,
@@ -63,6 +73,9 @@ from dpls.study.state import (
 
 STUDY_COPY = "study.toml"
 REPORT_DIR = "report"
+# Logged steps in a row above the initial loss that make a from-scratch or swept run diverged
+# (the trainer's divergence_window; a [train] value replaces it).
+DIVERGENCE_WINDOW = 5
 
 # Training keys NOT compared between the plan and a run already on disk: where files go
 # and how progress is shown. Any other difference would make the run answer another question.
@@ -102,6 +115,14 @@ class Job:
     arm: str | None = None
     seed: int | None = None
     seed_offset: int = 0  # arm budgets the seed's fork point is along the trunk's data stream
+    value: Any = None  # the swept key's value ([sweep] studies)
+
+    @property
+    def diverged(self) -> dict[str, Any] | None:
+        """The run's divergence record (a finished result), or None."""
+        from dpls.runs.layout import read_diverged
+
+        return read_diverged(self.run_dir)
 
     @property
     def final_checkpoint(self) -> Path:
@@ -132,11 +153,16 @@ class StudyPlan:
     seed_offsets: dict[int, int] = field(default_factory=dict)  # every seed the study has known
 
     @property
-    def trunk_dir(self) -> Path:
+    def trunk_dir(self) -> Path | None:
         if self.trunk is not None:
             return self.trunk.run_dir
-        assert self.fork_checkpoint is not None
+        if self.fork_checkpoint is None:  # from scratch
+            return None
         return self.fork_checkpoint.parent.parent
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.trunk is None and self.fork_checkpoint is None
 
     def trunk_checkpoint(self) -> Path:
         if self.fork_checkpoint is not None:
@@ -157,11 +183,17 @@ class StudyPlan:
                 f"  trunk: {self.trunk.run_dir} — CE for {self.fork_step} steps "
                 f"({self.fork_step * self.tokens_per_step:,} tokens)"
             )
+        elif self.from_scratch:
+            lines.append(
+                "  trunk: none — every run trains from initialisation (one seed: same weights, same batches)"
+            )
         else:
             lines.append(f"  trunk: the existing checkpoint {self.fork_checkpoint} (step {self.fork_step})")
+        grid = f" × {s.sweep.key} {list(s.sweep.values)}" if s.sweep else ""
+        start = "from step 0" if self.from_scratch else f"after step {self.fork_step}"
         lines.append(
-            f"  arms: {len(s.arms)} × seeds {list(s.seeds)}, each {self.iters_per_arm} steps "
-            f"({self.iters_per_arm * self.tokens_per_step:,} tokens) after step {self.fork_step}; "
+            f"  arms: {len(s.arms)}{grid} × seeds {list(s.seeds)}, each {self.iters_per_arm} steps "
+            f"({self.iters_per_arm * self.tokens_per_step:,} tokens) {start}; "
             f"baseline {s.baseline!r}"
         )
         for a in s.arms:
@@ -221,8 +253,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
         saved = read_run_config(fork_checkpoint)
         base_cfg = TrainConfig.from_dict(spec.train, base=saved).validate()
     else:
-        assert spec.fork_step is not None
-        fork_step = spec.fork_step
+        fork_step = spec.fork_step or 0  # 0: from scratch
         base_cfg = TrainConfig.from_dict({**spec.train}).validate()
 
     tokens_per_step = _tokens_per_step(base_cfg)
@@ -234,7 +265,7 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     final_step = fork_step + iters
 
     trunk: Job | None = None
-    if fork_checkpoint is None:
+    if fork_checkpoint is None and not spec.from_scratch:
         values: dict[str, Any] = {"loss": "ce", **spec.train, **spec.trunk.train}
         values.setdefault("lr_decay_iters", final_step)  # trunk + arm: one LR schedule
         values.update(data_dir=str(data_dir), out_dir=str(study_dir / "trunk"), max_iters=fork_step)
@@ -246,23 +277,29 @@ def plan_study(spec: StudySpec) -> StudyPlan:
     defaults = TrainConfig()
     trunk_only = {k: getattr(defaults, k) for k in spec.trunk.train if k not in spec.train}
     offsets = _seed_offsets(study_dir, spec.seeds)
+    sweep_values: tuple[Any, ...] = spec.sweep.values if spec.sweep else (None,)
     jobs = []
     for seed in spec.seeds:
         for arm in spec.arms:
-            run_dir = study_dir / "arms" / arm.name / f"seed{seed}"
-            values = {
-                **trunk_only,
-                **spec.train,
-                **arm.loss,
-                "seed": seed,
-                "out_dir": str(run_dir),
-                "max_iters": final_step,
-            }
-            values["data_dir"] = str(data_dir)
-            TrainConfig.from_dict(values).validate()  # types and ranges of every key, before any work
-            jobs.append(
-                Job(f"{arm.name}/seed{seed}", run_dir, values, final_step, arm.name, seed, offsets[seed])
-            )
+            for value in sweep_values:
+                where = Path(arm.name) / (f"{spec.sweep.key}_{value}" if spec.sweep else "") / f"seed{seed}"
+                run_dir = study_dir / "arms" / where
+                values = {
+                    **trunk_only,
+                    **spec.train,
+                    **arm.loss,
+                    **({spec.sweep.key: value} if spec.sweep else {}),
+                    "seed": seed,
+                    "out_dir": str(run_dir),
+                    "max_iters": final_step,
+                }
+                if spec.sweep or spec.from_scratch:  # divergence is a result here, not a crash
+                    values.setdefault("divergence_window", DIVERGENCE_WINDOW)
+                values["data_dir"] = str(data_dir)
+                TrainConfig.from_dict(values).validate()  # types and ranges of every key, before any work
+                jobs.append(
+                    Job(where.as_posix(), run_dir, values, final_step, arm.name, seed, offsets[seed], value)
+                )
 
     if spec.eval.lm_eval_tasks:
         from dpls.eval.lm_eval import parse_tasks
@@ -279,7 +316,13 @@ def plan_study(spec: StudySpec) -> StudyPlan:
 
         corpus = DataMeta.load(data_dir).train_tokens
         needed = (fork_step + (1 + max(offsets[s] for s in spec.seeds)) * iters) * tokens_per_step
-        if needed > corpus:
+        if spec.from_scratch:  # each seed reads its own shuffle of the corpus
+            needed = iters * tokens_per_step
+            if needed > corpus:
+                notes.append(
+                    f"each run reads {needed:,} tokens of a {corpus:,}-token corpus (≈ {needed / corpus:.1f} epochs)"
+                )
+        elif needed > corpus:
             notes.append(
                 f"the trunk and the seeds' arm budgets need {needed:,} tokens of a {corpus:,}-token corpus "
                 f"(≈ {needed / corpus:.1f} epochs): seeds also see data the trunk or other seeds saw"
@@ -511,7 +554,12 @@ def _is_done(job: Job, plan: StudyPlan) -> bool:
 def _initial_state(plan: StudyPlan) -> StudyState:
     spec = plan.spec
     trunk_dir = plan.trunk_dir
-    rel = os.path.relpath(trunk_dir, plan.study_dir) if plan.trunk is not None else str(trunk_dir.resolve())
+    if trunk_dir is None:  # from scratch: no trunk
+        rel = ""
+    else:
+        rel = (
+            os.path.relpath(trunk_dir, plan.study_dir) if plan.trunk is not None else str(trunk_dir.resolve())
+        )
     state = StudyState(
         name=spec.name,
         baseline=spec.baseline,
@@ -521,8 +569,10 @@ def _initial_state(plan: StudyPlan) -> StudyState:
         trunk_dir=rel,
         seed_offsets={str(s): o for s, o in sorted(plan.seed_offsets.items())},
         runs=[
-            RunEntry(j.arm or "", j.seed or 0, os.path.relpath(j.run_dir, plan.study_dir)) for j in plan.arms
+            RunEntry(j.arm or "", j.seed or 0, os.path.relpath(j.run_dir, plan.study_dir), value=j.value)
+            for j in plan.arms
         ],
+        sweep={"key": spec.sweep.key, "values": list(spec.sweep.values)} if spec.sweep else None,
     )
     return state
 
@@ -600,8 +650,10 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
             shutil.copy2(spec.source, study_dir / STUDY_COPY)
         state = read_state(study_dir) if (study_dir / "study_state.json").is_file() else _initial_state(plan)
         fresh = _initial_state(plan)
-        known = {(r.arm, r.seed): r for r in state.runs}
-        fresh.runs = [known.get((r.arm, r.seed), r) for r in fresh.runs]  # keep statuses, follow the spec
+        known = {(r.arm, r.seed, r.value): r for r in state.runs}
+        fresh.runs = [
+            known.get((r.arm, r.seed, r.value), r) for r in fresh.runs
+        ]  # keep statuses, follow the spec
         fresh.trunk_status = state.trunk_status
         fresh.spec = read_toml(spec.source) if spec.source is not None else {}
         state = fresh
@@ -625,25 +677,35 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
             write_state(study_dir, state)
 
     # -- the arms ------------------------------------------------------------------------------
+    from dpls.train.trainer import Diverged
+
     fork_points: dict[int, Path] = {}
     for job in plan.arms:
         index += 1
-        entry = state.entry(job.arm or "", job.seed or 0) if main else None
+        entry = state.entry(job.arm or "", job.seed or 0, job.value) if main else None
         if _is_trained(job):
             bar.line(index, f"{job.name}: already trained, skipped")
+        elif (record := job.diverged) is not None:
+            bar.line(index, f"{job.name}: diverged at step {record.get('step')} before, kept as a result")
         else:
             seed = job.seed or 0
-            if seed not in fork_points:
+            if seed not in fork_points and not plan.from_scratch:
                 if main:
                     seed_fork_point(plan, seed, world_size)
                 sync()
                 fork_points[seed] = seed_fork_point(plan, seed, world_size)
             bar.line(index, f"training {job.name} from step {plan.fork_step} to {job.final_step}")
             t0 = time.perf_counter()
-            _train_job(job, fork_points[seed])
+            try:
+                _train_job(job, fork_points.get(seed))
+            except Diverged as err:  # a result: recorded in diverged.json; the study goes on
+                bar.line(index, f"{job.name}: diverged at step {err.step}; recorded, the study goes on")
             bar.trained(plan.iters_per_arm, time.perf_counter() - t0)
         bar.left_steps -= plan.iters_per_arm
-        if entry is not None and entry.status == PENDING:
+        if entry is not None and job.diverged is not None:
+            entry.status = DIVERGED
+            write_state(study_dir, state)
+        elif entry is not None and entry.status == PENDING:
             entry.status = TRAINED
             write_state(study_dir, state)
 
@@ -657,7 +719,10 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
 
     # -- evaluation and the report ------------------------------------------------------------------
     for i, job in enumerate(plan.arms, 1):
-        entry = state.entry(job.arm or "", job.seed or 0)
+        entry = state.entry(job.arm or "", job.seed or 0, job.value)
+        if entry.status == DIVERGED or job.diverged is not None:  # nothing to evaluate
+            entry.status = DIVERGED
+            continue
         if _is_done(job, plan):
             entry.status = DONE
             continue

@@ -38,6 +38,11 @@ sample_tokens = 32                 # new tokens per sample at most
 sample_prompt_tokens = 16          # each prompt: the opening of a validation document
 ```
 
+Without ``fork_step`` and ``[trunk]`` there is no trunk: every run trains from initialisation
+(all runs of one seed from the same weights and batches), and arms may also set model keys
+(``qk_norm = true``) and optimizer keys. A ``[sweep]`` table names one key and its values
+(``learning_rate = [1e-3, 3e-3, 1e-2]``): every arm × value × seed is then a run.
+
 Relative paths are taken from the current directory, as ``dpls train`` does. Every key is
 checked against the format (and training keys against ``TrainConfig``); an unknown one is
 an error that names the closest valid key. ``max_iters``, ``out_dir`` and ``resume_dir``
@@ -78,6 +83,17 @@ LOSS_KEYS: tuple[str, ...] = (
     "z_loss",
 )
 
+# Optimizer keys an arm (or a sweep) may set, from scratch or after a fork.
+ARM_OPTIMIZER_KEYS: tuple[str, ...] = (
+    "learning_rate",
+    "min_lr",
+    "warmup_iters",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+)
+
 # Training keys the study sets itself (per run), so a study file may not.
 STUDY_OWNED_KEYS: dict[str, str] = {
     "max_iters": "set fork_step (the trunk's length) and tokens_per_arm / iters_per_arm instead",
@@ -100,6 +116,7 @@ TOP_KEYS = (
     "trunk",
     "arms",
     "eval",
+    "sweep",
 )
 EVAL_KEYS = (
     "tokens",
@@ -123,6 +140,19 @@ class ArmSpec:
 
     name: str
     loss: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """One training key and its values: every arm × value × seed is a run."""
+
+    key: str
+    values: tuple[Any, ...]
+
+
+def arm_keys(from_scratch: bool) -> tuple[str, ...]:
+    """The training keys an arm (or a ``[sweep]``) may set: the model only from scratch."""
+    return (*LOSS_KEYS, *ARM_OPTIMIZER_KEYS, *(MODEL_KEYS if from_scratch else ()))
 
 
 @dataclass(frozen=True)
@@ -168,6 +198,12 @@ class StudySpec:
     trunk: TrunkSpec = field(default_factory=TrunkSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: Path | None = None
+    sweep: SweepSpec | None = None
+
+    @property
+    def from_scratch(self) -> bool:
+        """No trunk: every run trains from initialisation."""
+        return self.fork_step is None and self.trunk.checkpoint is None
 
     def arm(self, name: str) -> ArmSpec:
         for a in self.arms:
@@ -239,7 +275,7 @@ def _train_table(table: Any, where: str, train_keys: frozenset[str], allow_loss:
     return dict(table)
 
 
-def _arm(entry: Any, index: int, train_keys: frozenset[str]) -> ArmSpec:
+def _arm(entry: Any, index: int, train_keys: frozenset[str], from_scratch: bool) -> ArmSpec:
     where = f"[[arms]] entry {index + 1}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be a table, got {entry!r}")
@@ -248,12 +284,18 @@ def _arm(entry: Any, index: int, train_keys: frozenset[str]) -> ArmSpec:
         raise ValueError(f"{where} needs a name of letters, digits, '.', '_' or '-', got {name!r}")
     where = f"[[arms]] {name!r}"
     loss = {k: v for k, v in entry.items() if k != "name"}
+    allowed = arm_keys(from_scratch)
     for key in loss:
-        if key not in LOSS_KEYS:
+        if key in MODEL_KEYS and not from_scratch:
+            raise ValueError(
+                f"{where} sets the model key {key!r}: forked arms continue the trunk's model; model keys "
+                "may differ between arms only in a study from scratch (no fork_step, no [trunk])"
+            )
+        if key not in allowed:
             others = "" if key not in train_keys else " (shared training keys go in [train])"
             raise ValueError(
-                f"unknown key {key!r} in {where}{others}; arms take a name and loss keys: "
-                f"{closest_hint(key, (*LOSS_KEYS, 'name'))}"
+                f"unknown key {key!r} in {where}{others}; arms take a name, loss keys, optimizer keys "
+                f"and, from scratch, model keys: {closest_hint(key, (*allowed, 'name'))}"
             )
     missing = [k for k in loss if k not in train_keys]
     if missing:
@@ -299,6 +341,40 @@ def _eval(table: Any) -> EvalSpec:
             minimum=1,
         ),
     )
+
+
+def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from_scratch: bool) -> SweepSpec:
+    """``[sweep] KEY = [v1, v2, ...]``: one key an arm may set, a non-empty list of distinct values."""
+    from dpls.train.config import convert
+
+    if not isinstance(table, dict) or len(table) != 1:
+        raise ValueError(
+            "[sweep] must name exactly one training key and its values, e.g. "
+            f"[sweep] learning_rate = [1e-3, 3e-3, 1e-2]; got {table!r}"
+        )
+    ((key, values),) = table.items()
+    allowed = arm_keys(from_scratch)
+    if key in MODEL_KEYS and not from_scratch:
+        raise ValueError(
+            f"[sweep] {key}: a model key can be swept only from scratch (no fork_step, no [trunk]); "
+            "forked runs continue the trunk's model"
+        )
+    if key not in allowed:
+        raise ValueError(f"[sweep] cannot sweep {key!r}; sweepable keys: {closest_hint(key, allowed)}")
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"[sweep] {key} needs a non-empty list of values, got {values!r}")
+    converted = tuple(convert(key, v) for v in values)
+    if len(set(converted)) != len(converted):
+        raise ValueError(f"[sweep] {key} values must be distinct, got {values!r}")
+    setters = [a.name for a in arms if key in a.loss]
+    if setters:
+        raise ValueError(
+            f"[sweep] {key} is also set by arm {setters[0]!r}: a swept key takes the sweep's values in "
+            "every arm; remove it from the arm (or sweep another key)"
+        )
+    if key in train:
+        raise ValueError(f"[sweep] {key} is also set in [train]; remove it there (the sweep sets it)")
+    return SweepSpec(key=key, values=converted)
 
 
 def parse_spec(
@@ -350,10 +426,12 @@ def parse_spec(
     fork_step = data.get("fork_step")
     if fork_step is not None:
         fork_step = _int(fork_step, "fork_step", minimum=1)
-    elif checkpoint is None:
+    elif checkpoint is None and "trunk" in data:
         raise ValueError(
-            "fork_step (how many iterations the CE trunk trains) is required without [trunk] checkpoint"
+            "fork_step (how many iterations the CE trunk trains) is required with a [trunk] table "
+            "(leave out both fork_step and [trunk] to train every run from scratch)"
         )
+    from_scratch = fork_step is None and checkpoint is None
 
     tokens_per_arm, iters_per_arm = data.get("tokens_per_arm"), data.get("iters_per_arm")
     if (tokens_per_arm is None) == (iters_per_arm is None):
@@ -372,7 +450,7 @@ def parse_spec(
     arms_table = data.get("arms")
     if not isinstance(arms_table, list) or not arms_table:
         raise ValueError("the study needs at least one [[arms]] entry (name + loss keys)")
-    arms = tuple(_arm(entry, i, keys) for i, entry in enumerate(arms_table))
+    arms = tuple(_arm(entry, i, keys, from_scratch) for i, entry in enumerate(arms_table))
     names = [a.name for a in arms]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -384,6 +462,8 @@ def parse_spec(
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not an arm; {closest_hint(str(baseline), names)}")
 
+    train = _train_table(data.get("train", {}), "[train]", keys, allow_loss=False)
+    sweep = _sweep(data.get("sweep"), arms, train, from_scratch) if "sweep" in data else None
     return StudySpec(
         name=name,
         out_dir=out_dir,
@@ -396,10 +476,11 @@ def parse_spec(
         tokens_per_arm=tokens_per_arm,
         iters_per_arm=iters_per_arm,
         baseline=baseline,
-        train=_train_table(data.get("train", {}), "[train]", keys, allow_loss=False),
+        train=train,
         trunk=TrunkSpec(train=trunk_train, checkpoint=checkpoint),
         eval=_eval(data.get("eval")),
         source=source,
+        sweep=sweep,
     )
 
 

@@ -20,6 +20,7 @@ LM_EVAL_FILE = "lm_eval.json"  # RUN/eval/lm_eval.json: {"task/metric": value}
 SAMPLES_FILE = "samples.json"  # RUN/eval/samples.json: prompts, samples and generation metrics
 
 PENDING, TRAINED, DONE = "pending", "trained", "done"
+DIVERGED = "diverged"  # a result: RUN/diverged.json says where; never retrained
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RunEntry:
     seed: int
     run_dir: str  # relative to the study directory
     status: str = PENDING
+    value: Any = None  # the swept key's value ([sweep] studies)
 
 
 @dataclass
@@ -45,12 +47,13 @@ class StudyState:
     spec: dict[str, Any] = field(default_factory=dict)
     # seed -> arm budgets its fork point lies along the trunk's data stream (JSON keys are strings)
     seed_offsets: dict[str, int] = field(default_factory=dict)
+    sweep: dict[str, Any] | None = None  # {"key": ..., "values": [...]} of a [sweep] study
 
-    def entry(self, arm: str, seed: int) -> RunEntry:
+    def entry(self, arm: str, seed: int, value: Any = None) -> RunEntry:
         for r in self.runs:
-            if r.arm == arm and r.seed == seed:
+            if r.arm == arm and r.seed == seed and r.value == value:
                 return r
-        raise KeyError((arm, seed))
+        raise KeyError((arm, seed, value))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
