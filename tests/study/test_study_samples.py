@@ -56,7 +56,7 @@ def test_eval_sample_keys_have_small_defaults_and_are_checked(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_study_samples_side_by_side_with_paired_generation_metrics(tmp_path, data):
+def test_study_samples_side_by_side_with_paired_generation_metrics(tmp_path, data, capsys):
     from dpls.study.runner import run_study
 
     report = run_study(
@@ -105,6 +105,17 @@ def test_study_samples_side_by_side_with_paired_generation_metrics(tmp_path, dat
     rows = [line for line in section.splitlines() if line.startswith("| <code>")]
     assert len(rows) == 3
     assert "| generation/distinct_2 |" in text
+
+    # `dpls demo` ends by printing the first prompt and one sample per arm
+    from dpls.cli.demo import print_samples
+
+    capsys.readouterr()
+    print_samples(report.parent)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("One sample per arm (seed 0")
+    shown = {line.split(":", 1)[0].strip(): line.split(": ", 1)[1] for line in lines[1:]}
+    assert list(shown) == ["prompt", "ce", "ls"]
+    assert shown["ls"] == (block["arms"]["ls"][0].replace("\n", "⏎") or "(nothing)")
 
     # A rerun with samples = 0 draws none (and trains and evaluates nothing): no section, no rows.
     for f in study.rglob("samples.json"):

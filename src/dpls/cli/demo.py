@@ -112,5 +112,29 @@ def run(args: argparse.Namespace) -> int:
     if args.readme is not None and report is not None:
         readme = update_readme(args.readme, report.parent, provenance(seconds, args.out))
         print(f"dpls demo: regenerated the demo section of {readme}")
+    if report is not None:
+        print_samples(report.parent)
     print(report)
     return 0
+
+
+def print_samples(report_dir: Path) -> None:
+    """One sample per arm, from the report's Samples section: text, not only numbers."""
+    import json
+
+    from dpls.study.readme import SUMMARY
+
+    block = json.loads((report_dir / SUMMARY).read_text()).get("samples")
+    if not block or not block["prompts"]:
+        return
+
+    def line(text: str) -> str:
+        return text.replace("\n", "⏎") or "(nothing)"
+
+    width = max(len(a) for a in ("prompt", *block["arms"]))
+    print(
+        f"One sample per arm (seed {block['seed']}, the same random numbers), continuing a validation document:"
+    )
+    print(f"  {'prompt':>{width}}: {line(block['prompts'][0])}")
+    for arm, samples in block["arms"].items():
+        print(f"  {arm:>{width}}: {line(samples[0])}")
