@@ -315,6 +315,11 @@ def _tie_cut(row, V, t_value, k_rem, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _add_pair(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _pow_gamma(x, gamma):
     """``x ** gamma`` for ``x`` in [0, 1] with torch's conventions (``0 ** 0 = 1``, ``0 ** γ = 0``)."""
     p = tl.exp(gamma * tl.log(tl.maximum(x, 1e-38)))
@@ -407,7 +412,7 @@ def _dpls_rows_kernel(
                 s = 0.0
                 a = 0.0
                 rest = 0.0
-                fin = tl.zeros([BLOCK_V], dtype=tl.int32)  # finite entries per lane
+                n_fin = tl.zeros([], dtype=tl.int32)  # finite entries of the row
                 k0 = tl.full([BLOCK_V], -float("inf"), tl.float32)
                 k1 = k0
                 k2 = k0
@@ -432,10 +437,13 @@ def _dpls_rows_kernel(
                         shift = tl.where(s > 0.0, m - m_ref, 0.0)
                         dz = tl.where(xf == -float("inf"), 0.0, xf - m_ref)  # 0·(−inf) would be NaN
                         a = alpha * (a + s * shift) + tl.sum(e * dz, 0)
-                    s = s * alpha + tl.sum(e, 0)
+                    if TOPK_MODE != 0 or EPS_MODE == 2:  # one reduction for both sums (no extra sync)
+                        e_sum, n_blk = tl.reduce((e, (xf > -float("inf")).to(tl.int32)), 0, _add_pair)
+                        n_fin += n_blk
+                    else:
+                        e_sum = tl.sum(e, 0)
+                    s = s * alpha + e_sum
                     m = m_new
-                    if TOPK_MODE != 0 or EPS_MODE == 2:
-                        fin += (xf > -float("inf")).to(tl.int32)
                     if TOPK_MODE == 1:
                         k0, k1, k2, k3, k4, k5, k6, k7 = _insert(k0, k1, k2, k3, k4, k5, k6, k7, xf, TOP_R)
 
@@ -444,7 +452,6 @@ def _dpls_rows_kernel(
                     eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(rest / s, 0.0), 1.0), gamma)
                     tl.store(eps_out_ptr + r, eps)
                 elif EPS_MODE == 2:  # H / log V' with H = log s − a/s, V' the finite entries (0 if V' ≤ 1)
-                    n_fin = tl.sum(fin, 0)
                     h = (tl.log(s) - a / s) / tl.log(tl.maximum(n_fin, 2).to(tl.float32))
                     h = tl.where(n_fin > 1, h, 0.0)
                     eps = eps_value * _pow_gamma(tl.minimum(tl.maximum(h, 0.0), 1.0), gamma)
@@ -454,7 +461,7 @@ def _dpls_rows_kernel(
                 #    k_eff = min(k, finite entries) largest finite logits, each getting ε / k_eff.
                 k_eff = tl.zeros([], dtype=tl.int32) + top_k
                 if TOPK_MODE != 0:
-                    k_eff = tl.minimum(tl.maximum(tl.sum(fin, 0), 1), top_k)
+                    k_eff = tl.minimum(tl.maximum(n_fin, 1), top_k)
                 t = tl.zeros([], dtype=tl.int32)
                 k_rem = tl.zeros([], dtype=tl.int32)
                 ties = tl.zeros([], dtype=tl.int32)
