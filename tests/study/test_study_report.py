@@ -214,7 +214,7 @@ def test_runs_without_evaluation_use_the_training_log(tmp_path: Path):
     ]
     write_report(runs, tmp_path / "noeval")
     summary = json.loads((tmp_path / "noeval" / "summary.json").read_text())
-    assert summary["metrics"] == [TRAIN_LOG_METRIC]
+    assert summary["metrics"] == [TRAIN_LOG_METRIC, "best_val_ce", "best_val_ce_step"]
     assert summary["differences"]["ls_eps0.1"][TRAIN_LOG_METRIC]["mean"] == pytest.approx(0.0)
 
 
@@ -228,3 +228,46 @@ def test_bad_inputs(tmp_path: Path):
     with pytest.raises(ValueError, match="baseline 'nope'"):
         write_report([run], tmp_path / "x", baseline="nope")
     assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+
+
+def test_best_validation_ce_shows_the_turn_and_the_data_fingerprint_is_reported(tmp_path: Path):
+    """CE overfits (its validation CE turns upward), LS does not: the best value over training
+    sits beside the final one, each with its paired interval; the runs' corpus is named."""
+    runs = []
+    for arm in ("ce", "ls"):
+        for seed in range(3):
+            run = make_run(tmp_path, f"{arm}{seed}", arm, seed, evaluated=False)
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            rows = [r for r in rows if "val_ce" not in r]
+            for i, step in enumerate(range(100, 140, 5)):  # ce: down to step 115, then up; ls: down
+                turn = 0.05 * max(0, i - 3) if arm == "ce" else -0.01 * i
+                rows.append({"step": step, "val_ce": 3.0 - 0.02 * min(i, 3) + turn + 0.003 * seed})
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (run / "tokenizer").mkdir()
+            meta = {
+                "source": "stdlib",
+                "corpus_fingerprint": "ab" * 16,
+                "settings": {"python": "CPython 3.x"},
+            }
+            (run / "tokenizer" / "meta.json").write_text(json.dumps(meta))
+            runs.append(run)
+    report = write_report(runs, tmp_path / "report")
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    ce = summary["arms"]["ce"]["metrics"]
+    assert ce["best_val_ce"]["values"] == pytest.approx([2.94 + 0.003 * s for s in range(3)])
+    assert ce["best_val_ce_step"]["values"] == [115.0] * 3
+    assert ce["final_val_ce"]["values"] == pytest.approx([2.94 + 0.2 + 0.003 * s for s in range(3)])
+    d = summary["differences"]["ls_eps0.1"]
+    assert d["final_val_ce"]["mean"] == pytest.approx(2.94 - 0.07 - 3.14) and d["final_val_ce"]["better"]
+    assert d["best_val_ce"]["mean"] == pytest.approx(-0.07) and d["best_val_ce"]["paired"]
+    assert summary["data"]["corpus_fingerprint"] == "ab" * 16
+    text = report.read_text()
+    assert "| best_val_ce ↓ |" in text and "| best_val_ce_step |" in text
+    assert f"corpus fingerprint `{'ab' * 16}`" in text and "CPython 3.x" in text
+
+    # runs on two corpora: no shared fingerprint, and the report says the numbers do not compare
+    meta = json.loads((runs[0] / "tokenizer" / "meta.json").read_text())
+    (runs[0] / "tokenizer" / "meta.json").write_text(json.dumps({**meta, "corpus_fingerprint": "cd" * 16}))
+    text = write_report(runs, tmp_path / "mixed").read_text()
+    assert json.loads((tmp_path / "mixed" / "summary.json").read_text())["data"]["corpus_fingerprint"] is None
+    assert "2 different corpora" in text
