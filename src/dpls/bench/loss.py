@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dpls._io import write_owned_json
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BASELINE = "cross_entropy"
 
@@ -327,14 +329,9 @@ def write_json(path: str, rows: list[BenchRow], cfg: LossBenchConfig) -> None:
         "threads": torch.get_num_threads(),
         "rows": [asdict(r) for r in rows],
     }
-    with open(path, "w") as f:
-        json.dump(
-            payload,
-            f,
-            indent=2,
-            allow_nan=False,
-            default=lambda x: None if isinstance(x, float) and math.isnan(x) else x,
-        )
+    write_owned_json(  # replaces only an earlier dpls output (the CLI checked before the run)
+        path, payload, allow_nan=False, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x
+    )
 
 
 def _child_main(argv: list[str]) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,11 +40,13 @@ def add_device_options(parser: argparse.ArgumentParser, dtype_help: str) -> None
 
 
 def check_output_file(path: str | None, flag: str) -> None:
-    """An output file named on the command line can be written (checked before the work it records)."""
+    """An output file named on the command line can be written, and writing it destroys
+    nothing the user owns (checked before the work it records; see `dpls._io.check_replaceable`)."""
     if not path:
         return
-    if os.path.isdir(path):
-        raise UsageError(f"{flag}: {path!r} is a directory; give a file path such as bench.json")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag}: cannot write {path!r}: folder {folder!r} missing or not writable")
+    from dpls._io import check_replaceable
+
+    try:
+        check_replaceable(path, flag)
+    except ValueError as err:
+        raise UsageError(str(err)) from None

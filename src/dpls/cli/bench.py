@@ -7,7 +7,6 @@ checks the arguments (a bad one is a one-line usage error before any case runs) 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING
@@ -46,7 +45,11 @@ def register(subparsers, name: str, help_text: str) -> None:
     loss.set_defaults(func=_run_loss)
 
     train = sub.add_parser(
-        "train", help="training throughput and memory of the loss variants (tokens/s, MFU)"
+        "train",
+        help="training throughput and memory of the loss variants (tokens/s, MFU)",
+        description="Training steps (forward, loss, backward, AdamW) of each model preset with each loss "
+        "and implementation, on random tokens: tokens/s, MFU and peak memory, each as a ratio to CE "
+        "measured in the same run (ratios, not absolute numbers, carry over between machines).",
     )
     _add_train_arguments(train)
     train.set_defaults(func=_run_train)
@@ -55,21 +58,46 @@ def register(subparsers, name: str, help_text: str) -> None:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from dpls.bench.train import DTYPES
 
-    parser.add_argument("--presets", default="124m,350m", help="comma-separated model presets")
-    parser.add_argument("--losses", default="ce,dpls", help="comma-separated losses (ce first)")
-    parser.add_argument("--impls", default="auto", help="comma-separated loss implementations")
-    parser.add_argument("--fused-linear", action="store_true", help="fuse the output projection")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=1024)
-    parser.add_argument("--vocab-size", type=int, default=None, help="override the preset's")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
-    parser.add_argument("--epsilon", type=float, default=0.1)
-    parser.add_argument("--top-k", type=int, default=100)
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--presets", default="124m,350m", help="comma-separated model presets (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--losses", default="ce,dpls", help="comma-separated losses, ce first (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--impls", default="auto", help="comma-separated loss implementations (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fused-linear", action="store_true", help="fuse the output projection into the loss"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=1024, help="tokens per sequence (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=None, help="vocabulary size (default: the preset's)"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (default: %(default)s)")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps before timing (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu | cuda[:i] (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, else float32"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--epsilon", type=float, default=0.1, help="ε of DPLS (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=100, help="k of DPLS (default: %(default)s)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the rows as JSON (never over a file dpls did not write)",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -126,8 +154,9 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "rows": [asdict(r) for r in rows]}, f, indent=2)
+        from dpls._io import write_owned_json
+
+        write_owned_json(args.json, {"device": name, "rows": [asdict(r) for r in rows]})
     return 0
 
 

@@ -19,7 +19,12 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         ),
     )
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory")
-    parser.add_argument("--out", default="metrics.json", help="metrics file to write (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="metrics file to write (default: RUN/eval/metrics.json for a run directory, "
+        "RUN/eval/step_NNNNNNN.json for a checkpoint); only files an earlier dpls eval wrote are replaced",
+    )
     parser.add_argument("--tokens", type=int, default=None, help="evaluate at most N validation tokens")
     parser.add_argument("--data-dir", default=None, help="data directory (default: the run's data_dir)")
     parser.add_argument("--block-size", type=int, default=None, help="sequence length (default: the run's)")
@@ -31,8 +36,10 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpls.eval.evaluate import evaluate_checkpoint, format_metrics, output_paths
+    from dpls.eval.evaluate import default_out, evaluate_checkpoint, format_metrics, output_paths
 
+    if args.out is None:
+        args.out = str(default_out(args.checkpoint))
     with usage_errors():
         metrics = evaluate_checkpoint(
             args.checkpoint,

@@ -7,7 +7,6 @@ checkpoint, find its data and block size in the run's config, write the files.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpls._io import write_json_atomic
+from dpls._io import forget_owned, mark_owned, write_owned_json
 from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator
 
 # --dtype choices: the autocast dtype of the forward pass (float32: no autocast).
@@ -147,29 +146,26 @@ def output_paths(out: str | Path) -> dict[str, Path]:
     }
 
 
-# What the JSON files `evaluate_checkpoint` writes hold: how a rerun recognises its own files.
-_OWN_KEYS = {"metrics": {"loss", "ppl", "tokens"}, "bins": {"reliability", "entropy_histogram"}}
+def default_out(checkpoint: str | Path) -> Path:
+    """Where `dpls eval` writes without ``--out``: into the run, never the current folder.
+    A run directory → ``RUN/eval/metrics.json`` (as a study does); a checkpoint named
+    explicitly → ``RUN/eval/step_NNNNNNN.json`` (so it does not replace the run's own)."""
+    from dpls.runs.layout import CHECKPOINTS_DIR, EVAL_DIR, EVAL_FILE, run_dir_of
+
+    path = Path(checkpoint)
+    if path.parent.name == CHECKPOINTS_DIR:
+        return run_dir_of(path) / EVAL_DIR / f"{path.name}.json"
+    return path / EVAL_DIR / EVAL_FILE
 
 
-def _written_by_eval(path: Path, keys: set[str]) -> bool:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and keys <= doc.keys()
-
-
-def _check_outputs(files: dict[str, Path]) -> None:
+def _check_outputs(files: dict[str, Path], plots: bool) -> None:
     """Before any work: every output can be written, and none would replace a file that an
     earlier evaluation did not write (``--out data/meta.json`` must not clobber the data)."""
+    from dpls._io import check_replaceable
+
     for name, path in files.items():
-        if path.exists() and not path.is_file():
-            raise ValueError(f"out: {path} exists and is not a file; give a file path such as metrics.json")
-        if name in _OWN_KEYS and path.exists() and not _written_by_eval(path, _OWN_KEYS[name]):
-            raise ValueError(
-                f"out: {path} exists and was not written by dpls eval; choose another --out "
-                "(an earlier evaluation's files are replaced, other files never)"
-            )
+        if plots or name in ("metrics", "bins"):
+            check_replaceable(path, "out")
     folder = files["metrics"].parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +236,7 @@ def evaluate_checkpoint(
         )
     files = output_paths(out) if out is not None else {}
     if out is not None:
-        _check_outputs(files)
+        _check_outputs(files, plots)
 
     # -- the work -------------------------------------------------------------------------
     from dpls.data.loader import validation_batches
@@ -261,10 +257,12 @@ def evaluate_checkpoint(
     if out is None:
         return metrics
 
-    write_json_atomic(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
+    # Only files an earlier evaluation wrote are replaced (checked above); with plots=False an
+    # earlier evaluation's figures are removed, so no stale figure sits beside new numbers.
+    write_owned_json(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
     edges, counts = acc.entropy_histogram()
     equal_width, equal_mass = acc.reliability(), acc.reliability(adaptive=True)
-    write_json_atomic(
+    write_owned_json(
         files["bins"],
         _json_safe(
             {
@@ -291,6 +289,9 @@ def evaluate_checkpoint(
             title=f"{name}, equal mass",
         )
         plot_entropy_histogram(edges, counts, files["entropy"], mean=metrics["entropy"], title=name)
+        mark_owned(*(files[k] for k in ("reliability", "reliability_adaptive", "entropy")))
+    else:
+        forget_owned(*(files[k] for k in ("reliability", "reliability_adaptive", "entropy")))
     return metrics
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from dpls._io import apply_umask, check_writable_dir, mark_owned, mkdtemp_beside, unowned_files
+
 EOT = "<|endoftext|>"
 EXPORT_MARKER = "dpls_export.json"  # provenance; also how the lm-eval cache knows it is current
 HF_CACHE = "hf"  # RUN/hf/step_NNNNNNN: where `cached_export` keeps exports
@@ -138,22 +140,33 @@ def check_exportable(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]
     return ckpt, cfg, find_tokenizer(ckpt)
 
 
-def _holds_dpls_work(folder: Path) -> bool:
-    """A run (``checkpoints/``) or a prepared data directory (``meta.json``)."""
-    return (folder / "checkpoints").is_dir() or (folder / "meta.json").is_file()
+_LEGACY_EXPORT_FILES = {
+    EXPORT_MARKER,
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 
 
 def _check_replaceable(out: Path, ckpt: Path) -> None:
-    """``overwrite`` replaces an existing directory wholesale: never the checkpoint being
-    exported, a run or data directory, or a folder of them (``runs/``)."""
+    """``overwrite`` replaces an earlier export only: a folder holding nothing but files dpls
+    wrote there (its manifest says so), never the checkpoint being exported, a run, data, a
+    regular file or a folder of the user's."""
     if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
         raise ValueError(f"{out} holds the checkpoint being exported; replacing it would delete it")
-    if out.is_dir() and (
-        _holds_dpls_work(out) or any(_holds_dpls_work(p) for p in out.iterdir() if p.is_dir())
-    ):
+    if not out.is_dir() or out.is_symlink():
+        raise ValueError(f"{out} exists and is not a directory; --force replaces only an earlier export")
+    theirs = unowned_files(out)
+    if theirs and (out / EXPORT_MARKER).is_file() and {p.name for p in out.iterdir()} <= _LEGACY_EXPORT_FILES:
+        theirs = []  # an export written before exports recorded their files: only export names in it
+    if theirs:
+        shown = ", ".join(str(p.relative_to(out)) for p in theirs[:3]) + (", ..." if len(theirs) > 3 else "")
         raise ValueError(
-            f"{out} holds a dpls run or data directory; overwrite replaces only other directories "
-            "(such as an earlier export): choose another DIR"
+            f"{out} is not an earlier export (it holds {shown}, not written by dpls export-hf); --force "
+            "replaces only an earlier export: choose another DIR"
         )
 
 
@@ -184,14 +197,20 @@ def export_hf(
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     ckpt, cfg, tokenizer_info = check_exportable(checkpoint)
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." or "x/..": a folder with a name, to rename onto
+    if out in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise ValueError(
+            f"{out_dir} is the current folder (or holds it); export into a new folder such as hf/"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise ValueError(
-                f"{out} already exists and is not empty; choose another directory or overwrite it"
+                f"{out_dir} already exists and is not empty; choose another directory, or pass "
+                "--force (overwrite=True) to replace an earlier export"
             )
         _check_replaceable(out, ckpt)
     _check_parent(out)
+    check_writable_dir(out.parent, "DIR")
 
     # -- the work -------------------------------------------------------------------------
     from safetensors.torch import save_file
@@ -206,7 +225,7 @@ def export_hf(
     state = {k: v.detach().to(dtypes[dtype]).contiguous() for k, v in hf_state_dict(model).items()}
     del model
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = mkdtemp_beside(out)
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_cfg = LlamaConfig(**to_hf_config(cfg, bos_token_id=eot_id, eos_token_id=eot_id, dtype=dtype))
@@ -221,6 +240,10 @@ def export_hf(
             "dtype": dtype,
         }
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        files = [p for p in tmp.iterdir() if p.is_file()]
+        for f in files:  # safetensors creates its file private (0600)
+            apply_umask(f)
+        mark_owned(*files)  # so --force may replace it later
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -13,12 +13,32 @@ of ``get_state_dict``: every rank writes its own shard, and loading reads each t
 whatever layout the loading job has, so N ranks (DDP or FSDP2) can resume with M ranks,
 and one process without any process group can read it (``load_model``).
 
-**Atomic.** Everything is written into ``step_NNNNNNN.tmp-<pid>`` (files fsynced), the
-ranks agree that all of them succeeded, and only then rank 0 renames it to its real name.
-`latest_checkpoint` only ever considers real names, so a crash, a ``kill -9`` or a full
-disk mid-save leaves the previous checkpoint as the latest; the temporary folder is
-removed (or, after a hard kill, by the next run that resumes the directory). Older
-checkpoints are pruned only after the new one is complete.
+**Save protocol.** A checkpoint only ever appears under its real name complete, and a
+complete checkpoint is never deleted before a newer complete one is in place. Folder
+names carry the state of a save (``N`` is the step):
+
+* ``step_N.tmp-<pid>``   being written. Every rank writes its files into it and fsyncs
+  them; the ranks agree that all succeeded; rank 0 fsyncs the folder.
+* ``step_N.old-<pid>``   the committed copy of step N, moved aside because the same step is
+  saved again (e.g. a run stopped right after resuming). It is complete.
+* ``step_N.trash-<pid>`` an older checkpoint being pruned: renamed out of the real names
+  first, so a half-deleted checkpoint never looks complete.
+
+Rank 0 then commits, each step one atomic rename:
+
+1. ``step_N`` → ``step_N.old-<pid>``   (only if ``step_N`` exists)
+2. ``step_N.tmp-<pid>`` → ``step_N``, fsync the folder
+3. delete ``step_N.old-<pid>``
+4. for each checkpoint beyond ``keep``: rename it to ``.trash-<pid>``, then delete it.
+
+**Recovery** (`recover_checkpoints`, run before a run continues in place) after a crash
+at any point: a ``.tmp-`` folder is deleted (it was never agreed complete: the previous
+checkpoint is still the latest); a ``.old-`` folder is renamed back to ``step_N`` when
+``step_N`` is missing (a crash between renames 1 and 2) and deleted otherwise (a crash
+after 2); ``.trash-`` folders are deleted. Readers that write nothing (`list_checkpoints`,
+so `latest_checkpoint`, `load_model`, evaluation) count a complete ``.old-`` copy whose
+``step_N`` is missing as step N, so they see the same newest checkpoint the recovery will.
+``tests/runs/test_checkpoint_protocol.py`` crashes a save after every step and checks this.
 """
 
 from __future__ import annotations
@@ -51,7 +71,14 @@ if TYPE_CHECKING:
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
 _STEP_DIR = re.compile(r"step_(\d{7,})")
+_DISPLACED = re.compile(r"(step_\d{7,})\.old-\d+")  # a committed copy moved aside (see above)
 _TMP_MARK = ".tmp-"
+_OLD_MARK = ".old-"
+_TRASH_MARK = ".trash-"
+
+
+def _event(name: str, path: Path) -> None:
+    """Called after each filesystem step of a save (a no-op; tests simulate crashes here)."""
 
 
 class RunConfig(Protocol):
@@ -73,7 +100,9 @@ def checkpoint_name(step: int) -> str:
 
 def checkpoint_step(path: str | Path) -> int:
     """The step of a checkpoint directory, from its name."""
-    m = _STEP_DIR.fullmatch(Path(path).name)
+    name = Path(path).name
+    displaced = _DISPLACED.fullmatch(name)
+    m = _STEP_DIR.fullmatch(displaced.group(1) if displaced else name)
     if m is None:
         raise ValueError(f"{path} is not a checkpoint directory (expected a name like step_0000100)")
     return int(m.group(1))
@@ -90,8 +119,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and is_complete(p)]
-    return sorted(found, key=checkpoint_step)
+    found = {p.name: p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and is_complete(p)}
+    for p in sorted(folder.iterdir()):  # a crash mid-commit moved the only copy aside
+        m = _DISPLACED.fullmatch(p.name)
+        if m and m.group(1) not in found and is_complete(p):
+            found[m.group(1)] = p
+    return sorted(found.values(), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -105,35 +138,84 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"checkpoint or run directory not found: {path}")
-    if _STEP_DIR.fullmatch(path.name):
+    if _STEP_DIR.fullmatch(path.name) or _DISPLACED.fullmatch(path.name):
         if not is_complete(path):
             raise ValueError(f"{path} is not a complete checkpoint (missing .metadata, {TRAINER_STATE}, ...)")
         return path
     latest = latest_checkpoint(path)
+    skipped = _incomplete_after(path, latest)
     if latest is None:
-        raise ValueError(f"{path} has no complete checkpoint under {CHECKPOINTS}/")
+        why = f" ({_incomplete_text(skipped)})" if skipped else ""
+        raise ValueError(f"{path} has no complete checkpoint under {CHECKPOINTS}/{why}")
+    if skipped:
+        warnings.warn(
+            f"{_incomplete_text(skipped)}: using {latest.name}, the newest complete one", stacklevel=2
+        )
     return latest
 
 
-def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
-    """Delete temporary folders left by a save that was killed. Call before a run resumes."""
+def _incomplete_after(run_dir: Path, latest: Path | None) -> list[Path]:
+    """Checkpoint folders under real names, newer than ``latest``, that lack a file."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    newest = -1 if latest is None else checkpoint_step(latest)
+    return sorted(
+        (p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and checkpoint_step(p) > newest),
+        key=checkpoint_step,
+    )
+
+
+def _incomplete_text(paths: list[Path]) -> str:
+    parts = []
+    for p in paths:
+        missing = [n for n in (".metadata", TRAINER_STATE, MODEL_CONFIG, CONFIG) if not (p / n).is_file()]
+        parts.append(f"{p} is incomplete (missing {', '.join(missing)})")
+    return "; ".join(parts)
+
+
+def recover_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finish or undo a save that was killed (see the module docstring); returns the folders
+    deleted. Rank 0 calls it before a run continues in place."""
     folder = Path(run_dir) / CHECKPOINTS
-    removed = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if _TMP_MARK in p.name or ".old-" in p.name:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        m = _DISPLACED.fullmatch(p.name)
+        if m is None:
+            continue
+        final = folder / m.group(1)
+        if not final.exists() and is_complete(p):
+            os.replace(p, final)  # crash between the two renames: the committed copy comes back
+            _fsync_path(folder)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in sorted(folder.iterdir()):
+        if _TMP_MARK in p.name or _TRASH_MARK in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 
+remove_stale_tmp = recover_checkpoints  # the earlier name
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (``keep=0``: keep all)."""
+    """Delete all but the newest ``keep`` complete checkpoints (``keep=0``: keep all).
+
+    Each is renamed out of the real names before it is deleted, so a crash mid-delete
+    never leaves a half checkpoint that looks complete."""
     if keep <= 0:
         return []
     old = list_checkpoints(run_dir)[:-keep]
     for p in old:
-        shutil.rmtree(p, ignore_errors=True)
+        trash = p.with_name(f"{p.name.split('.')[0]}{_TRASH_MARK}{os.getpid()}")
+        os.replace(p, trash)
+        _event("trashed", trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        _event("pruned", trash)
     return old
 
 
@@ -279,16 +361,20 @@ def save_checkpoint(
             error = err
     failed = ctx.any_rank(error is not None)
     if not failed and ctx.is_main:
-        try:
+        try:  # the commit: see "Save protocol" in the module docstring
             _fsync_path(tmp)
+            _event("written", tmp)
             old = None
             if final.exists():  # the same step saved again (e.g. stopped right after resuming)
-                old = folder / f"{final.name}.old-{os.getpid()}"
+                old = folder / f"{final.name}{_OLD_MARK}{os.getpid()}"
                 os.replace(final, old)
+                _event("displaced", old)
             os.replace(tmp, final)
             _fsync_path(folder)
+            _event("renamed", final)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+                _event("cleaned", old)
         except OSError as err:
             error = err
     failed = ctx.any_rank(error is not None)
@@ -322,7 +408,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is damaged or unreadable ({err}); this checkpoint cannot be used") from None
+        raise ValueError(
+            f"{path} is damaged or unreadable ({err}); this checkpoint cannot be used. {_what_to_do(path.parent)}"
+        ) from None
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
@@ -360,9 +448,11 @@ def load_checkpoint(
 
     ctx = _world(ctx)
     path = resolve_checkpoint(path)
+    reading = path / ".metadata"  # the file being read when a damaged one fails
     try:
         # read first: when .metadata is unreadable, dcp.load logs tracebacks to the root logger
         dcp.FileSystemReader(path).read_metadata()
+        reading = path / "__*.distcp"
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             with _quiet_single_process():
@@ -376,7 +466,8 @@ def load_checkpoint(
         if restore_rng_state:
             n = saved_ranks(path)
             if n:
-                rng = torch.load(path / f"rng_rank{ctx.rank % n}.pt", weights_only=True)
+                reading = path / f"rng_rank{ctx.rank % n}.pt"
+                rng = torch.load(reading, weights_only=True)
                 restore_rng(rng)
     except torch.OutOfMemoryError:
         raise
@@ -384,12 +475,29 @@ def load_checkpoint(
         cause = _first_failure(err)
         if isinstance(cause, torch.OutOfMemoryError):
             raise
-        detail = " ".join(str(cause).split())[:300] or "no detail"
+        detail = " ".join(str(cause).split())[:300]
+        if isinstance(cause, KeyError | EOFError) or not detail:  # "174812789", "": unreadable data
+            detail = f"{detail}: truncated or overwritten data".lstrip(": ")
+        named = sorted(path.glob(reading.name)) if "*" in reading.name else [reading]
+        missing = next((f for f in named if not f.is_file()), None)
+        where = f"{missing} is missing" if missing else f"{reading} is damaged or incomplete"
         raise ValueError(
-            f"cannot load the checkpoint {path}: its files are damaged or incomplete "
-            f"({type(cause).__name__}: {detail})"
+            f"cannot load the checkpoint {path}: {where} ({type(cause).__name__}: {detail}); "
+            f"its files are damaged or incomplete. {_what_to_do(path)}"
         ) from err
     return read_trainer_state(path)
+
+
+def _what_to_do(path: Path) -> str:
+    """The way out of a damaged checkpoint: its run's previous one, with the command."""
+    run = path.parent.parent
+    earlier = [p for p in list_checkpoints(run) if checkpoint_step(p) < checkpoint_step(path)]
+    if not earlier:
+        return "There is no earlier checkpoint of this run to fall back on."
+    return (
+        f"To resume from the previous checkpoint {earlier[-1].name}, move this one aside "
+        f"(mv {path} {path}.damaged) and run: dpls train --resume_dir={run}"
+    )
 
 
 def _first_failure(err: BaseException) -> BaseException:
