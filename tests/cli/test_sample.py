@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,26 @@ def test_a_bad_run_exits_2(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("dpls sample: error:") for line in err)
+
+
+class Terminal(io.StringIO):
+    """A stdout that says it is a terminal and counts its writes."""
+
+    writes = 0
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_terminal_gets_the_same_text_token_by_token(run, capsys, monkeypatch):
+    args = ("--max-new-tokens=30", "--seed=5", "--num-samples=2", "--prompt=the")
+    piped = sample(capsys, run, *args)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["sample", str(run), "--device=cpu", *args]) == 0
+    assert terminal.getvalue() == piped
+    assert terminal.writes > 10  # streamed, not written once per sample
