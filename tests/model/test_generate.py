@@ -11,11 +11,18 @@ import torch
 from dpls.model import ModelConfig, Transformer
 from dpls.model.generate import check_sampling, filter_logits, generate_tokens, next_token
 
-ATTENTIONS = {"mha": {}, "gqa": {"n_kv_head": 2}, "mqa": {"n_kv_head": 1}, "tpa": {"tpa_q_rank": 3}}
+ATTENTIONS = {
+    "mha": {},
+    "gqa": {"n_kv_head": 2},
+    "mqa": {"n_kv_head": 1},
+    "tpa": {"tpa_q_rank": 3},
+    "gqa-qknorm": {"n_kv_head": 2, "qk_norm": True},
+}
+KINDS = {"mqa": "gqa", "gqa-qknorm": "gqa"}
 
 
 def _model(attention: str, seed: int = 0, **overrides) -> Transformer:
-    kind = "gqa" if attention == "mqa" else attention
+    kind = KINDS.get(attention, attention)
     cfg = ModelConfig(
         vocab_size=61, block_size=40, n_layer=2, n_head=4, n_embd=32, attention=kind, **ATTENTIONS[attention]
     )

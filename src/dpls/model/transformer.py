@@ -391,13 +391,33 @@ class Transformer(nn.Module):
         return KVCache(self.config.n_layer, self.config.block_size if max_len is None else max_len)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
-        """``idx`` ``[B, T]`` followed by ``max_new_tokens`` sampled tokens; the keywords
-        (``temperature``, ``top_k``, ``top_p``, ``generator``, ``eos_id``, ``use_cache``) are
-        those of `dpls.model.generate.generate`."""
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """``idx [B, T]`` followed by up to ``max_new_tokens`` sampled tokens, with a key/value
+        cache. ``temperature=0`` is greedy; the rules are `dpls.model.generate`'s docstring."""
         from dpls.model.generate import generate
 
-        return generate(self, idx, max_new_tokens, **sampling)
+        return generate(
+            self,
+            idx,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            eos_id=eos_id,
+            use_cache=use_cache,
+        )
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied matrix counted once); ``non_embedding`` leaves out the token
