@@ -718,10 +718,13 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
         return None
 
     # -- evaluation and the report ------------------------------------------------------------------
+    reference = _reference_value(plan) if spec.sweep else None
     for i, job in enumerate(plan.arms, 1):
         entry = state.entry(job.arm or "", job.seed or 0, job.value)
         if entry.status == DIVERGED or job.diverged is not None:  # nothing to evaluate
             entry.status = DIVERGED
+            continue
+        if spec.sweep and repr(job.value) != repr(reference):  # the sweep section reads training logs
             continue
         if _is_done(job, plan):
             entry.status = DONE
@@ -738,6 +741,26 @@ def run_study(study: str | Path | StudySpec | StudyPlan, *, progress: bool = Tru
     )
     bar.line(bar.total, f"report written: {report}")
     return report
+
+
+def _reference_value(plan: StudyPlan) -> Any:
+    """The swept value the report's per-metric sections compare the arms at: the baseline's best
+    (lowest mean final validation CE over seeds). Only runs there are evaluated with ``dpls eval``."""
+    from dpls.study.report import load_run
+    from dpls.study.sweep import summarize_sweep
+
+    assert plan.spec.sweep is not None
+    base = plan.spec.baseline
+    records = []
+    for job in plan.arms:
+        if job.arm == base and job.run_dir.is_dir():
+            records.append(load_run(job.run_dir, arm=base, seed=job.seed))
+            records[-1].value = job.value
+    values = list(plan.spec.sweep.values)
+    if not records:
+        return values[0]
+    best = summarize_sweep({base: records}, plan.spec.sweep.key, values, base)["arms"][base]["best"]
+    return values[0] if best is None else best
 
 
 def _preparer(source: str) -> Any:

@@ -1,0 +1,118 @@
+"""Instability diagnostics (logit_max, lse_mean, attn_logit_max) and the divergence rule."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import write_data_dir
+from dpls.train.diagnostics import Diagnostics, DivergenceWatch
+
+
+def test_logit_diagnostics_against_float64():
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 5, 11) * 4, torch.randn(3, 7, 11)]
+    diag = Diagnostics(torch.device("cpu"))
+    for chunk in logits:
+        diag.add_logits(chunk)
+
+    class Ctx:  # one rank
+        all_reduce_max = all_reduce_sum = staticmethod(lambda t: t.clone())
+
+    out = diag.reduce(Ctx())
+    flat = torch.cat([x.reshape(-1, 11) for x in logits]).double()
+    assert out["logit_max"] == pytest.approx(flat.abs().max().item(), rel=1e-6)
+    assert out["lse_mean"] == pytest.approx(torch.logsumexp(flat, -1).mean().item(), rel=1e-6)
+    assert "attn_logit_max" not in out  # nothing recorded: no made-up value
+    # From hidden states and the output weight (fused losses): the same numbers.
+    hidden, weight = torch.randn(4, 6, 8), torch.randn(11, 8)
+    a, b = Diagnostics(torch.device("cpu")), Diagnostics(torch.device("cpu"))
+    a.add_hidden(hidden, weight)
+    b.add_logits(hidden @ weight.T)
+    a.add_attention(torch.tensor(2.5))
+    b.add_attention(torch.tensor(2.5))
+    assert a.reduce(Ctx()) == pytest.approx(b.reduce(Ctx()))
+
+
+def test_divergence_rule_needs_window_bad_rows_in_a_row():
+    watch = DivergenceWatch(window=3, initial=5.0)
+    assert [watch.see(s, ce) for s, ce in [(1, 6.0), (2, 6.0), (3, 4.0), (4, 5.5)]] == [None] * 4
+    assert watch.see(5, math.nan) is None
+    assert watch.see(6, math.inf) == 4  # three bad rows in a row: it began at step 4
+    assert DivergenceWatch(window=0, initial=5.0).see(1, 99.0) is None  # switched off
+    restored = DivergenceWatch(window=3)
+    restored.load_state_dict({"initial_val_ce": 5.0, "divergence_streak": [4, 5]})
+    assert restored.see(6, 7.0) == 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    write_data_dir(
+        root,
+        [rng.integers(0, 60, 3000).astype(np.uint16)],
+        [rng.integers(0, 60, 600).astype(np.uint16)],
+        vocab_size=64,
+        tokenizer="gpt2",
+    )
+    return root
+
+
+def _overrides(data: Path, out: Path, **changes) -> dict:
+    base = dict(
+        data_dir=str(data),
+        out_dir=str(out),
+        model="tiny",
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        block_size=16,
+        batch_size=2,
+        eval_tokens=64,
+        eval_interval=100,
+        progress=False,
+        device="cpu",
+        warmup_iters=1,
+        min_lr=0.0,
+    )
+    return {**base, **changes}
+
+
+def test_diagnostics_on_log_steps_only_and_training_unchanged(tmp_path, data, one_thread):
+    from dpls.runs.checkpoint import load_model
+    from dpls.runs.layout import read_metrics
+    from dpls.train.config import load_config
+    from dpls.train.trainer import train
+
+    a = train(load_config(overrides=_overrides(data, tmp_path / "a", max_iters=6, log_interval=3)))
+    b = train(load_config(overrides=_overrides(data, tmp_path / "b", max_iters=6, log_interval=1)))
+    rows = [r for r in read_metrics(a) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("logit_max", "lse_mean", "attn_logit_max"))
+    # Measuring on every step (b) or every third (a) trains exactly the same weights.
+    for (name, p), q in zip(load_model(a).state_dict().items(), load_model(b).state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_a_diverging_run_records_where_and_stops(tmp_path, data, one_thread):
+    from dpls.runs.layout import read_diverged, read_metrics
+    from dpls.train.config import load_config
+    from dpls.train.trainer import Diverged, train
+
+    out = tmp_path / "run"
+    cfg = load_config(
+        overrides=_overrides(data, out, max_iters=40, log_interval=1, learning_rate=10.0, divergence_window=3)
+    )
+    with pytest.raises(Diverged, match="3 logged steps in a row") as err:
+        train(cfg)
+    record = read_diverged(out)
+    assert record["step"] == err.value.step and record["detected_at"] == record["step"] + 2
+    assert record["initial_val_ce"] == pytest.approx(read_metrics(out)[0]["val_ce"])
+    assert read_metrics(out)[-1]["step"] == record["detected_at"]  # the log stays, up to the stop
+    assert json.loads((out / "diverged.json").read_text()) == record
