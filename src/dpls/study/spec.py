@@ -83,7 +83,7 @@ LOSS_KEYS: tuple[str, ...] = (
     "z_loss",
 )
 
-# Optimizer keys an arm (or a sweep) may set, from scratch or after a fork.
+# Optimizer keys a [sweep] may set, from scratch or after a fork (arms share them from [train]).
 ARM_OPTIMIZER_KEYS: tuple[str, ...] = (
     "learning_rate",
     "min_lr",
@@ -151,8 +151,13 @@ class SweepSpec:
 
 
 def arm_keys(from_scratch: bool) -> tuple[str, ...]:
-    """The training keys an arm (or a ``[sweep]``) may set: the model only from scratch."""
-    return (*LOSS_KEYS, *ARM_OPTIMIZER_KEYS, *(MODEL_KEYS if from_scratch else ()))
+    """The training keys an arm may set: the loss keys, and the model keys from scratch."""
+    return (*LOSS_KEYS, *(MODEL_KEYS if from_scratch else ()))
+
+
+def sweep_keys(from_scratch: bool) -> tuple[str, ...]:
+    """The keys a ``[sweep]`` may set: an arm's, and the optimizer keys."""
+    return (*arm_keys(from_scratch), *ARM_OPTIMIZER_KEYS)
 
 
 @dataclass(frozen=True)
@@ -294,8 +299,8 @@ def _arm(entry: Any, index: int, train_keys: frozenset[str], from_scratch: bool)
         if key not in allowed:
             others = "" if key not in train_keys else " (shared training keys go in [train])"
             raise ValueError(
-                f"unknown key {key!r} in {where}{others}; arms take a name, loss keys, optimizer keys "
-                f"and, from scratch, model keys: {closest_hint(key, (*allowed, 'name'))}"
+                f"unknown key {key!r} in {where}{others}; arms take a name, loss keys and, from scratch, "
+                f"model keys: {closest_hint(key, (*allowed, 'name'))}"
             )
     missing = [k for k in loss if k not in train_keys]
     if missing:
@@ -353,7 +358,7 @@ def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from
             f"[sweep] learning_rate = [1e-3, 3e-3, 1e-2]; got {table!r}"
         )
     ((key, values),) = table.items()
-    allowed = arm_keys(from_scratch)
+    allowed = sweep_keys(from_scratch)
     if key in MODEL_KEYS and not from_scratch:
         raise ValueError(
             f"[sweep] {key}: a model key can be swept only from scratch (no fork_step, no [trunk]); "
