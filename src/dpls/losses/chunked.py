@@ -101,43 +101,6 @@ def chunk_buffer(name: str, rows: int, v: int, dtype: torch.dtype, device: torch
     return buf[: rows * v].view(rows, v)
 
 
-_HUGE_PAGE = 2 << 20
-_madvise: Callable[[int, int, int], int] | bool | None = None  # None: not looked up yet; False: unavailable
-
-
-def empty_like_huge(t: torch.Tensor) -> torch.Tensor:
-    """``torch.empty_like(t)``, asking Linux for transparent huge pages on a large CPU tensor.
-
-    Why: the gradient is fresh memory, and on first touch every 4 KiB page faults; at
-    ``N·V`` = 131M floats that is 128k faults, a fifth of a cross-entropy step. ``MADV_HUGEPAGE``
-    on the 2 MiB-aligned inside of the tensor's own storage is only a hint (honoured when the
-    kernel's THP mode is ``madvise`` or ``always``); where it is unavailable nothing changes.
-    """
-    global _madvise
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    nbytes = out.numel() * out.element_size()
-    if out.device.type != "cpu" or nbytes < 4 * _HUGE_PAGE:
-        return out
-    if _madvise is None:
-        try:
-            import ctypes
-            import sys
-
-            if not sys.platform.startswith("linux"):
-                raise OSError("not Linux")
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    if _madvise:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _madvise(start, end - start, 14)  # MADV_HUGEPAGE
-    return out
-
-
 def refuse_double_backward(name: str) -> None:
     """Raise when a backward that builds no graph is asked for one (``create_graph=True``):
     a silently zero Hessian-vector product is worse than an error."""
@@ -205,6 +168,7 @@ def top_candidates(zc: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tenso
         return torch.topk(zc, kk, dim=-1)
     head = zc[:, : STRIPS * width].unflatten(1, (STRIPS, width))  # [rows, B, width], a view
     best = head.amax(1).topk(kk, dim=-1, sorted=False).indices  # [rows, kk] columns
+    best = best.sort(-1).values  # ascending addresses: the gather below streams instead of jumping
     cand_col = (best[:, None, :] + _strip_offsets(width, zc.device)).flatten(1)
     if STRIPS * width < v:  # the tail columns are always candidates
         tail = torch.arange(STRIPS * width, v, device=zc.device).expand(rows, -1)
@@ -484,7 +448,7 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so double backward is exact
             return dense_grad(logits, y, scale, eps, ctx.sm, sel), None, None, None, None, None, None
         weights = grad_weights(scale, eps, ctx.sm, sel, v)
-        grad = logits if ctx.inplace else empty_like_huge(logits)
+        grad = logits if ctx.inplace else torch.empty_like(logits)
         direct = logits.dtype == cd  # compute straight into the output rows
 
         def chunk(s: int, e: int) -> None:

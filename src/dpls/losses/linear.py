@@ -18,6 +18,7 @@ import torch
 
 from dpls.losses.chunked import (
     Smoothing,
+    chunk_buffer,
     chunk_grad,
     chunk_stats,
     eps_rows,
@@ -61,9 +62,14 @@ def _walk(
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         h = hidden[s:e]
-        z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        z = chunk_buffer("logits", e - s, weight.shape[0], hidden.dtype, hidden.device)
+        if bias is None:
+            torch.mm(h, weight.T, out=z)
+        else:
+            torch.addmm(bias, h, weight.T, out=z)
         zf = z.to(cd)
-        logp_y[s:e], smooth[s:e], sel = chunk_stats(zf, y[s:e], sm, torch.empty_like(zf))
+        logp_buf = chunk_buffer("work", e - s, zf.shape[1], cd, zf.device)
+        logp_y[s:e], smooth[s:e], sel = chunk_stats(zf, y[s:e], sm, logp_buf)
         if scale is None or not (need_h or need_w or need_b):
             continue
         weights = grad_weights(scale[s:e], eps[s:e], sm, sel, zf.shape[1])
