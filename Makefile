@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo readme test lint format clean
+.PHONY: install demo readme test lint format clean check-python
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ readme: $(STAMP)
 	rm -rf $(README_DEMO)
 	$(BIN)/dpls demo --quiet --out $(README_DEMO) --readme README.md
 
+# A shipped study's README section, from a fresh run of studies/NAME.toml:
+# `make readme-data_limited_cpu` (about 15 min on two CPU cores).
+readme-%: $(STAMP) studies/%.toml
+	rm -rf runs/readme-$*
+	$(BIN)/dpls study studies/$*.toml --no-progress --out runs/readme-$* --readme README.md
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/lint-imports
@@ -43,6 +49,20 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
+
+# The light check of another Python (no torch needed): install the package into a throwaway
+# virtual environment, import it and run the CLI's help. `make check-python PYTHON=python3.13`
+CHECK_VENV ?= /tmp/dpls-check-python
+check-python:
+	rm -rf $(CHECK_VENV)
+	$(PYTHON) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CHECK_VENV)/bin/python -m pip install -q numpy tqdm
+	$(CHECK_VENV)/bin/python -m pip install -q --no-deps -e .
+	cd $(CHECK_VENV) && bin/python -c "import sys, dpls; print('import dpls', dpls.__version__, 'on', sys.version.split()[0])"
+	$(CHECK_VENV)/bin/dpls --help > /dev/null
+	$(CHECK_VENV)/bin/dpls prepare stdlib --help > /dev/null
+	@echo "check-python: dpls installs, imports and answers --help on $$($(CHECK_VENV)/bin/python -V)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -18,6 +18,9 @@ from dpls.study.readme import (
     check_readme,
     current_section,
     readme_section,
+    render_section,
+    study_assets,
+    study_markers,
     update_readme,
 )
 from dpls.study.report import write_report
@@ -30,10 +33,76 @@ def test_committed_readme_section_is_the_committed_demo_summary():
     summary = json.loads((ROOT / ASSETS / SUMMARY).read_text())
     assert current_section(ROOT / "README.md") == readme_section(summary, (ASSETS / PLOT).as_posix())
     assert (ROOT / ASSETS / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # it is the demo's report: its arms, two seeds each, paired, with where it came from
-    assert list(summary["arms"]) == ["ce", "ls", "dpls"] and summary["paired"]
-    assert all(a["seeds"] == [0, 1] for a in summary["arms"].values())
+    # it is the demo's report: its arms and seeds, paired, with where it came from and on what data
+    from dpls.cli.demo import DEMO_STUDY
+
+    assert list(summary["arms"]) == [a["name"] for a in DEMO_STUDY["arms"]] and summary["paired"]
+    assert all(a["seeds"] == list(range(DEMO_STUDY["seeds"])) for a in summary["arms"].values())
     assert summary["provenance"]["command"] == "make readme"
+    assert (
+        summary["data"]["corpus_fingerprint"]
+        and summary["provenance"]["python"] in summary["data"]["python"][0]
+    )
+
+
+def shipped_study_sections() -> list[str]:
+    """The studies whose section the README has (their markers)."""
+    text = (ROOT / "README.md").read_text()
+    return [p.stem for p in sorted((ROOT / "studies").glob("*.toml")) if study_markers(p.stem)[0] in text]
+
+
+def test_committed_study_sections_are_their_committed_summaries():
+    """Each study section of the README is its committed summary, rendered: never typed by hand."""
+    names = shipped_study_sections()
+    assert "data_limited_cpu" in names
+    for name in names:
+        summary = json.loads((ROOT / study_assets(name) / SUMMARY).read_text())
+        plot = (study_assets(name) / PLOT).as_posix()
+        assert current_section(ROOT / "README.md", name) == render_section(summary, plot, name)
+        assert (ROOT / study_assets(name) / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        prov = summary["provenance"]
+        assert prov["command"] == f"make readme-{name}" and prov["regime"].startswith("Regime:")
+        assert summary["paired"] and summary["data"]["corpus_fingerprint"]
+        # self-consistent: every difference is the mean of its per-seed differences
+        base = summary["baseline"]
+        for arm, diffs in summary["differences"].items():
+            for m, d in diffs.items():
+                a, b = summary["arms"][arm]["metrics"][m], summary["arms"][base]["metrics"][m]
+                pairs = [
+                    (v, b["values"][b["seeds"].index(s)])
+                    for s, v in zip(a["seeds"], a["values"])
+                    if s in b["seeds"]
+                ]
+                assert d["mean"] == pytest.approx(
+                    sum(x - y for x, y in pairs) / len(pairs), rel=1e-9, abs=1e-12
+                )
+
+
+def test_study_section_is_rewritten_in_place_and_says_where_the_curve_turned(
+    tmp_path: Path, report_dir: Path
+):
+    (tmp_path / "repo").mkdir()
+    begin, end = study_markers("mine")
+    readme = tmp_path / "repo" / "README.md"
+    readme.write_text(f"# T\n\n{BEGIN}\ndemo\n{END}\n\n{begin}\nOLD SECTION\n{end}\nafter\n")
+    prov = {
+        "command": "make readme-mine",
+        "date": "2026-01-01",
+        "commit": "abc",
+        "machine": "m",
+        "seconds": 700,
+    }
+    update_readme(readme, report_dir, prov, study="mine", regime="Regime: tiny.")
+    text = readme.read_text()
+    assert f"{BEGIN}\ndemo\n{END}" in text and text.endswith(f"{end}\nafter\n") and "OLD SECTION" not in text
+    summary = json.loads((tmp_path / "repo" / study_assets("mine") / SUMMARY).read_text())
+    assert summary["provenance"] == {**prov, "regime": "Regime: tiny."}
+    section = current_section(readme, "mine")
+    assert section == render_section(summary, f"{study_assets('mine').as_posix()}/{PLOT}", "mine")
+    assert "Regime: tiny." in section and "11.7 min" in section
+    assert "| best_val_ce ↓ |" in section and "| brier" not in section  # the short table
+    with pytest.raises(ValueError, match="study-report:other:begin"):
+        check_readme(readme, "other")
 
 
 @pytest.fixture
@@ -97,6 +166,12 @@ def test_demo_checks_the_readme_before_any_work(tmp_path: Path, capsys):
     assert main(["demo", "--out", str(out), "--readme", str(tmp_path / "missing.md")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert not out.exists()
+    # a study checks its own markers before any work
+    readme = readme_with_markers(tmp_path / "README.md")
+    study = ROOT / "studies" / "data_limited_cpu.toml"
+    assert main(["study", str(study), "--out", str(out), "--readme", str(readme)]) == 2
+    assert "study-report:data_limited_cpu:begin" in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.slow
@@ -123,9 +198,17 @@ def test_demo_report_agrees_with_its_run_files_and_the_committed_readme(tmp_path
 
     committed = json.loads((ROOT / ASSETS / SUMMARY).read_text())
     assert committed["metrics"] == fresh["metrics"] and list(committed["arms"]) == list(fresh["arms"])
+    assert fresh["data"]["corpus_fingerprint"], "the demo's runs record their corpus fingerprint"
+    if fresh["data"]["corpus_fingerprint"] != committed["data"]["corpus_fingerprint"]:
+        # another corpus (another Python's standard library): its numbers are its own, so only
+        # the structure and the report's agreement with its runs (checked above) can be compared
+        return
     for arm in fresh["arms"]:
         for m in ("loss", "top1_acc", "entropy"):
-            # same code, same corpus: the same numbers up to floating-point order on another CPU
-            assert fresh["arms"][arm]["metrics"][m]["mean"] == pytest.approx(
-                committed["arms"][arm]["metrics"][m]["mean"], rel=0.01
-            ), f"{arm} {m}: README numbers are stale; run `make readme`"
+            # same code, same corpus: the same numbers up to floating-point order on another CPU,
+            # which moves a trained model by at most about what another seed does
+            was = committed["arms"][arm]["metrics"][m]
+            tolerance = max(0.01 * abs(was["mean"]), 3 * (was["sd"] or 0.0))
+            assert fresh["arms"][arm]["metrics"][m]["mean"] == pytest.approx(was["mean"], abs=tolerance), (
+                f"{arm} {m}: README numbers are stale; run `make readme`"
+            )

@@ -88,11 +88,11 @@ def demo_study(out: str | Path, device: str | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpls.study.readme import check_readme, provenance, update_readme
+    from dpls.study.readme import check_readme, load_average, provenance, update_readme
     from dpls.study.runner import StudyStopped, plan_study, run_study
     from dpls.study.spec import parse_spec
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), load_average()
     try:
         plan = plan_study(parse_spec(demo_study(args.out, args.device)))
         if args.readme is not None:
@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     print(f"dpls demo: finished in {seconds:.0f} s")
     if args.readme is not None and report is not None:
-        readme = update_readme(args.readme, report.parent, provenance(seconds, args.out))
+        prov = provenance(seconds, args.out, load_start=load_start)
+        readme = update_readme(args.readme, report.parent, prov)
         print(f"dpls demo: regenerated the demo section of {readme}")
     if report is not None:
         print_samples(report.parent)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from dpls.cli._common import doc_parser, usage_errors
@@ -22,16 +23,28 @@ def register(subparsers: argparse._SubParsersAction, name: str, help_text: str) 
     p.add_argument("--out", type=Path, default=None, help="study directory (default: the file's out_dir)")
     p.add_argument("--dry-run", action="store_true", help="check the file and print the plan; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument(
+        "--readme",
+        default=None,
+        metavar="README.md",
+        help="afterwards, regenerate this README's section of the study (between its "
+        "study-report:NAME markers) from the report, and copy the summary and plot into "
+        "docs/studies/NAME/ beside it",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dpls.study.readme import check_readme, load_average, provenance, regime_words, update_readme
     from dpls.study.runner import StudyStopped, plan_study, run_study
     from dpls.study.spec import load_spec
 
+    started, load_start = time.perf_counter(), load_average()
     with usage_errors():
         spec = load_spec(args.study_file, out_dir=args.out)
         plan = plan_study(spec)
+        if args.readme is not None:
+            check_readme(args.readme, spec.name)  # before the work, not after it
     if args.dry_run:
         print(plan.describe())
         return 0
@@ -41,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     except StudyStopped as err:
         print(f"dpls study: stopped: {err}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as the shell reports a process ended by it
+    if args.readme is not None and report is not None:
+        seconds = time.perf_counter() - started
+        prov = provenance(seconds, plan.study_dir, f"make readme-{spec.name}", load_start)
+        readme = update_readme(args.readme, report.parent, prov, study=spec.name, regime=regime_words(plan))
+        print(f"dpls study: finished in {seconds:.0f} s; regenerated the {spec.name} section of {readme}")
     if report is not None:
         print(report)
     return 0
