@@ -152,11 +152,13 @@ def forget_owned(*paths: str | Path) -> None:
             Path(p).unlink()
 
 
-def check_replaceable(path: str | Path, what: str = "output") -> Path:
+def check_replaceable(path: str | Path, what: str = "output", *, create: bool = False) -> Path:
     """``path`` may be written: it does not exist, or it is a file dpls wrote (unchanged since),
-    and its folder exists or can be created and is writable. ``ValueError`` otherwise, before
-    any work; ``what`` names the option in the message (``--json``, ``--out``)."""
+    and its folder is writable (exists, or with ``create`` can be created). ``ValueError``
+    otherwise, before any work; ``what`` names the option in the message (``--json``, ``--out``)."""
     path = Path(path)
+    if not create and not path.parent.is_dir():
+        raise ValueError(f"{what}: cannot write {path}: the folder {path.parent} does not exist")
     if path.is_symlink() or (path.exists() and not path.is_file()):
         kind = "a symbolic link" if path.is_symlink() else "a directory" if path.is_dir() else "not a file"
         raise ValueError(f"{what}: {path} is {kind}; give the path of a file to write")
@@ -176,7 +178,7 @@ def check_writable_dir(folder: str | Path, what: str = "output") -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what}: cannot create the folder {folder}: {existing} is a file in the way")
+        raise ValueError(f"{what}: cannot create the folder {folder}: a file is in the way ({existing})")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: no permission to write in {existing}; choose a folder you can write to")
     return folder
@@ -189,8 +191,20 @@ def unowned_files(folder: str | Path, names: Iterable[str] | None = None) -> lis
     if names is not None:
         candidates = [folder / n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
     else:
-        candidates = [p for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()]
-    return [p for p in candidates if p.name != OWNED_FILE and not is_owned(p)]
+        candidates = list(folder.rglob("*"))  # folders too: dpls records files only
+    return [
+        p
+        for p in candidates
+        if p.name != OWNED_FILE
+        and not (p.is_dir() and not p.is_symlink() and names is None and _only_owned(p))
+        and not is_owned(p)
+    ]
+
+
+def _only_owned(folder: Path) -> bool:
+    """A folder whose every file dpls wrote (and that holds at least one)."""
+    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name != OWNED_FILE]
+    return bool(files) and all(is_owned(p) for p in files)
 
 
 def check_output_dir(folder: str | Path, names: Iterable[str], what: str = "out") -> Path:

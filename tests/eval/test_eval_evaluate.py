@@ -134,9 +134,9 @@ def test_outputs_never_replace_other_files(run_and_data, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "notes_bins.json").write_text("{}")  # where out=notes.json would put its bins
     cases = [
-        (data / "meta.json", "was not written by dpls eval"),
-        (tmp_path / "notes.json", "notes_bins.json exists and was not written by dpls eval"),
-        (run, "is not a file"),
+        (data / "meta.json", "was not written by dpls"),
+        (tmp_path / "notes.json", "notes_bins.json exists and was not written by dpls"),
+        (run, "is a directory"),
         (tmp_path / "notes.txt" / "metrics.json", "a file is in the way"),
     ]
     for out, message in cases:

@@ -130,8 +130,13 @@ def test_existing_directory_is_never_clobbered(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         export_hf(run, out)
     assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="not an earlier export"):  # overwrite replaces exports only
+        export_hf(run, out, overwrite=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    export_hf(run, out)
     export_hf(run, out, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no temporaries left
 
 
@@ -151,8 +156,8 @@ def test_overwrite_never_deletes_the_source_a_run_or_data(tmp_path):
         (run, "holds the checkpoint being exported"),
         (run / "checkpoints" / "step_0000001", "holds the checkpoint being exported"),
         (tmp_path, "holds the checkpoint being exported"),
-        (other, "holds a dpls run or data directory"),
-        (data, "holds a dpls run or data directory"),
+        (other, "not an earlier export"),
+        (data, "not an earlier export"),
         (tmp_path / "file" / "hf", "a file is in the way"),
     ]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))

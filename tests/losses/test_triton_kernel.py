@@ -126,8 +126,10 @@ def _targets(n, v, ignore_every=4):
 # --- through the public front end ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    ("dtype", "reduction"),
+    [(torch.float32, "none"), (torch.bfloat16, "mean"), (torch.float16, "sum")],  # each dtype, each reduction
+)
 def test_front_end_matches_reference(dtype, reduction, launches):
     check_impl_against_reference(
         "triton", n=12, v=300, top_k=10, dtype=dtype, reduction=reduction, device=DEVICE,
@@ -166,15 +168,15 @@ def test_extreme_and_middle_k(k):
 
 
 @pytest.mark.parametrize(
-    "config",
+    ("config", "k"),
     [
-        KernelConfig(block_v=32, num_warps=1, programs=2, top_r=1, cap=4096),  # certificate fails: scratch
-        KernelConfig(block_v=32, num_warps=1, programs=2, top_r=2, cap=0),  # ... and counting over the row
-        KernelConfig(block_v=32, num_warps=1, programs=1, top_r=8, cap=16),  # deep lanes, tiny scratch
+        (KernelConfig(block_v=32, num_warps=1, programs=2, top_r=1, cap=4096), 3),  # no certificate: scratch
+        (KernelConfig(block_v=32, num_warps=1, programs=2, top_r=1, cap=4096), 40),
+        (KernelConfig(block_v=32, num_warps=1, programs=2, top_r=2, cap=0), 40),  # counting over the row
+        (KernelConfig(block_v=32, num_warps=1, programs=1, top_r=8, cap=16), 40),  # deep lanes, tiny scratch
     ],
-    ids=["scratch", "row", "deep"],
+    ids=["scratch-3", "scratch-40", "row", "deep"],
 )
-@pytest.mark.parametrize("k", [3, 40])
 def test_fallback_paths(config, k):
     """Lanes too shallow to certify the threshold: the exact search still finds it."""
     z = distinct_logits(4, 161, dtype=torch.bfloat16)
@@ -188,8 +190,7 @@ def test_per_token_epsilon():
     _check(z, _targets(9, 120), eps, 120, "none")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("k", [3, 99])
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 3), (torch.bfloat16, 99), (torch.float16, 50)])
 def test_ties_choose_exactly_k_lowest_index_first(dtype, k):
     """Few distinct values, so the threshold is tied; T takes the lowest indices among the ties."""
     z = torch.randint(-3, 3, (5, 100)).to(dtype)
@@ -243,7 +244,7 @@ def test_without_grad_the_logits_are_left_alone():
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     n=st.integers(1, 4),
     v=st.integers(2, 200),
@@ -382,7 +383,7 @@ def _masked_reference(z, y, eps, k, reduction="sum"):
     return loss, nll, grad
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16: the exhaustive test below
 def test_minus_inf_logits_first_block_and_anywhere(dtype):
     """A whole first block of −inf (issue 14, bug 3), and −inf scattered over the row."""
     v = 150  # blocks of 64: the first block is all −inf, and the last is partial
@@ -613,7 +614,7 @@ def test_objective_uses_the_in_kernel_epsilon_when_impl_is_triton(mode, launches
     for ref, out in ((a, b), (c, d)):
         torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.ce, ref.ce, rtol=1e-5, atol=1e-6)
-        assert out.epsilon == pytest.approx(ref.epsilon, rel=1e-5)
+        assert float(out.epsilon) == pytest.approx(float(ref.epsilon), rel=1e-5)
 
 
 # --- the selection, exhaustively on small rows ----------------------------------------------------

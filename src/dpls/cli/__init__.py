@@ -46,6 +46,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """dpls's own warnings (``warnings.warn`` in the library) print as one line, like its errors."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if "/dpls/" in str(filename).replace("\\", "/") and category is UserWarning:
+            print(f"dpls {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -56,10 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not hasattr(args, "func"):  # a registered-but-unloaded command; cannot happen
         parser.error(f"unknown command {args.command!r}")
+    _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"dpls {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except PermissionError as err:  # a folder or file of another user, found on the way
+        where = f" {err.filename}" if err.filename else ""
+        print(
+            f"dpls {args.command}: error: no permission to access{where} ({err.strerror or err}); "
+            "choose files and folders this user can read and write",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:  # Ctrl-C: the shell's code for SIGINT, not a traceback
         print(f"dpls {args.command}: interrupted", file=sys.stderr)

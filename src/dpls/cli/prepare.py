@@ -17,7 +17,7 @@ EPILOG = (
 # source -> (function in dpls.data.prepare, the options only that source has)
 SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "stdlib": ("prepare_stdlib", ("vocab_size", "max_files", "max_train_tokens", "include_tests")),
-    "files": ("prepare_files", ("paths", "tokenizer", "vocab_size", "text_field")),
+    "files": ("prepare_files", ("paths", "tokenizer", "vocab_size", "text_field", "text_encoding")),
     "fineweb-edu": ("prepare_fineweb_edu", ("name", "max_tokens", "num_proc", "data_files")),
 }
 
@@ -35,7 +35,10 @@ def _source(
         help="share of documents held out for validation (default: %(default)s)",
     )
     parser.add_argument(
-        "--shard-tokens", type=int, default=shard_tokens, help="tokens per shard (default: %(default)s)"
+        "--shard-tokens",
+        type=int,
+        default=shard_tokens,
+        help="tokens per shard, at least 512; training windows do not cross shards (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,6 +88,13 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe", help="train a BPE, or GPT-2's")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default: %(default)s)")
+    p.add_argument(
+        "--encoding",
+        dest="text_encoding",
+        default="utf-8",
+        help="encoding of the .txt and .jsonl files (default: %(default)s); a file that does not decode "
+        "or is binary data is an error naming it",
+    )
 
     p = _source(
         sources,

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if any(a in ("-h", "--help") for a in args.args):
         args._parser.print_help()
         return 0
-    from dpls.runs.checkpoint import CheckpointError, latest_checkpoint
+    from dpls.runs.checkpoint import CheckpointError, checkpoint_step, latest_checkpoint
     from dpls.train.config import load_config
     from dpls.train.trainer import InvalidRun, TrainingError, read_run_summary, train
 
@@ -80,6 +80,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = read_run_summary(run_dir)
     val = summary["val"]
+    latest = latest_checkpoint(run_dir)
+    reached = checkpoint_step(latest) if latest is not None else 0
+    if reached < cfg.max_iters:  # a stop signal: saved and returned early
+        tail = f"; last val_ce {val['val_ce']:.4f} at step {val['step']}" if val else ""
+        print(
+            f"dpls train: stopped at step {reached} of {cfg.max_iters} (checkpoint saved){tail}; "
+            f"continue with: dpls train --resume_dir={run_dir}"
+        )
+        return 0
     tail = f"; final val_ce {val['val_ce']:.4f} at step {val['step']}" if val else ""
     print(f"dpls train: done: {run_dir}{tail}")
     return 0

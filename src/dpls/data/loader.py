@@ -68,6 +68,17 @@ class TokenLoader:
         per_shard = [max(len(s) - 1, 0) // block_size for s in self._shards]
         self._first_window = np.cumsum([0, *per_shard])  # window id -> shard via searchsorted
         self.num_windows = int(self._first_window[-1])
+        longest = max((len(t) for t in self._shards), default=0)
+        if (
+            self.num_windows < self.global_batch
+            and longest <= block_size
+            and sum(map(len, self._shards)) > block_size
+        ):
+            raise DataError(
+                f"the {split} shards of {str(data_dir)!r} are too small: the longest holds {longest} tokens, "
+                f"less than one window of {block_size + 1} (windows do not cross shards); prepare the data "
+                "again with a larger --shard-tokens, or use a smaller block_size"
+            )
         if self.num_windows < self.global_batch:
             raise DataError(
                 f"the {split} split of {str(data_dir)!r} has {self.num_windows} windows of {block_size + 1} "

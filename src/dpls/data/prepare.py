@@ -60,11 +60,16 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
         raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
 
 
+# Training windows do not cross shards: a shard shorter than a window is useless, and tiny
+# shards only make thousands of files (--shard-tokens 1: one file per token).
+MIN_SHARD_TOKENS = 512
+
+
 def _check_split(val_fraction: Any, shard_tokens: Any, seed: Any) -> None:
     """The arguments every source takes: how documents are split and shards cut."""
     if not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    _check_int("shard_tokens", shard_tokens, 1)
+    _check_int("shard_tokens", shard_tokens, MIN_SHARD_TOKENS)
     _check_int("seed", seed, 0)
 
 
@@ -523,27 +528,52 @@ def _expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _read_file(path: Path, text_field: str) -> Iterator[str]:
+def _read_file(path: Path, text_field: str, text_encoding: str = "utf-8") -> Iterator[str]:
     """The documents of one file, a decoding error naming the file (a bare codec or Arrow
     message would not say which of many inputs is bad)."""
     import pyarrow as pa
 
     try:
-        yield from _file_documents(path, text_field)
-    except (UnicodeDecodeError, pa.ArrowException) as err:
-        kind = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "not a readable Parquet file"
-        raise DataError(f"{path}: {kind} ({err})") from None
+        for doc in _file_documents(path, text_field, text_encoding):
+            _check_is_text(path, doc)
+            yield doc
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not {'UTF-8' if text_encoding.lower() in ('utf-8', 'utf8') else text_encoding} text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "if it is text in another encoding, pass it with --encoding (e.g. --encoding latin-1)"
+        ) from None
+    except pa.ArrowException as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+BINARY_SHARE = 0.01  # control characters (other than whitespace) above this share: not text
+
+
+def _check_is_text(path: Path, doc: str) -> None:
+    """A document of random bytes decodes under a single-byte encoding but is no text."""
+    sample = doc[:65536]
+    controls = sum(1 for ch in sample if ord(ch) < 32 and ch not in "\t\n\r\f\v") + sample.count("\x7f")
+    if "\x00" in sample or controls > BINARY_SHARE * len(sample):
+        raise DataError(
+            f"{path}: looks like binary data, not text ({controls} control characters in its first "
+            f"{len(sample)}); remove it from the inputs"
+        )
+
+
+def _file_documents(path: Path, text_field: str, text_encoding: str = "utf-8") -> Iterator[str]:
     """A ``.txt`` is one document, or several separated by ``<|endoftext|>`` (the TinyStories
     convention); ``.jsonl`` one per line; ``.parquet`` one per row."""
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode(text_encoding)  # strict: a wrong encoding is an error, not U+FFFD
+        except UnicodeDecodeError:
+            _check_is_text(path, raw[:65536].decode("latin-1"))  # random bytes: say so, not "encoding"
+            raise
         parts = [p.strip("\n") for p in text.split("<|endoftext|>")]
         yield from (p for p in parts if p.strip())
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding=text_encoding) as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -577,10 +607,21 @@ def prepare_files(
     max_bpe_chars: int = 50_000_000,
     encoding: Any = None,
     progress: bool = True,
+    text_encoding: str = "utf-8",
 ) -> DataMeta:
     """Shards from ``.txt``, ``.jsonl`` (field ``text_field``) and ``.parquet`` (column
     ``text_field``) files, or directories of them. ``tokenizer``: ``"bpe"`` (trained here on
-    the training documents) or ``"gpt2"`` (tiktoken; ``encoding`` replaces it offline)."""
+    the training documents) or ``"gpt2"`` (tiktoken; ``encoding`` replaces it offline).
+    ``text_encoding``: of the text and JSONL files; a file that does not decode, or that is
+    binary data, is an error naming it (never text with replacement characters)."""
+    import codecs
+
+    try:
+        codecs.lookup(text_encoding)
+    except (LookupError, TypeError):
+        raise ValueError(
+            f"text_encoding {text_encoding!r} is not a known text encoding (e.g. utf-8, latin-1)"
+        ) from None
     if tokenizer not in ("bpe", "gpt2"):
         raise ValueError(f"tokenizer must be 'bpe' or 'gpt2', got {tokenizer!r}")
     _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
@@ -606,6 +647,7 @@ def prepare_files(
             "shard_tokens": shard_tokens,
             "seed": seed,
             "max_bpe_chars": max_bpe_chars if tokenizer == "bpe" else None,
+            **({"text_encoding": text_encoding} if text_encoding != "utf-8" else {}),
         }
     )
     state = _out_dir_state(out_dir, settings)
@@ -617,7 +659,7 @@ def prepare_files(
         docs = (
             Document(f"{name}#{j}", text)
             for name, path in zip(names, files)
-            for j, text in enumerate(_read_file(path, text_field))
+            for j, text in enumerate(_read_file(path, text_field, text_encoding))
         )
         return itertools.islice(docs, start, None)
 

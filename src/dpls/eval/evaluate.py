@@ -165,7 +165,7 @@ def _check_outputs(files: dict[str, Path], plots: bool) -> None:
 
     for name, path in files.items():
         if plots or name in ("metrics", "bins"):
-            check_replaceable(path, "out")
+            check_replaceable(path, "out", create=True)
     folder = files["metrics"].parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -233,6 +233,17 @@ def evaluate_checkpoint(
         raise ValueError(
             f"data_dir {str(data_dir)!r} has a {data_vocab}-token vocabulary, larger than the model's "
             f"{model_cfg['vocab_size']}: not the data this model was trained on"
+        )
+    from dpls.data.checks import check_same_tokenizer, max_token_id
+    from dpls.runs.checkpoint import trained_tokenizer
+
+    check_same_tokenizer(trained_tokenizer(path), data_dir, f"the checkpoint {path} was trained with")
+    val_meta = DataMeta.load(data_dir, check_shards=False)
+    top, shard = max_token_id(data_dir, val_meta.val_shards)
+    if top >= min(model_cfg["vocab_size"], val_meta.vocab_size):
+        raise ValueError(
+            f"{data_dir / shard} holds token id {top}, outside the vocabulary ({val_meta.vocab_size} in meta.json, "
+            f"{model_cfg['vocab_size']} in the model): data from another tokenizer, or a wrong meta.json"
         )
     files = output_paths(out) if out is not None else {}
     if out is not None:

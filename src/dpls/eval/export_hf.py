@@ -60,7 +60,13 @@ def find_tokenizer(checkpoint: Path) -> dict[str, Any]:
     data_dir = read_toml(cfg_file).get("data_dir") if cfg_file.is_file() else None
     if data_dir:
         places.append(Path(data_dir))
+    from dpls.data.checks import check_same_tokenizer
+    from dpls.runs.checkpoint import trained_tokenizer
+
+    expected = trained_tokenizer(checkpoint)
     for place in places:
+        if (place / "meta.json").is_file():  # a data_dir prepared again since: other ids
+            check_same_tokenizer(expected, place, f"the checkpoint {checkpoint} was trained with")
         meta = _read_json(place / "meta.json")
         kind = meta.get("tokenizer")
         file = place / str(meta.get("tokenizer_file") or "tokenizer.json")

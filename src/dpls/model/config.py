@@ -68,8 +68,14 @@ class ModelConfig:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {self.attention!r}")
         if self.head_dim is None and self.n_embd % self.n_head:
+            fits = [
+                h
+                for h in range(1, min(self.n_embd, 64) + 1)
+                if self.n_embd % h == 0 and (self.n_embd // h) % 2 == 0
+            ]
             raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim"
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) into an even head size; "
+                f"n_head values that fit: {', '.join(map(str, fits))} (or change n_embd)"
             )
         if self.resolved_head_dim < 2 or self.resolved_head_dim % 2:
             raise ValueError(

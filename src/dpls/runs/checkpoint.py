@@ -421,6 +421,16 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return _read_json(Path(path) / MODEL_CONFIG)
 
 
+def trained_tokenizer(path: str | Path) -> str | None:
+    """The fingerprint of the tokenizer a checkpoint was trained with (`dpls.data.checks`):
+    recorded in its trainer state, else that of the run's ``tokenizer/`` copy; None if unknown."""
+    from dpls.data.checks import tokenizer_fingerprint_of
+    from dpls.runs.layout import TOKENIZER_DIR, run_dir_of
+
+    recorded = read_trainer_state(path).get("tokenizer_fingerprint")
+    return recorded or tokenizer_fingerprint_of(run_dir_of(path) / TOKENIZER_DIR)
+
+
 def saved_ranks(path: str | Path) -> int:
     return len(list(Path(path).glob("rng_rank*.pt")))
 

@@ -233,6 +233,61 @@ def group_runs(records: Sequence[RunRecord]) -> dict[str, list[RunRecord]]:
     return out
 
 
+# Keys that do not change what a run computes: runs of one arm may differ in them.
+_POOLABLE_KEYS = frozenset(
+    {
+        "out_dir",
+        "resume_dir",
+        "run_name",
+        "seed",
+        "data_seed",
+        "device",
+        "compile",
+        "progress",
+        "loss_impl",
+        "tensorboard",
+        "swanlab",
+        "swanlab_project",
+        "log_interval",
+        "eval_interval",
+        "checkpoint_interval",
+        "keep_checkpoints",
+        "max_skipped_steps",
+        "data_dir",
+    }
+)
+
+
+def check_poolable(groups: Mapping[str, Sequence[RunRecord]]) -> None:
+    """The runs of one arm are seeds of one experiment: same data, length and settings, each
+    seed once. Anything else pooled would be a silently wrong interval: ``ValueError``."""
+    for arm, runs in groups.items():
+        first = runs[0]
+        seen: dict[Any, RunRecord] = {}
+        for r in runs:
+            if r.seed in seen:
+                raise ValueError(
+                    f"{seen[r.seed].run_dir} and {r.run_dir} are both seed {r.seed} of arm {arm!r}: pooled, one "
+                    "seed would count twice; compare them as separate arms (different loss keys) or drop one"
+                )
+            seen[r.seed] = r
+            data_a = first.data.get("corpus_fingerprint") or first.config.get("data_dir")
+            data_b = r.data.get("corpus_fingerprint") or r.config.get("data_dir")
+            if data_a != data_b:
+                raise ValueError(
+                    f"{first.run_dir} and {r.run_dir} (arm {arm!r}) were trained on different data "
+                    f"({first.config.get('data_dir')} vs {r.config.get('data_dir')}); compare runs of one corpus"
+                )
+            keys = (set(first.config) | set(r.config)) - _POOLABLE_KEYS
+            diff = sorted(k for k in keys if first.config.get(k) != r.config.get(k))
+            if diff:
+                shown = ", ".join(f"{k}={first.config.get(k)!r} vs {r.config.get(k)!r}" for k in diff[:3])
+                raise ValueError(
+                    f"{first.run_dir} and {r.run_dir} (arm {arm!r}) differ in {shown}: they are not seeds of one "
+                    "experiment; compare runs that differ only in seed and loss keys"
+                )
+
+
 def collect_runs(source: str | Path | Sequence[str | Path]) -> tuple[list[RunRecord], dict[str, Any]]:
     """Records from a study directory, or from run directories (a study directory expands to its runs)."""
     sources = [source] if isinstance(source, str | Path) else list(source)
@@ -733,6 +788,8 @@ def write_report(
             records, info["sweep"], baseline or info.get("baseline"), info.get("arms", []), out, confidence
         )
     groups = group_runs(records)
+    if "name" not in info:  # runs from anywhere (a study's arms are made alike by the study)
+        check_poolable(groups)
     order = [a for a in info.get("arms", []) if a in groups]
     groups = {a: groups[a] for a in [*order, *(g for g in groups if g not in order)]}
     if baseline is None:

@@ -301,6 +301,15 @@ def plan_study(spec: StudySpec) -> StudyPlan:
                     Job(where.as_posix(), run_dir, values, final_step, arm.name, seed, offsets[seed], value)
                 )
 
+    if (data_dir / "meta.json").is_file():  # else prepared by the study: checked after preparing
+        checked: set[tuple[Any, Any]] = set()
+        for job in [*([trunk] if trunk else []), *jobs]:
+            if (job.arm, job.value) not in checked:  # one seed of each arm (and swept value) suffices
+                checked.add((job.arm, job.value))
+                _check_arm_before_work(
+                    job.values, data_dir, "the trunk" if job is trunk else f"arm {job.name}"
+                )
+
     if spec.eval.lm_eval_tasks:
         from dpls.eval.lm_eval import parse_tasks
 
@@ -437,6 +446,41 @@ def seed_fork_point(plan: StudyPlan, seed: int, world_size: int = 1) -> Path:
 # -- running ------------------------------------------------------------------------------------
 
 
+# Keys the study sets itself, and what the user sets that they follow from.
+_DERIVED = {
+    "lr_decay_iters": "fork_step + the arms' budget (iters_per_arm or tokens_per_arm), unless [train] sets it",
+    "max_iters": "fork_step (the trunk) and fork_step + the arms' budget (the arms)",
+}
+
+
+def _check_arm_before_work(values: dict[str, Any], data_dir: Path, what: str) -> None:
+    """What the trainer would refuse only after the trunk and earlier arms trained: loss keys
+    (evaluated once on the data's vocabulary) and enough data for a batch and a validation set."""
+    import torch
+
+    from dpls.data.loader import TokenLoader, validation_batches
+    from dpls.data.meta import DataMeta
+    from dpls.losses.objective import build_objective
+    from dpls.model import model_config
+    from dpls.train.config import TrainConfig
+    from dpls.train.plan import TOKEN_PRIOR_OBJECTIVES
+
+    try:
+        cfg = TrainConfig.from_dict(values).validate()
+        vocab = DataMeta.load(data_dir, check_shards=False).vocab_size
+        prior = torch.ones(vocab, dtype=torch.float64) if cfg.loss in TOKEN_PRIOR_OBJECTIVES else None
+        objective = build_objective(cfg.to_loss_config(), token_prior=prior)
+        objective(torch.zeros(1, vocab), torch.zeros(1, dtype=torch.long), step=0)
+        block = (
+            cfg.block_size or model_config(cfg.model, vocab_size=vocab, **cfg.model_overrides()).block_size
+        )
+        TokenLoader(data_dir, "train", cfg.batch_size, block, 0, 0, 1)
+        cfg.block_size = block
+        validation_batches(data_dir, block, cfg.batch_size, cfg.resolved_eval_tokens)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
 def _check_on_disk(job: Job, plan: StudyPlan) -> None:
     """A run already in the study directory must be the one planned (else stop before any work)."""
     from dpls.runs.checkpoint import is_complete, read_trainer_state
@@ -453,6 +497,12 @@ def _check_on_disk(job: Job, plan: StudyPlan) -> None:
         return
     saved = read_toml(cfg_file)
     for key, value in job.values.items():
+        if key not in _NOT_COMPARED and key in saved and saved[key] != value and key in _DERIVED:
+            raise ValueError(
+                f"{job.run_dir} was trained to {key}={saved[key]!r}, which the study derives from "
+                f"{_DERIVED[key]}; the study file now gives {value!r}: those settings changed since. "
+                "Restore them, or use another out_dir (--out) for the new study"
+            )
         if key not in _NOT_COMPARED and key in saved and saved[key] != value:
             raise ValueError(
                 f"{job.run_dir} was trained with {key}={saved[key]!r} but the study now says "

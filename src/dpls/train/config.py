@@ -422,6 +422,10 @@ def load_config(
     if resume_dir:
         saved = read_config_file(find_run_config(resume_dir))
         saved.pop("resume_dir", None)
+        if saved.get("data_dir"):  # a relative data_dir means: from where the run was made
+            saved["data_dir"] = str(
+                saved_path(run_dir_of(resume_dir), saved.get("out_dir"), saved["data_dir"])
+            )
         if "out_dir" not in values:  # alone: continue the run in place
             values["out_dir"] = str(run_dir_of(resume_dir))
         base = TrainConfig.from_dict(saved)
@@ -431,6 +435,21 @@ def load_config(
 def read_run_config(path: str | Path) -> TrainConfig:
     """The `TrainConfig` saved in a run or checkpoint directory."""
     return TrainConfig.from_dict(read_config_file(find_run_config(path)))
+
+
+def saved_path(run_dir: str | Path, saved_out_dir: str | None, path: str) -> Path:
+    """A relative path saved in a run's config, as the run meant it. The run was made in the
+    folder its (relative) ``out_dir`` was relative to; when ``path`` does not exist from here
+    but does from there, that one is meant (``--resume_dir`` given from another folder)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not saved_out_dir or Path(saved_out_dir).is_absolute():
+        return p
+    run, out = Path(run_dir).resolve().parts, Path(saved_out_dir).parts
+    if len(run) > len(out) and run[-len(out) :] == out:
+        there = Path(*run[: -len(out)]) / p
+        if there.exists():
+            return there
+    return p
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

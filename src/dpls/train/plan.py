@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpls._io import check_writable_dir
+from dpls.data.checks import check_same_tokenizer, check_token_ids, tokenizer_fingerprint_of
 from dpls.runs import checkpoint as ckpt
-from dpls.runs.layout import CHECKPOINTS_DIR, config_path
-from dpls.train.config import MODEL_KEYS, TrainConfig, read_run_config, same_path
+from dpls.runs.layout import CHECKPOINTS_DIR, CONFIG_FILE, TOKENIZER_DIR, config_path
+from dpls.train.config import MODEL_KEYS, TrainConfig, read_run_config, same_path, saved_path
+from dpls.train.memory import check_memory
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -100,6 +104,42 @@ def _check_not_data_or_checkpoint(run_dir: Path, data_dir: str) -> None:
         )
 
 
+# Keys that change how a run is watched, not what it computes: a restart may differ in them.
+_WATCHING_KEYS = frozenset({"progress", "device", "compile", "run_name", "log_interval", "keep_checkpoints"})
+_RUN_CONFIG_HEADER = "# resolved configuration written by dpls train"
+
+
+def _check_no_earlier_run(run_dir: Path, cfg: TrainConfig) -> list[str]:
+    """A new run never replaces an earlier run's files. A run without checkpoints (its
+    config.toml, metrics.jsonl) is started over only when it is this very run (same config,
+    written by dpls train: it stopped before its first checkpoint); else ``ValueError``."""
+    from dpls.runs.layout import METRICS_FILE, read_toml
+
+    found = [n for n in (CONFIG_FILE, METRICS_FILE, TOKENIZER_DIR) if (run_dir / n).exists()]
+    if not found:
+        return []
+    cfg_file = config_path(run_dir)
+    same = False
+    if cfg_file.is_file() and cfg_file.read_text(encoding="utf-8", errors="replace").startswith(
+        _RUN_CONFIG_HEADER
+    ):
+        try:
+            saved = read_toml(cfg_file)
+        except ValueError:
+            saved = None
+        mine = {k: v for k, v in cfg.to_dict().items() if v is not None}
+        if saved is not None:
+            same = all(saved.get(k) == v for k, v in mine.items() if k not in _WATCHING_KEYS) and not (
+                set(saved) - set(mine) - _WATCHING_KEYS
+            )
+    if not same:
+        raise ValueError(
+            f"out_dir {run_dir} already holds {', '.join(found)} of another run (without checkpoints); "
+            "a new run never replaces them: choose another --out_dir, or move them away"
+        )
+    return [f"{run_dir} held this same run, stopped before its first checkpoint: starting it over"]
+
+
 def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None = None) -> RunPlan:
     """Check ``cfg`` against the data, the run directory and any checkpoint to resume.
 
@@ -116,6 +156,9 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     run_dir = Path(cfg.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"out_dir {run_dir} exists and is not a directory")
+    check_writable_dir(run_dir, "out_dir")
+    if Path(cfg.data_dir).is_dir() and not os.access(cfg.data_dir, os.R_OK | os.X_OK):
+        raise ValueError(f"data_dir {cfg.data_dir}: no permission to read it")
     _check_not_data_or_checkpoint(run_dir, cfg.data_dir)
 
     # Where the run starts: fresh, in place from its latest checkpoint, or forked.
@@ -124,7 +167,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     start_step = 0
     if cfg.resume_dir:
         checkpoint = ckpt.resolve_checkpoint(cfg.resume_dir)
-        source_run = checkpoint.parent.parent
+        source_run = source_dir = checkpoint.parent.parent
         if same_path(source_run, run_dir):
             mode = "resume"
             latest = ckpt.latest_checkpoint(run_dir)
@@ -150,10 +193,17 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     # The data (every shard checked), and a model it fits.
     if not (Path(cfg.data_dir) / "meta.json").is_file():
         raise ValueError(
-            f"data_dir {cfg.data_dir} is not a prepared data directory (no meta.json); "
-            f"make one with `dpls prepare stdlib --out {cfg.data_dir}` (or prepare files / fineweb-edu)"
+            f"data_dir {cfg.data_dir} is not a prepared data directory (no meta.json)"
+            + (
+                f" (a relative data_dir is read from the current folder, {Path.cwd()})"
+                if not Path(cfg.data_dir).is_absolute()
+                else ""
+            )
+            + f"; pass the right one with --data_dir, or make one with `dpls prepare stdlib --out {cfg.data_dir}` (or prepare files / fineweb-edu)"
         )
-    meta = DataMeta.load(cfg.data_dir).to_dict()
+    data_meta = DataMeta.load(cfg.data_dir)
+    meta = data_meta.to_dict()
+    meta["tokenizer_fingerprint"] = meta["tokenizer_fingerprint"] or tokenizer_fingerprint_of(cfg.data_dir)
     data_vocab = int(meta["vocab_size"])
     if checkpoint is None:
         overrides = cfg.model_overrides()
@@ -182,10 +232,16 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
             f"the data's vocabulary ({data_vocab} tokens, {cfg.data_dir}) is larger than the model's "
             f"embedding ({mc.vocab_size}{', from the checkpoint' if checkpoint else ''})"
         )
+    if checkpoint is not None:  # the same vocabulary size is not the same tokenizer
+        check_same_tokenizer(
+            ckpt.trained_tokenizer(checkpoint), cfg.data_dir, f"the checkpoint {checkpoint} was trained with"
+        )
+    check_token_ids(cfg.data_dir, data_meta, mc.vocab_size)
     for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "attention", "pad_vocab_to", "qk_norm"):
         setattr(cfg, k, getattr(mc, k))
     cfg.block_size = cfg.block_size or mc.block_size
     cfg.data_seed = cfg.resolved_data_seed
+    notes += check_memory(cfg, mc, device, world_size)  # before the data: a run that cannot fit never starts
 
     # Enough data for one global batch and a validation set; a resumed data position that fits.
     loader = TokenLoader(cfg.data_dir, "train", cfg.batch_size, cfg.block_size, cfg.data_seed, 0, world_size)
@@ -195,7 +251,10 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
         saved = ckpt.read_trainer_state(checkpoint)
         loader_state = saved.get("loader")
         try:
-            if not same_path(saved.get("data_dir", cfg.data_dir), cfg.data_dir):
+            made_in = saved_path(
+                source_dir, read_run_config(checkpoint).out_dir, saved.get("data_dir", cfg.data_dir)
+            )
+            if not same_path(made_in, cfg.data_dir):
                 raise ValueError(f"it was saved for data_dir={saved.get('data_dir')}")
             if loader_state is not None:
                 loader.load_state_dict(loader_state)
@@ -217,6 +276,14 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     prior = token_prior(cfg, mc.vocab_size) if cfg.loss in TOKEN_PRIOR_OBJECTIVES else None
     objective = build_objective(cfg.to_loss_config(), token_prior=prior)
     objective(torch.zeros(1, mc.vocab_size), torch.zeros(1, dtype=torch.long), step=start_step)
+    if mode != "resume":
+        notes += _check_no_earlier_run(run_dir, cfg)
+    if cfg.warmup_iters > cfg.max_iters:
+        notes.append(
+            f"warning: warmup_iters={cfg.warmup_iters} exceeds max_iters={cfg.max_iters}: the learning rate "
+            f"never reaches learning_rate={cfg.learning_rate} (it stops at "
+            f"{cfg.learning_rate * cfg.max_iters / max(cfg.warmup_iters, 1):.3g})"
+        )
     return RunPlan(
         cfg=cfg,
         run_dir=run_dir,

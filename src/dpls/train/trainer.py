@@ -444,6 +444,7 @@ def train(cfg: TrainConfig) -> Path:
                 "tokens": tokens,
                 "loader": parts.loader.state_dict(),
                 "data_dir": cfg.data_dir,
+                "tokenizer_fingerprint": plan.meta.get("tokenizer_fingerprint"),  # what the ids mean
                 "skipped_in_a_row": skipped_in_a_row,
                 **watch.state_dict(),
                 "lr": cosine_lr(at_step, **lr_args),

@@ -1,0 +1,85 @@
+"""A study checks every arm before any work (in --dry-run and in the real run), and names what
+the user changed when a finished study no longer matches its file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_helpers import write_data_dir
+from dpls.study.runner import Job, StudyPlan, _check_on_disk, plan_study
+from dpls.study.spec import parse_spec
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_data_dir(root, [np.arange(2000) % 500], [np.arange(300) % 500], vocab_size=512, tokenizer="gpt2")
+    return root
+
+
+def spec(tmp_path: Path, data: Path, arms: list[dict], **train) -> dict:
+    return {
+        "name": "t",
+        "out_dir": str(tmp_path / "study"),
+        "data_dir": str(data),
+        "fork_step": 4,
+        "seeds": [0],
+        "iters_per_arm": 2,
+        "train": {
+            "model": "tiny",
+            "n_layer": 1,
+            "n_embd": 32,
+            "n_head": 2,
+            "block_size": 16,
+            "batch_size": 2,
+            **train,
+        },
+        "arms": arms,
+    }
+
+
+@pytest.mark.parametrize(
+    "arm, message",
+    [
+        ({"name": "f", "loss": "focal"}, "arm f/seed0: .*focal"),
+        ({"name": "k0", "loss": "dpls", "dpls_top_k": 0}, "arm k0/seed0: .*top_k"),
+        ({"name": "big", "loss": "dpls", "dpls_top_k": 5000}, "arm big/seed0: .*top_k"),
+    ],
+)
+def test_arm_loss_keys_are_checked_before_any_work(tmp_path, data, arm, message):
+    with pytest.raises(ValueError, match=message):
+        plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}, arm])))
+    assert not (tmp_path / "study").exists()
+
+
+def test_data_too_small_for_a_batch_is_found_by_the_plan(tmp_path, data):
+    with pytest.raises(ValueError, match=r"the trunk: .*windows"):
+        plan_study(
+            parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}], block_size=512, batch_size=8))
+        )
+
+
+def test_dry_run_refuses_what_the_real_run_would(tmp_path, data, capsys):
+    from dpls.cli import main
+
+    study = tmp_path / "s.toml"
+    study.write_text(
+        f'name = "t"\ndata_dir = "{data}"\nfork_step = 4\nseeds = [0]\niters_per_arm = 2\n'
+        "[train]\nblock_size = 16\nbatch_size = 2\n"
+        '[[arms]]\nname = "ce"\nloss = "ce"\n[[arms]]\nname = "f"\nloss = "focal"\n'
+    )
+    assert main(["study", str(study), "--dry-run"]) == 2
+    assert "focal" in capsys.readouterr().err
+
+
+def test_changed_fork_step_names_the_setting_not_a_derived_key(tmp_path, data):
+    plan = plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))
+    trunk: Job = plan.trunk
+    trunk.run_dir.mkdir(parents=True)
+    (trunk.run_dir / "config.toml").write_text("lr_decay_iters = 99\nmax_iters = 4\n")
+    with pytest.raises(ValueError, match="derives from fork_step"):
+        _check_on_disk(trunk, plan)
+    assert isinstance(plan, StudyPlan)

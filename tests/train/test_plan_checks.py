@@ -1,0 +1,149 @@
+"""`dpls train` checks everything before any work: an earlier run's files, lying metadata,
+another tokenizer, unreadable folders, memory that cannot fit; a one-line exit-2 error and
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_helpers import make_text_data, train_tiny_run, write_data_dir
+from dpls.cli import main
+from dpls.train.config import load_config
+from dpls.train.plan import plan_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {
+    "model": "tiny",
+    "n_layer": 1,
+    "n_embd": 32,
+    "n_head": 2,
+    "block_size": 32,
+    "batch_size": 2,
+    "max_iters": 4,
+    "warmup_iters": 1,
+    "eval_tokens": 64,
+    "device": "cpu",
+    "dtype": "float32",
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("plan")
+    data = make_text_data(root / "data")
+    return data, train_tiny_run(data, root / "run", steps=2)
+
+
+def fails(capsys, *args: str) -> str:
+    capsys.readouterr()
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def argv(**values: object) -> list[str]:
+    return [f"--{k}={v}" for k, v in {**SMALL, **values}.items()]
+
+
+def test_never_replaces_an_earlier_runs_metrics(made, tmp_path, capsys):
+    data, _ = made
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (out / "config.toml").write_text("# my notes\nlr = 1\n")
+    assert "metrics.jsonl" in fails(capsys, *argv(data_dir=data, out_dir=out))
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
+    assert (out / "config.toml").read_text() == "# my notes\nlr = 1\n"
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "metrics.jsonl"]
+
+
+def test_the_same_run_stopped_before_a_checkpoint_starts_over(made, tmp_path):
+    data, _ = made
+    run = train_tiny_run(data, tmp_path / "r", steps=2)
+    shutil.rmtree(run / "checkpoints")  # as if it died before its first checkpoint
+    train_tiny_run(data, run, steps=2)  # the same command again: allowed
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ValueError, match="another run"):
+        plan_run(load_config(overrides=[*argv(data_dir=data, out_dir=run)]))  # another config: refused
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_writing(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 200, 4000)
+    write_data_dir(tmp_path / "lying", [tokens], [tokens[:1000]], vocab_size=100)  # meta says 100
+    out = tmp_path / "out"
+    err = fails(capsys, *argv(data_dir=tmp_path / "lying", out_dir=out))
+    assert "token id 199" in err and "vocab_size 100" in err
+    assert not out.exists()
+
+
+def test_another_tokenizer_of_a_smaller_vocabulary_is_refused(made, tmp_path, capsys):
+    from dpls.data.tokenizer import train_bpe
+
+    data, run = made
+    other = tmp_path / "other"
+    tok = train_bpe(["completely different words here, zebra quartz"] * 30, vocab_size=280)
+    ids = np.array([t for _ in range(200) for t in [tok.eot, *tok.encode("zebra quartz words")]])
+    write_data_dir(other, [ids], [ids[:400]], vocab_size=tok.vocab_size)
+    tok.save(other / "tokenizer.json")
+    meta = json.loads((other / "meta.json").read_text())
+    assert meta["vocab_size"] <= json.loads((data / "meta.json").read_text())["vocab_size"]
+    err = fails(
+        capsys,
+        f"--resume_dir={run}",
+        f"--out_dir={tmp_path / 'fork'}",
+        f"--data_dir={other}",
+        "--max_iters=4",
+    )
+    assert "another tokenizer" in err
+    assert not (tmp_path / "fork").exists()
+    # and dpls eval --data-dir, export-hf's tokenizer: the same rule
+    capsys.readouterr()
+    assert (
+        main(["eval", str(run), f"--data-dir={other}", "--device=cpu", f"--out={tmp_path / 'e.json'}"]) == 2
+    )
+    assert "another tokenizer" in capsys.readouterr().err
+
+
+def test_memory_that_cannot_fit_is_refused_with_numbers(made, tmp_path, capsys):
+    data, _ = made
+    err = fails(capsys, *argv(data_dir=data, out_dir=tmp_path / "big", block_size=100_000, n_layer=4))
+    assert "GiB" in err and "activations" in err and "block_size" in err
+    assert not (tmp_path / "big").exists()
+
+
+def test_warmup_longer_than_the_run_is_a_warning(made, tmp_path):
+    data, _ = made
+    plan = plan_run(load_config(overrides=argv(data_dir=data, out_dir=tmp_path / "w", warmup_iters=10)))
+    assert any("warmup_iters=10 exceeds max_iters=4" in n for n in plan.notes)
+
+
+def test_resume_from_another_folder_finds_the_relative_data_dir(made, tmp_path, monkeypatch):
+    data, _ = made
+    home = tmp_path / "project"
+    home.mkdir()
+    shutil.copytree(data, home / "data")
+    monkeypatch.chdir(home)
+    train_tiny_run(Path("data"), Path("runs/ce"), steps=2)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(overrides=["--resume_dir=project/runs/ce", "--max_iters=3"])
+    assert Path(cfg.data_dir) == home / "data"
+    plan = plan_run(cfg)
+    assert plan.mode == "resume" and plan.loader_state is not None
+
+
+def test_unreadable_data_dir_is_a_clear_error(made, tmp_path, monkeypatch):
+    data, _ = made
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == data else real(p, mode))
+    with pytest.raises(ValueError, match="no permission to read"):
+        plan_run(load_config(overrides=argv(data_dir=data, out_dir=tmp_path / "x")))
