@@ -55,7 +55,7 @@ def test_only_files_dpls_wrote_and_nobody_changed_are_replaceable(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         check_replaceable(tmp_path / "new" / "x.json")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="file in the way"):
+    with pytest.raises(ValueError, match="a file is in the way"):
         check_replaceable(tmp_path / "file" / "x.json", create=True)
     mark_owned(tmp_path / "missing.json")  # nothing to record, no error
     assert json.loads((tmp_path / OWNED_FILE).read_text())["files"].keys() == {"out.json"}

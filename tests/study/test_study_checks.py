@@ -3,6 +3,7 @@ the user changed when a finished study no longer matches its file."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,28 @@ def test_changed_fork_step_names_the_setting_not_a_derived_key(tmp_path, data):
     with pytest.raises(ValueError, match="derives from fork_step"):
         _check_on_disk(trunk, plan)
     assert isinstance(plan, StudyPlan)
+
+
+def _run(root: Path, name: str, seed: int, **config) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    cfg = {"seed": seed, "loss": "ce", "max_iters": 40, "data_dir": "data", **config}
+    (run / "config.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
+    rows = [
+        {"step": s, "loss": 4.0 - 0.01 * s, "ce": 4.0 - 0.01 * s, "val_ce": 4.0 - 0.01 * s} for s in (10, 40)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_compare_never_pools_what_is_not_seeds_of_one_experiment(tmp_path, capsys):
+    from dpls.cli import main
+
+    a, b = _run(tmp_path, "a", 1337), _run(tmp_path, "b", 1337)
+    assert main(["compare", str(a), str(b), f"--out={tmp_path / 'r1'}"]) == 2
+    assert "both seed 1337" in capsys.readouterr().err
+    c = _run(tmp_path, "c", 1, max_iters=80)
+    assert main(["compare", str(a), str(c), f"--out={tmp_path / 'r2'}"]) == 2
+    assert "max_iters=40 vs 80" in capsys.readouterr().err
+    d = _run(tmp_path, "d", 2, out_dir="elsewhere", device="cuda")  # where and how: poolable
+    assert main(["compare", str(a), str(d), f"--out={tmp_path / 'r3'}"]) == 0

@@ -26,9 +26,9 @@ LOSSES = {
 def eval_metrics(arm: str, seed: int) -> dict[str, float]:
     """Deterministic, distinct numbers for every evaluation metric key."""
     offset = {"ce": 0.0, "ls": 0.01, "dpls": -0.05}[arm]
-    noise = {0: 0.0, 1: 0.1, 2: -0.05}[seed]
+    noise = {0: 0.0, 1: 0.1, 2: -0.05, 3: 0.07}[seed]
     # dpls − ce on "loss" is −0.05 + a seed-dependent wiggle; ls − ce is +0.01 + another.
-    wiggle = {"ce": 0.0, "ls": (0.02, -0.03, 0.015)[seed], "dpls": (0.0, 0.01, -0.01)[seed]}[arm]
+    wiggle = {"ce": 0.0, "ls": (0.02, -0.03, 0.015, 0.0)[seed], "dpls": (0.0, 0.01, -0.01, 0.02)[seed]}[arm]
     out = {k: 1.0 + 0.1 * i + noise + offset + wiggle for i, k in enumerate(EVAL_METRICS)}
     out["loss"] = 3.0 + noise + offset + wiggle
     out["ppl"] = math.exp(out["loss"])
@@ -185,13 +185,12 @@ def test_compare_groups_by_loss_and_pairs_by_seed(tmp_path: Path):
 
 def test_compare_unpaired_when_seeds_do_not_match(tmp_path: Path):
     ce = [make_run(tmp_path, f"ce_{s}", "ce", s) for s in (0, 1)]
-    dp = [make_run(tmp_path, f"dpls_{s}", "dpls", s) for s in (2,)]
-    dp.append(make_run(tmp_path, "dpls_2b", "dpls", 2))  # the same seed twice: cannot pair
+    dp = [make_run(tmp_path, f"dpls_{s}", "dpls", s) for s in (2, 3)]  # no seed in common: cannot pair
     report = write_report([*ce, *dp], tmp_path / "cmp")
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert summary["paired"] is False and summary["method"] == "welch"
     d = summary["differences"]["dpls_eps0.1_k100"]["loss"]
-    a = [eval_metrics("dpls", 2)["loss"]] * 2
+    a = [eval_metrics("dpls", s)["loss"] for s in (2, 3)]
     b = [eval_metrics("ce", s)["loss"] for s in (0, 1)]
     assert d["mean"] == pytest.approx(np.mean(a) - np.mean(b))
     assert d["method"] == "welch" and d["paired"] is False

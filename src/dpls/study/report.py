@@ -259,8 +259,9 @@ _POOLABLE_KEYS = frozenset(
 
 
 def check_poolable(groups: Mapping[str, Sequence[RunRecord]]) -> None:
-    """The runs of one arm are seeds of one experiment: same data, length and settings, each
-    seed once. Anything else pooled would be a silently wrong interval: ``ValueError``."""
+    """The runs of one arm are seeds of one experiment: same length and settings, each seed
+    once. Anything else pooled would be a silently wrong interval: ``ValueError``. (Runs on
+    different corpora are reported as such: see the report's data section.)"""
     for arm, runs in groups.items():
         first = runs[0]
         seen: dict[Any, RunRecord] = {}
@@ -271,13 +272,6 @@ def check_poolable(groups: Mapping[str, Sequence[RunRecord]]) -> None:
                     "seed would count twice; compare them as separate arms (different loss keys) or drop one"
                 )
             seen[r.seed] = r
-            data_a = first.data.get("corpus_fingerprint") or first.config.get("data_dir")
-            data_b = r.data.get("corpus_fingerprint") or r.config.get("data_dir")
-            if data_a != data_b:
-                raise ValueError(
-                    f"{first.run_dir} and {r.run_dir} (arm {arm!r}) were trained on different data "
-                    f"({first.config.get('data_dir')} vs {r.config.get('data_dir')}); compare runs of one corpus"
-                )
             keys = (set(first.config) | set(r.config)) - _POOLABLE_KEYS
             diff = sorted(k for k in keys if first.config.get(k) != r.config.get(k))
             if diff:
