@@ -110,9 +110,15 @@ def test_unwritable_results_folder_fails_before_exporting(tmp_path):
 
     run, _ = make_tiny_run(tmp_path)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match=r"cannot create the results folder .* is a file\)"):
+    with pytest.raises(ValueError, match=r"cannot create the folder .*a file is in the way"):
         run_lm_eval(run, "toy_mc", out_dir=tmp_path / "file" / "results")
     assert not (run / "hf").exists() and (tmp_path / "file").read_text() == "x"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")  # never replaced by a results table
+    with pytest.raises(ValueError, match="results.md, not written by dpls"):
+        run_lm_eval(run, "toy_mc", out_dir=mine)
+    assert not (run / "hf").exists() and (mine / "results.md").read_text() == "my notes"
 
 
 def test_parse_tasks_and_table():

@@ -66,7 +66,12 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         help="requests per forward pass, or 'auto' (default: %(default)s)",
     )
     add_device_options(parser, dtype_help="weights' precision in the harness (default: %(default)s)")
-    parser.add_argument("--out", default="lm_eval", help="results directory (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results directory (default: RUN/eval/lm_eval, inside the run); only an earlier "
+        "dpls lm-eval's results there are replaced",
+    )
     parser.add_argument("--seed", type=int, default=1234, help="harness seeds: sampling, few-shot choice")
     parser.set_defaults(func=run)
     return parser
@@ -74,7 +79,12 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 def run(args: argparse.Namespace) -> int:
     from dpls.eval.lm_eval import results_table, run_lm_eval
+    from dpls.runs.layout import EVAL_DIR, run_dir_of
 
+    if args.out is None:  # into the run, never the current folder
+        from pathlib import Path
+
+        args.out = str(run_dir_of(Path(args.checkpoint)) / EVAL_DIR / "lm_eval")
     try:
         results = run_lm_eval(
             args.checkpoint,

@@ -12,12 +12,11 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpls._io import write_json_atomic, write_text_atomic
+from dpls._io import check_output_dir, write_owned_json, write_owned_text
 from dpls.eval.evaluate import resolve_device
 
 DEFAULT_TASKS: tuple[str, ...] = ("hellaswag", "lambada_openai", "piqa", "arc_easy", "sciq")
@@ -98,17 +97,14 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+RESULT_FILES = ("results.json", "results.md")
+
+
 def _check_out_dir(out: Path) -> None:
     """The results folder can be created (checked first: it is written only after the
-    evaluation, which may take hours) and its results files are files."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"out_dir: cannot create the results folder {out} ({existing} is a file)")
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"out_dir: cannot create the results folder {out} ({existing} is not writable)")
-    for name in ("results.json", "results.md"):
-        if (out / name).exists() and not (out / name).is_file():
-            raise ValueError(f"out_dir: {out / name} exists and is not a file; choose another results folder")
+    evaluation, which may take hours) and writing its results files destroys nothing the
+    user owns (only an earlier ``dpls lm-eval``'s files are replaced)."""
+    check_output_dir(out, RESULT_FILES, "out_dir")
 
 
 def run_lm_eval(
@@ -189,6 +185,6 @@ def run_lm_eval(
     results["dpls"] = {"checkpoint": str(checkpoint), "hf_dir": str(model_dir)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "results.json", results, default=handle_non_serializable)
-        write_text_atomic(out / "results.md", results_table(results) + "\n")
+        write_owned_json(out / "results.json", results, default=handle_non_serializable)
+        write_owned_text(out / "results.md", results_table(results) + "\n")
     return results
