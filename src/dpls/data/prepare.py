@@ -80,6 +80,11 @@ def _normalize(settings: dict[str, Any]) -> dict[str, Any]:
 def _out_dir_state(out_dir: Path, settings: dict[str, Any]) -> str:
     """``"fresh"``, ``"resume"`` (our interrupted run, same settings) or ``"done"`` (finished,
     same settings); anything else is refused before a byte is written."""
+    from dpls._io import check_writable_dir
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
+    check_writable_dir(out_dir, "out")  # another user's folder: said now, not as a traceback later
     if not out_dir.exists():
         return "fresh"
     if not out_dir.is_dir():
