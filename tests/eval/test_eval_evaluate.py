@@ -74,6 +74,8 @@ def test_evaluate_checkpoint_writes_metrics_and_plots(run_and_data, tmp_path):
     assert sum(bins["reliability"]["count"]) == 200
     assert sum(bins["entropy_histogram"]["counts"]) == 200
     assert bins["checkpoint"].endswith("step_0000001")
+    meta = json.loads((Path(bins["data_dir"]) / "meta.json").read_text())
+    assert bins["corpus_fingerprint"] == meta.get("corpus_fingerprint")  # which tokens were evaluated
 
 
 def test_whole_validation_set_and_in_memory(run_and_data):

@@ -279,6 +279,7 @@ def evaluate_checkpoint(
             {
                 "checkpoint": str(path),
                 "data_dir": str(data_dir),
+                "corpus_fingerprint": val_meta.corpus_fingerprint,  # which tokens (meta.json)
                 "block_size": block_size,
                 "batch_size": batch_size,
                 "dtype": dtype,
