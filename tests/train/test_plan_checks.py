@@ -86,15 +86,20 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_writing(tmp_path, ca
     assert not out.exists()
 
 
-def test_another_tokenizer_of_a_smaller_vocabulary_is_refused(made, tmp_path, capsys):
+def _other_tokenizer_data(other: Path) -> Path:
+    """Data of another, smaller BPE (its ids fit any model trained on the text data)."""
     from dpls.data.tokenizer import train_bpe
 
-    data, run = made
-    other = tmp_path / "other"
     tok = train_bpe(["completely different words here, zebra quartz"] * 30, vocab_size=280)
     ids = np.array([t for _ in range(200) for t in [tok.eot, *tok.encode("zebra quartz words")]])
     write_data_dir(other, [ids], [ids[:400]], vocab_size=tok.vocab_size)
     tok.save(other / "tokenizer.json")
+    return other
+
+
+def test_another_tokenizer_of_a_smaller_vocabulary_is_refused(made, tmp_path, capsys):
+    data, run = made
+    other = _other_tokenizer_data(tmp_path / "other")
     meta = json.loads((other / "meta.json").read_text())
     assert meta["vocab_size"] <= json.loads((data / "meta.json").read_text())["vocab_size"]
     err = fails(
@@ -147,3 +152,16 @@ def test_unreadable_data_dir_is_a_clear_error(made, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == data else real(p, mode))
     with pytest.raises(ValueError, match="no permission to read"):
         plan_run(load_config(overrides=argv(data_dir=data, out_dir=tmp_path / "x")))
+
+
+def test_export_refuses_a_data_dir_prepared_again_with_another_tokenizer(made, tmp_path, capsys):
+    data, run = made
+    copy = shutil.copytree(run, tmp_path / "run")
+    shutil.rmtree(copy / "tokenizer")  # an older run: the export falls back on its data_dir
+    other = _other_tokenizer_data(tmp_path / "other")
+    for cfg in [copy / "config.toml", *copy.glob("checkpoints/*/config.toml")]:
+        cfg.write_text(cfg.read_text().replace(str(data), str(other)))
+    capsys.readouterr()
+    assert main(["export-hf", str(copy), str(tmp_path / "hf")]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
