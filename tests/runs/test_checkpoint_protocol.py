@@ -125,3 +125,20 @@ def test_a_damaged_checkpoint_names_the_file_and_the_way_out(tmp_path):
     (two / "trainer_state.json").write_text("{")
     with pytest.raises(ValueError, match=r"trainer_state\.json is damaged.*--resume_dir"):
         ckpt.read_trainer_state(two)
+
+
+def test_a_failed_rename_puts_the_committed_copy_back(tmp_path, monkeypatch):
+    _save(tmp_path, 2, 2.0)
+    real = ckpt.os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises(ckpt.CheckpointError, match="step_0000002 is intact"):
+        _save(tmp_path, 2, 9.0)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
+    assert _weight(tmp_path) == 2.0

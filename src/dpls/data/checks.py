@@ -24,7 +24,8 @@ CHUNK_TOKENS = 1 << 20  # ... of this many tokens each
 def tokenizer_fingerprint_of(directory: str | Path) -> str | None:
     """The tokenizer fingerprint of a data directory or a run's ``tokenizer/`` copy: the one
     ``meta.json`` records, else computed from its tokenizer file; None when there is none
-    (no meta.json, or a GPT-2 one without a recorded fingerprint: GPT-2 is one tokenizer)."""
+    (no meta.json, an unreadable tokenizer file, or a GPT-2 one without a recorded
+    fingerprint: GPT-2 is one tokenizer)."""
     from dpls.data.tokenizer import load_tokenizer
 
     directory = Path(directory)
@@ -35,7 +36,10 @@ def tokenizer_fingerprint_of(directory: str | Path) -> str | None:
         return meta.tokenizer_fingerprint
     if meta.tokenizer != "bpe" or not meta.tokenizer_file or not (directory / meta.tokenizer_file).is_file():
         return None
-    return load_tokenizer(directory).fingerprint()
+    try:
+        return load_tokenizer(directory).fingerprint()
+    except DataError:  # unreadable: nothing to compare (training itself never reads it)
+        return None
 
 
 def check_same_tokenizer(expected: str | None, data_dir: str | Path, what: str) -> None:

@@ -381,6 +381,9 @@ def save_checkpoint(
     if failed:
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+            for moved in folder.glob(f"{final.name}{_OLD_MARK}*"):  # a rename failed after step 1
+                if not final.exists() and is_complete(moved):
+                    os.replace(moved, final)
         previous = latest_checkpoint(run_dir)
         intact = (
             f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
