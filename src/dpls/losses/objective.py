@@ -114,7 +114,9 @@ class LossConfig:
 class ObjectiveOutput:
     loss: torch.Tensor  # the objective (0-d, with grad)
     ce: torch.Tensor  # plain cross-entropy of the same tokens (0-d, detached)
-    epsilon: float  # the ε in force (mean ε_i for adaptive modes); 0 for objectives without one
+    # the ε in force; 0 for objectives without one. Adaptive modes: the mean ε_i over valid
+    # tokens as a 0-d tensor on the logits' device (the trainer reads it on log steps only)
+    epsilon: float | torch.Tensor
 
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
@@ -277,10 +279,10 @@ class _SmoothedObjective(Objective):
         }
 
 
-def _eps_report(eps: float | torch.Tensor, target: torch.Tensor) -> float:
+def _eps_report(eps: float | torch.Tensor, target: torch.Tensor) -> float | torch.Tensor:
     if not isinstance(eps, torch.Tensor):
         return float(eps)
-    return float(_masked_mean(eps, target))  # one host sync, adaptive modes only
+    return _masked_mean(eps.detach(), target)  # stays on the device: no host sync
 
 
 @register_objective("ce")

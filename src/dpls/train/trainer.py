@@ -173,11 +173,12 @@ def _copy_tokenizer(data_dir: str, meta: dict[str, Any], run_dir: Path) -> None:
         shutil.copy2(Path(data_dir) / name, dest / Path(name).name)
 
 
-def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def _clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The total gradient norm before clipping, left on the device (no host sync)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
 
 
 def _fmt_row(row: dict[str, Any], max_iters: int) -> str:
@@ -214,6 +215,7 @@ class Parts:
     autocast: Any  # torch.autocast, or a null context in float32
     state: dict[str, Any]  # the restored trainer state ({} for a new run)
     faults: Faults  # faults injected by tests (none in a real run)
+    stop_flag: torch.Tensor | None = None  # several ranks: the stop request reduced with the last step
 
 
 def build(plan: RunPlan, ctx: Any) -> Parts:
@@ -312,17 +314,33 @@ def prepare_run_dir(plan: RunPlan, ctx: Any, step: int) -> None:
 # -- one optimizer step -----------------------------------------------------------------------
 
 
+# What `StepStats.values` holds, in order:
+# loss: the objective, mean over the whole global batch (all micro-steps, all ranks);
+# ce: plain cross-entropy of the same tokens; epsilon: the ε in force; grad_norm: before clipping;
+# skipped: 1.0 when the loss or gradient was non-finite on some rank (the weights did not change).
+STEP_VALUES = ("loss", "ce", "epsilon", "grad_norm", "skipped")
+
+
 @dataclass
 class StepStats:
-    """One optimizer step, as every rank agrees on it."""
+    """One optimizer step, as every rank agrees on it.
 
-    loss: float  # the objective, mean over the whole global batch (all micro-steps, all ranks)
-    ce: float  # plain cross-entropy of the same tokens
-    epsilon: float  # the ε in force
-    grad_norm: float  # before clipping
-    skipped: bool  # non-finite loss or gradient on some rank: the weights did not change
+    The values stay on the device: reading them waits for the device to finish the step, so
+    the loop reads them (`read`) on log steps only and the host runs ahead on the others.
+    """
+
+    values: torch.Tensor  # float32 [len(STEP_VALUES)], on the device
     stopping: bool  # some rank received SIGTERM / SIGINT: stop after this step
     diagnostics: dict[str, float] | None = None  # logit_max, lse_mean, attn_logit_max (log steps)
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        """1.0 if the step was skipped, else 0.0 (on the device)."""
+        return self.values[STEP_VALUES.index("skipped")]
+
+    def read(self) -> dict[str, float]:
+        """The values on the host: one small copy, which waits for the step to finish."""
+        return dict(zip(STEP_VALUES, self.values.tolist(), strict=True))
 
 
 def _step_module(parts: Parts) -> TrainStep:
@@ -341,12 +359,16 @@ def train_step(
     """One optimizer step at learning rate ``lr``: this rank's micro-steps, clipping, and the update.
 
     ``step`` is the 0-based index of the step being taken (the objective's schedules see it).
-    Gradients are all-reduced once, in the backward of the last micro-step; one collective
-    then decides for every rank whether to skip the update and whether to stop after it.
+    Gradients are all-reduced once, in the backward of the last micro-step. Nothing here
+    waits for the device: whether to skip a non-finite update is decided on the device (the
+    fused AdamW's ``found_inf``, as ``GradScaler`` uses it), and with several ranks the
+    stop request is agreed one step late (the flag reduced with this step is read in the
+    next one, when this step's work is already queued).
     ``diagnostics`` (log steps): also measure the instability diagnostics of this step's
     forward (`dpls.train.diagnostics`); the gradients and the update are the same either way.
     """
     from dpls.distributed import no_sync
+    from dpls.losses.validation import values_checked
 
     ctx, wrapped = parts.ctx, parts.wrapped
     micro_steps = cfg.gradient_accumulation_steps // ctx.world_size
@@ -361,27 +383,56 @@ def train_step(
     for micro in range(micro_steps):
         x, y = next(parts.batches)
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        with no_sync(wrapped, enabled=micro < micro_steps - 1), parts.autocast:
+        # values_checked: plan_run checked every token id against V (no scan on the device)
+        with no_sync(wrapped, enabled=micro < micro_steps - 1), parts.autocast, values_checked():
             out = wrapped(x, y, step)
         if diag is not None:
             diag.add_attention(parts.model.attention_logit_max())
         loss = parts.faults.nan(out.loss, step + 1, ctx.rank)
         (loss / micro_steps).backward()
-        eps = torch.tensor(float(out.epsilon), device=ctx.device)
-        sums += torch.stack([loss.detach().float(), out.ce.float(), eps])
-    grad_norm = _clip_grad_norm(parts.params, cfg.grad_clip)
-    mean_loss, mean_ce, mean_eps = (ctx.all_reduce_sum(sums) / cfg.gradient_accumulation_steps).tolist()
-    nonfinite = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
-    flags = ctx.all_reduce_max(torch.tensor([float(nonfinite), float(stop_requested)]))
-    skip, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
-    if not skip:
-        parts.optimizer.step()
+        sums += torch.stack([loss.detach().float(), out.ce.float(), _as_float32(out.epsilon, sums)])
+    grad_norm = _clip_grad_norm(parts.params, cfg.grad_clip).float().reshape(1)
+    means = ctx.all_reduce_sum(sums) / cfg.gradient_accumulation_steps
+    nonfinite = (~torch.isfinite(means[0]) | ~torch.isfinite(grad_norm[0])).float()
+    if ctx.world_size == 1:
+        skip, stopping = nonfinite, stop_requested
+    else:
+        flags = ctx.all_reduce_max(
+            torch.stack([nonfinite, torch.full_like(nonfinite, float(stop_requested))])
+        )
+        skip, pending = flags[0], parts.stop_flag
+        parts.stop_flag = flags[1]
+        stopping = pending is not None and bool(pending > 0)  # last step's flag: done by now
+    _step_unless(parts.optimizer, skip)
     parts.optimizer.zero_grad(set_to_none=True)
     values = None
     if diag is not None:
         _record_diagnostics(parts, None)
         values = diag.reduce(ctx)
-    return StepStats(mean_loss, mean_ce, mean_eps, grad_norm, skip, stopping, values)
+    return StepStats(torch.cat([means, grad_norm, skip.reshape(1)]), stopping, values)
+
+
+def _as_float32(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 tensor on ``like``'s device; a Python float is filled in, never copied
+    from the host (and a tensor is never read back)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().reshape(())
+    return like.new_full((), value, dtype=torch.float32)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a 0-d float tensor, 1.0: skip).
+
+    A fused optimizer takes the decision on the device: its ``found_inf`` input (set the way
+    ``GradScaler`` sets it) leaves parameters, moments and the step count untouched, exactly
+    as if ``step()`` had not been called. Any other optimizer reads the flag on the host.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+        optimizer.found_inf = skip  # type: ignore[attr-defined]
+        optimizer.step()
+    elif not bool(skip > 0):
+        optimizer.step()
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -490,6 +541,8 @@ def train(cfg: TrainConfig) -> Path:
                 bar.write(f"dpls train: note: {note}")
         stopped_by: signal.Signals | None = None
         meter = _Throughput()
+        skips = _Skips(ctx.device, skipped_in_a_row, cfg.max_skipped_steps)
+        tripped = 0  # the step at which max_skipped_steps in a row were reached (0: never)
         started = time.perf_counter()
         try:
             with StopRequest() as stop, bar:
@@ -502,28 +555,37 @@ def train(cfg: TrainConfig) -> Path:
                     lr = cosine_lr(step, **lr_args)
                     log_step = (step + 1) % cfg.log_interval == 0 or step + 1 == cfg.max_iters
                     stats = train_step(parts, cfg, step, lr, stop.requested, diagnostics=log_step)
-                    skipped_in_a_row = skipped_in_a_row + 1 if stats.skipped else 0
                     step += 1
                     tokens += tokens_per_step
+                    skips.add(stats.skipped, step)
+                    last = step == cfg.max_iters
+                    save_step = step % cfg.checkpoint_interval == 0 or last or stats.stopping
+                    # The host waits for the device on log and checkpoint steps only.
+                    values = stats.read() if log_step else None
+                    skipped_since_row = 0
+                    if log_step or save_step:
+                        skipped_since_row, skipped_in_a_row, tripped = skips.read()
                     meter.add(tokens_per_step, time.perf_counter() - t0)
-                    bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{meter.last:,.0f}")
 
                     # -- log, evaluate, checkpoint, stop ---------------------------------------
-                    last = step == cfg.max_iters
                     row: dict[str, Any] = {}
-                    if step % cfg.log_interval == 0 or stats.skipped or last:
+                    if values is None:
+                        bar.update(1)
+                    else:
                         tps = meter.rate()
+                        bar.update(1, loss=f"{values['loss']:.4f}", tok_s=f"{tps:,.0f}")
+                        skips.logged()
                         row = {
                             "step": step,
                             "tokens": tokens,
-                            "loss": stats.loss,
-                            "ce": stats.ce,
-                            "epsilon": stats.epsilon,
+                            "loss": values["loss"],
+                            "ce": values["ce"],
+                            "epsilon": values["epsilon"],
                             "lr": lr,
-                            "grad_norm": stats.grad_norm,
+                            "grad_norm": values["grad_norm"],
                             "tokens_per_s": tps,
                             "mfu": mfu(flops_per_token, tps, peak, ctx.world_size),
-                            "skipped": int(stats.skipped),
+                            "skipped": skipped_since_row,  # steps skipped since the previous row
                             **(stats.diagnostics or {}),
                             "elapsed_s": time.perf_counter() - started,
                         }
@@ -531,16 +593,16 @@ def train(cfg: TrainConfig) -> Path:
                         row = {"step": step, "tokens": tokens, **row, **validate()}
                     if row:
                         log(row)
-                    if "loss" in row and (began := watch.see(step, stats.ce)) is not None:
+                    if values is not None and (began := watch.see(step, values["ce"])) is not None:
                         raise diverged(
                             began,
                             f"the training CE of {watch.window} logged steps in a row was above the "
                             f"initial validation CE {watch.initial:.4f} or not finite",
                         )
-                    if skipped_in_a_row >= cfg.max_skipped_steps:
+                    if tripped:  # found at this read; the limit may have been reached a few steps ago
                         raise diverged(
-                            step - skipped_in_a_row + 1,
-                            f"{skipped_in_a_row} non-finite steps in a row "
+                            tripped - cfg.max_skipped_steps + 1,
+                            f"{max(skipped_in_a_row, cfg.max_skipped_steps)} non-finite steps in a row "
                             f"(max_skipped_steps={cfg.max_skipped_steps}); they did not change the weights",
                         )
                     if step % cfg.checkpoint_interval == 0 or last or stats.stopping:
@@ -564,6 +626,33 @@ def train(cfg: TrainConfig) -> Path:
     finally:
         if owns_group:
             ctx.destroy()
+
+
+class _Skips:
+    """Skipped (non-finite) steps counted on the device, so that a step that is not logged
+    never waits to learn whether it was skipped; `read` (log and checkpoint steps) copies
+    three numbers to the host."""
+
+    def __init__(self, device: torch.device, in_a_row: int, limit: int) -> None:
+        # skipped since the last row, skipped in a row now, the step at which `limit` in a row
+        # was first reached (0: not yet); float64 holds step numbers exactly
+        self._t = torch.tensor([0.0, float(in_a_row), 0.0], dtype=torch.float64, device=device)
+        self.limit = limit
+
+    def add(self, skipped: torch.Tensor, step: int) -> None:
+        since, run, tripped = self._t.unbind()
+        run = (run + 1) * skipped
+        tripped = torch.where((tripped == 0) & (run >= self.limit), float(step), tripped)
+        self._t = torch.stack([since + skipped, run, tripped])
+
+    def read(self) -> tuple[int, int, int]:
+        """(skipped since the last row, skipped in a row now, step the limit tripped or 0)."""
+        since, run, tripped = self._t.tolist()
+        return int(since), int(run), int(tripped)
+
+    def logged(self) -> None:
+        """A row was written: count from zero again."""
+        self._t[0] = 0.0
 
 
 class _Throughput:
