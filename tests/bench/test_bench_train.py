@@ -48,7 +48,7 @@ def test_unknown_preset_is_a_usage_error(capsys):
 def test_bad_loss_keys_and_outputs_are_usage_errors_before_any_case(capsys, monkeypatch):
     import dpls.bench.train as bt
 
-    monkeypatch.setattr(bt, "time_case", lambda *a, **k: pytest.fail("a case ran before the checks"))
+    monkeypatch.setattr(bt, "build_case", lambda *a, **k: pytest.fail("a case ran before the checks"))
     base = ["bench", "train", "--presets", "tiny", "--device", "cpu", "--vocab-size", "512"]
     for extra, needle in (
         (["--losses", "ce,dlps"], "loss must be one of"),
@@ -61,3 +61,70 @@ def test_bad_loss_keys_and_outputs_are_usage_errors_before_any_case(capsys, monk
         assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
+
+
+def test_nanogpt_yardstick_and_the_trainers_own_step(monkeypatch):
+    """The dpls rows time `train_step` itself; the nanogpt row is the GPT-2-style model in its
+    plain step; every row carries its speed relative to that row."""
+    import dpls.train.trainer as trainer
+
+    calls = []
+    real = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rows = bench_train(
+        ["tiny", "nanogpt"],
+        ["ce", "dpls"],
+        ["chunked"],
+        batch_size=2,
+        block_size=16,
+        steps=2,
+        warmup=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        compile_model=False,
+        epsilon=0.1,
+        top_k=10,
+        vocab_size=512,
+    )
+    assert [(r.preset, r.loss, r.impl) for r in rows] == [
+        ("tiny", "ce", "chunked"),
+        ("tiny", "dpls", "chunked"),
+        ("nanogpt", "ce", "torch"),
+    ]
+    assert len(calls) == 2 * (1 + 2)  # two dpls cases, one warm-up and two timed steps each
+    nano = rows[-1]
+    assert nano.speed_vs_nanogpt == 1.0 and nano.ratio_to_ce == 1.0
+    for r in rows:
+        assert math.isclose(r.speed_vs_nanogpt, r.tokens_per_s / nano.tokens_per_s)
+    assert "tok/s vs nanogpt" in format_table(rows)
+
+
+def test_gpt2_yardstick_is_causal_and_learns():
+    from dpls.bench.gpt2 import GPT2, GPT2Config, plain_optimizer, plain_step
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    x = torch.randint(0, 64, (2, 16))
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:, :10], model(changed)[:, :10])  # no peeking ahead
+        assert not torch.allclose(model(x)[:, 10:], model(changed)[:, 10:])
+    y = (x + 1) % 64
+    opt = plain_optimizer(model, torch.device("cpu"))
+    for g in opt.param_groups:
+        g["lr"] = 1e-2
+
+    def loss() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+
+    before = loss()
+    for _ in range(20):
+        plain_step(model, opt, x, y)
+    assert loss() < before - 1.0
+
+
+def test_threads_must_be_positive(capsys):
+    assert main(["bench", "train", "--presets", "tiny", "--device", "cpu", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err

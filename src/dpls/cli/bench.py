@@ -59,7 +59,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from dpls.bench.train import DTYPES
 
     parser.add_argument(
-        "--presets", default="124m,350m", help="comma-separated model presets (default: %(default)s)"
+        "--presets",
+        default="124m,350m",
+        help="comma-separated model presets, and 'nanogpt': a GPT-2-style model at nanoGPT's README CPU "
+        "shape in nanoGPT's kind of step, the yardstick for the 'tok/s vs nanogpt' column "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
     parser.add_argument(
         "--losses", default="ce,dpls", help="comma-separated losses, ce first (default: %(default)s)"
@@ -103,14 +110,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from dpls.bench.train import DTYPES, bench_train, check_cases, format_table
+    from dpls.bench.train import DTYPES, NANOGPT, bench_train, check_cases, format_table
     from dpls.eval.evaluate import resolve_device
     from dpls.model import PRESETS
 
     presets = [p for p in args.presets.split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS]
+    unknown = [p for p in presets if p not in PRESETS and p != NANOGPT]
     if unknown:
-        raise UsageError(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)}")
+        raise UsageError(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)} and {NANOGPT!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     for name in ("steps", "batch_size", "block_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
