@@ -109,3 +109,12 @@ def test_compare_never_pools_what_is_not_seeds_of_one_experiment(tmp_path, capsy
     assert "max_iters=40 vs 80" in capsys.readouterr().err
     d = _run(tmp_path, "d", 2, out_dir="elsewhere", device="cuda")  # where and how: poolable
     assert main(["compare", str(a), str(d), f"--out={tmp_path / 'r3'}"]) == 0
+
+
+def test_a_users_file_in_the_report_folder_is_found_before_training(tmp_path, data):
+    report = tmp_path / "study" / "report"
+    report.mkdir(parents=True)
+    (report / "report.md").write_text("my draft")
+    with pytest.raises(ValueError, match="report.md, not written by dpls"):
+        plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))
+    assert (report / "report.md").read_text() == "my draft"

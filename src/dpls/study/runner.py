@@ -318,6 +318,10 @@ def plan_study(spec: StudySpec) -> StudyPlan:
             raise ValueError(
                 f"[eval] lm_eval_include_path {spec.eval.lm_eval_include_path} is not a directory"
             )
+    from dpls._io import check_output_dir
+    from dpls.study.report import REPORT_FILES
+
+    check_output_dir(study_dir / REPORT_DIR, REPORT_FILES, "the study's report folder")  # not after training
     if len(spec.seeds) == 1:
         notes.append("one seed: the report can give differences but no intervals")
     if (data_dir / "meta.json").is_file():
