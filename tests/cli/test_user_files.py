@@ -182,6 +182,10 @@ def test_export_files_are_readable_by_others(run, tmp_path):
 
 
 def test_run_files_are_readable_by_others(run):
+    from dpls._io import current_umask
+
+    if current_umask() & 0o004:
+        pytest.skip("this umask makes files private on purpose")
     for f in run.rglob("*"):
         if f.is_file():
             assert f.stat().st_mode & stat.S_IROTH, f
