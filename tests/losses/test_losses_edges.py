@@ -363,3 +363,26 @@ def test_empty_batch_everywhere(reduction):
         assert (out == 0).all()
         out.sum().backward()
         assert x.grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_second_backward_with_retain_graph_gives_the_same_gradient(reduction):
+    z = torch.randn(6, 400, requires_grad=True)
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(400, 8)
+    y = torch.randint(0, 400, (6,))
+    for leaf, loss in (
+        (z, dpls_loss(z, y, top_k=3, impl="chunked", reduction=reduction).sum()),
+        (h, dpls_linear_loss(h, w, y, top_k=3, reduction=reduction).sum()),
+    ):
+        loss.backward(retain_graph=True)
+        first = leaf.grad.clone()
+        loss.backward()
+        torch.testing.assert_close(leaf.grad, 2 * first)
+    # With inplace_backward the logits are the gradient: a second backward is refused by autograd.
+    x = z.detach() * 1.0
+    x.requires_grad_()
+    out = dpls_loss(x * 1.0, y, top_k=3, impl="chunked", inplace_backward=True)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.backward()
