@@ -108,10 +108,8 @@ def _worker(splits: list[int]) -> list[tuple[float, float, float]]:
         assert v == bounds[-1]
         logits, target, eps = make_case(i, n, v, ties=ties, per_token_eps=per_tok)
         errs = torch.tensor(_max_errors(logits, target, eps, k, red, start, stop))
-        if not ties:  # tie-breaking is free (docs/reference.md): compare with dpls_loss only without ties
-            errs = errs.maximum(
-                torch.tensor(_max_errors(logits, target, eps, k, red, start, stop, "dpls_loss"))
-            )
+        # One tie rule everywhere (lowest global index): the single-device loss agrees even at ties.
+        errs = errs.maximum(torch.tensor(_max_errors(logits, target, eps, k, red, start, stop, "dpls_loss")))
         errors.append(tuple(ctx.all_reduce_max(errs).tolist()))  # worst over the ranks
     # all ignored: loss 0, zero gradient, on every rank
     local = torch.randn(4, stop - start, requires_grad=True)
