@@ -124,3 +124,50 @@ def test_context_overflow_names_the_room_left():
     tok, model = ByteTokenizer(), _model()
     with pytest.raises(ValueError, match=r"block_size 48.*at most 45 new tokens"):
         next(stream_sample(model, tok, "ab", Sampling(max_new_tokens=46), torch.Generator()))
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    from data_helpers import make_text_data, train_tiny_run
+
+    root = tmp_path_factory.mktemp("gen")
+    data = make_text_data(root / "data")
+    return train_tiny_run(data, root / "run", steps=3), data
+
+
+def test_validation_prompts_are_document_openings(text_run):
+    from dpls.data.shards import read_shard
+    from dpls.eval.generation import validation_prompts
+
+    _, data = text_run
+    prompts = validation_prompts(data, 5, 4)
+    val = read_shard(data / "val_000000.bin").tolist()
+    starts = [i for i, t in enumerate(val) if t == 0 and i + 5 <= len(val) and 0 not in val[i + 1 : i + 5]]
+    assert prompts == [val[i : i + 5] for i in starts[:5]]
+    assert validation_prompts(data, 3, 10_000) == []  # no document that long
+
+
+def test_run_samples_is_seeded_and_measured(text_run, monkeypatch):
+    from dpls.eval.generation import run_samples
+
+    run, data = text_run
+    kwargs = dict(num_samples=4, prompt_tokens=3, max_new_tokens=10, device="cpu")
+    a = run_samples(run, data, seed=1, **kwargs)
+    assert a == run_samples(run, data, seed=1, **kwargs) and a["notes"] == []
+    assert a["samples"] != run_samples(run, data, seed=2, **kwargs)["samples"]
+    assert len(a["prompts"]) == len(a["samples"]) == 4 and set(a["metrics"]) == set(GENERATION_METRICS)
+    assert a["settings"]["max_new_tokens"] == 10 and 0 <= a["metrics"]["mean_length"] <= 10
+    # a tokenizer that cannot be loaded here (GPT-2's, offline): token ids instead of text
+    import dpls.data.tokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(dpls.data.tokenizer, "load_tokenizer", offline)
+    b = run_samples(run, data, seed=1, **kwargs)
+    assert b["metrics"] == a["metrics"] and "no network" in b["notes"][0]
+    assert all(p.replace(" ", "").isdigit() for p in b["prompts"])
+    # nothing to prompt with: no samples, a note, no error
+    monkeypatch.undo()
+    c = run_samples(run, data, seed=1, **{**kwargs, "prompt_tokens": 10_000})
+    assert c["samples"] == [] and c["metrics"] == {} and "no validation document" in c["notes"][0]

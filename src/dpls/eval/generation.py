@@ -196,14 +196,25 @@ def run_samples(
     numbers), and their generation metrics: what ``samples.json`` of a study run holds.
 
     Never an error after a study's training: too few validation documents give fewer
-    samples, and none (or no room in the context) gives none, with a ``note`` saying why.
+    samples, and none (or no room in the context) gives none; a tokenizer that cannot be
+    loaded here (GPT-2's, offline) leaves the texts as token ids. A ``note`` says which.
     """
     import torch
 
+    from dpls.data.meta import DataMeta
     from dpls.data.tokenizer import load_tokenizer
     from dpls.runs.checkpoint import load_model
 
-    tokenizer = load_tokenizer(data_dir)
+    eot = DataMeta.load(data_dir, check_shards=False).eot_token
+    notes = []
+    try:
+        decode = load_tokenizer(data_dir).decode
+    except (ValueError, OSError) as err:  # OSError: a download that cannot happen here
+        notes.append(f"texts are token ids: the tokenizer could not be loaded ({err})")
+
+        def decode(ids: Sequence[int]) -> str:
+            return " ".join(str(i) for i in ids)
+
     prompts = validation_prompts(data_dir, num_samples, prompt_tokens)
     model = load_model(checkpoint, device=device)
     new = min(max_new_tokens, model.config.block_size - (prompt_tokens + 1))
@@ -214,26 +225,25 @@ def run_samples(
         "temperature": temperature,
         "seed": seed,
     }
-    note = None
     if not prompts:
-        note = f"no validation document has {prompt_tokens} tokens to prompt with"
+        notes.append(f"no validation document has {prompt_tokens} tokens to prompt with")
     elif new < 1:
-        note = f"a prompt of {prompt_tokens} tokens leaves no room in block_size {model.config.block_size}"
-    if note is not None:
-        return {"settings": settings, "prompts": [], "samples": [], "metrics": {}, "note": note}
+        notes.append(
+            f"a prompt of {prompt_tokens} tokens leaves no room in block_size {model.config.block_size}"
+        )
+    if not prompts or new < 1:
+        return {"settings": settings, "prompts": [], "samples": [], "metrics": {}, "notes": notes}
     idx = torch.tensor(prompts, dtype=torch.long, device=device)
     out = model.generate(
-        idx, new, temperature=temperature, generator=make_generator(seed, device), eos_id=tokenizer.eot
+        idx, new, temperature=temperature, generator=make_generator(seed, device), eos_id=eot
     )
-    samples = []
-    for row in out[:, idx.shape[1] :].tolist():
-        ended = tokenizer.eot in row
-        samples.append(row[: row.index(tokenizer.eot)] if ended else row)
+    samples = [row[: row.index(eot)] if eot in row else row for row in out[:, idx.shape[1] :].tolist()]
     return {
         "settings": settings,
-        "prompts": [tokenizer.decode(p[1:]) for p in prompts],
-        "samples": [tokenizer.decode(t) for t in samples],
+        "prompts": [decode(p[1:]) for p in prompts],
+        "samples": [decode(t) for t in samples],
         "metrics": generation_metrics(samples),
+        "notes": notes,
     }
 
 
