@@ -73,5 +73,10 @@ def test_lazy_exports_match_their_type_checking_imports(init: Path) -> None:
     runtime = {name: resolve_name(where, package) for name, where in module._EXPORTS.items()}
     assert seen == runtime, f"{package}: TYPE_CHECKING imports and _EXPORTS differ"
     assert set(module.__all__) - {"__version__"} == set(runtime), f"{package}: __all__ and _EXPORTS differ"
+    submodules = {p.stem for p in init.parent.glob("*.py")} | {
+        p.parent.name for p in init.parent.glob("*/__init__.py")
+    }
+    shadowed = sorted(set(runtime) & submodules)  # importing the submodule would replace the export
+    assert not shadowed, f"{package}: exports named like a submodule: {shadowed}"
     for name, where in runtime.items():
         assert getattr(module, name) is getattr(importlib.import_module(where), name)

@@ -1,7 +1,8 @@
 """Evaluation: the one implementation of every metric, the eval driver, HF export and lm-eval.
 
 Only `metrics` is light (torch + numpy); the rest pull in transformers, matplotlib or
-lm_eval, so every name is imported on first use.
+lm_eval, so every name is imported on first use. The HF export is `dpls.eval.export_hf.export_hf`:
+a package attribute cannot share its name with a submodule (importing the submodule replaces it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dpls._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from dpls.eval.evaluate import evaluate_checkpoint, evaluate_model
-    from dpls.eval.export_hf import export_hf
     from dpls.eval.lm_eval import run_lm_eval
     from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator, ReliabilityBins
 
@@ -23,7 +23,6 @@ _EXPORTS: dict[str, str] = {
     "ReliabilityBins": ".metrics",
     "evaluate_model": ".evaluate",
     "evaluate_checkpoint": ".evaluate",
-    "export_hf": ".export_hf",
     "run_lm_eval": ".lm_eval",
 }
 
@@ -33,7 +32,6 @@ __all__ = [
     "ReliabilityBins",
     "evaluate_checkpoint",
     "evaluate_model",
-    "export_hf",
     "run_lm_eval",
 ]
 
