@@ -165,3 +165,22 @@ def test_export_refuses_a_data_dir_prepared_again_with_another_tokenizer(made, t
     assert main(["export-hf", str(copy), str(tmp_path / "hf")]) == 2
     assert "another tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_memory_estimate_counts_parameters_activations_and_logits():
+    import torch
+
+    from dpls.model import Transformer, model_config
+    from dpls.train.config import TrainConfig
+    from dpls.train.memory import estimate_bytes
+
+    mc = model_config("tiny", vocab_size=300, n_layer=2, n_embd=32, n_head=2, block_size=64)
+    cfg = TrainConfig(batch_size=4, block_size=64, dtype="float32")
+    parts = estimate_bytes(cfg, mc, torch.device("cpu"))
+    assert parts["parameters and AdamW"] == 16 * sum(p.numel() for p in Transformer(mc).parameters())
+    assert parts["logits"] == 3 * 4 * 64 * 300 * 4
+    assert parts["activations"] == 2 * 4 * (34 * 64 * 32 + 5 * 2 * 64 * 64) * 4
+    fused = estimate_bytes(
+        TrainConfig(batch_size=4, block_size=64, fused_linear_loss=True), mc, torch.device("cpu")
+    )
+    assert fused["logits"] == 0

@@ -4,7 +4,8 @@ A run that cannot fit should fail in a second with numbers, not after minutes of
 with an allocator message, nor (on CPU) by the out-of-memory killer. The estimate counts
 what training certainly holds, so it errs low rather than refusing a run that would fit:
 
-* parameters, their gradients and AdamW's two moments: 16 bytes per parameter (float32);
+* parameters, their gradients and AdamW's two moments: 16 bytes per parameter (float32;
+  a 1/N share per rank under FSDP2);
 * activations kept for the backward, per layer and micro-batch: about ``34·T·C`` values
   per sequence (Korthikanti et al. 2022), plus ``5·heads·T²`` for attention scores where
   attention is materialised (CPU; CUDA uses fused attention that does not keep them);
@@ -57,7 +58,8 @@ def estimate_bytes(cfg: Any, mc: Any, device: torch.device, world_size: int = 1)
     scores = 5 * mc.n_head * t * t if device.type != "cuda" else 0
     activations = layers * b * (34 * t * c + scores) * act_bytes
     logits = 0 if cfg.fused_linear_loss else 3 * b * t * mc.vocab_size * 4
-    return {"parameters and AdamW": 16 * params, "activations": activations, "logits": logits}
+    sharded = world_size if getattr(cfg, "parallel", None) == "fsdp" else 1  # FSDP2: 1/N per rank
+    return {"parameters and AdamW": 16 * params // sharded, "activations": activations, "logits": logits}
 
 
 def check_memory(cfg: Any, mc: Any, device: torch.device, world_size: int = 1) -> list[str]:
@@ -79,6 +81,6 @@ def check_memory(cfg: Any, mc: Any, device: torch.device, world_size: int = 1) -
         )
     if need > WARN_SHARE * have:
         return [
-            f"warning: this run needs about {need / GIB:,.1f} GiB of the {have / GIB:,.1f} GiB {source} ({detail} GiB)"
+            f"this run needs about {need / GIB:,.1f} GiB of the {have / GIB:,.1f} GiB {source} ({detail} GiB)"
         ]
     return []

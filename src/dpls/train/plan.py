@@ -280,7 +280,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
         notes += _check_no_earlier_run(run_dir, cfg)
     if cfg.warmup_iters > cfg.max_iters:
         notes.append(
-            f"warning: warmup_iters={cfg.warmup_iters} exceeds max_iters={cfg.max_iters}: the learning rate "
+            f"warmup_iters={cfg.warmup_iters} exceeds max_iters={cfg.max_iters}: the learning rate "
             f"never reaches learning_rate={cfg.learning_rate} (it stops at "
             f"{cfg.learning_rate * cfg.max_iters / max(cfg.warmup_iters, 1):.3g})"
         )
