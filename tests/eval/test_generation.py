@@ -17,6 +17,8 @@ from dpls.eval.generation import (
 )
 from dpls.model import ModelConfig, Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_generation_metrics_by_hand():
     samples = [[1, 2, 1, 2, 1, 2, 3], [4, 4, 4, 4, 4]]

@@ -11,6 +11,8 @@ import torch
 from dpls.model import ModelConfig, Transformer
 from dpls.model.generate import check_sampling, filter_logits, generate_tokens, next_token
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATTENTIONS = {
     "mha": {},
     "gqa": {"n_kv_head": 2},
