@@ -205,7 +205,10 @@ class StudyPlan:
             lm = f"; lm-eval {', '.join(ev.lm_eval_tasks)}"
             lm += f" (limit {ev.lm_eval_limit})" if ev.lm_eval_limit else ""
         gen = f"; {ev.samples} samples of {ev.sample_tokens} tokens" if ev.samples else ""
-        lines.append(f"  eval: {f'{ev.tokens:,}' if ev.tokens else 'all'} validation tokens per run{lm}{gen}")
+        which = " at the baseline's best value" if s.sweep else ""
+        lines.append(
+            f"  eval: {f'{ev.tokens:,}' if ev.tokens else 'all'} validation tokens per run{which}{lm}{gen}"
+        )
         lines.append(f"  {len(self.arms) + (self.trunk is not None)} training runs, {total:,} steps in all")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
