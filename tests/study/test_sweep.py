@@ -274,3 +274,83 @@ def test_sweep_with_an_absurd_learning_rate_finishes_and_reports(tmp_path, tiny_
     out = capsys.readouterr().out
     assert out.count("kept as a result") == 2 and out.count("already trained, skipped") == 2
     assert before == {p: p.stat().st_mtime_ns for p in study.glob("arms/*/*/seed0/metrics.jsonl")}
+
+
+# -- the README's stability section ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+STABILITY = "stability_cpu"
+
+
+def _committed_stability() -> dict:
+    from dpls.study.readme import SUMMARY, study_assets
+
+    return json.loads((ROOT / study_assets(STABILITY) / SUMMARY).read_text())
+
+
+def _has_stability_section() -> bool:
+    from dpls.study.readme import study_markers
+
+    return study_markers(STABILITY)[0] in (ROOT / "README.md").read_text()
+
+
+def test_committed_stability_summary_is_a_whole_and_consistent_sweep():
+    """On any machine: the committed sweep behind the README has the shipped study's shape, and each
+    arm's sensitivity, best value and diverged count follow from its own grid points."""
+    from dpls.study.readme import current_section, render_section, study_assets
+    from dpls.study.sweep import SWEEP_PLOT
+
+    assert _has_stability_section()
+    summary = _committed_stability()
+    sweep = summary["sweep"]
+    values = sweep["values"]
+    assert sweep["key"] == "learning_rate" and len(values) >= 5 and max(values) / min(values) >= 30
+    assert list(sweep["arms"]) == ["ce", "zloss", "qknorm", "ls", "dpls", "dpls_decay"]
+    assert summary["provenance"]["command"] == f"make readme-{STABILITY}"
+    assert (ROOT / study_assets(STABILITY) / SWEEP_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = (study_assets(STABILITY) / "val_ce.png").as_posix()
+    assert current_section(ROOT / "README.md", STABILITY) == render_section(summary, plot, STABILITY)
+    for arm, a in sweep["arms"].items():
+        assert {"lr_sensitivity", "best", "best_loss", "diverged"} <= set(a)
+        seeds = sorted({p["seed"] for g in a["grid"] for p in g["points"]})
+        assert seeds == [0, 1], arm
+        for s in seeds:
+            pts = [next(p for p in g["points"] if p["seed"] == s) for g in a["grid"]]
+            initial = sum(p["initial"] for p in pts) / len(pts)
+            assert a["sensitivity_by_seed"][str(s)] == pytest.approx(
+                lr_sensitivity([p["loss"] for p in pts], initial), rel=1e-9, abs=1e-12
+            )
+        assert a["lr_sensitivity"] == pytest.approx(np.mean(list(a["sensitivity_by_seed"].values())))
+        means = [g["mean"] for g in a["grid"]]
+        assert a["best"] == values[int(np.argmin(means))] and a["best_loss"] == pytest.approx(min(means))
+        assert a["diverged"] == sum(p["diverged"] for g in a["grid"] for p in g["points"])
+
+
+@pytest.mark.slow
+def test_stability_numbers_are_reproduced_where_the_corpus_is_the_same(tmp_path, one_thread):
+    """Trains the baseline's run at its best rate (seed 0) as the shipped study does. The numbers are
+    compared only where this Python's corpus has the committed fingerprint (another Python build
+    has another standard library, hence other numbers); elsewhere the run must still be a whole,
+    finite run of the same shape."""
+    from dpls.runs.layout import read_metrics, read_toml
+    from dpls.study.runner import run_study
+
+    summary = _committed_stability()
+    sweep = summary["sweep"]
+    best = sweep["arms"]["ce"]["best"]
+    study = read_toml(ROOT / "studies" / f"{STABILITY}.toml")
+    study.update(out_dir=str(tmp_path / "study"), seeds=[0], sweep={"learning_rate": [best]})
+    study["arms"] = [a for a in study["arms"] if a["name"] == "ce"]
+    run_study(parse_spec(study), progress=False)
+    run = tmp_path / "study" / "arms" / "ce" / f"learning_rate_{best}" / "seed0"
+    final = [r["val_ce"] for r in read_metrics(run) if "val_ce" in r][-1]
+    assert np.isfinite(final)
+    fingerprint = json.loads((tmp_path / "study" / "data" / "meta.json").read_text())["corpus_fingerprint"]
+    if fingerprint != summary["data"]["corpus_fingerprint"]:
+        return  # another corpus: its numbers are not comparable (the structure is checked above)
+    point = next(
+        p for g in sweep["arms"]["ce"]["grid"] if g["value"] == best for p in g["points"] if p["seed"] == 0
+    )
+    assert final == pytest.approx(point["loss"], rel=2e-3), (
+        "README numbers are stale; run `make readme-stability_cpu`"
+    )
