@@ -111,7 +111,8 @@ def provenance(
         "command": command,
         "date": date.today().isoformat(),
         "commit": _git_commit(),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}",
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__} "
+        f"with {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "load": [load_start, load_average()],
         "seconds": round(seconds),
