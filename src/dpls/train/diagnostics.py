@@ -28,6 +28,7 @@ import torch
 
 DIAGNOSTIC_KEYS = ("logit_max", "lse_mean", "attn_logit_max")
 _HIDDEN_CHUNK = 4096  # rows of hidden states per extra output matmul (fused losses)
+_LSE_ROWS = 128  # rows per logsumexp
 
 
 class Diagnostics:
@@ -43,8 +44,14 @@ class Diagnostics:
     def add_logits(self, logits: torch.Tensor) -> None:
         """Logits ``[..., V]`` of real tokens (padded columns already dropped)."""
         lf = logits.detach().float().reshape(-1, logits.shape[-1])
-        self.logit_max = torch.maximum(self.logit_max, lf.abs().amax())
-        self.lse_sum += torch.logsumexp(lf, dim=-1).double().sum()
+        if lf.numel() == 0:
+            return
+        lo, hi = torch.aminmax(lf)  # max |z| without an |z| copy of the logits
+        self.logit_max = torch.maximum(self.logit_max, torch.maximum(-lo, hi))
+        # a few rows at a time: logsumexp's [rows, V] temporaries stay small (a full-size one is a
+        # fresh allocation every log step, which costs more than the arithmetic on a CPU)
+        for i in range(0, lf.shape[0], _LSE_ROWS):
+            self.lse_sum += torch.logsumexp(lf[i : i + _LSE_ROWS], dim=-1).double().sum()
         self.tokens += lf.shape[0]
 
     @torch.no_grad()
