@@ -116,7 +116,7 @@ def test_unwritable_results_folder_fails_before_exporting(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.md").write_text("my notes")  # never replaced by a results table
-    with pytest.raises(ValueError, match="results.md, not written by dpls"):
+    with pytest.raises(ValueError, match=r"results\.md, not written by dpls"):
         run_lm_eval(run, "toy_mc", out_dir=mine)
     assert not (run / "hf").exists() and (mine / "results.md").read_text() == "my notes"
 

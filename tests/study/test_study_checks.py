@@ -115,6 +115,6 @@ def test_a_users_file_in_the_report_folder_is_found_before_training(tmp_path, da
     report = tmp_path / "study" / "report"
     report.mkdir(parents=True)
     (report / "report.md").write_text("my draft")
-    with pytest.raises(ValueError, match="report.md, not written by dpls"):
+    with pytest.raises(ValueError, match=r"report\.md, not written by dpls"):
         plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))
     assert (report / "report.md").read_text() == "my draft"
