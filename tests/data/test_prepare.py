@@ -160,7 +160,7 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path, inputs):
     src, _ = inputs
     blocker = tmp_path / "file"
     blocker.write_text("a file where a directory would go")
-    with pytest.raises(ValueError, match=r"cannot write the output directory .*file/out"):
+    with pytest.raises(ValueError, match=r"cannot create the folder .*file/out: a file is in the way"):
         prepare_files([src / "b.jsonl"], blocker / "out", text_field="body", vocab_size=300, progress=False)
     assert blocker.read_text() == "a file where a directory would go"
 
