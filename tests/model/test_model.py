@@ -252,3 +252,14 @@ def test_model_config_errors_name_the_problem():
         model_config("tiny", n_layers=3)
     assert model_config("tiny", attention="gqa", n_kv_head=2).kv_heads == 2
     assert ModelConfig.from_dict(model_config("small").to_dict()) == model_config("small")
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"tie_embeddings": False}, {"pad_vocab_to": 64, "vocab_size": 1000}]
+)
+def test_parameter_count_matches_the_built_model(overrides) -> None:
+    from dpls.model.transformer import parameter_count
+
+    cfg = model_config("tiny", **overrides)
+    built = sum(p.numel() for p in Transformer(cfg).parameters())
+    assert parameter_count(cfg) == built

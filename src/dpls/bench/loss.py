@@ -330,7 +330,10 @@ def write_json(path: str, rows: list[BenchRow], cfg: LossBenchConfig) -> None:
         "rows": [asdict(r) for r in rows],
     }
     write_owned_json(  # replaces only an earlier dpls output (the CLI checked before the run)
-        path, payload, allow_nan=False, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x
+        path,
+        payload,
+        allow_nan=False,
+        default=lambda x: None if isinstance(x, float) and math.isnan(x) else x,
     )
 
 

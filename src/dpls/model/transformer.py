@@ -280,6 +280,21 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """The number of parameters of ``Transformer(config)``, counted on the ``meta`` device with no
+    init and no RoPE tables: computing anything on ``meta`` loads torch's decompositions (seconds)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # shapes only
+    try:
+        with torch.device("meta"):
+            parts: list[nn.Module] = [Decoder(config)]
+            if not config.tie_embeddings:
+                parts.append(nn.Linear(config.n_embd, config.padded_vocab_size, bias=False))
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+    return sum(p.numel() for part in parts for p in part.parameters())
+
+
 class Transformer(nn.Module):
     """The language model: ``forward(idx [B, T] int64) -> logits [B, T, V]``.
 

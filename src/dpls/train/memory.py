@@ -47,10 +47,9 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
 
 def estimate_bytes(cfg: Any, mc: Any, device: torch.device, world_size: int = 1) -> dict[str, int]:
     """The parts of the estimate (bytes, on one rank) for a resolved config and model config."""
-    from dpls.model import Transformer
+    from dpls.model.transformer import parameter_count
 
-    with torch.device("meta"):
-        params = sum(p.numel() for p in Transformer(mc).parameters())
+    params = parameter_count(mc)
     act_bytes = (
         2 if cfg.dtype in ("bfloat16", "float16") or (cfg.dtype == "auto" and device.type == "cuda") else 4
     )
