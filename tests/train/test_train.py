@@ -282,13 +282,18 @@ def test_sigint_saves_then_exits_130(corpus, tmp_path, capsys):
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt, daemon=True).start()
-    # max_iters far away: the run cannot finish before the signal lands inside the loop
-    assert main(["train", *base_args(corpus, run, max_iters=100_000, checkpoint_interval=3)]) == 130
-    last = latest_checkpoint(run)
-    assert f"continue from {last.name} with --resume_dir={run}" in capsys.readouterr().err
-    assert max(train_rows(run)) == int(last.name[5:])  # saved at the step it stopped on
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    # Python's own Ctrl-C handler, as in a terminal, even when the suite runs under nohup (SIG_IGN)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt, daemon=True).start()
+        # max_iters far away: the run cannot finish before the signal lands inside the loop
+        assert main(["train", *base_args(corpus, run, max_iters=100_000, checkpoint_interval=3)]) == 130
+        last = latest_checkpoint(run)
+        assert f"continue from {last.name} with --resume_dir={run}" in capsys.readouterr().err
+        assert max(train_rows(run)) == int(last.name[5:])  # saved at the step it stopped on
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_tensorboard_and_swanlab_offline(corpus, tmp_path):
