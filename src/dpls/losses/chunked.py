@@ -14,9 +14,11 @@ gathered at ``T``, the smoothing term; the loss is ``−(1−ε)·log p_y − ε
 row maximum is subtracted before anything is exponentiated (exact at any logit offset, as CE).
 ``T`` is found without a full-row ``topk`` (the slow part on CPU): the row is viewed as ``B``
 interleaved strips of ``V/B`` columns, the ``k+1`` columns with the largest strip maxima hold
-every one of the row's ``k+1`` largest entries, and one small ``topk`` over those ``B·(k+1)``
-candidates gives the values and column indices. For small ``k`` the ``k`` indices per row are
-kept for backward; otherwise the threshold ``τ`` is kept and backward compares against it.
+every one of the row's ``k+1`` largest entries, and one small selection over those ``B·(k+1)``
+candidates gives the values and column indices (on GPU ``topk``; on CPU NumPy's quickselect,
+:func:`strip_select`, with the rows that need a tie or mask rule sent to the exact path). For
+small ``k`` the ``k`` indices per row are kept for backward; otherwise the threshold ``τ`` is
+kept and backward compares against it (on CPU found by one quickselect, :func:`partition_top`).
 
 Backward, per chunk: one fused ``softmax`` written straight into the gradient (or the logits'
 own storage with ``inplace_backward``), scaled per row, and ``−ε·r·scale`` / ``−(1−ε)·scale``
@@ -33,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from dpls.losses.reference import compute_dtype, reduce_rows
@@ -185,6 +188,108 @@ def exact_topk_mask(zc: torch.Tensor, tau: torch.Tensor, top_k: int) -> torch.Te
     return above | (equal & (equal.cumsum(-1) <= quota))
 
 
+CPU_STRIPS = 8  # B of the CPU search: 8 candidates per selected column
+
+
+def strip_select(
+    zc: torch.Tensor, y: torch.Tensor, k: int, logp: torch.Tensor, logp_y: torch.Tensor
+) -> tuple[torch.Tensor, Selection] | None:
+    """Smoothing term and ``T`` (its column indices) of a CPU chunk, or None when ``k`` is too
+    large for the search to pay (then :func:`partition_top` applies).
+
+    As in :func:`top_candidates`, the row is viewed as ``B`` interleaved strips, and only the
+    ``k+1`` columns with the largest strip maxima can hold the row's ``k+1`` largest entries.
+    Here both selections are NumPy quickselects (``partition``: vectorised, several times faster
+    than ``torch.topk`` on CPU, and they release the GIL so chunk threads overlap), and the
+    winners are read off comparison masks, in NumPy too (its boolean kernels are several times
+    faster than torch's single-threaded ones). With no tie at the ``k``-th value, ``T`` is the
+    ``k`` candidates at or above it, and the smoothing term is computed from their values as in
+    :func:`partition_top` (no read of ``logp``). Rows with such a tie, with a masked (``−inf``)
+    or NaN entry among the top ``k``, or with a masked target, take the exact
+    :func:`top_candidates` + :func:`finish_top` path.
+    """
+    rows, v = zc.shape
+    b = CPU_STRIPS
+    width = v // b
+    if (k + 1) * b * 4 > v:
+        return None
+    z = zc.detach().numpy().reshape(-1)  # flat: every gather below is one ``take``
+    col_max = zc[:, : b * width].unflatten(1, (b, width)).amax(1).numpy()  # [rows, width]
+    cut = np.partition(col_max, width - k - 1, axis=-1)[:, width - k - 1, None]  # (k+1)-th largest
+    chosen = col_max >= cut
+    odd = np.zeros(rows, dtype=bool)
+    if np.count_nonzero(chosen) != rows * (k + 1):  # equal maxima at the cut (or NaN): fix those rows
+        odd = np.count_nonzero(chosen, axis=1) != k + 1
+        chosen[odd] = np.arange(width) <= k
+    row_start = np.arange(rows)[:, None] * v
+    # flat positions in z of the chosen columns' entries: row r, column c, strip s -> r·v + s·width + c
+    first = np.flatnonzero(chosen).reshape(rows, k + 1) + np.arange(rows)[:, None] * (v - width)
+    cand = (first[:, None, :] + np.arange(0, b * width, width)[None, :, None]).reshape(rows, -1)
+    if b * width < v:  # the tail columns are always candidates
+        cand = np.concatenate([cand, row_start + np.arange(b * width, v)], 1)
+    vals = z.take(cand)  # ascending addresses within each strip: the reads stream
+    n = vals.shape[1]
+    part = np.partition(vals, n - k - 1, axis=-1)
+    tau = part[:, n - k :].min(axis=-1, keepdims=True)  # the k-th largest (NaN if any of them is)
+    odd |= (part[:, n - k - 1] == tau[:, 0]) | ~np.isfinite(tau[:, 0])
+    inside = vals >= tau
+    # mean_T log p = mean_T (z − M) + log p_M, with log p_M = log p_y − (z_y − M) (partition_top)
+    peak = part[:, n - k :].max(axis=-1, keepdims=True).astype(np.float64)
+    z_y = z.take(row_start[:, 0] + y.numpy()).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # −inf − (−inf) on the rows sent to the exact path
+        logp_peak = logp_y.numpy().astype(np.float64) - (z_y - peak[:, 0])
+        odd |= ~np.isfinite(logp_peak)
+        if odd.any():
+            inside[odd] = np.arange(n) < k
+        pick = np.flatnonzero(inside)
+        spread = (vals.reshape(-1).take(pick).reshape(rows, k) - peak).mean(-1)  # float64: exact z − M
+    smooth = torch.from_numpy(spread + logp_peak).to(zc.dtype)
+    top_cols = torch.from_numpy(cand.reshape(-1).take(pick).reshape(rows, k) - row_start)
+    k_eff = torch.full((rows,), float(k), dtype=zc.dtype)
+    odd_rows = torch.from_numpy(np.flatnonzero(odd))
+    if odd_rows.numel():  # the exact path on the few rows that need a rule
+        sub = zc[odd_rows]
+        vals_o, cols_o = top_candidates(sub, k + 1)
+        raw = RawTop(vals_o, cols_o, logp[odd_rows].gather(1, cols_o))
+        smooth_o, sel_o = finish_top(raw, k, "sparse", lambda idx: sub[idx])
+        smooth[odd_rows], top_cols[odd_rows], k_eff[odd_rows] = smooth_o, sel_o.cols, sel_o.k_eff
+    return smooth, Selection(k_eff, cols=top_cols)
+
+
+def partition_top(
+    zc: torch.Tensor, y: torch.Tensor, k: int, logp: torch.Tensor, logp_y: torch.Tensor
+) -> tuple[torch.Tensor, Selection]:
+    """Smoothing term ``mean_{j∈T} log p_j`` and ``T`` (as τ) of a CPU chunk, ``k < V``.
+
+    One quickselect (NumPy's ``partition``, vectorised, several times faster than ``topk`` on
+    CPU) of a copy of the rows puts the ``(k+1)``-th largest value at column ``V−k−1`` and the
+    ``k`` largest, unordered, after it. That is all the loss needs: ``τ`` (the smallest finite of
+    those ``k``), whether the ``(k+1)``-th ties with it, and the mean of ``log p`` over ``T``,
+    ``mean_T (z − M) + log p_M`` (``M`` the row maximum; tied entries have equal values, so
+    which of them is in ``T`` does not change the mean). ``logp`` holds ``log_softmax(zc)`` and
+    ``logp_y`` its values at the targets ``y``: ``log p_M = log p_y − (z_y − M)``, as precise as
+    ``log p_y`` itself, saves a pass over the row (rows with a masked target read ``logp``).
+    """
+    rows, v = zc.shape
+    work = chunk_buffer("select", rows, v, zc.dtype, zc.device).copy_(zc)
+    work.numpy().partition(v - k - 1, axis=-1)  # NumPy's quickselect, as in strip_select
+    top, after = work[:, v - k :], work[:, v - k - 1]
+    finite = top > -float("inf")
+    k_fin = finite.sum(-1)
+    k_eff = k_fin.clamp_min(1).to(zc.dtype)
+    tau = torch.where(finite, top, float("inf")).amin(-1)
+    tied = (after == tau) & (after > -float("inf"))
+    wide = torch.float64  # z − M is exact here whatever the logits' offset
+    peak = top.amax(-1, keepdim=True).to(wide)
+    spread = torch.where(finite, top.to(wide) - peak, 0.0).sum(-1) / k_eff.to(wide)
+    logp_peak = logp_y.to(wide) - (zc.gather(1, y[:, None]).to(wide) - peak).squeeze(1)
+    odd = (~torch.isfinite(logp_peak)).nonzero().flatten()
+    if odd.numel():
+        logp_peak[odd] = logp[odd].amax(-1).to(wide)
+    smooth = (spread + logp_peak).to(zc.dtype)
+    return torch.where(k_fin > 0, smooth, 0.0), Selection(k_eff, tau=tau, tied=tied)
+
+
 class RawTop(NamedTuple):
     """The ``k+1`` largest logits of each row, before the finite / tie rules are applied."""
 
@@ -221,8 +326,9 @@ def chunk_forward(
     zc: torch.Tensor, y: torch.Tensor, sm: Smoothing, logp: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | RawTop | None, Selection | None]:
     """``log p_y`` of one chunk ``zc`` (compute dtype) and what the smoothing needs: the smoothing
-    term and ``T`` (``all``, ``prior`` modes; None and None for CE) or, for top-k modes, the raw
-    top ``k+1`` for :func:`finish_top`. ``logp`` is a buffer like ``zc`` for ``log_softmax(zc)``."""
+    term and ``T`` (``all``, ``prior`` modes and top-k on CPU; None and None for CE) or, for top-k
+    modes on GPU, the raw top ``k+1`` for :func:`finish_top`. ``logp`` is a buffer like ``zc``
+    for ``log_softmax(zc)``."""
     torch.log_softmax(zc, -1, out=logp)
     logp_y = logp.gather(1, y[:, None]).squeeze(1)
     mode = sm.mode(zc.shape[1])
@@ -236,6 +342,11 @@ def chunk_forward(
         k_eff = finite.sum(-1).clamp_min(1).to(zc.dtype)
         tau = torch.where(finite, zc, float("inf")).amin(-1)
         return logp_y, torch.where(finite, logp, 0.0).sum(-1) / k_eff, Selection(k_eff, tau=tau)
+    if zc.device.type == "cpu" and mode == "dense":
+        return logp_y, *partition_top(zc, y, sm.top_k, logp, logp_y)
+    found = strip_select(zc, y, sm.top_k, logp, logp_y) if zc.device.type == "cpu" else None
+    if found is not None:
+        return logp_y, *found
     vals, cols = top_candidates(zc, sm.top_k + 1)
     return logp_y, RawTop(vals, cols, logp.gather(1, cols)), None
 
@@ -401,7 +512,7 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         mode = sm.mode(v)
         stored = StoredSelection(n, sm, v, cd, logits.device)
         raw = None
-        if mode == "sparse":  # the raw top k+1 of every row, finished once for the whole batch
+        if mode == "sparse" and logits.device.type != "cpu":  # the raw top k+1 of every row, finished once
             kk = sm.top_k + 1
             raw = RawTop(
                 torch.empty(n, kk, dtype=cd, device=logits.device),
