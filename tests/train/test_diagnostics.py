@@ -39,6 +39,28 @@ def test_logit_diagnostics_against_float64():
     assert a.reduce(Ctx()) == pytest.approx(b.reduce(Ctx()))
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+def test_log_z_from_the_objectives_ce_equals_logsumexp(ignored):
+    """With the objective's CE, log Z = CE + z_y needs no pass over the logits; a batch with
+    ignored targets falls back to logsumexp. Both agree with float64."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 9, 50) * 5 + 20
+    target = torch.randint(0, 50, (3, 9))
+    if ignored:
+        target[1, 4] = -100
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), target.reshape(-1), ignore_index=-100)
+    diag = Diagnostics(torch.device("cpu"))
+    diag.add_logits(logits, target, ce)
+
+    class Ctx:
+        all_reduce_max = all_reduce_sum = staticmethod(lambda t: t.clone())
+
+    out = diag.reduce(Ctx())
+    want = torch.logsumexp(logits.reshape(-1, 50).double(), -1).mean().item()
+    assert out["lse_mean"] == pytest.approx(want, rel=1e-6)
+    assert out["logit_max"] == pytest.approx(logits.abs().max().item())
+
+
 def test_divergence_rule_needs_window_bad_rows_in_a_row():
     watch = DivergenceWatch(window=3, initial=5.0)
     assert [watch.see(s, ce) for s, ce in [(1, 6.0), (2, 6.0), (3, 4.0), (4, 5.5)]] == [None] * 4

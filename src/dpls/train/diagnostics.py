@@ -11,8 +11,11 @@ global batch of that step:
 
 They come from the step's own forward: the logits (or, with ``fused_linear_loss``, which
 never forms them, one extra output matmul of the hidden states, in chunks) and each attention
-layer's ``q @ kᵀ`` (one extra product per layer: SDPA keeps its scores to itself). Nothing
-runs on other steps, and the values stay on the device until the log row is written.
+layer's ``q @ kᵀ`` (one extra product per layer: SDPA keeps its scores to itself). ``log Z``
+of a row with a target is ``CE + z_y``, and the objective has just computed that row's CE:
+so with the objective's ``ce`` no ``logsumexp`` pass over the logits is needed (it cost more
+than the loss's own ``log_softmax`` on a CPU). Nothing runs on other steps, and the values
+stay on the device until the log row is written.
 
 `DivergenceWatch` is the rule: a run has diverged when the training CE of ``window`` logged
 steps in a row is above the loss at its start (the first validation CE) or not finite.
@@ -25,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dpls.losses.objective import IGNORE_INDEX
 
 DIAGNOSTIC_KEYS = ("logit_max", "lse_mean", "attn_logit_max")
 _HIDDEN_CHUNK = 4096  # rows of hidden states per extra output matmul (fused losses)
@@ -41,18 +46,28 @@ class Diagnostics:
         self.attn_max = torch.full((), float("-inf"), device=device)
 
     @torch.no_grad()
-    def add_logits(self, logits: torch.Tensor) -> None:
-        """Logits ``[..., V]`` of real tokens (padded columns already dropped)."""
-        lf = logits.detach().float().reshape(-1, logits.shape[-1])
+    def add_logits(
+        self, logits: torch.Tensor, target: torch.Tensor | None = None, ce: torch.Tensor | None = None
+    ) -> None:
+        """Logits ``[..., V]`` of real tokens (padded columns already dropped). With ``target``
+        and ``ce`` (the objective's plain CE of these logits, mean over the targets that are not
+        ``IGNORE_INDEX``), ``log Z`` comes from them when every row has a target."""
+        lf = logits.detach().reshape(-1, logits.shape[-1])
         if lf.numel() == 0:
             return
         lo, hi = torch.aminmax(lf)  # max |z| without an |z| copy of the logits
-        self.logit_max = torch.maximum(self.logit_max, torch.maximum(-lo, hi))
+        self.logit_max = torch.maximum(self.logit_max, torch.maximum(-lo, hi).float())
+        self.tokens += lf.shape[0]
+        if target is not None and ce is not None:
+            y = target.reshape(-1)
+            if bool((y != IGNORE_INDEX).all()):  # a log step reads the device anyway
+                z_y = lf.gather(1, y[:, None]).double().sum()
+                self.lse_sum += ce.detach().double() * lf.shape[0] + z_y
+                return
         # a few rows at a time: logsumexp's [rows, V] temporaries stay small (a full-size one is a
         # fresh allocation every log step, which costs more than the arithmetic on a CPU)
         for i in range(0, lf.shape[0], _LSE_ROWS):
-            self.lse_sum += torch.logsumexp(lf[i : i + _LSE_ROWS], dim=-1).double().sum()
-        self.tokens += lf.shape[0]
+            self.lse_sum += torch.logsumexp(lf[i : i + _LSE_ROWS].float(), dim=-1).double().sum()
 
     @torch.no_grad()
     def add_hidden(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:

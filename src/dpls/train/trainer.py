@@ -119,9 +119,10 @@ class TrainStep(nn.Module):
         vocab = self.model.config.vocab_size
         if logits.shape[-1] > vocab:  # pad_vocab_to: the padded (-inf) columns are no tokens
             logits = logits[..., :vocab]
+        out = self.objective(logits, target, step=step)
         if self.diagnostics is not None:
-            self.diagnostics.add_logits(logits)
-        return self.objective(logits, target, step=step)
+            self.diagnostics.add_logits(logits, target, out.ce)
+        return out
 
 
 @torch.no_grad()
