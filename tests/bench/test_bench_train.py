@@ -37,7 +37,7 @@ def test_rows_carry_their_ratio_to_the_ce_step_of_the_same_group():
     assert all(r.ms_per_step > 0 and r.tokens_per_s > 0 for r in rows)
     assert all(r.mfu is None and r.peak_mem_gb is None for r in rows)  # no peak known on CPU
     table = format_table(rows)
-    assert "dpls" in table and "vs CE" in table
+    assert "dpls" in table and "ms × CE" in table
 
 
 def test_unknown_preset_is_a_usage_error(capsys):

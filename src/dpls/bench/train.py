@@ -238,14 +238,14 @@ def bench_train(
 
 def format_table(rows: list[TrainTiming]) -> str:
     nano = any(r.speed_vs_nanogpt is not None for r in rows)
-    head = f"{'preset':>8} {'loss':>6} {'impl':>9} {'fused':>5} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} {'vs CE':>6}"
+    head = f"{'preset':>8} {'loss':>6} {'impl':>9} {'fused':>5} {'ms/step':>9} {'tok/s':>10} {'MFU':>6} {'peak GB':>8} {'ms × CE':>7}"
     if nano:
         head += f" {'tok/s vs nanogpt':>16}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mfu = f"{100 * r.mfu:5.1f}%" if r.mfu is not None else "   n/a"
         mem = f"{r.peak_mem_gb:8.2f}" if r.peak_mem_gb is not None else "     n/a"
-        ratio = f"{r.ratio_to_ce:6.3f}" if r.ratio_to_ce is not None else "   n/a"
+        ratio = f"{r.ratio_to_ce:7.3f}" if r.ratio_to_ce is not None else "    n/a"
         line = (
             f"{r.preset:>8} {r.loss:>6} {r.impl:>9} {r.fused_linear!s:>5} {r.ms_per_step:9.2f} "
             f"{r.tokens_per_s:10.0f} {mfu} {mem} {ratio}"
