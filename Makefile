@@ -32,7 +32,7 @@ readme: $(STAMP)
 	$(BIN)/dpls demo --quiet --out $(README_DEMO) --readme README.md
 
 # A shipped study's README section, from a fresh run of studies/NAME.toml:
-# `make readme-data_limited_cpu` (about 15 min on two CPU cores).
+# `make readme-data_limited_cpu` (about 6 min on two idle CPU cores).
 readme-%: $(STAMP) studies/%.toml
 	rm -rf runs/readme-$*
 	$(BIN)/dpls study studies/$*.toml --no-progress --out runs/readme-$* --readme README.md
