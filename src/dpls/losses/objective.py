@@ -143,6 +143,9 @@ class Objective:
     def __init__(self, cfg: LossConfig, token_prior: torch.Tensor | None = None) -> None:
         self.cfg = cfg.check()
         self.token_prior = token_prior
+        # Set by a caller whose logits are its own temporaries, needed by nothing after the loss:
+        # the loss may then write their gradient into their storage (no second [N, V] buffer).
+        self.inplace_backward = False
 
     # --- subclasses -------------------------------------------------------------------------
     def _loss(
@@ -245,7 +248,9 @@ class _SmoothedObjective(Objective):
             )
             return loss, ce, _eps_report(eps_i, target)
         eps_arg = adaptive_epsilon(logits, eps, mode, gamma) if eps > 0 else eps
-        loss, ce = dpls_loss(logits, target, **self._dpls_args(eps_arg, k))
+        # z-loss keeps the logits for its own backward: then they must stay as they are
+        inplace = self.inplace_backward and self.cfg.z_loss == 0
+        loss, ce = dpls_loss(logits, target, inplace_backward=inplace, **self._dpls_args(eps_arg, k))
         return loss, ce, _eps_report(eps_arg, target)
 
     def _loss_from_hidden(self, hidden, weight, target, step, bias):

@@ -105,6 +105,11 @@ class TrainStep(nn.Module):
         self.model = model
         self.objective = objective
         self.fused = fused
+        # The logits are this module's own temporaries (forward(idx, target) never returns them),
+        # so the loss may overwrite them with their gradient. On a CPU that saves allocating and
+        # page-faulting a fresh [N, V] gradient every step (measured: 0–7% of a step at nanoGPT's
+        # CPU shape); on GPUs it is left off until measured there.
+        objective.inplace_backward = next(model.parameters()).device.type == "cpu"
         self.diagnostics: Any = None  # a train.diagnostics.Diagnostics on log steps: record the logits
 
     def forward(self, idx: torch.Tensor, target: torch.Tensor | None = None, step: int = 0) -> Any:
