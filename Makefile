@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 # The CPU build of PyTorch (served from local disk on the project's machines);
 # an unpinned torch would pull a CUDA build of several GB.
 TORCH_CPU ?= torch==2.13.0
@@ -16,13 +17,25 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# pip itself and the CPU build of PyTorch (unless a torch is already there).
+define install_base
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_CPU)"
-	$(BIN)/python -m pip install -q -e '.[all]' triton
-	touch $(STAMP)
+endef
 
-demo: $(STAMP)
+# Everything (tests, every extra, Triton for the interpreter tests).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(install_base)
+	$(BIN)/python -m pip install -q -e '.[all]' triton
+	touch $(STAMP) $(DEMO_STAMP)
+
+# Only what the demo needs, so that a first `make demo` does not wait for every extra.
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(install_base)
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/dpls demo
 
 # The README's demo section (table and plot) comes from a fresh demo run, never from typing.
