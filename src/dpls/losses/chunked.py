@@ -200,7 +200,7 @@ def strip_select(
     As in :func:`top_candidates`, the row is viewed as ``B`` interleaved strips, and only the
     ``k+1`` columns with the largest strip maxima can hold the row's ``k+1`` largest entries.
     Here both selections are NumPy quickselects (``partition``: vectorised, several times faster
-    than ``torch.topk`` on CPU, and they release the GIL so chunk threads overlap), and the
+    than ``torch.topk`` on CPU), and the
     winners are read off comparison masks, in NumPy too (its boolean kernels are several times
     faster than torch's single-threaded ones). With no tie at the ``k``-th value, ``T`` is the
     ``k`` candidates at or above it, and the smoothing term is computed from their values as in
@@ -342,11 +342,11 @@ def chunk_forward(
         k_eff = finite.sum(-1).clamp_min(1).to(zc.dtype)
         tau = torch.where(finite, zc, float("inf")).amin(-1)
         return logp_y, torch.where(finite, logp, 0.0).sum(-1) / k_eff, Selection(k_eff, tau=tau)
-    if zc.device.type == "cpu" and mode == "dense":
-        return logp_y, *partition_top(zc, y, sm.top_k, logp, logp_y)
-    found = strip_select(zc, y, sm.top_k, logp, logp_y) if zc.device.type == "cpu" else None
-    if found is not None:
-        return logp_y, *found
+    if zc.device.type == "cpu":
+        args = (zc, y, sm.top_k, logp, logp_y)
+        found = partition_top(*args) if mode == "dense" else strip_select(*args)
+        if found is not None:
+            return logp_y, *found
     vals, cols = top_candidates(zc, sm.top_k + 1)
     return logp_y, RawTop(vals, cols, logp.gather(1, cols)), None
 
