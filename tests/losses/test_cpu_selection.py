@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dpls.losses.chunked as chunked
-from dpls.losses import dpls_loss
+from dpls.losses import cpu_kernel, dpls_loss
 from loss_reference import reference_dpls
 
 INF = float("inf")
@@ -31,13 +31,27 @@ def _logits(seed: int, n: int, v: int, levels: int, masked: float, dtype=torch.f
     return z.masked_fill(torch.rand(n, v, generator=g) < masked, -INF)
 
 
+@pytest.fixture(params=["kernel", "numpy"])
+def search(request, monkeypatch):
+    """Both forms of the strip search: the compiled kernel and the NumPy passes."""
+    if request.param == "numpy":
+        monkeypatch.setattr(cpu_kernel, "top_k_rows", lambda *args: None)
+    elif cpu_kernel.load() is None:
+        pytest.skip(f"no C compiler here ({cpu_kernel.compiler()}): the NumPy form is tested alone")
+    return request.param
+
+
+def _select(z: torch.Tensor, y: torch.Tensor, k: int, logp: torch.Tensor):
+    found = chunked.strip_search(z, k)
+    assert found is not None
+    return chunked.strip_select(found, z, y, k, logp, logp.gather(1, y[:, None]).squeeze(1))
+
+
 def _check_strip(z: torch.Tensor, k: int, y: torch.Tensor | None = None) -> None:
     logp = torch.log_softmax(z, -1)
     if y is None:
         y = torch.randint(0, z.shape[1], (z.shape[0],), generator=torch.Generator().manual_seed(k))
-    found = chunked.strip_select(z, y, k, logp, logp.gather(1, y[:, None]).squeeze(1))
-    assert found is not None
-    smooth, sel = found
+    smooth, sel = _select(z, y, k, logp)
     want = definition_top(z, k)
     for r in range(z.shape[0]):
         k_eff = int(sel.k_eff[r])
@@ -48,7 +62,7 @@ def _check_strip(z: torch.Tensor, k: int, y: torch.Tensor | None = None) -> None
         assert abs(float(smooth[r]) - float(expect)) <= 1e-5 * max(1.0, abs(float(expect))), r
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 40),
     v=st.sampled_from([256, 517, 1024, 2055]),
@@ -57,7 +71,7 @@ def _check_strip(z: torch.Tensor, k: int, y: torch.Tensor | None = None) -> None
     masked=st.sampled_from([0.0, 0.0, 0.3, 0.97]),
     seed=st.integers(0, 10_000),
 )
-def test_strip_select_is_the_definition(n, v, k_frac, levels, masked, seed):
+def test_strip_select_is_the_definition(search, n, v, k_frac, levels, masked, seed):
     """Continuous logits, exact ties (integer logits), masked entries, a vocabulary that is not
     a multiple of the strip count (tail columns): always the definition's k columns."""
     k_max = v // (4 * chunked.CPU_STRIPS) - 1
@@ -65,12 +79,12 @@ def test_strip_select_is_the_definition(n, v, k_frac, levels, masked, seed):
     _check_strip(_logits(seed, n, v, levels, masked), k)
 
 
-def test_strip_select_in_float64_and_at_the_bench_shape():
+def test_strip_select_in_float64_and_at_the_bench_shape(search):
     _check_strip(_logits(0, 3, 8192, 0, 0.0, torch.float64), 100)
     _check_strip(_logits(1, 5, 8192, 0, 0.0), 100)
 
 
-def test_rows_without_ties_take_the_fast_path_and_tied_rows_the_exact_one(monkeypatch):
+def test_rows_without_ties_take_the_fast_path_and_tied_rows_the_exact_one(search, monkeypatch):
     calls = []
     exact = chunked.top_candidates
     monkeypatch.setattr(chunked, "top_candidates", lambda z, kk: calls.append(z.shape[0]) or exact(z, kk))
@@ -89,22 +103,34 @@ def test_rows_without_ties_take_the_fast_path_and_tied_rows_the_exact_one(monkey
     assert calls == [2, 2]
 
 
-def test_a_nan_row_does_not_break_the_others():
-    z = _logits(3, 4, 1024, 0, 0.0)
-    z[2, 5] = float("nan")
+@pytest.mark.parametrize("where", [5, 700, 1027])  # first strip, a later strip, the tail
+def test_a_nan_row_does_not_break_the_others(search, where):
+    z = _logits(3, 4, 1030, 0, 0.0)
+    z[2, where] = float("nan")
+    found = chunked.strip_search(z, 10)
+    assert found.exact.tolist() == [False, False, True, False]  # the NaN row goes to the exact path
     logp = torch.log_softmax(z, -1)
-    y = torch.zeros(4, dtype=torch.long)
-    _, sel = chunked.strip_select(z, y, 10, logp, logp[:, 0])
+    _, sel = _select(z, torch.zeros(4, dtype=torch.long), 10, logp)
     keep = [0, 1, 3]
-    want = definition_top(z[keep], 10)
-    assert [set(sel.cols[r].tolist()) for r in keep] == want
+    assert [set(sel.cols[r].tolist()) for r in keep] == definition_top(z[keep], 10)
 
 
-def test_strip_select_declines_a_large_k():
+def test_infinite_logits_and_many_equal_values_go_to_the_exact_path(search):
+    z = _logits(8, 5, 2048, 0, 0.0)
+    z[0, 3] = INF  # +inf at the top: log p is NaN there, the definition's rules apply
+    z[1, :] = -INF
+    z[1, :30] = torch.arange(30.0)  # fewer than k+1 finite values
+    z[2, 2000:] = 50.0  # 48 equal largest values: a tie at τ
+    z[3, ::2] = 0.5  # half the row equal, above the rest: too many candidates at the cut
+    z[3, 1::2] = -1.0 - torch.rand(1024)
+    found = chunked.strip_search(z, 40)
+    assert found.exact.tolist() == [True, True, True, True, False]
+
+
+def test_strip_search_declines_a_large_k():
     z = _logits(4, 2, 1024, 0, 0.0)
-    logp = torch.log_softmax(z, -1)
-    y = torch.zeros(2, dtype=torch.long)
-    assert chunked.strip_select(z, y, 1024 // (4 * chunked.CPU_STRIPS), logp, logp[:, 0]) is None
+    assert chunked.strip_search(z, 1024 // (4 * chunked.CPU_STRIPS)) is None
+    assert chunked.strip_search(z, 1024 // (4 * chunked.CPU_STRIPS) - 1) is not None
 
 
 @settings(max_examples=40, deadline=None)

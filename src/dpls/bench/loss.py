@@ -313,6 +313,10 @@ def format_table(rows: list[BenchRow], cfg: LossBenchConfig) -> str:
         f"loss fwd+bwd  N={cfg.n} V={cfg.v} {cfg.dtype} on {cfg.device}  k={cfg.top_k} ε={cfg.epsilon}  "
         f"median of {cfg.repeats}; logits {logits_mb:.0f} MiB; peak extra includes the gradient"
     )
+    if cfg.device == "cpu":
+        from dpls.losses.cpu_kernel import describe
+
+        head += f"\nCPU top-k search: {describe()}"
     lines = [head, f"{'impl':<22}{'ms':>10}{'× CE':>8}{'peak extra MiB':>16}{'× CE':>8}"]
     for r in rows:
         mem = "-" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.0f}"

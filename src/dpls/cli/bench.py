@@ -112,6 +112,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from dpls.bench.train import DTYPES, NANOGPT, bench_train, check_cases, format_table
     from dpls.eval.evaluate import resolve_device
+    from dpls.losses.cpu_kernel import describe as cpu_search
     from dpls.model import PRESETS
 
     presets = [p for p in args.presets.split(",") if p]
@@ -162,12 +163,14 @@ def _run_train(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device: {name}, dtype: {str(dtype).removeprefix('torch.')}, batch {args.batch_size}×{args.block_size}"
+        + (f", top-k search: {cpu_search()}" if device.type == "cpu" else "")
     )
     print(format_table(rows))
     if args.json:
         from dpls._io import write_owned_json
 
-        write_owned_json(args.json, {"device": name, "rows": [asdict(r) for r in rows]})
+        extra = {"cpu_top_k_search": cpu_search()} if device.type == "cpu" else {}
+        write_owned_json(args.json, {"device": name, **extra, "rows": [asdict(r) for r in rows]})
     return 0
 
 
