@@ -36,8 +36,8 @@ def search(request, monkeypatch):
     """Both forms of the strip search: the compiled kernel and the NumPy passes."""
     if request.param == "numpy":
         monkeypatch.setattr(cpu_kernel, "top_k_rows", lambda *args: None)
-    elif cpu_kernel.load() is None:
-        pytest.skip(f"no C compiler here ({cpu_kernel.compiler()}): the NumPy form is tested alone")
+    elif cpu_kernel.load() is None:  # tests/losses/test_cpu_kernel.py fails where it should build
+        pytest.skip(f"the C kernel is not available here ({cpu_kernel.describe()}): NumPy is tested alone")
     return request.param
 
 
