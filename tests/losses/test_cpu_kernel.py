@@ -107,3 +107,12 @@ def test_float64_and_strided_chunks_take_the_numpy_search(monkeypatch):
     assert chunked.strip_search(z, 10) is not None
     assert chunked.strip_search(torch.randn(4, 4096)[:, ::2], 10) is not None
     assert calls == [torch.float64, torch.float32]
+
+
+def test_the_kernel_refuses_inputs_outside_its_precondition(fresh_load, tmp_path):
+    _needs_compiler(tmp_path)
+    z = np.zeros((2, 1024), np.float32)
+    with pytest.raises(ValueError, match="V // 8"):
+        cpu_kernel.top_k_rows(z, 1024 // 8, 1000)  # k + 1 strip maxima cannot exist
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_kernel.top_k_rows(np.zeros((2, 2048), np.float32)[:, ::2], 3, 16)

@@ -190,7 +190,7 @@ def exact_topk_mask(zc: torch.Tensor, tau: torch.Tensor, top_k: int) -> torch.Te
     return above | (equal & (equal.cumsum(-1) <= quota))
 
 
-CPU_STRIPS = 8  # B of the CPU search: strip maxima over 8 interleaved strips
+CPU_STRIPS = cpu_kernel.STRIPS  # B of the CPU search (kernel and NumPy): 8 interleaved strips
 CPU_CANDIDATE_CAP = 4  # a row with more than 4·(k+1) entries at or above its cut takes the exact path
 
 

@@ -33,6 +33,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_top_k.c")
+STRIPS = 8  # the kernel's strip count (``#define STRIPS`` in the source): it needs V // STRIPS ≥ k + 1
 FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
 
 
@@ -110,13 +111,17 @@ def top_k_rows(
     z: np.ndarray, k: int, cap: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """``(cols [rows, k], spread [rows] float64, peak [rows] float32, exact [rows] bool)`` for a
-    contiguous float32 ``[rows, V]`` array with ``V // 8 ≥ k + 1`` (see ``cpu_top_k.c``), or
+    contiguous float32 ``[rows, V]`` array with ``V // STRIPS ≥ k + 1`` (see ``cpu_top_k.c``), or
     None when the kernel is not available. Rows with ``exact`` set need the exact path; their
     other outputs are unspecified."""
     lib = load()
     if lib is None:
         return None
     rows, v = z.shape
+    if v // STRIPS < k + 1 or z.dtype != np.float32 or not z.flags.c_contiguous:
+        raise ValueError(
+            f"the kernel needs contiguous float32 rows with V // {STRIPS} ≥ k + 1, got {z.dtype} {z.shape}, k = {k}"
+        )
     cols = np.empty((rows, k), dtype=np.int64)
     spread = np.empty(rows, dtype=np.float64)
     peak = np.empty(rows, dtype=np.float32)

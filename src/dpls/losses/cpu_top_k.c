@@ -27,7 +27,7 @@
 #include <emmintrin.h>
 #endif
 
-#define STRIPS 8
+#define STRIPS 8 /* cpu_kernel.STRIPS, which checks the precondition v/STRIPS >= k+1 */
 #define SMALL_SELECT 32 /* below this many ranks, selection by insertion into a sorted buffer */
 
 /* The kth smallest (0-based) of a[0..n-1]; reorders a (Hoare partition, median of three). */
