@@ -9,6 +9,11 @@ the old file or the new one, never half of one.
 other tool does (`tempfile` alone would make them private: 0600 / 0700), so a colleague
 or another service account can read a shared run.
 
+**One writer.** A command that writes a run or a study holds `exclusive_lock` on its folder
+for as long as it writes: a second writer is refused at once with the holder's PID. The lock
+is an ``flock`` on ``.dpls-lock``, which the operating system releases when the process dies,
+so a killed process never leaves a folder locked.
+
 **Ownership.** A dpls command overwrites or deletes only what dpls wrote. Every folder that
 an output file goes into keeps a small manifest, ``.dpls-owned.json``, naming the files dpls
 wrote there with their size and content hash. `check_replaceable` refuses to touch a file
@@ -23,11 +28,14 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 OWNED_FILE = ".dpls-owned.json"  # the manifest of the files dpls wrote in a folder
+LOCK_FILE = ".dpls-lock"  # held (flock) by the one process writing a run or study folder
+_BOOKKEEPING = frozenset({OWNED_FILE, LOCK_FILE})  # dpls's own files in a folder, never the user's
 _HASH_LIMIT = 64 << 20  # larger files are recognised by size and modification time
 
 
@@ -195,7 +203,7 @@ def unowned_files(folder: str | Path, names: Iterable[str] | None = None) -> lis
     return [
         p
         for p in candidates
-        if p.name != OWNED_FILE
+        if p.name not in _BOOKKEEPING
         and not (p.is_dir() and not p.is_symlink() and names is None and _only_owned(p))
         and not is_owned(p)
     ]
@@ -203,7 +211,7 @@ def unowned_files(folder: str | Path, names: Iterable[str] | None = None) -> lis
 
 def _only_owned(folder: Path) -> bool:
     """A folder whose every file dpls wrote (and that holds at least one)."""
-    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name != OWNED_FILE]
+    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name not in _BOOKKEEPING]
     return bool(files) and all(is_owned(p) for p in files)
 
 
@@ -222,3 +230,60 @@ def check_output_dir(folder: str | Path, names: Iterable[str], what: str = "out"
                 "since); dpls never overwrites them: choose another folder or move them away"
             )
     return folder
+
+
+# -- one writer per folder ----------------------------------------------------------------------
+
+
+class FolderInUse(ValueError):
+    """Another live process holds the folder's lock (the message names its PID)."""
+
+
+@contextmanager
+def exclusive_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
+    """Hold the write lock of ``folder`` (created if missing) for the ``with`` block.
+
+    A second process asking for the same folder gets `FolderInUse` at once, naming the holder's
+    PID and ``what`` the folder is ("run", "study"). The lock is ``flock`` on ``LOCK_FILE``: the
+    operating system drops it when the holder exits or is killed, so a crash leaves nothing
+    stuck. A folder this call created and that is empty again afterwards is removed, so a
+    command refused later (bad input) leaves no trace.
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    path = folder / LOCK_FILE
+    fd = _lock_file(path, what)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield folder
+    finally:
+        with suppress(OSError):
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                path.unlink()  # still locked: a process waiting on this file finds it gone and retries
+                folder.rmdir()
+        os.close(fd)  # releases the lock
+
+
+def _lock_file(path: Path, what: str) -> int:
+    """An open descriptor of ``path`` holding its ``flock``, or `FolderInUse`."""
+    import fcntl  # POSIX; imported here so that `dpls._io` still imports where it is missing
+
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # os.open applies the umask
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderInUse(
+                f"{what} {path.parent} is being written by another dpls process (pid {holder}); wait "
+                "for it to finish or stop it, then run this again"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file (and folder) while we waited: start again
