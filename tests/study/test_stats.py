@@ -1,4 +1,5 @@
-"""Paired statistics: Student-t quantiles, paired / bootstrap / Welch intervals, their wording."""
+"""Paired statistics: Student-t quantiles, paired / bootstrap / Welch intervals, their wording,
+power (minimum detectable effect, seeds needed) and Holm's adjustment."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from dpls.study.stats import (
     EFFECT_LARGER,
     EFFECT_NOT_LARGER,
     EFFECT_UNDEFINED,
-    betainc,
+    holm,
     mean_sd,
+    minimum_detectable_effect,
     paired_ci,
-    t_cdf,
+    paired_power,
+    seeds_needed,
     t_quantile,
     welch_ci,
 )
@@ -55,18 +58,6 @@ def test_t_quantile_closed_forms(p):
     # df = 1 is the Cauchy distribution: t = tan(π(p − ½)); df = 2: t = (2p − 1)/√(2p(1 − p)).
     assert t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9, abs=1e-9)
     assert t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9, abs=1e-9)
-
-
-@given(p=st.floats(0.01, 0.99), df=st.floats(0.5, 500))
-def test_t_cdf_inverts_quantile(p, df):
-    assert t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
-
-
-@given(x=st.floats(0.0, 1.0), a=st.floats(0.1, 50))
-def test_betainc_closed_forms(x, a):
-    # I_x(a, 1) = x^a and I_x(1, b) = 1 − (1 − x)^b.
-    assert betainc(a, 1.0, x) == pytest.approx(x**a, abs=1e-12)
-    assert betainc(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, abs=1e-12)
 
 
 def test_bad_arguments_raise():
@@ -172,3 +163,78 @@ def test_paired_interval_properties(d, shift):
     s = paired_ci(arm + shift, base)
     assert s.low == pytest.approx(r.low + shift, abs=1e-6)
     assert s.high == pytest.approx(r.high + shift, abs=1e-6)
+
+
+def test_paired_t_p_value_by_hand():
+    # The first hand example: t = mean / se = −0.05 / 0.0057735 = −8.660 on 2 df; two-sided
+    # p = 2·P(T₂ > 8.660) = 1 − 8.660/√(2 + 8.660²) = 0.013072 (the t₂ CDF in closed form).
+    r = paired_ci([3.15, 3.26, 3.19], [3.20, 3.30, 3.25])
+    t = 0.05 / (0.01 / math.sqrt(3))
+    assert r.p_value == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
+    assert paired_ci([3.1], [3.2]).p_value is None
+
+
+# G*Power's classic one-sample (paired) t test, two-sided α = 0.05, power 0.80: effect size
+# d = 0.5 needs n = 34 (actual power 0.8078), d = 0.8 needs n = 15 (0.8213).
+@pytest.mark.parametrize(("d", "n", "power"), [(0.5, 34, 0.8078), (0.8, 15, 0.8213)])
+def test_power_and_seeds_needed_match_textbook_values(d, n, power):
+    assert paired_power(d, 1.0, n) == pytest.approx(power, abs=2e-4)
+    assert seeds_needed(d, 1.0) == n
+    assert seeds_needed(-d * 3.0, 3.0) == n  # only |effect| / sd matters
+    assert paired_power(d, 1.0, n - 1) < 0.8 <= paired_power(d, 1.0, n)
+
+
+def test_minimum_detectable_effect_inverts_power_and_tends_to_the_normal_formula():
+    for n in (2, 3, 6, 20):
+        mde = minimum_detectable_effect(0.3, n)
+        assert paired_power(mde, 0.3, n) == pytest.approx(0.8, abs=1e-9)
+    # Many seeds: (z_{0.975} + z_{0.8})·sd/√n = (1.959964 + 0.841621)·sd/√n.
+    assert minimum_detectable_effect(2.0, 10_000) == pytest.approx(2.801585 * 2.0 / 100, rel=1e-3)
+    # Fewer seeds can only see larger effects; one seed sees nothing.
+    assert (
+        minimum_detectable_effect(1.0, 2)
+        > minimum_detectable_effect(1.0, 3)
+        > minimum_detectable_effect(1.0, 6)
+    )
+    assert minimum_detectable_effect(1.0, 1) is None and minimum_detectable_effect(None, 5) is None
+    assert minimum_detectable_effect(0.0, 5) == 0.0
+
+
+def test_seeds_needed_edges():
+    assert seeds_needed(0.0, 1.0) is None  # no number of seeds finds a zero difference
+    assert seeds_needed(1e-4, 1.0) is None  # over MAX_SEEDS
+    assert seeds_needed(0.1, None) is None
+    assert seeds_needed(0.1, 0.0) == 2
+    with pytest.raises(ValueError, match="power"):
+        seeds_needed(0.1, 1.0, power=1.0)
+
+
+def test_holm_by_hand():
+    # m = 4, sorted p: 0.005 ×4 = 0.02; 0.01 ×3 = 0.03; 0.03 ×2 = 0.06; 0.04 ×1 = 0.04 → 0.06 (monotone).
+    out = holm([0.01, 0.04, 0.03, 0.005])
+    assert [o["p_adjusted"] for o in out] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [o["significant"] for o in out] == [True, False, False, True]
+    # Undefined comparisons take no part: the others are adjusted as a family of two.
+    out = holm([None, 0.02, 0.03])
+    assert out[0] == {"p": None, "p_adjusted": None, "significant": None}
+    assert [o["p_adjusted"] for o in out[1:]] == pytest.approx([0.04, 0.04])
+    assert holm([]) == []
+
+
+@given(ps=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=8))
+def test_holm_never_lowers_a_p_value_and_keeps_the_order(ps):
+    out = holm(ps)
+    for p, o in zip(ps, out):
+        assert p <= o["p_adjusted"] <= 1.0
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted = [out[i]["p_adjusted"] for i in order]
+    assert adjusted == sorted(adjusted)
+
+
+@given(sd=st.floats(1e-4, 100.0), n=st.integers(2, 60), confidence=st.sampled_from([0.9, 0.95, 0.99]))
+def test_minimum_detectable_effect_is_defined_and_exact_for_any_spread(sd, n, confidence):
+    mde = minimum_detectable_effect(sd, n, confidence=confidence)
+    assert mde > 0
+    assert paired_power(mde, sd, n, confidence=confidence) == pytest.approx(0.8, abs=1e-6)
+    needed = seeds_needed(mde * 1.0001, sd, confidence=confidence)
+    assert needed is not None and needed <= n

@@ -6,10 +6,13 @@ same tokens; so the honest comparison of an arm with the baseline is the per-see
 interval (``mean(d) ± t_{(1+c)/2, n−1} · sd(d)/√n``) or, optionally, a percentile
 bootstrap. Pairing removes the seed-to-seed variation both arms share, which is most of it.
 
-The Student-t quantile is computed here (the project does not depend on scipy): the t CDF
-is a regularized incomplete beta function, evaluated with its continued fraction, and the
-quantile is found by bisection on the CDF. It accepts non-integer degrees of freedom, which
-the Welch interval of unpaired comparisons needs.
+The distributions come from `scipy.stats`: Student's t (and its noncentral form, for power),
+and the seeded bootstrap. Power answers the question an interval that contains 0 leaves open:
+was the study large enough to see an effect of the size that matters? `minimum_detectable_effect`
+is the smallest true mean difference the study would find with 80% probability, and
+`seeds_needed` how many seeds a given difference would need. `holm` adjusts the p-values of
+several arms' comparisons on one question, so that "larger than its interval" keeps its
+meaning when a study asks it once per arm.
 
 With a single seed there is no spread to estimate: the interval is *undefined* (``None``),
 reported as such, never a crash and never a made-up number.
@@ -23,6 +26,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy import optimize
+from scipy import stats as sps
 
 # What the report says about a difference, by whether its interval excludes zero.
 EFFECT_LARGER = "larger than its interval"
@@ -30,6 +35,8 @@ EFFECT_NOT_LARGER = "not larger than its interval"
 EFFECT_UNDEFINED = "undefined (one seed: no interval)"
 
 METHODS = ("t", "bootstrap")
+POWER = 0.8  # the conventional power at which a minimum detectable effect is quoted
+MAX_SEEDS = 100_000  # seeds_needed answers None above this (the effect is too small to chase)
 
 
 def is_finite_number(x: Any) -> bool:
@@ -37,89 +44,13 @@ def is_finite_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-# Above this many degrees of freedom the t distribution is the normal one to ~1e-7.
-_NORMAL_DF = 1.0e7
-
-
-# -- the Student-t distribution ------------------------------------------------------------
-
-
-def _beta_continued_fraction(x: float, a: float, b: float) -> float:
-    """The continued fraction of ``I_x(a, b)`` (modified Lentz); converges for x < (a+1)/(a+b+2)."""
-    tiny = 1.0e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    value = d
-    for m in range(1, 100_000):
-        # Even term m(b−m)x / ((a+2m−1)(a+2m)), then odd term −(a+m)(a+b+m)x / ((a+2m)(a+2m+1)).
-        for coef in (
-            m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0)),
-        ):
-            d = 1.0 + coef * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + coef / c
-            c = c if abs(c) > tiny else tiny
-            value *= c * d
-        if abs(c * d - 1.0) < 1.0e-15:
-            return value
-    raise ArithmeticError(f"incomplete beta did not converge for x={x}, a={a}, b={b}")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function ``I_x(a, b)`` for ``a, b > 0`` and ``x ∈ [0, 1]``."""
-    if a <= 0 or b <= 0:
-        raise ValueError(f"betainc needs a > 0 and b > 0, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"betainc needs x in [0, 1], got {x}")
-    if x in (0.0, 1.0):
-        return x
-    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    # The fraction converges fast on the near side of the mode; use the symmetry on the far side.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(x, a, b) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(1.0 - x, b, a) / b
-
-
-def _normal_cdf(z: float) -> float:
-    return 0.5 * math.erfc(-z / math.sqrt(2.0))
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T ≤ t) for Student's t with ``df`` degrees of freedom (any real ``df > 0``)."""
-    if not df > 0:
-        raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    if math.isinf(t):
-        return 1.0 if t > 0 else 0.0
-    if df > _NORMAL_DF:
-        return _normal_cdf(t)
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t > 0 else tail
-
-
 def t_quantile(p: float, df: float) -> float:
-    """The ``p``-quantile of Student's t: the ``t`` with ``t_cdf(t, df) == p`` (e.g. t_{0.975,1} = 12.706)."""
+    """The ``p``-quantile of Student's t with ``df`` degrees of freedom (t_{0.975,1} = 12.706)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"quantile probability must be in (0, 1), got {p}")
     if not df > 0:
         raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:  # symmetric
-        return -t_quantile(1.0 - p, df)
-    cdf = _normal_cdf if df > _NORMAL_DF else (lambda t: t_cdf(t, df))
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:  # bracket: the t quantile is at least the normal one, grows fast as df → 0
-        lo, hi = hi, hi * 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if cdf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1.0e-13 * hi:
-            break
-    return 0.5 * (lo + hi)
+    return float(sps.t.ppf(p, df))
 
 
 # -- intervals ------------------------------------------------------------------------------
@@ -131,7 +62,8 @@ class Interval:
 
     ``low``/``high`` are ``None`` when the interval is undefined (fewer than two values).
     ``paired`` says whether the values were matched by seed; ``method`` is ``"t"``,
-    ``"bootstrap"`` or ``"welch"`` (unpaired); ``se`` is the standard error of ``mean``.
+    ``"bootstrap"`` or ``"welch"`` (unpaired); ``se`` is the standard error of ``mean``;
+    ``p_value`` is the two-sided t test's (None where undefined), which `holm` adjusts.
     """
 
     mean: float
@@ -142,6 +74,7 @@ class Interval:
     confidence: float
     method: str
     paired: bool
+    p_value: float | None = None
 
     @property
     def defined(self) -> bool:
@@ -215,17 +148,37 @@ def paired_ci(
     if n < 2:
         return Interval(mean, None, None, n, None, confidence, method, paired=True)
     se = float(d.std(ddof=1)) / math.sqrt(n)
+    p_value = _t_test_p(mean, se, n - 1)
     if method == "t":
         half = t_quantile(0.5 + confidence / 2.0, n - 1) * se
         low, high = mean - half, mean + half
     else:
         if n_boot < 1:
             raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-        rng = np.random.default_rng(seed)
-        means = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-        alpha = (1.0 - confidence) / 2.0
-        low, high = (float(v) for v in np.quantile(means, [alpha, 1.0 - alpha]))
-    return Interval(mean, low, high, n, se, confidence, method, paired=True)
+        low, high = _bootstrap_interval(d, confidence, n_boot, seed)
+    return Interval(mean, low, high, n, se, confidence, method, paired=True, p_value=p_value)
+
+
+def _t_test_p(mean: float, se: float, df: float) -> float:
+    """Two-sided p-value of ``mean / se`` under Student's t (1.0 for a zero difference with no spread)."""
+    if se == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    return float(2.0 * sps.t.sf(abs(mean) / se, df))
+
+
+def _bootstrap_interval(d: np.ndarray, confidence: float, n_boot: int, seed: int) -> tuple[float, float]:
+    """Percentile interval of the mean of ``d`` over ``n_boot`` seeded resamples (scipy's bootstrap)."""
+    if np.all(d == d[0]):  # every resample has the same mean: the interval is that point
+        return float(d[0]), float(d[0])
+    res = sps.bootstrap(
+        (d,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=n_boot,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def welch_ci(arm: Sequence[float], baseline: Sequence[float], *, confidence: float = 0.95) -> Interval:
@@ -244,7 +197,114 @@ def welch_ci(arm: Sequence[float], baseline: Sequence[float], *, confidence: flo
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
     se = math.sqrt(va + vb)
     if se == 0.0:
-        return Interval(mean, mean, mean, n, 0.0, confidence, "welch", paired=False)
+        p_value = _t_test_p(mean, 0.0, 1.0)
+        return Interval(mean, mean, mean, n, 0.0, confidence, "welch", paired=False, p_value=p_value)
     df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
     half = t_quantile(0.5 + confidence / 2.0, df) * se
-    return Interval(mean, mean - half, mean + half, n, se, confidence, "welch", paired=False)
+    p_value = _t_test_p(mean, se, df)
+    return Interval(mean, mean - half, mean + half, n, se, confidence, "welch", paired=False, p_value=p_value)
+
+
+# -- power: how large a difference could this study see? --------------------------------------
+
+
+def paired_power(effect: float, sd: float, n: int, *, confidence: float = 0.95) -> float:
+    """Probability that the two-sided paired t test at ``confidence`` finds a true mean
+    difference ``effect`` with ``n`` pairs whose differences have standard deviation ``sd``
+    (the noncentral t distribution with ``n − 1`` degrees of freedom)."""
+    _check_confidence(confidence)
+    if n < 2:
+        raise ValueError(f"power needs at least 2 pairs, got n={n}")
+    if not sd > 0:
+        raise ValueError(f"power needs a positive standard deviation, got sd={sd}")
+    df = n - 1
+    crit = float(sps.t.ppf(0.5 + confidence / 2.0, df))
+    nc = abs(effect) * math.sqrt(n) / sd
+    upper = float(sps.nct.sf(crit, df, nc))
+    # The wrong-sign tail is below Φ(−nc) (Z + nc < 0 is needed for it); scipy's noncentral t
+    # returns NaN for it at a few df = 1 points where it is below 1e-15.
+    lower = float(sps.nct.cdf(-crit, df, nc))
+    if not math.isfinite(lower) and sps.norm.cdf(-nc) < 1e-12:
+        lower = 0.0
+    if not (math.isfinite(upper) and math.isfinite(lower)):
+        raise ArithmeticError(f"power undefined for effect={effect}, sd={sd}, n={n}")
+    return upper + lower
+
+
+def minimum_detectable_effect(
+    sd: float | None, n: int, *, confidence: float = 0.95, power: float = POWER
+) -> float | None:
+    """The smallest true |mean difference| found with probability ``power`` by ``n`` pairs of
+    spread ``sd``: what the study could have seen. None with fewer than two pairs (no spread
+    to go by); 0 where the differences did not vary at all."""
+    _check_power(power)
+    if sd is None or n < 2 or not math.isfinite(sd):
+        return None
+    if sd == 0.0:
+        return 0.0
+    hi = sd
+    while paired_power(hi, sd, n, confidence=confidence) < power:
+        hi *= 2.0
+    return float(optimize.brentq(lambda e: paired_power(e, sd, n, confidence=confidence) - power, 0.0, hi))
+
+
+def seeds_needed(
+    effect: float, sd: float | None, *, confidence: float = 0.95, power: float = POWER
+) -> int | None:
+    """The fewest seeds (pairs) whose paired t test finds a true difference ``effect`` with
+    probability ``power``, if the differences spread by ``sd`` as observed. None where no
+    number of seeds would do (a zero effect, an unknown spread) or more than `MAX_SEEDS`."""
+    _check_power(power)
+    if sd is None or not math.isfinite(sd) or not math.isfinite(effect) or effect == 0.0:
+        return None
+    if sd == 0.0:
+        return 2
+
+    def enough(n: int) -> bool:
+        return paired_power(effect, sd, n, confidence=confidence) >= power
+
+    lo, hi = 1, 2  # power grows with n: enough(lo) is False (n = 1 has no test), find enough(hi)
+    while not enough(hi):
+        lo, hi = hi, hi * 2
+        if hi > MAX_SEEDS:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
+
+
+def _check_power(power: float) -> None:
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+
+
+# -- several arms, one question -------------------------------------------------------------
+
+
+def holm(p_values: Sequence[float | None], *, confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Holm's step-down adjustment of the p-values of several comparisons asked together.
+
+    Sorted ascending, the i-th of m p-values (1-based) is multiplied by ``m − i + 1``, and the
+    adjusted values are made non-decreasing; a comparison is significant where its adjusted p
+    is below ``1 − confidence``. The family-wise error rate stays at ``1 − confidence``
+    however many arms are compared. Entries that are None (undefined) take no part and stay
+    undefined. Returns, in input order, ``{"p": raw, "p_adjusted": …, "significant": …}``.
+    """
+    _check_confidence(confidence)
+    alpha = 1.0 - confidence
+    defined = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(defined)
+    adjusted: dict[int, float] = {}
+    running = 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return [
+        {
+            "p": p,
+            "p_adjusted": adjusted.get(i),
+            "significant": None if p is None else adjusted[i] < alpha,
+        }
+        for i, p in enumerate(p_values)
+    ]
