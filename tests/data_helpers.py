@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dpls.data import DataMeta, write_shard
+from dpls.data.shards import token_dtype
 from dpls.data.tokenizer import EOT
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -23,14 +24,16 @@ def write_data_dir(
     tokenizer: str = "bpe",
     source: str = "test",
 ) -> DataMeta:
-    """A prepared data directory: one ``{split}_{i:06d}.bin`` shard per array, and meta.json
-    (a "bpe" one names tokenizer.json, which callers write only if their test reads it)."""
+    """A prepared data directory: one ``{split}_{i:06d}.bin`` shard per array (uint16, or uint32
+    for a vocabulary over 65,536), and meta.json (a "bpe" one names tokenizer.json, which
+    callers write only if their test reads it)."""
     root.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
     shards: dict[str, list[str]] = {"train": [], "val": []}
     for split, arrays in (("train", train), ("val", val)):
         for i, tokens in enumerate(arrays):
             shards[split].append(f"{split}_{i:06d}.bin")
-            write_shard(root / shards[split][-1], tokens)
+            write_shard(root / shards[split][-1], tokens, dtype)
     meta = DataMeta(
         tokenizer=tokenizer,
         tokenizer_file="tokenizer.json" if tokenizer == "bpe" else None,
@@ -41,6 +44,7 @@ def write_data_dir(
         train_tokens=sum(len(t) for t in train),
         val_tokens=sum(len(t) for t in val),
         source=source,
+        token_dtype=dtype,
     )
     meta.save(root)
     return meta
@@ -56,6 +60,34 @@ def fake_gpt2():
     return tiktoken.Encoding(
         name="fake-gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 260}
     )
+
+
+def large_vocab_tokenizer(path: Path, size: int = 70_000) -> Path:
+    """A Hugging Face ``tokenizer.json`` of ``size`` > 65,536 entries, built offline: a WordLevel
+    model over the words ``w1 ... w{size-2}`` (whitespace-split; ``[UNK]`` is 0) with
+    ``<|endoftext|>`` as its last id, so the separator itself needs uint32."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, size - 1)}, EOT: size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(EOT, special=True)])
+    tok.save(str(path))
+    return path
+
+
+def large_vocab_documents(count: int, seed: int = 0, size: int = 70_000) -> list[str]:
+    """Documents of the `large_vocab_tokenizer` words, most of them past id 65,535: each word is
+    a noisy function of the previous one, so a tiny model can learn something."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(count):
+        word, words = int(rng.integers(65_000, size - 1)), []
+        for _ in range(int(rng.integers(20, 60))):
+            words.append(f"w{word}")
+            word = int(rng.integers(1, size - 1)) if rng.random() < 0.2 else 65_000 + (word * 7 + 3) % 4_000
+        docs.append(" ".join(words))
+    return docs
 
 
 # -- a tiny run of real text, trained by `dpls train` in a few seconds -------------------------------

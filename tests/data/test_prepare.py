@@ -292,13 +292,15 @@ def test_interrupted_before_any_checkpoint_is_still_ours(tmp_path, inputs, monke
     assert prepare_files([src / "b.jsonl"], tmp_path / "out", **kwargs).train_tokens > 0
 
 
-def test_encodings_too_large_for_uint16_are_refused(tmp_path):
+def test_encodings_too_large_for_uint16_get_uint32_shards():
     from types import SimpleNamespace
 
+    from dpls.data.shards import token_dtype
+
     big = SimpleNamespace(name="cl100k-like", eot_token=100257, n_vocab=100277)
-    with pytest.raises(ValueError, match="uint16"):
-        prepare_fineweb_edu(tmp_path / "o", encoding=big)
-    assert not (tmp_path / "o").exists()
+    tok, described = prep._given_tokenizer("gpt2", big)
+    assert described == {"encoding": "cl100k-like"}  # the settings of a GPT-2 directory, unchanged
+    assert tok.vocab_size == 100277 and token_dtype(tok.vocab_size) == "uint32"
 
 
 def test_fineweb_argument_errors(tmp_path):

@@ -14,11 +14,16 @@ EPILOG = (
     "(finished: nothing is redone; interrupted: it resumes)."
 )
 
+HF_TOKENIZER_HELP = (
+    "a tokenizer.json, a folder holding one, or a Hub name such as meta-llama/Meta-Llama-3-8B "
+    "(downloaded once into the Hugging Face cache); copied into --out"
+)
+
 # source -> (function in dpls.data.prepare, the options only that source has)
 SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "stdlib": ("prepare_stdlib", ("vocab_size", "max_files", "max_train_tokens", "include_tests")),
     "files": ("prepare_files", ("paths", "tokenizer", "vocab_size", "text_field", "text_encoding")),
-    "fineweb-edu": ("prepare_fineweb_edu", ("name", "max_tokens", "num_proc", "data_files")),
+    "fineweb-edu": ("prepare_fineweb_edu", ("name", "max_tokens", "num_proc", "data_files", "tokenizer")),
 }
 
 
@@ -50,7 +55,8 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser = subparsers.add_parser(
         name,
         help=help_text,
-        description="Tokenize a corpus into llm.c-layout uint16 shards plus meta.json (and tokenizer.json).",
+        description="Tokenize a corpus into llm.c-layout token shards (uint16; uint32 for a vocabulary "
+        "over 65,536) plus meta.json (and tokenizer.json).",
         epilog=EPILOG,
     )
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
@@ -85,7 +91,13 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         val_fraction=0.05,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="input files or directories")
-    p.add_argument("--tokenizer", choices=["bpe", "gpt2"], default="bpe", help="train a BPE, or GPT-2's")
+    p.add_argument(
+        "--tokenizer",
+        default="bpe",
+        metavar="NAME_OR_PATH",
+        help="bpe (train a byte-level BPE here, the default), gpt2 (GPT-2's, through tiktoken), or any "
+        f"Hugging Face tokenizer: {HF_TOKENIZER_HELP}",
+    )
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column (default: %(default)s)")
     p.add_argument(
@@ -101,7 +113,7 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         "fineweb-edu",
         "FineWeb-Edu through Hugging Face datasets, GPT-2 BPE",
         "FineWeb-Edu (HuggingFaceFW/fineweb-edu) streamed and tokenized with GPT-2's BPE "
-        "(tiktoken). Resumable: run the same command again after an interruption.",
+        "(tiktoken) or the --tokenizer given. Resumable: run the same command again after an interruption.",
         shard_tokens=100_000_000,
         val_fraction=0.01,
     )
@@ -109,6 +121,12 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
     p.add_argument("--max-tokens", type=int, default=None, help="stop after N tokens")
     p.add_argument("--num-proc", type=int, default=None, help="encoding threads (default: all cores)")
     p.add_argument("--data-files", nargs="+", default=None, help="local Parquet files instead of the Hub")
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        metavar="NAME_OR_PATH",
+        help=f"gpt2 (GPT-2's, through tiktoken; the default) or any Hugging Face tokenizer: {HF_TOKENIZER_HELP}",
+    )
 
     parser.set_defaults(func=lambda _args: _missing_source(parser))
     return parser

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dpls._io import write_json_atomic
-from dpls.data.shards import MAX_VOCAB, read_shard, shard_token_count
+from dpls.data.shards import LAYOUTS, UINT16_VOCAB, read_shard, shard_header
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -45,6 +45,9 @@ class DataMeta:
     # the tokenizer's (Tokenizer.fingerprint) and the corpus's (corpus_fingerprint).
     tokenizer_fingerprint: str | None = None
     corpus_fingerprint: str | None = None
+    # The shards' token type (`dpls.data.shards.token_dtype`); directories made before it was
+    # recorded hold uint16 shards. Every shard's header must say the same.
+    token_dtype: str = "uint16"
 
     def shards(self, split: str) -> list[str]:
         if split not in SPLITS:
@@ -84,6 +87,7 @@ class DataMeta:
             format_version=int(raw.get("format_version", FORMAT_VERSION)),
             tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
             corpus_fingerprint=raw.get("corpus_fingerprint"),
+            token_dtype=raw.get("token_dtype", "uint16"),
         )
         for key in ("tokenizer_fingerprint", "corpus_fingerprint"):
             value = getattr(meta, key)
@@ -99,8 +103,19 @@ class DataMeta:
             )
         if meta.tokenizer == "bpe" and not meta.tokenizer_file:
             raise DataError(f"{where}: a 'bpe' tokenizer needs tokenizer_file")
-        if not 0 < meta.vocab_size <= MAX_VOCAB:
-            raise DataError(f"{where}: vocab_size must be in [1, {MAX_VOCAB}], got {meta.vocab_size}")
+        if meta.token_dtype not in LAYOUTS:
+            raise DataError(f"{where}: token_dtype must be one of {list(LAYOUTS)}, got {meta.token_dtype!r}")
+        max_vocab = int(np.iinfo(meta.token_dtype).max) + 1
+        if not 0 < meta.vocab_size <= max_vocab:
+            hint = (
+                " (a larger vocabulary needs uint32 shards: prepare the data again)"
+                if max_vocab == UINT16_VOCAB
+                else ""
+            )
+            raise DataError(
+                f"{where}: vocab_size must be in [1, {max_vocab}] for {meta.token_dtype} shards, "
+                f"got {meta.vocab_size}{hint}"
+            )
         if not 0 <= meta.eot_token < meta.vocab_size:
             raise DataError(
                 f"{where}: eot_token {meta.eot_token} is outside the vocabulary [0, {meta.vocab_size})"
@@ -129,7 +144,15 @@ class DataMeta:
                 names = meta.shards(split)
                 if not names:
                     raise DataError(f"{str(path)!r} lists no {split} shards")
-                total = sum(shard_token_count(directory / name) for name in names)
+                total = 0
+                for name in names:
+                    dtype, count = shard_header(directory / name)
+                    if dtype != meta.token_dtype:  # readers never guess: both must say the same
+                        raise DataError(
+                            f"{str(directory / name)!r} holds {dtype} tokens, but {META_FILE} says "
+                            f"token_dtype {meta.token_dtype}: the shards and meta.json do not belong together"
+                        )
+                    total += count
                 expected = meta.train_tokens if split == "train" else meta.val_tokens
                 if total != expected:
                     raise DataError(
@@ -146,11 +169,12 @@ def corpus_fingerprint(directory: str | Path, meta: DataMeta, tokenizer_fingerpr
     builds, and so does this hash (and every number measured on the corpus)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tokenizer_fingerprint}\0{meta.vocab_size}\0{meta.eot_token}".encode())
+    stored = np.dtype(meta.token_dtype).newbyteorder("<")  # the bytes of the shards' own layout
     for split in SPLITS:
         h.update(f"\0{split}".encode())
         for name in meta.shards(split):
             tokens = read_shard(Path(directory) / name)
             h.update(len(tokens).to_bytes(8, "little"))
             for start in range(0, len(tokens), 1 << 24):  # 32 MB at a time
-                h.update(np.ascontiguousarray(tokens[start : start + (1 << 24)], dtype="<u2").tobytes())
+                h.update(np.ascontiguousarray(tokens[start : start + (1 << 24)], dtype=stored).tobytes())
     return h.hexdigest()

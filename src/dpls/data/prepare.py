@@ -1,4 +1,4 @@
-"""Corpora → tokenizer → uint16 shards + ``meta.json``.
+"""Corpora → tokenizer → token shards (uint16, or uint32 for a vocabulary over 65,536) + ``meta.json``.
 
 Three sources share one pipeline:
 
@@ -7,6 +7,9 @@ Three sources share one pipeline:
   corpus anywhere; a byte-level BPE is trained on a bounded sample of the training files.
 - ``prepare_files``: the user's ``.txt`` / ``.jsonl`` / ``.parquet`` files.
 - ``prepare_fineweb_edu``: FineWeb-Edu streamed through ``datasets``, GPT-2 BPE (tiktoken).
+
+Both of the last two also take any Hugging Face tokenizer (a ``tokenizer.json``, a folder
+holding one, or a Hub name); it is copied into the data directory.
 
 Every document is preceded by ``<|endoftext|>`` (as in llm.c). The validation split is held
 out by *document* (a hash of its key and the seed), so no file leaks into both splits.
@@ -34,8 +37,8 @@ import numpy as np
 
 from dpls._io import write_json_atomic
 from dpls.data.meta import META_FILE, DataError, DataMeta, corpus_fingerprint
-from dpls.data.shards import MAX_VOCAB, write_shard
-from dpls.data.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, train_bpe
+from dpls.data.shards import MAX_VOCAB, token_dtype, write_shard
+from dpls.data.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, hf_tokenizer, train_bpe
 
 PROGRESS_FILE = "progress.json"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -142,10 +145,14 @@ def assign_validation(keys: Sequence[str], val_fraction: float, seed: int) -> se
 
 
 class _SplitWriter:
-    """One split's shards: exact ``shard_tokens`` cuts, remainder staged on disk at checkpoints."""
+    """One split's shards: exact ``shard_tokens`` cuts, remainder staged on disk at checkpoints.
+    Tokens are kept, staged and written as ``dtype`` (the vocabulary's `token_dtype`)."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, state: dict[str, Any] | None) -> None:
+    def __init__(
+        self, out_dir: Path, split: str, shard_tokens: int, state: dict[str, Any] | None, dtype: str
+    ) -> None:
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.dtype, self._stored = dtype, np.dtype(dtype).newbyteorder("<")
         self.shards: list[str] = list(state["shards"]) if state else []
         self.shard_tokens_total = int(state["tokens"]) if state else 0
         self._buffer: list[np.ndarray] = []
@@ -155,15 +162,15 @@ class _SplitWriter:
         staged = int(state["staged"]) if state else 0
         path = self._staging_path(len(self.shards))
         if staged:
-            have = path.stat().st_size // 2 if path.is_file() else 0
+            have = path.stat().st_size // self._stored.itemsize if path.is_file() else 0
             if have < staged:
                 raise DataError(
                     f"cannot resume {str(out_dir)!r}: staging file {path.name} is missing or short"
                 )
-            self._buffer, self._buffered = [np.fromfile(path, dtype="<u2", count=staged)], staged
+            self._buffer, self._buffered = [np.fromfile(path, dtype=self._stored, count=staged)], staged
         if path.is_file():  # drop anything an interrupted run appended after its last checkpoint
             with open(path, "r+b") as f:
-                f.truncate(2 * staged)
+                f.truncate(self._stored.itemsize * staged)
 
     @property
     def tokens(self) -> int:
@@ -184,7 +191,7 @@ class _SplitWriter:
 
     def _write(self, tokens: np.ndarray) -> None:
         name = f"{self.split}_{len(self.shards):06d}.bin"
-        write_shard(self.out_dir / name, tokens)
+        write_shard(self.out_dir / name, tokens, self.dtype)
         self.shards.append(name)
         self.shard_tokens_total += len(tokens)
 
@@ -192,12 +199,12 @@ class _SplitWriter:
         """Make the staged remainder durable; returns this split's part of ``progress.json``."""
         path = self._staging_path(len(self.shards))
         if self._staged_for != len(self.shards):  # a cut since the last checkpoint: new file
-            flat = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.uint16)
-            flat.astype("<u2").tofile(path)
+            flat = np.concatenate(self._buffer) if self._buffer else np.zeros(0, self._stored)
+            flat.astype(self._stored).tofile(path)
             self._staged_for = len(self.shards)
         elif self._unstaged:
             with open(path, "ab") as f:
-                np.concatenate(self._unstaged).astype("<u2").tofile(f)
+                np.concatenate(self._unstaged).astype(self._stored).tofile(f)
         self._unstaged = []
         return {"shards": self.shards, "tokens": self.shard_tokens_total, "staged": self._buffered}
 
@@ -267,9 +274,10 @@ def _build(
     saved: dict[str, Any] = {}
     if (out_dir / PROGRESS_FILE).is_file():
         saved = json.loads((out_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
-    writers = {s: _SplitWriter(out_dir, s, shard_tokens, saved.get(s)) for s in ("train", "val")}
+    dtype = token_dtype(tokenizer.vocab_size)  # uint16 where it fits (llm.c's GPT-2 layout)
+    writers = {s: _SplitWriter(out_dir, s, shard_tokens, saved.get(s), dtype) for s in ("train", "val")}
     consumed = int(saved.get("documents", 0))
-    eot = np.array([tokenizer.eot], dtype=np.uint16)
+    eot = np.array([tokenizer.eot], dtype=dtype)
 
     def total() -> int:
         return writers["train"].tokens + writers["val"].tokens
@@ -291,7 +299,7 @@ def _build(
             encoded = tokenizer.encode_batch([d.text for d in batch], num_threads=num_threads)
             shards_before = sum(len(w.shards) for w in writers.values())
             for doc, ids in zip(batch, encoded):
-                tokens = np.concatenate([eot, np.asarray(ids, dtype=np.uint16)])
+                tokens = np.concatenate([eot, np.asarray(ids, dtype=dtype)])
                 if max_tokens is not None:
                     tokens = tokens[: max_tokens - total()]
                 split = "val" if is_val(consumed, doc) else "train"
@@ -333,6 +341,7 @@ def _build(
         source=source,
         settings=settings,
         tokenizer_fingerprint=tokenizer.fingerprint(),
+        token_dtype=dtype,
     )
     meta.corpus_fingerprint = corpus_fingerprint(out_dir, meta, meta.tokenizer_fingerprint)
     meta.save(out_dir)
@@ -383,11 +392,28 @@ def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         left -= len(text)
 
 
-def _tiktoken(encoding: Any) -> TiktokenTokenizer:
-    tok = TiktokenTokenizer(encoding)
-    if tok.vocab_size > MAX_VOCAB:
-        raise ValueError(f"the encoding has {tok.vocab_size} tokens; uint16 shards hold at most {MAX_VOCAB}")
-    return tok
+def _given_tokenizer(name: str, encoding: Any) -> tuple[Tokenizer, dict[str, Any]]:
+    """``"gpt2"`` (tiktoken; ``encoding`` replaces it offline) or any Hugging Face tokenizer by
+    path or Hub name, and what ``settings`` records of it (a path resolved; a Hugging Face
+    one's fingerprint, so that resuming with another file behind the same name is refused)."""
+    if name == "gpt2":
+        gpt2 = TiktokenTokenizer(encoding)
+        return gpt2, {"encoding": getattr(gpt2.encoding, "name", "gpt2")}
+    if not isinstance(name, str | Path) or not str(name):
+        raise ValueError(
+            f"tokenizer must be 'bpe', 'gpt2' or a Hugging Face tokenizer name or path, got {name!r}"
+        )
+    given = str(Path(name).resolve()) if Path(name).exists() else str(name)
+    tok = hf_tokenizer(given)
+    return tok, {"tokenizer": given, "encoding": None, "tokenizer_fingerprint": tok.fingerprint()}
+
+
+def _save_tokenizer(out_dir: Path, tok: Tokenizer) -> None:
+    """A given Hugging Face tokenizer goes into the data directory, as a trained one does."""
+    from dpls.data.tokenizer import BPETokenizer
+
+    if isinstance(tok, BPETokenizer):
+        tok.save(out_dir / TOKENIZER_FILE)
 
 
 def _finished(out_dir: Path, progress: bool) -> DataMeta:
@@ -616,7 +642,8 @@ def prepare_files(
 ) -> DataMeta:
     """Shards from ``.txt``, ``.jsonl`` (field ``text_field``) and ``.parquet`` (column
     ``text_field``) files, or directories of them. ``tokenizer``: ``"bpe"`` (trained here on
-    the training documents) or ``"gpt2"`` (tiktoken; ``encoding`` replaces it offline).
+    the training documents), ``"gpt2"`` (tiktoken; ``encoding`` replaces it offline), or any
+    Hugging Face tokenizer: a ``tokenizer.json``, a directory holding one, or a Hub name.
     ``text_encoding``: of the text and JSONL files; a file that does not decode, or that is
     binary data, is an error naming it (never text with replacement characters)."""
     import codecs
@@ -627,15 +654,13 @@ def prepare_files(
         raise ValueError(
             f"text_encoding {text_encoding!r} is not a known text encoding (e.g. utf-8, latin-1)"
         ) from None
-    if tokenizer not in ("bpe", "gpt2"):
-        raise ValueError(f"tokenizer must be 'bpe' or 'gpt2', got {tokenizer!r}")
     _check_int("vocab_size", vocab_size, 257, MAX_VOCAB)
     _check_split(val_fraction, shard_tokens, seed)
     _check_int("max_bpe_chars", max_bpe_chars, 1)
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
     files = _expand_paths(paths)
-    gpt2 = _tiktoken(encoding) if tokenizer == "gpt2" else None
+    given, described = (None, {}) if tokenizer == "bpe" else _given_tokenizer(tokenizer, encoding)
     out_dir = Path(out_dir)
     resolved_out = out_dir.resolve()
     if any(resolved_out in f.resolve().parents for f in files):
@@ -646,7 +671,8 @@ def prepare_files(
             "files": [[str(f.resolve()), f.stat().st_size] for f in files],
             "text_field": text_field,
             "tokenizer": tokenizer,
-            "encoding": getattr(gpt2.encoding, "name", "gpt2") if gpt2 is not None else None,
+            "encoding": None,
+            **described,
             "vocab_size": vocab_size if tokenizer == "bpe" else None,
             "val_fraction": val_fraction,
             "shard_tokens": shard_tokens,
@@ -671,13 +697,14 @@ def prepare_files(
     keys = [d.key for d in documents(0)]  # one reading pass: the split needs every key
     held = assign_validation(keys, val_fraction, seed)
     _begin(out_dir, state, settings)
-    if gpt2 is None:
+    if given is None:
         train = (d.text for d in documents(0) if d.key not in held)
         tok: Tokenizer = _bpe_tokenizer(
             out_dir, state, lambda: _take_chars(train, max_bpe_chars), vocab_size, progress
         )
     else:
-        tok = gpt2
+        tok = given
+        _save_tokenizer(out_dir, tok)
     return _build(out_dir, documents, lambda _i, doc: doc.key in held, tok, settings, progress=progress)
 
 
@@ -710,6 +737,7 @@ def prepare_fineweb_edu(
     num_proc: int | None = None,
     data_files: str | Sequence[str] | None = None,
     encoding: Any = None,
+    tokenizer: str = "gpt2",
     val_fraction: float = 0.01,
     shard_tokens: int = 100_000_000,
     seed: int = 0,
@@ -717,6 +745,8 @@ def prepare_fineweb_edu(
 ) -> DataMeta:
     """FineWeb-Edu (``HuggingFaceFW/fineweb-edu``, config ``name``) streamed, GPT-2 BPE.
 
+    ``tokenizer``: ``"gpt2"`` (tiktoken; ``encoding`` replaces it offline) or any Hugging Face
+    tokenizer by path or Hub name, as in `prepare_files`.
     ``data_files``: local Parquet files to read instead of the Hub (same columns). The first
     document always goes to validation, then about ``val_fraction`` of them by a hash of their
     ``id``. ``max_tokens`` stops after that many tokens (both splits together). ``num_proc``
@@ -737,13 +767,15 @@ def prepare_fineweb_edu(
         if not data_files or missing:
             raise ValueError(f"data_files: {missing[0] if missing else 'empty list'} is not a file")
     out_dir = Path(out_dir)
-    tok = _tiktoken(encoding)
+    if tokenizer == "bpe":
+        raise ValueError("fineweb-edu takes a given tokenizer (gpt2 or a Hugging Face one), not 'bpe'")
+    tok, described = _given_tokenizer(tokenizer, encoding)
     settings = _normalize(
         {
             "source": "fineweb-edu",
             "name": name,
             "data_files": data_files,
-            "encoding": getattr(tok.encoding, "name", "gpt2"),
+            **described,
             "max_tokens": max_tokens,
             "val_fraction": val_fraction,
             "shard_tokens": shard_tokens,
@@ -762,6 +794,7 @@ def prepare_fineweb_edu(
             yield Document(str(row.get("id") or i), row["text"])
 
     _begin(out_dir, state, settings)
+    _save_tokenizer(out_dir, tok)
     return _build(
         out_dir,
         documents,

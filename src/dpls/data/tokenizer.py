@@ -1,9 +1,11 @@
-"""Tokenizers: a byte-level BPE trained here (Hugging Face ``tokenizers``) or GPT-2's (tiktoken).
+"""Tokenizers: a Hugging Face ``tokenizer.json`` (a byte-level BPE trained here, or any given one
+by name or path) or GPT-2's (tiktoken).
 
 Both sit behind one small interface (``encode``, ``encode_batch``, ``decode``, ``eot``,
 ``vocab_size``), and ``load_tokenizer(path)`` finds the right one from a data, run or
 checkpoint directory through its ``meta.json``. Byte-level BPE never fails to encode and
-round-trips every string exactly; ``<|endoftext|>`` (``eot``) separates documents.
+round-trips every string exactly; the end-of-text token (``eot``: ``<|endoftext|>``, or the
+given tokenizer's own, see `EOT_CANDIDATES`) separates documents.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from dpls.data.meta import META_FILE, DataError, DataMeta
+from dpls.data.shards import MAX_VOCAB
 
 EOT = "<|endoftext|>"
+# The document separator of a tokenizer.json: the first of these it has. GPT-2, Qwen and the
+# BPEs trained here have <|endoftext|>; LLaMA-3 <|end_of_text|>; Gemma <eos>; LLaMA-2, Mistral </s>.
+EOT_CANDIDATES = (EOT, "<|end_of_text|>", "<eos>", "</s>")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -59,7 +65,8 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 
 class BPETokenizer(Tokenizer):
-    """A Hugging Face ``tokenizers`` byte-level BPE (``tokenizer.json``)."""
+    """A Hugging Face ``tokenizers`` tokenizer (``tokenizer.json``): the byte-level BPE trained
+    here, or any other (``kind`` stays ``"bpe"``: what ``meta.json`` calls a tokenizer.json)."""
 
     kind = "bpe"
 
@@ -68,11 +75,15 @@ class BPETokenizer(Tokenizer):
         # ordinary encoding, as tiktoken's encode_ordinary: a literal "<|endoftext|>" inside a
         # document is text, never the separator (a runtime switch, not saved in tokenizer.json)
         tokenizer.encode_special_tokens = True
-        eot = tokenizer.token_to_id(EOT)
+        eot = next((i for name in EOT_CANDIDATES if (i := tokenizer.token_to_id(name)) is not None), None)
         if eot is None:
-            raise DataError(f"the BPE tokenizer has no {EOT} token")
+            raise DataError(
+                f"the tokenizer has none of the end-of-text tokens {', '.join(EOT_CANDIDATES)}; "
+                "dpls separates documents with one"
+            )
         self.eot = int(eot)
-        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+        # ids may have gaps (added tokens placed past the base vocabulary): the largest id + 1
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     @classmethod
     def from_file(cls, path: str | Path) -> BPETokenizer:
@@ -108,10 +119,12 @@ class BPETokenizer(Tokenizer):
 
     def _identity(self) -> Any:
         model = json.loads(self._tok.to_str())
+        added = sorted((t["id"], t["content"]) for t in model.get("added_tokens") or [])
+        if "merges" not in model["model"]:  # WordLevel, WordPiece, Unigram: the whole model section
+            return {"model": model["model"], "added": added}
         vocab = sorted(model["model"]["vocab"].items(), key=lambda kv: kv[1])
         # merges are ["a", "b"] pairs in tokenizers >= 0.20, "a b" strings before
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["model"]["merges"]]
-        added = sorted((t["id"], t["content"]) for t in model.get("added_tokens") or [])
         return {"vocab": vocab, "merges": merges, "added": added}
 
 
@@ -164,10 +177,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, length: int | Non
     """Train a byte-level BPE (GPT-2 pre-tokenisation, all 256 bytes in the base alphabet,
     ``<|endoftext|>`` special) on ``texts``. The vocabulary may come out smaller than asked on
     a small corpus; ``vocab_size`` of the result is the real one."""
-    if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 2**16:
-        raise ValueError(
-            f"vocab_size must be in [257, 65536] (256 bytes + {EOT}; uint16 shards), got {vocab_size}"
-        )
+    if not isinstance(vocab_size, int) or not 257 <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab_size must be in [257, {MAX_VOCAB}] (256 bytes + {EOT}), got {vocab_size}")
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -182,6 +193,30 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, length: int | Non
     )
     tok.train_from_iterator(texts, trainer, length=length)
     return BPETokenizer(tok)
+
+
+def hf_tokenizer(name_or_path: str | Path) -> BPETokenizer:
+    """Any Hugging Face tokenizer: a ``tokenizer.json`` file, a directory holding one, or a
+    Hub repository name (``meta-llama/Meta-Llama-3-8B``; downloaded once into the Hugging
+    Face cache, which ``HF_HUB_OFFLINE=1`` keeps to)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise DataError(f"tokenizer directory {str(path.parent)!r} has no {TOKENIZER_FILE}")
+    if path.is_file():
+        return BPETokenizer.from_file(path)
+    if path.suffix == ".json" or path.is_absolute() or str(name_or_path).startswith("."):
+        raise DataError(f"tokenizer file {str(name_or_path)!r} does not exist")
+    try:
+        return BPETokenizer(HFTokenizer.from_pretrained(str(name_or_path)))
+    except Exception as err:  # network, unknown or gated repository, no tokenizer.json in it
+        raise DataError(
+            f"cannot load the tokenizer {str(name_or_path)!r} from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}); give a local tokenizer.json or a directory holding one"
+        ) from None
 
 
 # meta.json "tokenizer" -> how to build it from (meta, the directory holding meta.json, encoding)
