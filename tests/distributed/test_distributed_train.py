@@ -6,9 +6,9 @@ process with the same global batch:
 1. DDP from scratch: every loss equals the one-process run's (CE steps, then DPLS steps);
    only rank 0 logs; its checkpoints hold both ranks' shards. Forked with ONE process
    from its step-2 checkpoint, the run continues exactly (2 → 1 ranks).
-2. FSDP2, forked from the one-process run's step-2 checkpoint (1 → 2 ranks), continues
-   exactly; forked back with one process from its step-4 checkpoint (2 → 1, sharded
-   tensors) too.
+2. FSDP2 with activation checkpointing, forked from the one-process run's step-2
+   checkpoint (1 → 2 ranks), continues exactly; forked back with one process from its
+   step-4 checkpoint (2 → 1, sharded tensors) too.
 3. SIGTERM to rank 1 only: both ranks stop at the same step, save, exit 0; resumed in
    place with one process, the losses are those of an uninterrupted run. A NaN injected
    on rank 1 only is skipped by both ranks on the way.
@@ -165,12 +165,14 @@ def test_ddp_equals_one_process_and_reshards_to_one(corpus, reference, tmp_path)
 def test_fsdp_reshards_from_and_to_one_process(corpus, reference, tmp_path):
     run, log = tmp_path / "fsdp", tmp_path / "fsdp.log"
     start = reference / "checkpoints" / "step_0000002"
-    finish(torchrun([f"--resume_dir={start}", f"--out_dir={run}", "--parallel=fsdp"], log), log)
+    args = [f"--resume_dir={start}", f"--out_dir={run}", "--parallel=fsdp", "--activation_checkpointing=full"]
+    finish(torchrun(args, log), log)
     want, got = rows(reference), rows(run)
     assert sorted(got) == list(range(3, STEPS + 1))
     assert_same_losses(got, want, range(3, STEPS + 1))
     ckpt = run / "checkpoints" / "step_0000004"
     assert read_trainer_state(ckpt)["world_size"] == WORLD
+    assert 'activation_checkpointing = "full"' in (run / "config.toml").read_text()
     fork = run_here(f"--resume_dir={ckpt}", f"--out_dir={tmp_path / 'fork1'}", "--device=cpu")
     assert_same_losses(rows(fork), want, range(5, STEPS + 1))
 

@@ -4,6 +4,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -179,7 +180,15 @@ def test_memory_estimate_counts_parameters_activations_and_logits():
     parts = estimate_bytes(cfg, mc, torch.device("cpu"))
     assert parts["parameters and AdamW"] == 16 * sum(p.numel() for p in Transformer(mc).parameters())
     assert parts["logits"] == 3 * 4 * 64 * 300 * 4
-    assert parts["activations"] == 2 * 4 * (34 * 64 * 32 + 5 * 2 * 64 * 64) * 4
+    per_layer = 34 * 64 * 32 + 5 * 2 * 64 * 64
+    assert parts["activations"] == 2 * 4 * per_layer * 4
+    # checkpointed blocks keep their input only, and one block is recomputed at a time
+    full = estimate_bytes(dataclasses.replace(cfg, activation_checkpointing="full"), mc, torch.device("cpu"))
+    assert full["activations"] == 4 * (2 * 64 * 32 + per_layer) * 4
+    selective = estimate_bytes(
+        dataclasses.replace(cfg, activation_checkpointing="selective"), mc, torch.device("cpu")
+    )
+    assert selective["activations"] == 4 * (per_layer + 64 * 32 + per_layer) * 4
     fused = estimate_bytes(
         TrainConfig(batch_size=4, block_size=64, fused_linear_loss=True), mc, torch.device("cpu")
     )

@@ -172,6 +172,37 @@ def test_fork_continues_step_tokens_and_data(straight, half, tmp_path):
     assert [p.name for p in list_checkpoints(half)] == ["step_0000010", "step_0000020"]
 
 
+# every number of a row but the clock's
+EXACT_KEYS = ("loss", "ce", "grad_norm", "lr", "tokens", "logit_max", "lse_mean", "attn_logit_max")
+
+
+def test_activation_checkpointing_changes_no_number_and_resumes_exactly(corpus, straight, half, tmp_path):
+    want = train_rows(straight)
+    fresh = run_train(corpus, tmp_path / "full", max_iters=3, activation_checkpointing="full")
+    assert {s: [r[k] for k in EXACT_KEYS] for s, r in train_rows(fresh).items()} == {
+        s: [want[s][k] for k in EXACT_KEYS] for s in (1, 2, 3)
+    }
+    run = shutil.copytree(half, tmp_path / "half")  # made without it: the key may change on a restart
+    assert (
+        main(["train", f"--resume_dir={run}", "--max_iters=23", "--activation_checkpointing=selective"]) == 0
+    )
+    got = train_rows(run)
+    assert [[got[s][k] for k in EXACT_KEYS] for s in range(21, 24)] == [
+        [want[s][k] for k in EXACT_KEYS] for s in range(21, 24)
+    ]
+    assert 'activation_checkpointing = "selective"' in (run / "config.toml").read_text()
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_under_compile(corpus, straight, tmp_path):
+    """Inductor fuses the recomputation its own way: the same numbers up to float32 rounding."""
+    run = run_train(corpus, tmp_path / "c", max_iters=2, compile=True, activation_checkpointing="full")
+    want, got = train_rows(straight), train_rows(run)
+    for step in (1, 2):
+        for k in ("loss", "ce", "grad_norm", "attn_logit_max"):
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-5, abs=1e-6), (step, k)
+
+
 def _bad(capsys, args: list[str], message: str, out: Path) -> None:
     assert main(["train", *args]) == 2, args
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dpls.model.cache import KVCache, LayerCache
 from dpls.model.config import ModelConfig
@@ -213,6 +214,14 @@ class TensorProductAttention(LogitRecorder, nn.Module):
         nn.init.normal_(self.o_proj.weight, mean=0.0, std=residual_std)
 
 
+# activation_checkpointing -> whether block i recomputes its activations in the backward:
+# every block, or every second one (torchtitan's layer-selective AC with frequency 2)
+ACTIVATION_CHECKPOINTING: dict[str, Any] = {
+    "none": lambda i: False,
+    "full": lambda i: True,
+    "selective": lambda i: i % 2 == 1,
+}
+
 # attention kind -> module; a new kind is a new entry, not a new branch
 ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
     "mha": Attention,
@@ -248,8 +257,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = ATTENTION_CLASSES[cfg.attention](cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        # Activation checkpointing (`Transformer.set_activation_checkpointing`): a training
+        # forward keeps only the block's input and recomputes the rest in the backward.
+        self.checkpointed = False
 
     def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        if self.checkpointed and cache is None and torch.is_grad_enabled():
+            # Non-reentrant: the autograd graph is the same as without it (same gradients, bit
+            # for bit), and it composes with torch.compile and FSDP2 as torchtitan's does.
+            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
+        return self._block(x, cos, sin, cache)
+
+    def _block(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
@@ -385,6 +406,17 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return F.linear(self.hidden_states(idx, cache), self._padded_output_weight, self.vocab_mask)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``"full"``: every block keeps only its input during a training forward and
+        recomputes the rest in the backward (memory for one more forward); ``"selective"``:
+        every second block; ``"none"``. Losses and gradients are the same in every mode."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, got {mode!r}"
+            )
+        for i, layer in enumerate(self.model.layers):
+            layer.checkpointed = ACTIVATION_CHECKPOINTING[mode](i)
 
     def record_attention_logits(self, enabled: bool) -> None:
         """Switch every attention layer's recording of its largest pre-softmax logit."""

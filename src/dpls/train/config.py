@@ -49,6 +49,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16"),  # float16 would need loss scaling
     "parallel": ("ddp", "fsdp", "none"),
     "swanlab": ("off", "cloud", "local", "offline"),
+    "wandb": ("off", "online", "offline"),
+    "activation_checkpointing": ("none", "full", "selective"),
 }
 
 
@@ -71,7 +73,7 @@ class TrainConfig:
         "continue this run (alone: in place) or fork it (with another out_dir); a run or checkpoint dir",
     )
     fork_optimizer: bool = key(True, "when forking, also load the optimizer state (else a fresh AdamW)")
-    run_name: str | None = key(None, "name shown by TensorBoard / SwanLab (default: out_dir's name)")
+    run_name: str | None = key(None, "name shown by SwanLab, W&B and MLflow (default: out_dir's name)")
 
     # -- model (keys given here override the preset) -----------------------------------
     model: str = key("tiny", "model preset: tiny, small, 124m, 350m, 760m, 1.3b")
@@ -128,6 +130,11 @@ class TrainConfig:
     device: str = key("auto", "auto, cpu, cuda, cuda:N (under torchrun cuda means the local rank's GPU)")
     dtype: str = key("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
     compile: bool = key(False, "torch.compile every transformer block")
+    activation_checkpointing: str = key(
+        "none",
+        "recompute activations in the backward instead of keeping them: none, full (every block), "
+        "selective (every second block); same losses, less memory, about one more forward of time",
+    )
     parallel: str = key("ddp", "several ranks: ddp or fsdp")
     seed: int = key(1337, "seed of the initialisation")
 
@@ -148,6 +155,14 @@ class TrainConfig:
     tensorboard: bool = key(False, "also log to TensorBoard (RUN/tensorboard)")
     swanlab: str = key("off", "also log to SwanLab: off, cloud, local, offline")
     swanlab_project: str = key("dpls", "SwanLab project")
+    wandb: str = key(
+        "off", "also log to Weights & Biases: off, online, offline (RUN/wandb; `wandb sync` later)"
+    )
+    wandb_project: str = key("dpls", "W&B project")
+    mlflow: str = key(
+        "off", "also log to MLflow: off, or a tracking URI (http://host:5000, sqlite:///path/mlflow.db, ...)"
+    )
+    mlflow_experiment: str = key("dpls", "MLflow experiment")
 
     # -- conversions ---------------------------------------------------------------------
 

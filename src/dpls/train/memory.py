@@ -8,7 +8,9 @@ what training certainly holds, so it errs low rather than refusing a run that wo
   a 1/N share per rank under FSDP2);
 * activations kept for the backward, per layer and micro-batch: about ``34·T·C`` values
   per sequence (Korthikanti et al. 2022), plus ``5·heads·T²`` for attention scores where
-  attention is materialised (CPU; CUDA uses fused attention that does not keep them);
+  attention is materialised (CPU; CUDA uses fused attention that does not keep them); a block
+  under activation checkpointing keeps only its input (``T·C``), and one block's activations
+  exist again while it is recomputed;
 * the logits ``[B, T, V]`` in float32, with their softmax and gradient (3 copies), unless
   the fused-linear loss never holds them.
 """
@@ -53,9 +55,14 @@ def estimate_bytes(cfg: Any, mc: Any, device: torch.device, world_size: int = 1)
     act_bytes = (
         2 if cfg.dtype in ("bfloat16", "float16") or (cfg.dtype == "auto" and device.type == "cuda") else 4
     )
+    from dpls.model.transformer import ACTIVATION_CHECKPOINTING
+
     b, t, c, layers = cfg.batch_size, cfg.block_size, mc.n_embd, mc.n_layer
     scores = 5 * mc.n_head * t * t if device.type != "cuda" else 0
-    activations = layers * b * (34 * t * c + scores) * act_bytes
+    per_layer = 34 * t * c + scores
+    recomputed = sum(map(ACTIVATION_CHECKPOINTING[cfg.activation_checkpointing], range(layers)))
+    kept = (layers - recomputed) * per_layer + recomputed * t * c + (per_layer if recomputed else 0)
+    activations = b * kept * act_bytes
     logits = 0 if cfg.fused_linear_loss else 3 * b * t * mc.vocab_size * 4
     sharded = world_size if getattr(cfg, "parallel", None) == "fsdp" else 1  # FSDP2: 1/N per rank
     return {"parameters and AdamW": 16 * params // sharded, "activations": activations, "logits": logits}
@@ -72,6 +79,7 @@ def check_memory(cfg: Any, mc: Any, device: torch.device, world_size: int = 1) -
             f"this run needs at least {need / GIB:,.1f} GiB ({detail} GiB) but only {have / GIB:,.1f} GiB "
             f"are {source}: lower batch_size (raise gradient_accumulation_steps to keep the global batch), "
             "block_size or the model size"
+            + (", or set activation_checkpointing=full" if cfg.activation_checkpointing != "full" else "")
             + (
                 ""
                 if cfg.fused_linear_loss or parts["logits"] < parts["activations"]

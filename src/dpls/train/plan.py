@@ -105,7 +105,18 @@ def _check_not_data_or_checkpoint(run_dir: Path, data_dir: str) -> None:
 
 
 # Keys that change how a run is watched, not what it computes: a restart may differ in them.
-_WATCHING_KEYS = frozenset({"progress", "device", "compile", "run_name", "log_interval", "keep_checkpoints"})
+_WATCHING_KEYS = frozenset(
+    {
+        "progress",
+        "device",
+        "compile",
+        "run_name",
+        "log_interval",
+        "keep_checkpoints",
+        "activation_checkpointing",
+    }
+    | {"wandb", "wandb_project", "mlflow", "mlflow_experiment"}
+)
 _RUN_CONFIG_HEADER = "# resolved configuration written by dpls train"
 
 

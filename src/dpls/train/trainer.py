@@ -247,6 +247,7 @@ def build(plan: RunPlan, ctx: Any) -> Parts:
     torch.manual_seed(cfg.seed)
     with torch.device(ctx.device):
         model = Transformer(plan.model_config)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)  # before compile and wrapping
     if cfg.compile:
         for block in transformer_blocks(model):
             block.compile()
