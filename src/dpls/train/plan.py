@@ -21,6 +21,7 @@ from dpls.data.checks import check_same_tokenizer, check_token_ids, tokenizer_fi
 from dpls.runs import checkpoint as ckpt
 from dpls.runs.layout import CHECKPOINTS_DIR, CONFIG_FILE, TOKENIZER_DIR, config_path
 from dpls.train.config import MODEL_KEYS, TrainConfig, read_run_config, same_path, saved_path
+from dpls.train.loggers import check_loggers
 from dpls.train.memory import check_memory
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -162,6 +163,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device: torch.device | None 
     from dpls.model import ModelConfig, model_config
 
     cfg = dataclasses.replace(cfg).validate()
+    check_loggers(cfg)  # a logger's package missing: said now, not after the data checks
     device = device or torch.device("cpu")
     notes: list[str] = []
     run_dir = Path(cfg.out_dir)
