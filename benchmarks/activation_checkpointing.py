@@ -77,7 +77,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     losses = [step()]  # warm-up: AdamW's moments exist from here on
     if cuda:

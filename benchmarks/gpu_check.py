@@ -5,6 +5,7 @@
     python3 benchmarks/gpu_check.py --sweep    # also the launch-shape sweep (block_v, num_warps, ...)
     python3 benchmarks/gpu_check.py --smoke    # tiny sizes; also runs on a CPU (Triton interpreter)
     python3 benchmarks/gpu_check.py --resources  # no GPU needed: registers / spills of each launch
+    python3 benchmarks/gpu_check.py --activation-checkpointing --skip-checks --skip-timings   # AC only
 
 Nothing needs installing: ``src/`` is put on the path. Liger-Kernel and cut-cross-entropy are
 timed when they import; if not, wheels found in ``.whl/`` (or ``$DPLS_WHEELS``) are installed with
@@ -24,6 +25,9 @@ minutes). Exit status 1 when a correctness check fails.
    the issue-18 targets as ratios to Liger's kernels of the same run.
 4. *Sweep* (``--sweep``) of the kernel's launch shape (block, warps, the two-launch split, the
    selection launch's warps, scratch cap, programs per SM).
+5. *Activation checkpointing* (``--activation-checkpointing``): peak memory and median step time
+   of a 760m training step (T = 2048, B = 4, bf16 autocast, AdamW) with ``none``, ``selective`` and
+   ``full``, and whether the losses equal ``none``'s (`benchmarks/activation_checkpointing.py`).
 """
 
 from __future__ import annotations
@@ -570,6 +574,31 @@ def resources() -> int:
     return 0
 
 
+def activation_checkpointing(dev: torch.device) -> list[dict]:
+    """Peak memory above the weights and AdamW state, and step time, per activation_checkpointing mode."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from activation_checkpointing import MODES, measure
+
+    shape = dict(model="760m", vocab_size=50304, block_size=2048, batch_size=4, steps=5)
+    if SMOKE:
+        shape = dict(model="tiny", vocab_size=300, block_size=64, batch_size=2, steps=1)
+    rows = []
+    say(f"\nactivation checkpointing: {shape}")
+    for mode in MODES:
+        r = measure(mode, SimpleNamespace(device=str(dev), **shape))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        r.update(extra_gb=(r["peak"] - r["base"]) / 1e9, median_step_ms=1e3 * statistics.median(r["step_s"]))
+        r["losses_as_none"] = r["losses"] == rows[0]["losses"] if rows else True
+        rows.append(r)
+        say(f"  {mode:<10} peak above weights+AdamW {r['extra_gb']:7.2f} GB ({r['extra_gb'] / max(rows[0]['extra_gb'], 1e-9):.2f}× none)  "
+            f"step {r['median_step_ms']:9.1f} ms ({r['median_step_ms'] / rows[0]['median_step_ms']:.2f}× none)  "
+            f"losses {'= none' if r['losses_as_none'] else 'differ: ' + str(r['losses'])}")  # fmt: skip
+    return rows
+
+
 def table(rows: list[Timing]) -> None:
     current = None
     for r in rows:
@@ -593,6 +622,11 @@ def main() -> int:
     parser.add_argument("--skip-timings", action="store_true")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--sweep", action="store_true", help="also time the launch-shape sweep")
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="also measure activation checkpointing (760m, T=2048, B=4): peak memory and step time",
+    )
     parser.add_argument(
         "--resources",
         action="store_true",
@@ -724,6 +758,8 @@ def main() -> int:
         table(timings)
         results["targets"] = targets(timings)
     results["timings"] = [asdict(t) for t in timings]
+    if args.activation_checkpointing:
+        results["activation_checkpointing"] = activation_checkpointing(dev)
     failed = [c.name for c in checks if not c.passed]
     say(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed {failed if failed else ''}; "
         f"total {time.time() - T_START:.0f} s")  # fmt: skip
