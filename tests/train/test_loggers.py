@@ -114,6 +114,11 @@ def test_a_missing_package_names_the_extra_before_any_work(
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
+def test_an_empty_mlflow_uri_is_refused(corpus, tmp_path, capsys):
+    assert main(["train", *base_args(corpus, tmp_path / "run", mlflow="")]) == 2
+    assert "mlflow must be off or an MLflow tracking URI" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_backends_out_of_reach_are_said_once_and_the_run_goes_on(
     corpus, tmp_path, capsys, monkeypatch, no_network
