@@ -1,4 +1,4 @@
-"""Corpora → tokenizer → uint16 shards → deterministic loaders (the shard layout of docs/reference.md).
+"""Corpora → tokenizer → token shards (uint16, uint32 past 65,536 entries) → deterministic loaders (the shard layout of docs/reference.md).
 
 ``tokenizers``, ``tiktoken``, ``datasets`` and ``pyarrow`` are imported only by the functions
 that need them, so the loaders stay light.
