@@ -9,9 +9,16 @@ Where a value comes from, lowest priority first:
 
 Every value is converted to its field's type (``bool`` accepts true/false/1/0/yes/no; an
 optional field accepts ``none``); an unknown key is an error naming the closest valid key.
-The *resolved* config (model keys filled in from the preset, derived keys such as
-``lr_decay_iters`` made explicit) is written to ``RUN/config.toml``, so a run directory
-alone says how it was trained, and continuing it continues the same schedule.
+A `TrainConfig` is frozen and checked when it is made, so one that exists is valid.
+`plan_run` turns it into a `ResolvedConfig`: the model keys become the model's (from the
+preset or the checkpoint), and ``block_size`` and ``data_seed`` are set. That is what
+``RUN/config.toml`` and every checkpoint record, so a run directory alone says how it was
+trained (keys left unset, such as ``lr_decay_iters``, stay unset: a fork with another
+``max_iters`` gets its own schedule).
+
+Adding a key is one field below: `key` for a training key, `model_key` for a key of the
+network (it then also reaches the model's preset, is filled in from the model, and may not
+change when resuming or forking).
 """
 
 from __future__ import annotations
@@ -24,24 +31,16 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dpls._io import write_text_atomic
 from dpls.runs.layout import dumps_toml, find_run_config, read_toml, run_dir_of, toml_value
 
-Scalar = str | int | float | bool
+if TYPE_CHECKING:
+    from dpls.losses.objective import LossConfig
+    from dpls.model.config import ModelConfig
 
-# Keys that define the network: taken from the checkpoint when resuming or forking, and
-# they may not change there (the weights would not fit).
-MODEL_KEYS: tuple[str, ...] = (
-    "model",
-    "n_layer",
-    "n_head",
-    "n_kv_head",
-    "n_embd",
-    "attention",
-    "pad_vocab_to",
-    "qk_norm",
-)
+Scalar = str | int | float | bool
 
 # The values some string keys accept. Keys whose choices live in another component's
 # registry (loss, dpls_schedule, model, ...) are checked by that component.
@@ -54,14 +53,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def key(default: Any, help: str) -> Any:
+def key(default: Any, help: str, *, model: bool = False) -> Any:
     """A config field with its one-line help (shown by ``dpls train --help``)."""
     if isinstance(default, list | dict):
         raise TypeError("config fields are flat scalars")
-    return field(default=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help, "model": model})
 
 
-@dataclass
+def model_key(help: str) -> Any:
+    """A key of the network (a `dpls.model.ModelConfig` field of the same name): unset means
+    the preset's value; it is taken from the checkpoint when resuming or forking, and may not
+    differ from it there (the weights would not fit)."""
+    return key(None, help, model=True)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Every key ``dpls train`` accepts. Units: steps are optimizer steps; tokens are global."""
 
@@ -77,18 +83,17 @@ class TrainConfig:
 
     # -- model (keys given here override the preset) -----------------------------------
     model: str = key("tiny", "model preset: tiny, small, 124m, 350m, 760m, 1.3b")
-    n_layer: int | None = key(None, "transformer blocks (default: the preset's)")
-    n_head: int | None = key(None, "attention heads (default: the preset's)")
-    n_kv_head: int | None = key(None, "key/value heads, grouped-query attention (default: the preset's)")
-    n_embd: int | None = key(None, "model width (default: the preset's)")
-    attention: str | None = key(None, "attention: mha, gqa (with n_kv_head), tpa (default: the preset's)")
-    pad_vocab_to: int | None = key(
-        None,
+    n_layer: int | None = model_key("transformer blocks (default: the preset's)")
+    n_head: int | None = model_key("attention heads (default: the preset's)")
+    n_kv_head: int | None = model_key("key/value heads, grouped-query attention (default: the preset's)")
+    n_embd: int | None = model_key("model width (default: the preset's)")
+    attention: str | None = model_key("attention: mha, gqa (with n_kv_head), tpa (default: the preset's)")
+    pad_vocab_to: int | None = model_key(
         "pad the output layer's rows to a multiple of this, padded logits exactly -inf "
-        "(default: the preset's; 64 for GPT-2-tokenised data: 50257 -> 50304)",
+        "(default: the preset's; 64 for GPT-2-tokenised data: 50257 -> 50304)"
     )
-    qk_norm: bool | None = key(
-        None, "RMSNorm on each head's queries and keys (mha/gqa; not exportable to HF) (default: off)"
+    qk_norm: bool | None = model_key(
+        "RMSNorm on each head's queries and keys (mha/gqa; not exportable to HF) (default: off)"
     )
 
     # -- data and batch ----------------------------------------------------------------
@@ -166,6 +171,9 @@ class TrainConfig:
 
     # -- conversions ---------------------------------------------------------------------
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @classmethod
     def key_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
@@ -173,16 +181,15 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
         """``base`` (default: the defaults) with ``values`` converted to each field's type."""
-        cfg = dataclasses.replace(base) if base is not None else cls()
-        for k, v in values.items():
-            setattr(cfg, k, convert(k, v))
-        return cfg
+        converted = {k: convert(k, v) for k, v in values.items()}
+        return dataclasses.replace(base, **converted) if base is not None else cls(**converted)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        """Check ranges and choices; raise ``ValueError`` naming the key and what is allowed."""
+        """Check ranges and choices; raise ``ValueError`` naming the key and what is allowed.
+        Every new config runs it (a `TrainConfig` that exists is valid)."""
         positive = ("batch_size", "gradient_accumulation_steps", "max_iters")
         positive += (
             "eval_interval",
@@ -197,16 +204,8 @@ class TrainConfig:
         for name in ("warmup_iters", "keep_checkpoints", "dpls_start_step", "divergence_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in (
-            "n_layer",
-            "n_head",
-            "n_kv_head",
-            "n_embd",
-            "pad_vocab_to",
-            "block_size",
-            "eval_tokens",
-            "lr_decay_iters",
-        ):
+        model_ints = [k for k in MODEL_OVERRIDE_KEYS if _split_optional(_FIELD_TYPES[k])[0] is int]
+        for name in (*model_ints, "block_size", "eval_tokens", "lr_decay_iters"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
@@ -245,29 +244,46 @@ class TrainConfig:
         return self.eval_iters * self.batch_size * self.block_size
 
     def model_overrides(self) -> dict[str, Any]:
-        """The model keys given explicitly (they override the preset's values)."""
-        keys = (
-            "n_layer",
-            "n_head",
-            "n_kv_head",
-            "n_embd",
-            "attention",
-            "pad_vocab_to",
-            "qk_norm",
-            "block_size",
-        )
+        """The model keys given explicitly, and ``block_size`` (they override the preset's values)."""
+        keys = (*MODEL_OVERRIDE_KEYS, "block_size")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
-    def to_loss_config(self) -> Any:
+    def to_loss_config(self) -> LossConfig:
         """The loss library's ``LossConfig`` from this config's loss keys (matched by name);
         ``dpls_end_step`` defaults to ``max_iters``."""
-        from dpls.losses.objective import LossConfig
+        from dpls.losses.objective import LossConfig  # torch: reading a config stays light
 
         values = self.to_dict()
         if values["dpls_end_step"] is None:
             values["dpls_end_step"] = self.max_iters
         names = {f.name for f in fields(LossConfig)}
         return LossConfig(**{k: v for k, v in values.items() if k in names})
+
+
+# The keys of the network (`model_key` fields) and, with them, the preset's name: taken from
+# the checkpoint when resuming or forking, and they may not change there.
+MODEL_OVERRIDE_KEYS: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig) if f.metadata["model"])
+MODEL_KEYS: tuple[str, ...] = ("model", *MODEL_OVERRIDE_KEYS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedConfig(TrainConfig):
+    """A `TrainConfig` resolved for one run by `dpls.train.plan.plan_run`: every model key is
+    the model's, and the values a run needs are set. It is what ``RUN/config.toml`` and each
+    checkpoint record, and what the trainer reads."""
+
+    block_size: int  # the preset's context unless given
+    data_seed: int  # seed unless given
+
+
+def resolve_config(cfg: TrainConfig, model: ModelConfig) -> ResolvedConfig:
+    """``cfg`` with the model keys of ``model`` (the preset with the user's keys, or the
+    checkpoint's network), ``block_size`` (default: the model's context) and ``data_seed``."""
+    values = cfg.to_dict()
+    values.update({k: getattr(model, k) for k in MODEL_OVERRIDE_KEYS})
+    values["block_size"] = cfg.block_size or model.block_size
+    values["data_seed"] = cfg.resolved_data_seed
+    return ResolvedConfig(**values)
 
 
 # -- typed conversion -----------------------------------------------------------------------
@@ -444,7 +460,7 @@ def load_config(
         if "out_dir" not in values:  # alone: continue the run in place
             values["out_dir"] = str(run_dir_of(resume_dir))
         base = TrainConfig.from_dict(saved)
-    return TrainConfig.from_dict(values, base=base).validate()
+    return TrainConfig.from_dict(values, base=base)
 
 
 def read_run_config(path: str | Path) -> TrainConfig:
@@ -476,8 +492,6 @@ def same_path(a: str | Path, b: str | Path) -> bool:
 
 def write_config(cfg: TrainConfig, path: str | Path, header: str = "") -> Path:
     """Write ``cfg`` as TOML atomically (temporary file, fsync, rename)."""
-    from dpls._io import write_text_atomic
-
     return write_text_atomic(path, dumps_toml(cfg.to_dict(), header=header))
 
 
