@@ -50,7 +50,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -482,7 +482,7 @@ def _check_arm_before_work(values: dict[str, Any], data_dir: Path, what: str) ->
             cfg.block_size or model_config(cfg.model, vocab_size=vocab, **cfg.model_overrides()).block_size
         )
         TokenLoader(data_dir, "train", cfg.batch_size, block, 0, 0, 1)
-        cfg.block_size = block
+        cfg = replace(cfg, block_size=block)  # TrainConfig is frozen
         validation_batches(data_dir, block, cfg.batch_size, cfg.resolved_eval_tokens)
     except ValueError as err:
         raise ValueError(f"{what}: {err}") from None
