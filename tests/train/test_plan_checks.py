@@ -144,7 +144,7 @@ def test_resume_from_another_folder_finds_the_relative_data_dir(made, tmp_path, 
     cfg = load_config(overrides=["--resume_dir=project/runs/ce", "--max_iters=3"])
     assert Path(cfg.data_dir) == home / "data"
     plan = plan_run(cfg)
-    assert plan.mode == "resume" and plan.loader_state is not None
+    assert plan.start.mode == "resume" and plan.loader.state_dict() == plan.start.trainer_state["loader"]
 
 
 def test_unreadable_data_dir_is_a_clear_error(made, tmp_path, monkeypatch):
@@ -172,11 +172,11 @@ def test_memory_estimate_counts_parameters_activations_and_logits():
     import torch
 
     from dpls.model import Transformer, model_config
-    from dpls.train.config import TrainConfig
+    from dpls.train.config import ResolvedConfig
     from dpls.train.memory import estimate_bytes
 
     mc = model_config("tiny", vocab_size=300, n_layer=2, n_embd=32, n_head=2, block_size=64)
-    cfg = TrainConfig(batch_size=4, block_size=64, dtype="float32")
+    cfg = ResolvedConfig(batch_size=4, block_size=64, data_seed=0, dtype="float32")
     parts = estimate_bytes(cfg, mc, torch.device("cpu"))
     assert parts["parameters and AdamW"] == 16 * sum(p.numel() for p in Transformer(mc).parameters())
     assert parts["logits"] == 3 * 4 * 64 * 300 * 4
@@ -190,6 +190,54 @@ def test_memory_estimate_counts_parameters_activations_and_logits():
     )
     assert selective["activations"] == 4 * (per_layer + 64 * 32 + per_layer) * 4
     fused = estimate_bytes(
-        TrainConfig(batch_size=4, block_size=64, fused_linear_loss=True), mc, torch.device("cpu")
+        ResolvedConfig(batch_size=4, block_size=64, data_seed=0, fused_linear_loss=True),
+        mc,
+        torch.device("cpu"),
     )
     assert fused["logits"] == 0
+
+
+def test_a_fork_is_planned_from_one_read_of_each_checkpoint_file_and_built_once(made, tmp_path, monkeypatch):
+    """plan_run reads the checkpoint's trainer state and config once, and the objective and the
+    data streams it builds to check them are the ones the trainer uses (`build` makes no others)."""
+    import dataclasses
+    from collections import Counter
+
+    import dpls.runs.checkpoint as ckpt
+    import dpls.train.config as config_module
+    import dpls.train.plan as plan_module
+    from dpls.distributed import DistContext
+    from dpls.train.config import MODEL_OVERRIDE_KEYS, ResolvedConfig
+    from dpls.train.trainer import build
+
+    _, run = made
+    fork = [f"--resume_dir={run}", f"--out_dir={tmp_path / 'fork'}", "--loss=dpls", "--max_iters=4"]
+    cfg = load_config(overrides=fork)
+    calls: Counter[str] = Counter()
+
+    def counted(module, name):
+        real = getattr(module, name)
+
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+
+    counted(ckpt, "read_trainer_state")  # the checkpoint's trainer_state.json
+    counted(config_module, "read_config_file")  # its config.toml
+    counted(plan_module, "TokenLoader")
+    counted(plan_module, "validation_batches")
+    counted(plan_module, "build_objective")
+    plan = plan_run(cfg)
+    parts = build(plan, DistContext())
+    assert calls == {n: 1 for n in calls} and len(calls) == 5, calls
+    assert parts.wrapped.objective is plan.objective
+    # the resolved config: frozen, every model key the model's, block_size and data_seed set
+    assert isinstance(plan.cfg, ResolvedConfig) and plan.start.mode == "fork"
+    assert {k: getattr(plan.cfg, k) for k in MODEL_OVERRIDE_KEYS} == {
+        k: getattr(plan.model_config, k) for k in MODEL_OVERRIDE_KEYS
+    }
+    assert plan.cfg.block_size == plan.start.saved_config.block_size and plan.cfg.data_seed == plan.cfg.seed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.cfg.block_size = 8  # type: ignore[misc]

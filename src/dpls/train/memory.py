@@ -18,9 +18,12 @@ what training certainly holds, so it errs low rather than refusing a run that wo
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
+
+from dpls.model import ModelConfig
+from dpls.model.transformer import ACTIVATION_CHECKPOINTING, parameter_count
+from dpls.train.config import ResolvedConfig
 
 GIB = 1 << 30
 WARN_SHARE = 0.8  # above this share of the free memory: a warning
@@ -47,16 +50,14 @@ def available_bytes(device: torch.device) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical RAM"
 
 
-def estimate_bytes(cfg: Any, mc: Any, device: torch.device, world_size: int = 1) -> dict[str, int]:
+def estimate_bytes(
+    cfg: ResolvedConfig, mc: ModelConfig, device: torch.device, world_size: int = 1
+) -> dict[str, int]:
     """The parts of the estimate (bytes, on one rank) for a resolved config and model config."""
-    from dpls.model.transformer import parameter_count
-
     params = parameter_count(mc)
     act_bytes = (
         2 if cfg.dtype in ("bfloat16", "float16") or (cfg.dtype == "auto" and device.type == "cuda") else 4
     )
-    from dpls.model.transformer import ACTIVATION_CHECKPOINTING
-
     b, t, c, layers = cfg.batch_size, cfg.block_size, mc.n_embd, mc.n_layer
     scores = 5 * mc.n_head * t * t if device.type != "cuda" else 0
     per_layer = 34 * t * c + scores
@@ -64,11 +65,13 @@ def estimate_bytes(cfg: Any, mc: Any, device: torch.device, world_size: int = 1)
     kept = (layers - recomputed) * per_layer + recomputed * t * c + (per_layer if recomputed else 0)
     activations = b * kept * act_bytes
     logits = 0 if cfg.fused_linear_loss else 3 * b * t * mc.vocab_size * 4
-    sharded = world_size if getattr(cfg, "parallel", None) == "fsdp" else 1  # FSDP2: 1/N per rank
+    sharded = world_size if cfg.parallel == "fsdp" else 1  # FSDP2: 1/N per rank
     return {"parameters and AdamW": 16 * params // sharded, "activations": activations, "logits": logits}
 
 
-def check_memory(cfg: Any, mc: Any, device: torch.device, world_size: int = 1) -> list[str]:
+def check_memory(
+    cfg: ResolvedConfig, mc: ModelConfig, device: torch.device, world_size: int = 1
+) -> list[str]:
     """``ValueError`` when the estimate exceeds the free memory; a note when it comes close."""
     parts = estimate_bytes(cfg, mc, device, world_size)
     need = sum(parts.values())
