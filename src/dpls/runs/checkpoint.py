@@ -43,6 +43,7 @@ so `latest_checkpoint`, `load_model`, evaluation) count a complete ``.old-`` cop
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -50,23 +51,30 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
+from dpls.data.checks import tokenizer_fingerprint_of
+from dpls.distributed.context import DistContext
+from dpls.distributed.faults import Faults
+from dpls.model import ModelConfig, Transformer
 from dpls.runs.layout import CHECKPOINTS_DIR as CHECKPOINTS
 from dpls.runs.layout import CONFIG_FILE as CONFIG
-from dpls.runs.layout import dumps_toml
-
-if TYPE_CHECKING:
-    from dpls.distributed.context import DistContext
-    from dpls.distributed.faults import Faults
+from dpls.runs.layout import TOKENIZER_DIR, dumps_toml, run_dir_of
 
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
@@ -287,11 +295,7 @@ def _quiet_single_process() -> Iterator[None]:
 
 
 def _world(ctx: DistContext | None) -> DistContext:
-    if ctx is not None:
-        return ctx
-    from dpls.distributed.context import DistContext
-
-    return DistContext()
+    return ctx if ctx is not None else DistContext()
 
 
 def save_checkpoint(
@@ -314,19 +318,17 @@ def save_checkpoint(
     checkpoints once this one is in place. Raises `CheckpointError` (on every rank) when
     any rank failed; the previous checkpoint is then untouched and still the latest.
     ``faults``: the run's injected faults (tests); by default read from the environment.
+
+    The phases of the save protocol (module docstring): rank 0 makes the temporary folder,
+    every rank writes its files into it, rank 0 commits it; after each phase the ranks agree
+    whether all succeeded, and a failure is undone before the error is raised.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from dpls.distributed.faults import Faults
-
     faults = faults if faults is not None else Faults.from_env()
     ctx = _world(ctx)
     run_dir = Path(run_dir)
-    folder = run_dir / CHECKPOINTS
-    final = folder / checkpoint_name(step)
+    final = run_dir / CHECKPOINTS / checkpoint_name(step)
     # Every rank writes into rank 0's temporary folder.
-    tmp = folder / f"{final.name}{_TMP_MARK}{ctx.broadcast_object(os.getpid())}"
+    tmp = final.with_name(f"{final.name}{_TMP_MARK}{ctx.broadcast_object(os.getpid())}")
 
     error: BaseException | None = None
     try:
@@ -336,70 +338,95 @@ def save_checkpoint(
         error = err
     if not ctx.any_rank(error is not None):
         try:
-            if optimizer is not None:
-                model_sd, optim_sd = get_state_dict(model, optimizer)
-                state = {"model": model_sd, "optim": optim_sd}
-            else:
-                from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-                state = {"model": get_model_state_dict(model)}
-            with _quiet_single_process():
-                dcp.save(state, checkpoint_id=tmp)
+            _write_shard(tmp, model, optimizer, ctx)
             faults.enospc(step, ctx.rank)
-            import io
-
-            buf = io.BytesIO()
-            torch.save(capture_rng(), buf)
-            _write_file(tmp / f"rng_rank{ctx.rank}.pt", buf.getvalue())
+            _write_rng(tmp, ctx)
             if ctx.is_main:
-                state_doc = {**trainer_state, "step": step, "world_size": ctx.world_size, "time": time.time()}
-                _write_file(tmp / TRAINER_STATE, json.dumps(state_doc, indent=1, default=_jsonable).encode())
-                mc = asdict(model_config) if is_dataclass(model_config) else dict(model_config)
-                _write_file(tmp / MODEL_CONFIG, json.dumps(mc, indent=1, default=_jsonable).encode())
-                _write_file(tmp / CONFIG, dumps_toml(config.to_dict()).encode())
+                _write_documents(tmp, {**trainer_state, "step": step}, config, model_config, ctx)
         except Exception as err:
             error = err
-    failed = ctx.any_rank(error is not None)
-    if not failed and ctx.is_main:
-        try:  # the commit: see "Save protocol" in the module docstring
-            _fsync_path(tmp)
-            _event("written", tmp)
-            old = None
-            if final.exists():  # the same step saved again (e.g. stopped right after resuming)
-                old = folder / f"{final.name}{_OLD_MARK}{os.getpid()}"
-                os.replace(final, old)
-                _event("displaced", old)
-            os.replace(tmp, final)
-            _fsync_path(folder)
-            _event("renamed", final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-                _event("cleaned", old)
+    if not ctx.any_rank(error is not None) and ctx.is_main:
+        try:
+            _commit(tmp, final)
         except OSError as err:
             error = err
-    failed = ctx.any_rank(error is not None)
-    if failed:
+    if ctx.any_rank(error is not None):
         if ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            for moved in folder.glob(f"{final.name}{_OLD_MARK}*"):  # a rename failed after step 1
-                if not final.exists() and is_complete(moved):
-                    os.replace(moved, final)
-        previous = latest_checkpoint(run_dir)
-        intact = (
-            f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-        )
-        # Every rank raises the same message (the first failing rank's error), so a decision
-        # taken on it (e.g. "out of disk: keep training") is the same on every rank.
-        reasons = ctx.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
-        reason = next(
-            (f"{msg}" if ctx.world_size == 1 else f"rank {r}: {msg}" for r, msg in enumerate(reasons) if msg),
-            "unknown error",
-        )
-        raise CheckpointError(f"saving the checkpoint of step {step} failed ({reason}); {intact}") from error
+            _undo(tmp, final)
+        raise _save_failed(run_dir, step, error, ctx) from error
     if ctx.is_main and keep > 0:
         prune_checkpoints(run_dir, keep)
     ctx.barrier()
     return final
+
+
+def _write_shard(
+    tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: DistContext
+) -> None:
+    """This rank's share of the tensors (model and optimizer state), through DCP."""
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    else:
+        state = {"model": get_model_state_dict(model)}
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp)
+
+
+def _write_rng(tmp: Path, ctx: DistContext) -> None:
+    buf = io.BytesIO()
+    torch.save(capture_rng(), buf)
+    _write_file(tmp / f"rng_rank{ctx.rank}.pt", buf.getvalue())
+
+
+def _write_documents(
+    tmp: Path, trainer_state: dict[str, Any], config: RunConfig, model_config: Any, ctx: DistContext
+) -> None:
+    """Rank 0: the trainer state, the model config and the run config."""
+    state_doc = {**trainer_state, "world_size": ctx.world_size, "time": time.time()}
+    _write_file(tmp / TRAINER_STATE, json.dumps(state_doc, indent=1, default=_jsonable).encode())
+    mc = asdict(model_config) if is_dataclass(model_config) else dict(model_config)
+    _write_file(tmp / MODEL_CONFIG, json.dumps(mc, indent=1, default=_jsonable).encode())
+    _write_file(tmp / CONFIG, dumps_toml(config.to_dict()).encode())
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rank 0 puts the written folder under its real name: see "Save protocol" in the module docstring."""
+    folder = final.parent
+    _fsync_path(tmp)
+    _event("written", tmp)
+    old = None
+    if final.exists():  # the same step saved again (e.g. stopped right after resuming)
+        old = folder / f"{final.name}{_OLD_MARK}{os.getpid()}"
+        os.replace(final, old)
+        _event("displaced", old)
+    os.replace(tmp, final)
+    _fsync_path(folder)
+    _event("renamed", final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        _event("cleaned", old)
+
+
+def _undo(tmp: Path, final: Path) -> None:
+    """Rank 0, after a failed save: the temporary folder goes, a committed copy comes back."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for moved in final.parent.glob(f"{final.name}{_OLD_MARK}*"):  # a rename failed after step 1
+        if not final.exists() and is_complete(moved):
+            os.replace(moved, final)
+
+
+def _save_failed(run_dir: Path, step: int, error: BaseException | None, ctx: DistContext) -> CheckpointError:
+    """The error every rank raises: the same message (the first failing rank's error), so a
+    decision taken on it (e.g. "out of disk: keep training") is the same on every rank."""
+    previous = latest_checkpoint(run_dir)
+    intact = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+    reasons = ctx.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    reason = next(
+        (f"{msg}" if ctx.world_size == 1 else f"rank {r}: {msg}" for r, msg in enumerate(reasons) if msg),
+        "unknown error",
+    )
+    return CheckpointError(f"saving the checkpoint of step {step} failed ({reason}); {intact}")
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -424,13 +451,12 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return _read_json(Path(path) / MODEL_CONFIG)
 
 
-def trained_tokenizer(path: str | Path) -> str | None:
+def trained_tokenizer(path: str | Path, trainer_state: Mapping[str, Any] | None = None) -> str | None:
     """The fingerprint of the tokenizer a checkpoint was trained with (`dpls.data.checks`):
-    recorded in its trainer state, else that of the run's ``tokenizer/`` copy; None if unknown."""
-    from dpls.data.checks import tokenizer_fingerprint_of
-    from dpls.runs.layout import TOKENIZER_DIR, run_dir_of
-
-    recorded = read_trainer_state(path).get("tokenizer_fingerprint")
+    recorded in its trainer state (read from ``path`` unless given), else that of the run's
+    ``tokenizer/`` copy; None if unknown."""
+    state = trainer_state if trainer_state is not None else read_trainer_state(path)
+    recorded = state.get("tokenizer_fingerprint")
     return recorded or tokenizer_fingerprint_of(run_dir_of(path) / TOKENIZER_DIR)
 
 
@@ -451,14 +477,22 @@ def load_checkpoint(
     Every rank calls it. ``restore_rng_state`` gives rank r the RNG states saved by rank
     ``r mod N`` (N ranks saved it). Works in one process without a process group.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
+    path = restore_checkpoint(
+        path, model=model, optimizer=optimizer, ctx=ctx, restore_rng_state=restore_rng_state
     )
+    return read_trainer_state(path)
 
+
+def restore_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    ctx: DistContext | None = None,
+    restore_rng_state: bool = True,
+) -> Path:
+    """`load_checkpoint` without reading the trainer state (for a caller that has it); returns
+    the checkpoint directory. A damaged or incomplete checkpoint is a ``ValueError`` naming the file."""
     ctx = _world(ctx)
     path = resolve_checkpoint(path)
     reading = path / ".metadata"  # the file being read when a damaged one fails
@@ -466,39 +500,47 @@ def load_checkpoint(
         # read first: when .metadata is unreadable, dcp.load logs tracebacks to the root logger
         dcp.FileSystemReader(path).read_metadata()
         reading = path / "__*.distcp"
-        if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            with _quiet_single_process():
-                dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-        else:
-            model_sd = get_model_state_dict(model)
-            with _quiet_single_process():
-                dcp.load({"model": model_sd}, checkpoint_id=path)
-            set_model_state_dict(model, model_sd)
-        if restore_rng_state:
-            n = saved_ranks(path)
-            if n:
-                reading = path / f"rng_rank{ctx.rank % n}.pt"
-                rng = torch.load(reading, weights_only=True)
-                restore_rng(rng)
+        _read_shard(path, model, optimizer)
+        n = saved_ranks(path) if restore_rng_state else 0
+        if n:
+            reading = path / f"rng_rank{ctx.rank % n}.pt"
+            restore_rng(torch.load(reading, weights_only=True))
     except torch.OutOfMemoryError:
         raise
     except (Exception, dcp.CheckpointException) as err:  # truncated or missing files: EOF, assert, ...
         cause = _first_failure(err)
         if isinstance(cause, torch.OutOfMemoryError):
             raise
-        detail = " ".join(str(cause).split())[:300]
-        if isinstance(cause, KeyError | EOFError) or not detail:  # "174812789", "": unreadable data
-            detail = f"{detail}: truncated or overwritten data".lstrip(": ")
-        named = sorted(path.glob(reading.name)) if "*" in reading.name else [reading]
-        missing = next((f for f in named if not f.is_file()), None)
-        where = f"{missing} is missing" if missing else f"{reading} is damaged or incomplete"
-        raise ValueError(
-            f"cannot load the checkpoint {path}: {where} ({type(cause).__name__}: {detail}); "
-            f"its files are damaged or incomplete. {_what_to_do(path)}"
-        ) from err
-    return read_trainer_state(path)
+        raise _damaged(path, reading, cause) from err
+    return path
+
+
+def _read_shard(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """The tensors, into whatever layout ``model`` (and ``optimizer``) have on this rank."""
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _quiet_single_process():
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    else:
+        model_sd = get_model_state_dict(model)
+        with _quiet_single_process():
+            dcp.load({"model": model_sd}, checkpoint_id=path)
+        set_model_state_dict(model, model_sd)
+
+
+def _damaged(path: Path, reading: Path, cause: BaseException) -> ValueError:
+    """The one-line error for a checkpoint whose file ``reading`` could not be read."""
+    detail = " ".join(str(cause).split())[:300]
+    if isinstance(cause, KeyError | EOFError) or not detail:  # "174812789", "": unreadable data
+        detail = f"{detail}: truncated or overwritten data".lstrip(": ")
+    named = sorted(path.glob(reading.name)) if "*" in reading.name else [reading]
+    missing = next((f for f in named if not f.is_file()), None)
+    where = f"{missing} is missing" if missing else f"{reading} is damaged or incomplete"
+    return ValueError(
+        f"cannot load the checkpoint {path}: {where} ({type(cause).__name__}: {detail}); "
+        f"its files are damaged or incomplete. {_what_to_do(path)}"
+    )
 
 
 def _what_to_do(path: Path) -> str:
@@ -523,8 +565,6 @@ def _first_failure(err: BaseException) -> BaseException:
 
 def build_model_from_config(model_config: dict[str, Any]) -> nn.Module:
     """A fresh (randomly initialised) model from a saved ``model_config.json``."""
-    from dpls.model import ModelConfig, Transformer
-
     return Transformer(ModelConfig(**model_config))
 
 
