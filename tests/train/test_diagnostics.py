@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from data_helpers import write_data_dir
-from dpls.train.diagnostics import Diagnostics, DivergenceWatch
+from dpls.train.diagnostics import Diagnostics
+from dpls.train.watch import DivergenceWatch
 
 
 def test_logit_diagnostics_against_float64():

@@ -20,7 +20,8 @@ from dpls.runs.checkpoint import load_model
 from dpls.train.config import load_config
 from dpls.train.optim import cosine_lr, set_hyperparameters
 from dpls.train.plan import plan_run
-from dpls.train.trainer import STEP_VALUES, build, train_step
+from dpls.train.step import STEP_VALUES, train_step
+from dpls.train.trainer import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,6 +36,7 @@ def corpus(tmp_path_factory):
 def host_decided_step(parts, cfg, step: int, lr: float) -> dict[str, float]:
     """The step with every value read on the host and the skip decided there."""
     micro_steps = cfg.gradient_accumulation_steps
+    assert parts.micro_steps == micro_steps  # one rank
     set_hyperparameters(parts.optimizer, lr=lr)
     sums = torch.zeros(3)
     for _ in range(micro_steps):
@@ -84,7 +86,7 @@ def test_device_decided_step_equals_the_host_decided_one_bit_for_bit(corpus, tmp
     skipped = []
     for step in range(steps):
         lr = cosine_lr(step, **lr_args)
-        got = train_step(parts, cfg, step, lr, stop_requested=False).read()
+        got = train_step(parts, step, lr, stop_requested=False).read()
         want = host_decided_step(ref, cfg, step, lr)
         assert list(got) == list(STEP_VALUES)
         for k in STEP_VALUES:  # NaN == NaN for this comparison: both must be NaN
@@ -103,7 +105,7 @@ def test_device_decided_step_equals_the_host_decided_one_bit_for_bit(corpus, tmp
 
 def test_non_log_steps_never_read_a_tensor_on_the_host(corpus, tmp_path, monkeypatch):
     """What a GPU would wait for: every Tensor -> Python conversion, counted during a step."""
-    cfg, parts = _build(
+    _, parts = _build(
         corpus,
         tmp_path / "r",
         monkeypatch,
@@ -124,7 +126,7 @@ def test_non_log_steps_never_read_a_tensor_on_the_host(corpus, tmp_path, monkeyp
 
         monkeypatch.setattr(torch.Tensor, name, spy)
     for step in range(3):  # step 3 is a NaN step: skipped on the device too
-        stats = train_step(parts, cfg, step, 1e-3, stop_requested=False)
+        stats = train_step(parts, step, 1e-3, stop_requested=False)
     assert reads == [], reads
     assert stats.read()["skipped"] == 1.0 and reads == ["tolist"]
 

@@ -1,4 +1,4 @@
-"""Instability diagnostics of log steps, and the rule that calls a run diverged.
+"""Instability diagnostics of log steps: output and attention logits, measured on the device.
 
 Wortsman et al. (2023) reproduce two large-model instabilities at small scale: output logits
 that drift (their log-partition log Z grows; z-loss pulls it to 0) and attention logits that
@@ -15,16 +15,13 @@ layer's ``q @ kᵀ`` (one extra product per layer: SDPA keeps its scores to itse
 of a row with a target is ``CE + z_y``, and the objective has just computed that row's CE:
 so with the objective's ``ce`` no ``logsumexp`` pass over the logits is needed (it cost more
 than the loss's own ``log_softmax`` on a CPU). Nothing runs on other steps, and the values
-stay on the device until the log row is written.
-
-`DivergenceWatch` is the rule: a run has diverged when the training CE of ``window`` logged
-steps in a row is above the loss at its start (the first validation CE) or not finite.
+stay on the device until the log row is written. The rule that calls a run diverged is
+`dpls.train.watch`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,34 +88,3 @@ class Diagnostics:
         if math.isfinite(attn_max) or math.isnan(attn_max):  # -inf: no layer recorded (none had one)
             out["attn_logit_max"] = attn_max
         return out
-
-
-@dataclass
-class DivergenceWatch:
-    """Calls a run diverged when ``window`` logged training CEs in a row are above ``initial`` or not finite.
-
-    ``window`` 0 switches the rule off. Its state (``initial``, ``streak``) goes into the
-    checkpoint's trainer state, so a resumed run continues the count.
-    """
-
-    window: int
-    initial: float | None = None
-    streak: list[int] = field(default_factory=list)  # steps of the current run of bad rows
-
-    def see(self, step: int, ce: float) -> int | None:
-        """Take a logged row; the step where the divergence began, once ``window`` rows in a row are bad."""
-        if self.window <= 0 or self.initial is None:
-            return None
-        if math.isfinite(ce) and ce <= self.initial:
-            self.streak = []
-            return None
-        self.streak.append(step)
-        return self.streak[0] if len(self.streak) >= self.window else None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"initial_val_ce": self.initial, "divergence_streak": list(self.streak)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("initial_val_ce") is not None:
-            self.initial = float(state["initial_val_ce"])
-        self.streak = [int(s) for s in state.get("divergence_streak", [])]
