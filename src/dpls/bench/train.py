@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -94,7 +93,6 @@ def build_case(
     A dpls preset takes the trainer's step (`train_step`, as ``dpls train`` runs it between two
     log steps); the ``nanogpt`` preset takes `dpls.bench.gpt2.plain_step`.
     """
-    from dpls.distributed import Faults
     from dpls.distributed.context import DistContext
     from dpls.losses.objective import LossConfig, build_objective
     from dpls.model import Transformer, model_config
@@ -136,14 +134,19 @@ def build_case(
             with autocast:
                 plain_step(net, optimizer, x, y)
     else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        batches = iter(lambda: (x, y), None)  # the same batch forever
-        ctx = DistContext(device=device)
-        parts = Parts(ctx, model, step_module, optimizer, params, None, batches, [], autocast, {}, Faults())
-        run_cfg = SimpleNamespace(gradient_accumulation_steps=1, grad_clip=1.0)  # what train_step reads
+        parts = Parts(
+            ctx=DistContext(device=device),
+            model=model,
+            wrapped=step_module,
+            optimizer=optimizer,
+            batches=iter(lambda: (x, y), None),  # the same batch forever
+            autocast=autocast,
+            micro_steps=1,
+            grad_clip=1.0,
+        )
 
         def step(i: int) -> None:
-            train_step(parts, run_cfg, i, 3e-4, stop_requested=False)
+            train_step(parts, i, 3e-4, stop_requested=False)
 
     resident = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
     return _Runner(case, model, step, resident)
