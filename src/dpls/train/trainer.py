@@ -82,20 +82,10 @@ def train(cfg: TrainConfig) -> Path:
             raise InvalidRun(str(err)) from err
         parts = build(plan, ctx)
         step, tokens, run = plan.start.step, plan.start.tokens, plan.cfg
-        watch = RunWatch(
-            run, plan.run_dir, ctx, plan.start.trainer_state if plan.start.mode == "resume" else None
-        )
+        watch = RunWatch(plan, ctx)
         prepare_run_dir(plan, ctx, step)
         log = MetricsLog(plan, parts, step)
-        validator = Validator(
-            parts.wrapped,
-            plan.val_set,
-            ctx,
-            parts.autocast,
-            block_size=run.block_size,
-            interval=run.eval_interval,
-            last=run.max_iters,
-        )
+        validator = Validator(plan, parts)
         checkpointer = Checkpointer(plan, parts, log.console)
         log.announce(plan, parts, step)
         stopped_by: signal.Signals | None = None

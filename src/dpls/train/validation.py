@@ -17,6 +17,8 @@ from torch import nn
 from dpls.data.loader import ValidationSet
 from dpls.distributed import DistContext
 from dpls.eval.metrics import MetricAccumulator
+from dpls.train.plan import RunPlan
+from dpls.train.step import Parts
 
 # The validation metrics logged as val_<key> (MetricAccumulator's names; loss is CE).
 VAL_KEYS: dict[str, str] = {
@@ -30,28 +32,19 @@ VAL_KEYS: dict[str, str] = {
 
 
 class Validator:
-    """Validates ``step_module`` every ``interval`` steps and at step ``last``."""
+    """Validates the model of ``parts`` every ``eval_interval`` steps and at the last step."""
 
-    def __init__(
-        self,
-        step_module: nn.Module,
-        val_set: ValidationSet,
-        ctx: DistContext,
-        autocast: AbstractContextManager[Any],
-        *,
-        block_size: int,
-        interval: int,
-        last: int,
-    ) -> None:
-        self.step_module, self.val_set, self.ctx, self.autocast = step_module, val_set, ctx, autocast
-        self.block_size, self.interval, self.last = block_size, interval, last
+    def __init__(self, plan: RunPlan, parts: Parts) -> None:
+        self.plan, self.parts = plan, parts
+        self.interval, self.last = plan.cfg.eval_interval, plan.cfg.max_iters
 
     def should_validate(self, step: int) -> bool:
         return step % self.interval == 0 or step == self.last
 
     def run(self) -> dict[str, float]:
         """The ``val_*`` metrics of the current weights (every rank calls it)."""
-        return evaluate(self.step_module, self.val_set, self.ctx, self.autocast, self.block_size)
+        parts = self.parts
+        return evaluate(parts.wrapped, self.plan.val_set, parts.ctx, parts.autocast, self.plan.cfg.block_size)
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from dpls._io import write_json_atomic
 from dpls.distributed import DistContext
 from dpls.runs.checkpoint import latest_checkpoint
 from dpls.runs.layout import DIVERGED_FILE
-from dpls.train.config import TrainConfig
+from dpls.train.plan import RunPlan
 
 
 class TrainingError(RuntimeError):
@@ -97,12 +96,11 @@ class SkipCounter:
 class RunWatch:
     """The skip limit and the divergence rule of one run (see the module docstring)."""
 
-    def __init__(
-        self, cfg: TrainConfig, run_dir: Path, ctx: DistContext, resumed: Mapping[str, Any] | None
-    ) -> None:
-        """``resumed``: the trainer state of the checkpoint this run continues in place (None
-        for a new run or a fork, which start the counts afresh)."""
-        self.run_dir, self.is_main = run_dir, ctx.is_main
+    def __init__(self, plan: RunPlan, ctx: DistContext) -> None:
+        """A run resumed in place continues the counts of its checkpoint; a new run or a fork
+        starts them afresh."""
+        cfg, self.run_dir, self.is_main = plan.cfg, plan.run_dir, ctx.is_main
+        resumed = plan.start.trainer_state if plan.start.mode == "resume" else None
         self.max_skipped = cfg.max_skipped_steps
         self.skipped_in_a_row = int(resumed.get("skipped_in_a_row", 0)) if resumed is not None else 0
         self.divergence = DivergenceWatch(cfg.divergence_window)
