@@ -15,9 +15,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from dpls._io import forget_owned, mark_owned, write_owned_json
+from dpls._io import check_replaceable, forget_owned, mark_owned, write_owned_json
+from dpls.data.checks import check_same_tokenizer, max_token_id
+from dpls.data.loader import validation_batches
+from dpls.data.meta import DataMeta
 from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator
+from dpls.eval.plots import plot_entropy_histogram, plot_reliability
+from dpls.runs.checkpoint import load_model, read_model_config, resolve_checkpoint, trained_tokenizer
+from dpls.runs.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EVAL_DIR,
+    EVAL_FILE,
+    config_path,
+    read_toml,
+    run_dir_of,
+)
 
 # --dtype choices: the autocast dtype of the forward pass (float32: no autocast).
 DTYPES: dict[str, torch.dtype] = {
@@ -72,8 +87,6 @@ def evaluate_model(
     autocast = (
         torch.autocast(dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not torch.float32 else nullcontext()
     )
-    from tqdm.auto import tqdm
-
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     was_training = model.training
     model.eval()
@@ -98,8 +111,6 @@ def evaluate_model(
 
 def run_settings(checkpoint: Path) -> dict[str, Any]:
     """The resolved training config saved in a checkpoint (``config.toml``): data_dir, block_size..."""
-    from dpls.runs.layout import CONFIG_FILE, config_path, read_toml
-
     path = config_path(checkpoint)
     if not path.is_file():
         raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; pass data_dir (--data-dir) and block_size")
@@ -150,8 +161,6 @@ def default_out(checkpoint: str | Path) -> Path:
     """Where `dpls eval` writes without ``--out``: into the run, never the current folder.
     A run directory → ``RUN/eval/metrics.json`` (as a study does); a checkpoint named
     explicitly → ``RUN/eval/step_NNNNNNN.json`` (so it does not replace the run's own)."""
-    from dpls.runs.layout import CHECKPOINTS_DIR, EVAL_DIR, EVAL_FILE, run_dir_of
-
     path = Path(checkpoint)
     if path.parent.name == CHECKPOINTS_DIR:
         return run_dir_of(path) / EVAL_DIR / f"{path.name}.json"
@@ -161,8 +170,6 @@ def default_out(checkpoint: str | Path) -> Path:
 def _check_outputs(files: dict[str, Path], plots: bool) -> None:
     """Before any work: every output can be written, and none would replace a file that an
     earlier evaluation did not write (``--out data/meta.json`` must not clobber the data)."""
-    from dpls._io import check_replaceable
-
     for name, path in files.items():
         if plots or name in ("metrics", "bins"):
             check_replaceable(path, "out", create=True)
@@ -197,62 +204,16 @@ def evaluate_checkpoint(
     and provenance) and, with ``plots``, the reliability diagrams and the entropy histogram.
     """
     # -- everything checked before any work ---------------------------------------------
-    from dpls.runs.checkpoint import read_model_config, resolve_checkpoint
-    from dpls.runs.layout import config_path
-
-    if tokens is not None and tokens < 1:
-        raise ValueError(f"tokens must be a positive number of validation tokens, got {tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    _check_arguments(tokens=tokens, batch_size=batch_size, block_size=block_size, dtype=dtype)
     dev = resolve_device(device)
     path = resolve_checkpoint(path)  # a run directory → its latest checkpoint
-    if data_dir is None or block_size is None:
-        cfg = run_settings(path)
-        data_dir = data_dir if data_dir is not None else _saved_data_dir(cfg, path)
-        block_size = block_size if block_size is not None else cfg.get("block_size")
-        if not data_dir or not block_size:
-            raise ValueError(f"{config_path(path)} lacks data_dir or block_size; pass them explicitly")
-        block_size = int(block_size)
-    data_dir = Path(data_dir)
-    if not (data_dir / "meta.json").is_file():
-        raise ValueError(
-            f"data_dir {str(data_dir)!r} is not a prepared data directory (no meta.json); "
-            "pass the right one with data_dir (--data-dir)"
-        )
-    model_cfg = read_model_config(path)
-    if block_size > model_cfg["block_size"]:
-        raise ValueError(f"block_size {block_size} exceeds the model's context of {model_cfg['block_size']}")
-    from dpls.data.meta import DataMeta
-
-    data_vocab = DataMeta.load(data_dir, check_shards=False).vocab_size  # a damaged meta.json is named
-    if data_vocab > model_cfg["vocab_size"]:
-        raise ValueError(
-            f"data_dir {str(data_dir)!r} has a {data_vocab}-token vocabulary, larger than the model's "
-            f"{model_cfg['vocab_size']}: not the data this model was trained on"
-        )
-    from dpls.data.checks import check_same_tokenizer, max_token_id
-    from dpls.runs.checkpoint import trained_tokenizer
-
-    check_same_tokenizer(trained_tokenizer(path), data_dir, f"the checkpoint {path} was trained with")
-    val_meta = DataMeta.load(data_dir, check_shards=False)
-    top, shard = max_token_id(data_dir, val_meta.val_shards)
-    if top >= min(model_cfg["vocab_size"], val_meta.vocab_size):
-        raise ValueError(
-            f"{data_dir / shard} holds token id {top}, outside the vocabulary ({val_meta.vocab_size} in meta.json, "
-            f"{model_cfg['vocab_size']} in the model): data from another tokenizer, or a wrong meta.json"
-        )
+    data_dir, block_size = _data_of(path, data_dir, block_size)
+    meta = _check_data_fits(path, data_dir, block_size)
     files = output_paths(out) if out is not None else {}
     if out is not None:
         _check_outputs(files, plots)
 
     # -- the work -------------------------------------------------------------------------
-    from dpls.data.loader import validation_batches
-    from dpls.runs.checkpoint import load_model
-
     batches = validation_batches(data_dir, block_size, batch_size, tokens)  # checks the data first
     model = load_model(path, device=dev)
     acc = MetricAccumulator()
@@ -265,11 +226,88 @@ def evaluate_checkpoint(
         total_tokens=batches.tokens,
         progress=progress,
     )
-    if out is None:
-        return metrics
+    if out is not None:
+        provenance = {
+            "checkpoint": str(path),
+            "data_dir": str(data_dir),
+            "corpus_fingerprint": meta.corpus_fingerprint,  # which tokens (meta.json)
+            "block_size": block_size,
+            "batch_size": batch_size,
+            "dtype": dtype,
+        }
+        _write_outputs(files, metrics, acc, provenance, plots=plots, title=_plot_title(path))
+    return metrics
 
-    # Only files an earlier evaluation wrote are replaced (checked above); with plots=False an
-    # earlier evaluation's figures are removed, so no stale figure sits beside new numbers.
+
+def _check_arguments(*, tokens: int | None, batch_size: int, block_size: int | None, dtype: str) -> None:
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"tokens must be a positive number of validation tokens, got {tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+
+
+def _data_of(checkpoint: Path, data_dir: str | Path | None, block_size: int | None) -> tuple[Path, int]:
+    """The data directory and block size to evaluate with: as given, else the run's."""
+    if data_dir is None or block_size is None:
+        cfg = run_settings(checkpoint)
+        data_dir = data_dir if data_dir is not None else _saved_data_dir(cfg, checkpoint)
+        block_size = block_size if block_size is not None else cfg.get("block_size")
+        if not data_dir or not block_size:
+            raise ValueError(f"{config_path(checkpoint)} lacks data_dir or block_size; pass them explicitly")
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta.json").is_file():
+        raise ValueError(
+            f"data_dir {str(data_dir)!r} is not a prepared data directory (no meta.json); "
+            "pass the right one with data_dir (--data-dir)"
+        )
+    return data_dir, int(block_size)
+
+
+def _check_data_fits(checkpoint: Path, data_dir: Path, block_size: int) -> DataMeta:
+    """The data's meta.json, once the data is known to be this model's: the context fits, the
+    vocabulary and the tokenizer are the model's, and every validation token id is in range."""
+    model_cfg = read_model_config(checkpoint)
+    if block_size > model_cfg["block_size"]:
+        raise ValueError(f"block_size {block_size} exceeds the model's context of {model_cfg['block_size']}")
+    meta = DataMeta.load(data_dir, check_shards=False)  # a damaged meta.json is named
+    if meta.vocab_size > model_cfg["vocab_size"]:
+        raise ValueError(
+            f"data_dir {str(data_dir)!r} has a {meta.vocab_size}-token vocabulary, larger than the model's "
+            f"{model_cfg['vocab_size']}: not the data this model was trained on"
+        )
+    check_same_tokenizer(
+        trained_tokenizer(checkpoint), data_dir, f"the checkpoint {checkpoint} was trained with"
+    )
+    top, shard = max_token_id(data_dir, meta.val_shards)
+    if top >= min(model_cfg["vocab_size"], meta.vocab_size):
+        raise ValueError(
+            f"{data_dir / shard} holds token id {top}, outside the vocabulary ({meta.vocab_size} in meta.json, "
+            f"{model_cfg['vocab_size']} in the model): data from another tokenizer, or a wrong meta.json"
+        )
+    return meta
+
+
+def _plot_title(checkpoint: Path) -> str:
+    parent = checkpoint.parent
+    return f"{parent.parent.name}/{checkpoint.name}" if parent.name == CHECKPOINTS_DIR else checkpoint.name
+
+
+def _write_outputs(
+    files: dict[str, Path],
+    metrics: dict[str, float],
+    acc: MetricAccumulator,
+    provenance: dict[str, Any],
+    *,
+    plots: bool,
+    title: str,
+) -> None:
+    """metrics.json, the bins beside it and, with ``plots``, the figures. Only files an earlier
+    evaluation wrote are replaced (checked before the work); with ``plots=False`` an earlier
+    evaluation's figures are removed, so no stale figure sits beside new numbers."""
     write_owned_json(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
     edges, counts = acc.entropy_histogram()
     equal_width, equal_mass = acc.reliability(), acc.reliability(adaptive=True)
@@ -277,34 +315,23 @@ def evaluate_checkpoint(
         files["bins"],
         _json_safe(
             {
-                "checkpoint": str(path),
-                "data_dir": str(data_dir),
-                "corpus_fingerprint": val_meta.corpus_fingerprint,  # which tokens (meta.json)
-                "block_size": block_size,
-                "batch_size": batch_size,
-                "dtype": dtype,
+                **provenance,
                 "reliability": equal_width.to_dict(),
                 "reliability_adaptive": equal_mass.to_dict(),
                 "entropy_histogram": {"edges": edges, "counts": counts},
             }
         ),
     )
-    if plots:
-        from dpls.eval.plots import plot_entropy_histogram, plot_reliability
-
-        name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else path.name
-        plot_reliability(equal_width, files["reliability"], ece=metrics["ece"], title=name)
-        plot_reliability(
-            equal_mass,
-            files["reliability_adaptive"],
-            ece=metrics["ece_adaptive"],
-            title=f"{name}, equal mass",
-        )
-        plot_entropy_histogram(edges, counts, files["entropy"], mean=metrics["entropy"], title=name)
-        mark_owned(*(files[k] for k in ("reliability", "reliability_adaptive", "entropy")))
-    else:
-        forget_owned(*(files[k] for k in ("reliability", "reliability_adaptive", "entropy")))
-    return metrics
+    figures = [files[k] for k in ("reliability", "reliability_adaptive", "entropy")]
+    if not plots:
+        forget_owned(*figures)
+        return
+    plot_reliability(equal_width, files["reliability"], ece=metrics["ece"], title=title)
+    plot_reliability(
+        equal_mass, files["reliability_adaptive"], ece=metrics["ece_adaptive"], title=f"{title}, equal mass"
+    )
+    plot_entropy_histogram(edges, counts, files["entropy"], mean=metrics["entropy"], title=title)
+    mark_owned(*figures)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
