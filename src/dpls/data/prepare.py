@@ -21,6 +21,7 @@ an uninterrupted one. ``meta.json`` is written last: its presence means "finishe
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import json
@@ -34,11 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from dpls._io import write_json_atomic
+from dpls._io import check_writable_dir, write_json_atomic
 from dpls.data.meta import META_FILE, DataError, DataMeta, corpus_fingerprint
 from dpls.data.shards import MAX_VOCAB, token_dtype, write_shard
-from dpls.data.tokenizer import TOKENIZER_FILE, TiktokenTokenizer, Tokenizer, hf_tokenizer, train_bpe
+from dpls.data.tokenizer import (
+    TOKENIZER_FILE,
+    BPETokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    hf_tokenizer,
+    train_bpe,
+)
 
 PROGRESS_FILE = "progress.json"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -83,8 +92,6 @@ def _normalize(settings: dict[str, Any]) -> dict[str, Any]:
 def _out_dir_state(out_dir: Path, settings: dict[str, Any]) -> str:
     """``"fresh"``, ``"resume"`` (our interrupted run, same settings) or ``"done"`` (finished,
     same settings); anything else is refused before a byte is written."""
-    from dpls._io import check_writable_dir
-
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
     check_writable_dir(out_dir, "out")  # another user's folder: said now, not as a traceback later
@@ -221,9 +228,43 @@ class _SplitWriter:
                 path.unlink(missing_ok=True)
 
 
-def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+class _Progress:
+    """Both splits' writers and how many documents of the stream they hold: the state
+    ``progress.json`` commits (`checkpoint`), so an interrupted run resumes where it left off."""
 
+    def __init__(self, out_dir: Path, settings: dict[str, Any], dtype: str) -> None:
+        saved: dict[str, Any] = {}
+        if (out_dir / PROGRESS_FILE).is_file():
+            saved = json.loads((out_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
+        self.out_dir, self.settings, self.dtype = out_dir, settings, dtype  # dtype: the shards' tokens
+        shard_tokens = settings["shard_tokens"]
+        self.writers = {
+            s: _SplitWriter(out_dir, s, shard_tokens, saved.get(s), dtype) for s in ("train", "val")
+        }
+        self.consumed = int(saved.get("documents", 0))
+
+    @property
+    def tokens(self) -> int:
+        return self.writers["train"].tokens + self.writers["val"].tokens
+
+    @property
+    def shards(self) -> int:
+        return sum(len(w.shards) for w in self.writers.values())
+
+    def reached(self, max_tokens: int | None, max_train_tokens: int | None) -> bool:
+        return (max_tokens is not None and self.tokens >= max_tokens) or (
+            max_train_tokens is not None and self.writers["train"].tokens >= max_train_tokens
+        )
+
+    def checkpoint(self) -> None:
+        state = {"settings": self.settings, "documents": self.consumed}
+        state.update({s: w.checkpoint() for s, w in self.writers.items()})
+        write_json_atomic(self.out_dir / PROGRESS_FILE, state)  # the commit point
+        for writer in self.writers.values():
+            writer.remove_staging(keep_current=True)  # older ones are now in shards
+
+
+def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(
         total=total,
         initial=initial,
@@ -270,58 +311,55 @@ def _build(
     tokenizer is the one saved as ``TOKENIZER_FILE``, so the three sources cannot disagree
     with their own metadata.
     """
-    source, shard_tokens = settings["source"], settings["shard_tokens"]
-    saved: dict[str, Any] = {}
-    if (out_dir / PROGRESS_FILE).is_file():
-        saved = json.loads((out_dir / PROGRESS_FILE).read_text(encoding="utf-8"))
     dtype = token_dtype(tokenizer.vocab_size)  # uint16 where it fits (llm.c's GPT-2 layout)
-    writers = {s: _SplitWriter(out_dir, s, shard_tokens, saved.get(s), dtype) for s in ("train", "val")}
-    consumed = int(saved.get("documents", 0))
-    eot = np.array([tokenizer.eot], dtype=dtype)
-
-    def total() -> int:
-        return writers["train"].tokens + writers["val"].tokens
-
-    def checkpoint() -> None:
-        state = {"settings": settings, "documents": consumed}
-        state.update({s: w.checkpoint() for s, w in writers.items()})
-        write_json_atomic(out_dir / PROGRESS_FILE, state)  # the commit point
-        for writer in writers.values():
-            writer.remove_staging(keep_current=True)  # older ones are now in shards
-
-    bar = _progress_bar(max_tokens, total(), desc or source, progress)
-    last_checkpoint = time.monotonic()
-    done = (max_tokens is not None and total() >= max_tokens) or (
-        max_train_tokens is not None and writers["train"].tokens >= max_train_tokens
-    )
+    state = _Progress(out_dir, settings, dtype)
+    bar = _progress_bar(max_tokens, state.tokens, desc or settings["source"], progress)
     try:
-        for batch in _batched(documents(consumed) if not done else iter(()), ENCODE_BATCH_CHARS):
-            encoded = tokenizer.encode_batch([d.text for d in batch], num_threads=num_threads)
-            shards_before = sum(len(w.shards) for w in writers.values())
-            for doc, ids in zip(batch, encoded):
-                tokens = np.concatenate([eot, np.asarray(ids, dtype=dtype)])
-                if max_tokens is not None:
-                    tokens = tokens[: max_tokens - total()]
-                split = "val" if is_val(consumed, doc) else "train"
-                if split == "train" and max_train_tokens is not None:
-                    tokens = tokens[: max_train_tokens - writers["train"].tokens]
-                writers[split].add(tokens)
-                consumed += 1
-                bar.update(len(tokens))
-                if (max_tokens is not None and total() >= max_tokens) or (
-                    max_train_tokens is not None and writers["train"].tokens >= max_train_tokens
-                ):
-                    done = True
-                    break
-            cut = sum(len(w.shards) for w in writers.values()) != shards_before
-            if done:
-                break
-            if cut or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
-                checkpoint()
-                last_checkpoint = time.monotonic()
+        if not state.reached(max_tokens, max_train_tokens):
+            _encode(state, documents, is_val, tokenizer, bar, max_tokens, max_train_tokens, num_threads)
     finally:
         bar.close()
+    return _finish(state, tokenizer)
 
+
+def _encode(
+    state: _Progress,
+    documents: Callable[[int], Iterator[Document]],
+    is_val: Callable[[int, Document], bool],
+    tokenizer: Tokenizer,
+    bar: tqdm,
+    max_tokens: int | None,
+    max_train_tokens: int | None,
+    num_threads: int | None,
+) -> None:
+    """Encode and write documents until the stream or a limit ends; a checkpoint after every
+    shard cut and at least every `CHECKPOINT_SECONDS`."""
+    eot = np.array([tokenizer.eot], dtype=state.dtype)
+    writers = state.writers
+    last_checkpoint = time.monotonic()
+    for batch in _batched(documents(state.consumed), ENCODE_BATCH_CHARS):
+        encoded = tokenizer.encode_batch([d.text for d in batch], num_threads=num_threads)
+        shards_before = state.shards
+        for doc, ids in zip(batch, encoded):
+            tokens = np.concatenate([eot, np.asarray(ids, dtype=state.dtype)])
+            if max_tokens is not None:
+                tokens = tokens[: max_tokens - state.tokens]
+            split = "val" if is_val(state.consumed, doc) else "train"
+            if split == "train" and max_train_tokens is not None:
+                tokens = tokens[: max_train_tokens - writers["train"].tokens]
+            writers[split].add(tokens)
+            state.consumed += 1
+            bar.update(len(tokens))
+            if state.reached(max_tokens, max_train_tokens):
+                return
+        if state.shards != shards_before or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+            state.checkpoint()
+            last_checkpoint = time.monotonic()
+
+
+def _finish(state: _Progress, tokenizer: Tokenizer) -> DataMeta:
+    """Write the last shards and ``meta.json`` (its presence means "finished"), then tidy up."""
+    out_dir, writers, settings = state.out_dir, state.writers, state.settings
     for split, writer in writers.items():
         if writer.tokens == 0:
             raise DataError(
@@ -338,10 +376,10 @@ def _build(
         val_shards=writers["val"].shards,
         train_tokens=writers["train"].tokens,
         val_tokens=writers["val"].tokens,
-        source=source,
+        source=settings["source"],
         settings=settings,
         tokenizer_fingerprint=tokenizer.fingerprint(),
-        token_dtype=dtype,
+        token_dtype=state.dtype,
     )
     meta.corpus_fingerprint = corpus_fingerprint(out_dir, meta, meta.tokenizer_fingerprint)
     meta.save(out_dir)
@@ -368,8 +406,6 @@ def _bpe_tokenizer(
     out_dir: Path, state: str, train_texts: Callable[[], Iterable[str]], vocab_size: int, progress: bool
 ) -> Tokenizer:
     """Train the BPE (or, resuming, reuse the one the interrupted run saved)."""
-    from dpls.data.tokenizer import BPETokenizer
-
     path = out_dir / TOKENIZER_FILE
     if state == "resume" and path.is_file():
         return BPETokenizer.from_file(path)
@@ -410,8 +446,6 @@ def _given_tokenizer(name: str, encoding: Any) -> tuple[Tokenizer, dict[str, Any
 
 def _save_tokenizer(out_dir: Path, tok: Tokenizer) -> None:
     """A given Hugging Face tokenizer goes into the data directory, as a trained one does."""
-    from dpls.data.tokenizer import BPETokenizer
-
     if isinstance(tok, BPETokenizer):
         tok.save(out_dir / TOKENIZER_FILE)
 
@@ -646,8 +680,6 @@ def prepare_files(
     Hugging Face tokenizer: a ``tokenizer.json``, a directory holding one, or a Hub name.
     ``text_encoding``: of the text and JSONL files; a file that does not decode, or that is
     binary data, is an error naming it (never text with replacement characters)."""
-    import codecs
-
     try:
         codecs.lookup(text_encoding)
     except (LookupError, TypeError):
