@@ -15,6 +15,7 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -143,18 +144,7 @@ def launch_rows(
     if n_rows == 0:
         return loss, nll
     per_row_eps = isinstance(epsilon, torch.Tensor)
-    eps_mode = EPSILON_MODE_IDS[epsilon_mode]
-    if eps_mode and (per_row_eps or eps_out is None):
-        raise ValueError(f"epsilon_mode={epsilon_mode!r} takes a float base epsilon and an eps_out buffer")
-    if eps_mode and float(epsilon) == 0.0:
-        eps_out.zero_()
-        eps_mode = 0
-    if not per_row_eps and float(epsilon) == 0.0:
-        topk_mode = k.TOPK_NONE
-    elif top_k >= vocab:
-        topk_mode = k.TOPK_ALL
-    else:
-        topk_mode = k.TOPK_SELECT
+    topk_mode, eps_mode = _launch_modes(k, epsilon, top_k, vocab, epsilon_mode, eps_out)
     grid = _grid_size(n_rows, cfg, logits.device)
     cap = cfg.cap if topk_mode == k.TOPK_SELECT else 0
     top_r = cfg.top_r or lane_depth(top_k, vocab, cfg.block_v)
@@ -198,13 +188,53 @@ def launch_rows(
         num_stages=cfg.num_stages,
     )
     select = dict(CAP=cap, TOP_R=top_r if topk_mode == k.TOPK_SELECT else 1)
-    if split:  # phase 1: stats and selection, phase 2: the final pass (no selection code: fewer registers)
+    _run_rows_kernel(k, grid, args, consts, select, split=split, write_grad=grad is not None, cfg=cfg)
+    return loss, nll
+
+
+def _run_rows_kernel(
+    k: ModuleType,
+    grid: int,
+    args: tuple[Any, ...],
+    consts: dict[str, Any],
+    select: dict[str, int],
+    *,
+    split: bool,
+    write_grad: bool,
+    cfg: KernelConfig,
+) -> None:
+    """One launch, or with ``split`` two: phase 1 the statistics and the selection, phase 2 the
+    final pass (no selection code there: fewer registers)."""
+    if split:
         first = {**consts, "num_warps": cfg.select_warps or cfg.num_warps}
         k._dpls_rows_kernel[(grid,)](*args, **select, WRITE_GRAD=False, PHASE=1, **first)
-        k._dpls_rows_kernel[(grid,)](*args, CAP=0, TOP_R=1, WRITE_GRAD=grad is not None, PHASE=2, **consts)
+        k._dpls_rows_kernel[(grid,)](*args, CAP=0, TOP_R=1, WRITE_GRAD=write_grad, PHASE=2, **consts)
     else:
-        k._dpls_rows_kernel[(grid,)](*args, **select, WRITE_GRAD=grad is not None, PHASE=0, **consts)
-    return loss, nll
+        k._dpls_rows_kernel[(grid,)](*args, **select, WRITE_GRAD=write_grad, PHASE=0, **consts)
+
+
+def _launch_modes(
+    k: ModuleType,
+    epsilon: float | torch.Tensor,
+    top_k: int,
+    vocab: int,
+    epsilon_mode: str,
+    eps_out: torch.Tensor | None,
+) -> tuple[int, int]:
+    """The kernel's (top-k mode, ε mode) for one launch. ε = 0 needs no top-k at all (and an
+    adaptive ε of base 0 is 0 everywhere: ``eps_out`` is zeroed here); k = V needs no selection."""
+    per_row_eps = isinstance(epsilon, torch.Tensor)
+    eps_mode = EPSILON_MODE_IDS[epsilon_mode]
+    if eps_mode and (per_row_eps or eps_out is None):
+        raise ValueError(f"epsilon_mode={epsilon_mode!r} takes a float base epsilon and an eps_out buffer")
+    if eps_mode and eps_out is not None and float(epsilon) == 0.0:
+        eps_out.zero_()
+        eps_mode = 0
+    if not per_row_eps and float(epsilon) == 0.0:
+        return k.TOPK_NONE, eps_mode
+    if top_k >= vocab:
+        return k.TOPK_ALL, eps_mode
+    return k.TOPK_SELECT, eps_mode
 
 
 def reduce_rows(rows: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
