@@ -18,6 +18,7 @@ from typing import Any
 
 from dpls._io import check_output_dir, write_owned_json, write_owned_text
 from dpls.eval.evaluate import resolve_device
+from dpls.eval.export_hf import cached_export, check_exportable
 
 DEFAULT_TASKS: tuple[str, ...] = ("hellaswag", "lambada_openai", "piqa", "arc_easy", "sciq")
 
@@ -107,6 +108,23 @@ def _check_out_dir(out: Path) -> None:
     check_output_dir(out, RESULT_FILES, "out_dir")
 
 
+def _check_arguments(
+    *, limit: int | float | None, num_fewshot: int | None, batch_size: int | str, dtype: str
+) -> None:
+    if limit is not None and not (
+        0 < limit < 1 or (limit >= 1 and math.isfinite(limit) and limit == int(limit))
+    ):
+        raise ValueError(
+            f"limit must be a whole number of examples per task (>= 1) or a fraction in (0, 1), got {limit}"
+        )
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+
+
 def run_lm_eval(
     checkpoint: str | Path,
     tasks: str | Sequence[str] = DEFAULT_TASKS,
@@ -130,21 +148,8 @@ def run_lm_eval(
     # -- everything checked before any work ---------------------------------------------
     checkpoint = Path(checkpoint)
     names = parse_tasks(tasks)
-    if limit is not None and not (
-        0 < limit < 1 or (limit >= 1 and math.isfinite(limit) and limit == int(limit))
-    ):
-        raise ValueError(
-            f"limit must be a whole number of examples per task (>= 1) or a fraction in (0, 1), got {limit}"
-        )
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
-    if isinstance(batch_size, int) and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    _check_arguments(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, dtype=dtype)
     dev = resolve_device(device)
-    from dpls.eval.export_hf import cached_export, check_exportable
-
     if not is_hf_dir(checkpoint):
         check_exportable(checkpoint)  # a complete checkpoint, a Llama-shaped model, a tokenizer
     out = Path(out_dir) if out_dir is not None else None
