@@ -59,14 +59,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from dpls.data.checks import tokenizer_fingerprint_of
 from dpls.distributed.context import DistContext
@@ -364,6 +357,10 @@ def _write_shard(
     tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: DistContext
 ) -> None:
     """This rank's share of the tensors (model and optimizer state), through DCP."""
+    # DCP imports DTensor (a second or more): only saving and loading pay for it
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
@@ -493,6 +490,8 @@ def restore_checkpoint(
 ) -> Path:
     """`load_checkpoint` without reading the trainer state (for a caller that has it); returns
     the checkpoint directory. A damaged or incomplete checkpoint is a ``ValueError`` naming the file."""
+    import torch.distributed.checkpoint as dcp  # DTensor: see _write_shard
+
     ctx = _world(ctx)
     path = resolve_checkpoint(path)
     reading = path / ".metadata"  # the file being read when a damaged one fails
@@ -517,6 +516,14 @@ def restore_checkpoint(
 
 def _read_shard(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """The tensors, into whatever layout ``model`` (and ``optimizer``) have on this rank."""
+    import torch.distributed.checkpoint as dcp  # DTensor: see _write_shard
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
     if optimizer is not None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with _quiet_single_process():
