@@ -15,6 +15,7 @@ import numpy as np
 
 from dpls.data.meta import META_FILE, DataError, DataMeta
 from dpls.data.shards import read_shard
+from dpls.data.tokenizer import load_tokenizer
 
 FULL_SCAN_TOKENS = 256 << 20  # a split up to this size is scanned whole (a fraction of a second)
 SAMPLE_CHUNKS = 64  # larger splits: this many evenly spread chunks per shard ...
@@ -26,8 +27,6 @@ def tokenizer_fingerprint_of(directory: str | Path) -> str | None:
     ``meta.json`` records, else computed from its tokenizer file; None when there is none
     (no meta.json, an unreadable tokenizer file, or a GPT-2 one without a recorded
     fingerprint: GPT-2 is one tokenizer)."""
-    from dpls.data.tokenizer import load_tokenizer
-
     directory = Path(directory)
     if not (directory / META_FILE).is_file():
         return None
