@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from dpls.losses.chunked import chunk_rows, run_chunks
+from dpls.losses.linear import default_chunk_size
 from dpls.losses.reference import compute_dtype
 
 
@@ -103,8 +104,6 @@ def adaptive_epsilon_from_hidden(
     stat = EPSILON_MODES[mode]
     if stat is None or epsilon == 0.0:
         return float(epsilon)
-    from dpls.losses.linear import default_chunk_size
-
     h = hidden.detach().reshape(-1, hidden.shape[-1])
     w = weight.detach()
     b = None if bias is None else bias.detach()

@@ -20,10 +20,11 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from dpls.losses.adaptive import EPSILON_MODES, adaptive_epsilon, adaptive_epsilon_from_hidden
 from dpls.losses.functional import dpls_loss
-from dpls.losses.linear import dpls_linear_loss
+from dpls.losses.linear import default_chunk_size, dpls_linear_loss
 from dpls.losses.registry import impl_names, resolve_impl
 from dpls.losses.related import (
     check_prior,
@@ -207,10 +208,6 @@ def linear_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     Uses checkpointing: each chunk's logits are recomputed in backward instead of kept.
     """
-    from torch.utils.checkpoint import checkpoint
-
-    from dpls.losses.linear import default_chunk_size
-
     h = hidden.reshape(-1, hidden.shape[-1])
     step = default_chunk_size(h.shape[0], weight.shape[0])
 

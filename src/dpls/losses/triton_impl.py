@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from dpls.losses.adaptive import check_mode
 from dpls.losses.registry import interpreting
+from dpls.losses.validation import check_loss_args
 
 __all__ = ["KernelConfig", "choose_config", "is_available", "triton_adaptive_dpls_loss", "triton_dpls_loss"]
 
@@ -405,9 +407,6 @@ def triton_adaptive_dpls_loss(
     ε_i first costs. Returns ``(loss, nll, eps)``: ``eps`` is ε_i per token (the target's shape,
     float32, detached, 0 at ignored tokens). Arguments are validated like ``dpls_loss``'s.
     """
-    from dpls.losses.adaptive import check_mode
-    from dpls.losses.validation import check_loss_args
-
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a float tensor, got {type(logits).__name__}")
     if isinstance(epsilon, torch.Tensor):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from dpls.losses.adaptive import check_mode
 from dpls.losses.triton_impl import (
     KernelConfig,
     check_first_order,
@@ -22,6 +23,7 @@ from dpls.losses.triton_impl import (
     reduce_rows,
     scale_inplace,
 )
+from dpls.losses.validation import check_loss_args
 
 __all__ = [
     "default_chunk_size",
@@ -268,9 +270,6 @@ def triton_adaptive_dpls_linear_loss(
     extra chunked matmul and read that computing ε_i first costs. Returns ``(loss, nll, eps)`` with
     ``eps`` the ε_i per token (the target's shape, float32, 0 at ignored tokens).
     """
-    from dpls.losses.adaptive import check_mode
-    from dpls.losses.validation import check_loss_args
-
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError("hidden and weight must be float tensors")
     if weight.dim() != 2 or hidden.dim() < 1 or weight.shape[1] != hidden.shape[-1]:
