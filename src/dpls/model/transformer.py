@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dpls.model.cache import KVCache, LayerCache
 from dpls.model.config import ModelConfig
+from dpls.model.generate import generate
 
 
 class RMSNorm(nn.Module):
@@ -452,8 +453,6 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """``idx [B, T]`` followed by up to ``max_new_tokens`` sampled tokens, with a key/value
         cache. ``temperature=0`` is greedy; the rules are `dpls.model.generate`'s docstring."""
-        from dpls.model.generate import generate
-
         return generate(
             self,
             idx,
