@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dpls.distributed.context import DistContext
 
@@ -25,8 +26,6 @@ Wrapper = Callable[[nn.Module, DistContext, "torch.dtype | None"], nn.Module]
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype | None) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # gradient_as_bucket_view: grads alias the communication buckets — one copy less per step.
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -52,6 +51,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _wrap_fsdp(model: nn.Module, ctx: DistContext, param_dtype: torch.dtype | None) -> nn.Module:
+    # FSDP imports DTensor (a second or more): only a sharded run pays for it
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -104,7 +104,7 @@ def wrap_model(
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # heavy: see _wrap_fsdp
 
     return isinstance(model, FSDPModule)
 
@@ -118,8 +118,6 @@ def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     FSDP2: ``set_requires_gradient_sync(False)`` (restored on exit); a plain module:
     nothing to skip.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     if not enabled:
         yield
         return
@@ -144,8 +142,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     FSDP2 shards in place (the module keeps its class and names), so it is returned as is;
     its parameters are then ``DTensor`` shards — use ``torch.distributed.checkpoint`` to save.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module

@@ -15,6 +15,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.multiprocessing as mp
+
+from dpls.distributed.context import destroy
+
 
 def free_port() -> int:
     """A TCP port nobody listens on right now (for MASTER_PORT)."""
@@ -32,8 +37,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    import torch
-
     torch.set_num_threads(1)  # N processes on few cores: oversubscription only slows them down
     try:
         result = fn(*args)
@@ -42,8 +45,6 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         queue.put((rank, False, traceback.format_exc()))
         raise
     finally:
-        from dpls.distributed.context import destroy
-
         destroy()
 
 
@@ -53,8 +54,6 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
     ``fn`` must be importable by name (a module-level function) because the workers are
     spawned, not forked: forking a process that already runs torch threads can deadlock.
     """
-    import torch.multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
