@@ -28,6 +28,10 @@ from typing import Any
 import torch
 
 from dpls._io import apply_umask, check_writable_dir, mark_owned, mkdtemp_beside, unowned_files
+from dpls.data.checks import check_same_tokenizer
+from dpls.model import ModelConfig, hf_state_dict, to_hf_config
+from dpls.runs.checkpoint import load_model, read_model_config, resolve_checkpoint, trained_tokenizer
+from dpls.runs.layout import CHECKPOINTS_DIR, TOKENIZER_DIR, config_path, read_toml
 
 EOT = "<|endoftext|>"
 EXPORT_MARKER = "dpls_export.json"  # provenance; also how the lm-eval cache knows it is current
@@ -35,8 +39,6 @@ HF_CACHE = "hf"  # RUN/hf/step_NNNNNNN: where `cached_export` keeps exports
 
 
 def _run_dir(checkpoint: Path) -> Path:
-    from dpls.runs.layout import CHECKPOINTS_DIR
-
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint.parent
 
 
@@ -53,16 +55,11 @@ def find_tokenizer(checkpoint: Path) -> dict[str, Any]:
     Looked for in ``RUN/tokenizer/`` (copied there by the trainer), then in the run's data
     directory (its ``meta.json`` names the tokenizer).
     """
-    from dpls.runs.layout import TOKENIZER_DIR, config_path, read_toml
-
     places = [_run_dir(checkpoint) / TOKENIZER_DIR]
     cfg_file = config_path(checkpoint)
     data_dir = read_toml(cfg_file).get("data_dir") if cfg_file.is_file() else None
     if data_dir:
         places.append(Path(data_dir))
-    from dpls.data.checks import check_same_tokenizer
-    from dpls.runs.checkpoint import trained_tokenizer
-
     expected = trained_tokenizer(checkpoint)
     for place in places:
         if (place / "meta.json").is_file():  # a data_dir prepared again since: other ids
@@ -137,9 +134,6 @@ def _fingerprint(checkpoint: Path) -> list[list[Any]]:
 
 def check_exportable(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]:
     """(checkpoint dir, ModelConfig, tokenizer info), or `ValueError` saying why it cannot export."""
-    from dpls.model import ModelConfig, to_hf_config
-    from dpls.runs.checkpoint import read_model_config, resolve_checkpoint
-
     ckpt = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_dict(read_model_config(ckpt))
     to_hf_config(cfg)  # raises for attention types Llama cannot express (TPA)
@@ -195,9 +189,6 @@ def export_hf(
     ``out_dir`` must not exist or be empty unless ``overwrite``. Only ``mha`` / ``gqa``
     models have a Llama equivalent; TPA raises `ValueError`.
     """
-    from dpls.model import hf_state_dict, to_hf_config
-    from dpls.runs.checkpoint import load_model
-
     # -- everything checked before any work ---------------------------------------------
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -265,8 +256,6 @@ def export_hf(
 
 def cached_export(checkpoint: str | Path) -> Path:
     """The export of ``checkpoint`` in ``RUN/hf/step_NNNNNNN``, (re)written only when out of date."""
-    from dpls.runs.checkpoint import resolve_checkpoint
-
     ckpt = resolve_checkpoint(checkpoint)
     cache = _run_dir(ckpt) / HF_CACHE / ckpt.name
     marker = _read_json(cache / EXPORT_MARKER)

@@ -24,6 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from dpls.data import tokenizer as data_tokenizer  # looked up per call: tests replace load_tokenizer
+from dpls.data.meta import DataMeta
+from dpls.data.shards import read_shard
+from dpls.model.generate import check_sampling, generate_tokens
+from dpls.runs.checkpoint import load_model
+
 GENERATION_METRICS = ("distinct_1", "distinct_2", "distinct_3", "repetition_4", "mean_length")
 
 
@@ -38,8 +47,6 @@ class Sampling:
     seed: int = 1337
 
     def __post_init__(self) -> None:
-        from dpls.model.generate import check_sampling
-
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {n!r}")
@@ -89,10 +96,6 @@ def stream_sample(
     model: Any, tokenizer: Any, prompt: str, sampling: Sampling, generator: Any, device: Any = "cpu"
 ) -> Iterator[tuple[str, Sample]]:
     """Yield ``(new_text, sample_so_far)`` as tokens come; the last yield has the whole sample."""
-    import torch
-
-    from dpls.model.generate import generate_tokens
-
     ids = prompt_ids(tokenizer, prompt)
     check_fits(model, ids, sampling.max_new_tokens)
     eot = getattr(tokenizer, "eot", None)
@@ -149,8 +152,6 @@ def sample_texts(
 
 
 def make_generator(seed: int, device: Any = "cpu") -> Any:
-    import torch
-
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
@@ -161,11 +162,6 @@ def validation_prompts(data_dir: str | Path, count: int, length: int) -> list[li
     """The openings of the first ``count`` validation documents with at least ``length``
     tokens: ``<|endoftext|>`` and their first ``length`` tokens (fixed, so every arm of a
     study is given the same prompts). Fewer come back when the split has fewer such documents."""
-    import numpy as np
-
-    from dpls.data.meta import DataMeta
-    from dpls.data.shards import read_shard
-
     meta = DataMeta.load(data_dir, check_shards=False)
     eot = meta.eot_token
     prompts: list[list[int]] = []
@@ -199,16 +195,10 @@ def run_samples(
     samples, and none (or no room in the context) gives none; a tokenizer that cannot be
     loaded here (GPT-2's, offline) leaves the texts as token ids. A ``note`` says which.
     """
-    import torch
-
-    from dpls.data.meta import DataMeta
-    from dpls.data.tokenizer import load_tokenizer
-    from dpls.runs.checkpoint import load_model
-
     eot = DataMeta.load(data_dir, check_shards=False).eot_token
     notes = []
     try:
-        decode = load_tokenizer(data_dir).decode
+        decode = data_tokenizer.load_tokenizer(data_dir).decode
     except (ValueError, OSError) as err:  # OSError: a download that cannot happen here
         notes.append(f"texts are token ids: the tokenizer could not be loaded ({err})")
 
