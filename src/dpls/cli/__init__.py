@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from importlib import import_module
+
+from dpls import __version__
 
 # command name -> (module under dpls.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,8 +37,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpls", description="Dynamic Partial Label Smoothing for language-model pretraining."
     )
-    from dpls import __version__
-
     parser.add_argument("--version", action="version", version=f"dpls {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -48,8 +49,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _one_line_warnings(command: str) -> None:
     """dpls's own warnings (``warnings.warn`` in the library) print as one line, like its errors."""
-    import warnings
-
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]

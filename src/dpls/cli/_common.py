@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dpls._io import check_replaceable
 from dpls.cli import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,8 +45,6 @@ def check_output_file(path: str | None, flag: str) -> None:
     nothing the user owns (checked before the work it records; see `dpls._io.check_replaceable`)."""
     if not path:
         return
-    from dpls._io import check_replaceable
-
     try:
         check_replaceable(path, flag)
     except ValueError as err:

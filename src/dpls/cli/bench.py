@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from dpls._io import write_owned_json
 from dpls.cli import UsageError
 from dpls.cli._common import check_output_file, usage_errors
 
@@ -167,8 +168,6 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     print(format_table(rows))
     if args.json:
-        from dpls._io import write_owned_json
-
         extra = {"cpu_top_k_search": cpu_search()} if device.type == "cpu" else {}
         write_owned_json(args.json, {"device": name, **extra, "rows": [asdict(r) for r in rows]})
     return 0

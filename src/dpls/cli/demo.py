@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -127,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
 
 def print_samples(report_dir: Path) -> None:
     """One sample per arm, from the report's Samples section: text, not only numbers."""
-    import json
-
     from dpls.study.readme import SUMMARY
 
     block = json.loads((report_dir / SUMMARY).read_text()).get("samples")

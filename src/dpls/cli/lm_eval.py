@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from dpls.cli import UsageError
 from dpls.cli._common import add_device_options
+from dpls.runs.layout import EVAL_DIR, run_dir_of
 
 
 def _limit(text: str) -> int | float:
@@ -79,11 +81,8 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 def run(args: argparse.Namespace) -> int:
     from dpls.eval.lm_eval import results_table, run_lm_eval
-    from dpls.runs.layout import EVAL_DIR, run_dir_of
 
     if args.out is None:  # into the run, never the current folder
-        from pathlib import Path
-
         args.out = str(run_dir_of(Path(args.checkpoint)) / EVAL_DIR / "lm_eval")
     try:
         results = run_lm_eval(

@@ -20,6 +20,7 @@ import argparse
 import sys
 from typing import Any
 
+import dpls
 from dpls.cli._common import doc_parser, usage_errors
 
 
@@ -48,7 +49,6 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    import dpls
     from dpls.eval.evaluate import resolve_device
     from dpls.eval.generation import check_fits, make_generator, prompt_ids, stream_sample
 
