@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 class ProgressBar:
     def __init__(self, total: int, initial: int, *, enabled: bool, echo: bool, desc: str = "train") -> None:
         """``enabled``: show the bar (if stderr is a terminal); ``echo``: print lines when it is not shown."""
-        from tqdm.auto import tqdm
-
         self.echo = echo
         self._bar = tqdm(
             total=total,
