@@ -230,11 +230,11 @@ def numpy_top_k_rows(zc: torch.Tensor, k: int, cap: int) -> tuple[np.ndarray, ..
         bounds[1:] = np.cumsum(counts)
     width_c = int(counts.max())  # candidates per row, padded with −inf
     slot = row_of * width_c + (np.arange(flat.size) - bounds[row_of])
-    vals = np.full(rows * width_c, -np.inf, dtype=z.dtype)
-    vals[slot] = z.reshape(-1).take(flat)
-    where = np.zeros(rows * width_c, dtype=np.int64)
-    where[slot] = flat - row_of * v
-    vals, where = vals.reshape(rows, width_c), where.reshape(rows, width_c)
+    flat_vals = np.full(rows * width_c, -np.inf, dtype=z.dtype)
+    flat_vals[slot] = z.reshape(-1).take(flat)
+    flat_where = np.zeros(rows * width_c, dtype=np.int64)
+    flat_where[slot] = flat - row_of * v
+    vals, where = flat_vals.reshape(rows, width_c), flat_where.reshape(rows, width_c)
     part = np.partition(vals, width_c - k - 1, axis=-1)
     tau = part[:, width_c - k :].min(axis=-1, keepdims=True)  # the k-th largest
     top = part[:, width_c - k :].max(axis=-1)
@@ -307,6 +307,7 @@ def strip_select(
         vals_o, cols_o = top_candidates(sub, k + 1)
         raw = RawTop(vals_o, cols_o, logp[odd_rows].gather(1, cols_o))
         smooth_o, sel_o = finish_top(raw, k, "sparse", lambda idx: sub[idx])
+        assert sel_o.cols is not None  # the sparse mode selects columns
         smooth[odd_rows], top_cols[odd_rows], k_eff[odd_rows] = smooth_o, sel_o.cols, sel_o.k_eff
     return smooth, Selection(k_eff, cols=top_cols)
 
@@ -392,6 +393,7 @@ def chunk_forward(
     if mode == "none":
         return logp_y, None, None
     if mode == "prior":
+        assert sm.prior is not None  # the prior mode has one
         used = sm.prior > 0  # 0·log p is 0 even where log p = −inf
         return logp_y, torch.where(used, logp, 0.0) @ sm.prior, None
     if mode == "all":  # T = every finite logit; τ = the smallest of them
@@ -420,6 +422,7 @@ def chunk_stats(
 
 def dense_mask(src: torch.Tensor, sel: Selection, top_k: int, out: torch.Tensor | None) -> torch.Tensor:
     """Membership of T as a 0/1 tensor like ``src`` (dense and all modes)."""
+    assert sel.tau is not None  # dense and all modes select by a threshold
     mask = torch.ge(src, sel.tau[:, None], out=out)
     if sel.tied is not None:
         rows = sel.tied.nonzero().flatten()
@@ -440,8 +443,10 @@ def grad_weights(
         return on_target, None
     if mode == "prior":
         return on_target, scale * eps
+    assert sel is not None  # the top-k modes select T
     share = scale * eps / sel.k_eff
     if mode == "sparse":
+        assert sel.cols is not None
         used = torch.arange(sel.cols.shape[1], device=share.device) < sel.k_eff[:, None]
         return on_target, torch.where(used, -share[:, None], 0.0)
     return on_target, share
@@ -468,15 +473,19 @@ def chunk_grad(
     on_target, share = weights
     mask = None
     if mode in ("dense", "all"):  # read before ``out`` (maybe ``src``) is overwritten
+        assert sel is not None
         buf = scratch[:rows] if scratch is not None and scratch.dtype == src.dtype else None
         mask = dense_mask(src, sel, sm.top_k, buf)
     torch.softmax(src, -1, out=out)
     out.mul_(scale[:, None])
     if mode == "sparse":
+        assert sel is not None and sel.cols is not None and share is not None
         out.scatter_add_(1, sel.cols, share)
     elif mode in ("dense", "all"):
+        assert mask is not None and share is not None
         out.addcmul_(mask, share[:, None], value=-1.0)
     elif mode == "prior":
+        assert share is not None and sm.prior is not None
         out.sub_(share[:, None] * sm.prior)
     out.scatter_add_(1, y[:, None], -on_target[:, None])
     return out
@@ -496,6 +505,7 @@ def dense_grad(
     elif mode in ("dense", "all"):
         q = q + dense_mask(z.detach(), sel, sm.top_k, None).to(z.dtype) * (eps / sel.k_eff)[:, None]
     elif mode == "prior":
+        assert sm.prior is not None
         q = q + eps[:, None] * sm.prior
     return ((torch.softmax(z, -1) - q) * scale[:, None]).to(logits.dtype)
 
@@ -583,6 +593,7 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
             logp_buf = chunk_buffer("work", e - s, v, cd, zc.device)
             logp_y[s:e], extra, sel = chunk_forward(zc, y[s:e], sm, logp_buf)
             if raw is not None:
+                assert isinstance(extra, RawTop)  # the sparse mode on a GPU: finished once, below
                 for whole, part in zip(raw, extra):
                     whole[s:e] = part
                 return
@@ -623,7 +634,9 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
                 src, out = logits[s:e], grad[s:e]
             else:  # a private float32 copy, overwritten in place
                 src = out = chunk_buffer("copy", e - s, v, cd, logits.device).copy_(logits[s:e])
-            part = Selection(*(_part(t, s, e) for t in sel))
+            part = Selection(
+                sel.k_eff[s:e], _part(sel.cols, s, e), _part(sel.tau, s, e), _part(sel.tied, s, e)
+            )
             scratch = chunk_buffer("work", e - s, v, cd, logits.device)
             part_w = (weights[0][s:e], _part(weights[1], s, e))
             chunk_grad(src, out, y[s:e], scale[s:e], part_w, ctx.sm, part, scratch)

@@ -2,12 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from dpls.losses.registry import check_impl_name, resolve_impl
 from dpls.losses.validation import check_loss_args
 
 
+# The return type follows return_nll: the loss, or (loss, nll).
+@overload
+def dpls_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float | torch.Tensor = ...,
+    top_k: int = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    impl: str = ...,
+    return_nll: Literal[False] = ...,
+    inplace_backward: bool = ...,
+) -> torch.Tensor: ...
+@overload
+def dpls_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float | torch.Tensor = ...,
+    top_k: int = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    impl: str = ...,
+    return_nll: Literal[True],
+    inplace_backward: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def dpls_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    epsilon: float | torch.Tensor = ...,
+    top_k: int = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    impl: str = ...,
+    return_nll: bool,
+    inplace_backward: bool = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def dpls_loss(
     logits: torch.Tensor,
     target: torch.Tensor,

@@ -14,6 +14,8 @@ gradient is a scalar that backward only multiplies in), which saves recomputing 
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from dpls.losses.chunked import (
@@ -155,6 +157,52 @@ register_linear_impl("chunked", chunked_linear_dpls_loss, priority=10)
 register_linear_impl("reference", reference_linear_dpls_loss, priority=0)
 
 
+# The return type follows return_nll, as dpls_loss's.
+@overload
+def dpls_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    epsilon: float | torch.Tensor = ...,
+    top_k: int = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    impl: str = ...,
+    return_nll: Literal[False] = ...,
+    chunk_size: int | None = ...,
+) -> torch.Tensor: ...
+@overload
+def dpls_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    epsilon: float | torch.Tensor = ...,
+    top_k: int = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    impl: str = ...,
+    return_nll: Literal[True],
+    chunk_size: int | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def dpls_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = ...,
+    epsilon: float | torch.Tensor = ...,
+    top_k: int = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    impl: str = ...,
+    return_nll: bool,
+    chunk_size: int | None = ...,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def dpls_linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -153,7 +153,11 @@ def launch_rows(
     scratch = torch.empty(max(1, grid * cap), dtype=logits.dtype, device=logits.device)
     mode = {"mean": k.SCALE_MEAN, "row": k.SCALE_ROW, "one": k.SCALE_ONE}[scale_mode]
     dummy = loss  # any float32 tensor for pointers a mode does not read
-    eps_tensor = epsilon.to(device=logits.device, dtype=torch.float32).contiguous() if per_row_eps else dummy
+    eps_tensor = (
+        epsilon.to(device=logits.device, dtype=torch.float32).contiguous()
+        if isinstance(epsilon, torch.Tensor)
+        else dummy
+    )
     g = grad if grad is not None else logits
     split = cfg.split and topk_mode == k.TOPK_SELECT
     stat_f = torch.empty(3 * n_rows if split else 1, dtype=torch.float32, device=logits.device)

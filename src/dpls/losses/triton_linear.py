@@ -106,7 +106,7 @@ def _run_chunks(
         h = hidden[start:end]
         logits = _chunk_logits(h, weight, bias)
         eps = epsilon[start:end] if isinstance(epsilon, torch.Tensor) else epsilon
-        row_scale = scale[start:end] if scale_mode == "row" else scale
+        row_scale = scale[start:end] if scale is not None and scale_mode == "row" else scale
         loss[start:end], nll[start:end] = launch_rows(
             logits,
             target[start:end],

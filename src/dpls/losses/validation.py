@@ -18,7 +18,7 @@ import torch
 
 REDUCTIONS = ("mean", "sum", "none")
 _INT_TYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-LossOutput = torch.Tensor | tuple[torch.Tensor, ...]  # the loss, or (loss, nll)
+LossOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # the loss, or (loss, nll)
 
 
 _VALUES_CHECKED = contextvars.ContextVar("dpls_loss_values_checked", default=False)
@@ -58,7 +58,8 @@ class LossArgs:
         if self.reduction != "none":
             return out
         if isinstance(out, tuple):
-            return tuple(o.reshape(self.batch_shape) for o in out)
+            loss, nll = out
+            return loss.reshape(self.batch_shape), nll.reshape(self.batch_shape)
         return out.reshape(self.batch_shape)
 
 
@@ -145,7 +146,7 @@ def check_loss_args(
             raise ValueError(
                 f"target values must be in [0, V={v}) or equal ignore_index={ignore_index}, found {first}"
             )
-        if len(found) > 1 and found[1]:
+        if eps_tensor is not None and found[1]:
             bad = eps_tensor[~((eps_tensor >= 0) & (eps_tensor < 1))][0].item()
             raise ValueError(f"epsilon values must be in [0, 1), found {bad}")
     return LossArgs(
