@@ -138,7 +138,9 @@ class ModelConfig:
         return cls(**values)
 
 
-_GPT2 = dict(vocab_size=50257, pad_vocab_to=64)  # GPT-2's vocabulary, padded to 50304 as in nanoGPT
+_GPT2: dict[str, Any] = dict(
+    vocab_size=50257, pad_vocab_to=64
+)  # GPT-2's vocabulary, padded to 50304 as in nanoGPT
 
 PRESETS: dict[str, ModelConfig] = {
     # ~1.9M parameters with the embedded corpus' 8192-token vocabulary: the CPU demo model.

@@ -17,7 +17,7 @@ Building on the ``meta`` device works: ``model.to_empty(device=...)`` then ``mod
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +165,20 @@ class TensorProductAttention(LogitRecorder, nn.Module):
         self.v_b_proj = nn.Linear(C, self.kv_rank * D, bias=False)
         self.o_proj = nn.Linear(H * D, C, bias=False)
 
-    def _factors(self, a: nn.Linear, b: nn.Linear, x: torch.Tensor, rank: int, cos=None, sin=None):
+    def _factors(
+        self,
+        a: nn.Linear,
+        b: nn.Linear,
+        x: torch.Tensor,
+        rank: int,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head factors ``[B, T, H, R]`` and (rotated) feature factors ``[B, T, R, D]``."""
         B, T, _ = x.shape
         fa = a(x).view(B, T, self.n_head, rank)
         fb = b(x).view(B, T, rank, self.head_dim)
-        if cos is not None:
+        if cos is not None and sin is not None:
             fb = apply_rope(fb, cos[:, None, :], sin[:, None, :])  # positions on T, shared over R
         return fa, fb
 
@@ -178,7 +186,15 @@ class TensorProductAttention(LogitRecorder, nn.Module):
     def _product(fa: torch.Tensor, fb: torch.Tensor, rank: int) -> torch.Tensor:
         return (fa @ fb).div(rank).transpose(1, 2)  # [B, H, T, D]
 
-    def _assemble(self, a: nn.Linear, b: nn.Linear, x: torch.Tensor, rank: int, cos=None, sin=None):
+    def _assemble(
+        self,
+        a: nn.Linear,
+        b: nn.Linear,
+        x: torch.Tensor,
+        rank: int,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self._product(*self._factors(a, b, x, rank, cos, sin), rank)
 
     def forward(
@@ -224,7 +240,7 @@ ACTIVATION_CHECKPOINTING: dict[str, Any] = {
 }
 
 # attention kind -> module; a new kind is a new entry, not a new branch
-ATTENTION_CLASSES: dict[str, type[nn.Module]] = {
+ATTENTION_CLASSES: dict[str, type[Attention | TensorProductAttention]] = {
     "mha": Attention,
     "gqa": Attention,
     "tpa": TensorProductAttention,
@@ -301,19 +317,23 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """``layers``, typed (iterating an ``nn.ModuleList`` gives plain modules)."""
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
 
 def parameter_count(config: ModelConfig) -> int:
     """The number of parameters of ``Transformer(config)``, counted on the ``meta`` device with no
     init and no RoPE tables: computing anything on ``meta`` loads torch's decompositions (seconds)."""
     saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # shapes only
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign,assignment]  # shapes only
     try:
         with torch.device("meta"):
             parts: list[nn.Module] = [Decoder(config)]
             if not config.tie_embeddings:
                 parts.append(nn.Linear(config.n_embd, config.padded_vocab_size, bias=False))
     finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
     return sum(p.numel() for part in parts for p in part.parameters())
 
 
@@ -325,6 +345,11 @@ class Transformer(nn.Module):
     ``padded_vocab_size`` columns, the padded ones exactly ``-inf``; ``output_weight`` is the
     real rows only. ``generate`` samples continuations with a key/value cache.
     """
+
+    # buffers (register_buffer), declared for the type checker
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    vocab_mask: torch.Tensor | None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -364,7 +389,7 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight[:V], mean=0.0, std=std)
             nn.init.zeros_(self.lm_head.weight[V:])
-        for layer in self.model.layers:
+        for layer in self.model.decoder_layers():
             layer.self_attn.init_weights(std, residual_std)
             layer.mlp.init_weights(std, residual_std)
             nn.init.ones_(layer.input_layernorm.weight)
@@ -374,7 +399,9 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         if self.vocab_mask is not None:
-            self.vocab_mask.copy_(self._vocab_mask(self.vocab_mask.device))
+            mask = self._vocab_mask(self.vocab_mask.device)
+            assert mask is not None  # a padded vocabulary has a mask
+            self.vocab_mask.copy_(mask)
 
     @property
     def _padded_output_weight(self) -> torch.Tensor:
@@ -421,16 +448,16 @@ class Transformer(nn.Module):
 
     def record_attention_logits(self, enabled: bool) -> None:
         """Switch every attention layer's recording of its largest pre-softmax logit."""
-        for layer in self.model.layers:
+        for layer in self.model.decoder_layers():
             layer.self_attn.record_logit_max = enabled
             layer.self_attn.logit_max = None
 
     def attention_logit_max(self) -> torch.Tensor | None:
         """The largest recorded pre-softmax logit over layers and heads (a 0-d tensor, on the
         device), or None when nothing was recorded; the layers' records are cleared."""
-        found = [layer.self_attn.logit_max for layer in self.model.layers]
-        found = [t for t in found if t is not None]
-        for layer in self.model.layers:
+        layers = self.model.decoder_layers()
+        found = [t for t in (layer.self_attn.logit_max for layer in layers) if t is not None]
+        for layer in layers:
             layer.self_attn.logit_max = None
         return torch.stack(found).amax() if found else None
 
