@@ -51,7 +51,7 @@ class DistContext:
 
     # -- collectives (identity in a world of one) --------------------------------------
 
-    def _reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    def _reduce(self, t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
         out = t.detach().clone()
         if not self.is_distributed:
             return out

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dpls.distributed.context import DistContext
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 Wrapper = Callable[[nn.Module, DistContext, "torch.dtype | None"], nn.Module]
 
@@ -103,7 +107,7 @@ def wrap_model(
     return WRAPPERS[parallel](model, ctx, param_dtype)
 
 
-def is_fsdp(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> TypeGuard[FSDPModule]:
     from torch.distributed.fsdp import FSDPModule  # heavy: see _wrap_fsdp
 
     return isinstance(model, FSDPModule)
@@ -126,11 +130,11 @@ def no_sync(model: nn.Module, enabled: bool = True) -> Iterator[None]:
             yield
         return
     if is_fsdp(model):
-        model.set_requires_gradient_sync(False)  # type: ignore[attr-defined]
+        model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)  # type: ignore[attr-defined]
+            model.set_requires_gradient_sync(True)
         return
     with nullcontext():
         yield
