@@ -19,7 +19,7 @@ and ``mean_length`` (tokens before end-of-text, or all of them when none came).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,7 @@ def run_samples(
     """
     eot = DataMeta.load(data_dir, check_shards=False).eot_token
     notes = []
+    decode: Callable[[Sequence[int]], str]
     try:
         decode = data_tokenizer.load_tokenizer(data_dir).decode
     except (ValueError, OSError) as err:  # OSError: a download that cannot happen here

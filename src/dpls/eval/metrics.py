@@ -127,9 +127,8 @@ def _hermite_minimum(
     scale = np.array([1.0, h, h * h])
     rhs = np.concatenate([np.asarray(left) * scale, np.asarray(right) * scale])
     poly = np.polynomial.Polynomial(np.linalg.solve(_QUINTIC_HERMITE, rhs))
-    candidates = [0.0, 1.0] + [
-        float(r.real) for r in poly.deriv().roots() if abs(r.imag) < 1e-9 and 0.0 <= r.real <= 1.0
-    ]
+    roots = [complex(r) for r in poly.deriv().roots()]
+    candidates = [0.0, 1.0] + [r.real for r in roots if abs(r.imag) < 1e-9 and 0.0 <= r.real <= 1.0]
     t_best = min(candidates, key=lambda t: float(poly(t)))
     return b0 + t_best * h, float(poly(t_best))
 
