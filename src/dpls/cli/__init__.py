@@ -11,6 +11,7 @@ import argparse
 import sys
 import warnings
 from importlib import import_module
+from typing import TextIO
 
 from dpls import __version__
 
@@ -51,7 +52,14 @@ def _one_line_warnings(command: str) -> None:
     """dpls's own warnings (``warnings.warn`` in the library) print as one line, like its errors."""
     default = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if "/dpls/" in str(filename).replace("\\", "/") and category is UserWarning:
             print(f"dpls {command}: warning: {message}", file=file or sys.stderr)
         else:

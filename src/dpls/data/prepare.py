@@ -378,10 +378,10 @@ def _finish(state: _Progress, tokenizer: Tokenizer) -> DataMeta:
         val_tokens=writers["val"].tokens,
         source=settings["source"],
         settings=settings,
-        tokenizer_fingerprint=tokenizer.fingerprint(),
+        tokenizer_fingerprint=(fingerprint := tokenizer.fingerprint()),
         token_dtype=state.dtype,
     )
-    meta.corpus_fingerprint = corpus_fingerprint(out_dir, meta, meta.tokenizer_fingerprint)
+    meta.corpus_fingerprint = corpus_fingerprint(out_dir, meta, fingerprint)
     meta.save(out_dir)
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     for writer in writers.values():

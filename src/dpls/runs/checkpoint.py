@@ -382,7 +382,8 @@ def _write_documents(
     """Rank 0: the trainer state, the model config and the run config."""
     state_doc = {**trainer_state, "world_size": ctx.world_size, "time": time.time()}
     _write_file(tmp / TRAINER_STATE, json.dumps(state_doc, indent=1, default=_jsonable).encode())
-    mc = asdict(model_config) if is_dataclass(model_config) else dict(model_config)
+    is_instance = is_dataclass(model_config) and not isinstance(model_config, type)
+    mc = asdict(model_config) if is_instance else dict(model_config)
     _write_file(tmp / MODEL_CONFIG, json.dumps(mc, indent=1, default=_jsonable).encode())
     _write_file(tmp / CONFIG, dumps_toml(config.to_dict()).encode())
 
@@ -570,12 +571,12 @@ def _first_failure(err: BaseException) -> BaseException:
     return err
 
 
-def build_model_from_config(model_config: dict[str, Any]) -> nn.Module:
+def build_model_from_config(model_config: dict[str, Any]) -> Transformer:
     """A fresh (randomly initialised) model from a saved ``model_config.json``."""
     return Transformer(ModelConfig(**model_config))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transformer:
     """The model of a checkpoint directory or run directory (its latest checkpoint), in eval mode.
 
     ``forward(idx [B, T] int64) -> logits [B, T, V]``. Built from the saved model config,

@@ -136,7 +136,7 @@ def jsonl_line(row: Mapping[str, Any]) -> str:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl, or of a run's (a torn last line, from a crash mid-write, is skipped)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     path = Path(path)
     if path.is_dir():
         path = metrics_path(path)

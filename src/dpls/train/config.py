@@ -190,7 +190,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check ranges and choices; raise ``ValueError`` naming the key and what is allowed.
         Every new config runs it (a `TrainConfig` that exists is valid)."""
-        positive = ("batch_size", "gradient_accumulation_steps", "max_iters")
+        positive: tuple[str, ...] = ("batch_size", "gradient_accumulation_steps", "max_iters")
         positive += (
             "eval_interval",
             "eval_iters",
@@ -500,8 +500,8 @@ def help_text() -> str:
     rows = []
     for f in fields(TrainConfig):
         tp, optional = _split_optional(_FIELD_TYPES[f.name])
-        default = f.default
-        shown = "unset" if default is None else toml_value(default)
+        default = f.default  # every TrainConfig key has one
+        shown = "unset" if default is None or default is dataclasses.MISSING else toml_value(default)
         rows.append(f"  --{f.name}  ({tp.__name__}{'?' if optional else ''}, default {shown})")
         rows.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(rows)

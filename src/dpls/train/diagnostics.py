@@ -22,10 +22,10 @@ stay on the device until the log row is written. The rule that calls a run diver
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
+from dpls.distributed import DistContext
 from dpls.losses.objective import IGNORE_INDEX
 
 DIAGNOSTIC_KEYS = ("logit_max", "lse_mean", "attn_logit_max")
@@ -77,7 +77,7 @@ class Diagnostics:
         if value is not None:
             self.attn_max = torch.maximum(self.attn_max, value.detach().float())
 
-    def reduce(self, ctx: Any) -> dict[str, float]:
+    def reduce(self, ctx: DistContext) -> dict[str, float]:
         """Over all ranks (two collectives), then one copy to the host."""
         maxima = ctx.all_reduce_max(torch.stack([self.logit_max, self.attn_max]).float())
         sums = ctx.all_reduce_sum(

@@ -38,7 +38,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Decaying a norm's gain pulls it towards zero for no benefit; the usual GPT recipe
     (and nanoGPT's) decays only the parameters with two or more dimensions.
     """
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
