@@ -80,3 +80,12 @@ def test_lazy_exports_match_their_type_checking_imports(init: Path) -> None:
     assert not shadowed, f"{package}: exports named like a submodule: {shadowed}"
     for name, where in runtime.items():
         assert getattr(module, name) is getattr(importlib.import_module(where), name)
+
+
+def test_the_version_is_written_once() -> None:
+    """pyproject.toml takes the version from ``dpls.__version__`` (setuptools' dynamic version)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "dpls.__version__"}

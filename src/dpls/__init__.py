@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from dpls.runs.checkpoint import load_model
     from dpls.runs.layout import load_tokenizer
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
 # public name -> module that defines it (relative to this package)
 _EXPORTS: dict[str, str] = {
