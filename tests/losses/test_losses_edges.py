@@ -30,7 +30,8 @@ IMPLS = ["reference", "chunked"]
 INF = float("inf")
 
 
-def _issue_logits():
+def _masked_logits():
+    """Four rows of 8 logits whose last 3 columns are −inf (masked vocabulary entries)."""
     torch.manual_seed(0)
     z = torch.randn(4, 8)
     z[:, 5:] = -INF
@@ -42,7 +43,7 @@ def _issue_logits():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_logits_at_eps0_are_cross_entropy(impl):
-    z, y = _issue_logits()
+    z, y = _masked_logits()
     got = dpls_loss(z, y, epsilon=0.0, top_k=3, impl=impl)
     torch.testing.assert_close(got, F.cross_entropy(z, y))
 
@@ -50,7 +51,7 @@ def test_masked_logits_at_eps0_are_cross_entropy(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("top_k", [5, 6, 8])  # the (k+1)-th or even the k-th largest is −inf
 def test_k_beyond_the_finite_logits_smooths_over_the_finite_ones(impl, top_k):
-    z, y = _issue_logits()
+    z, y = _masked_logits()
     x = z.clone().requires_grad_()
     loss = dpls_loss(x, y, epsilon=0.1, top_k=top_k, impl=impl)
     loss.backward()
@@ -65,7 +66,7 @@ def test_k_beyond_the_finite_logits_smooths_over_the_finite_ones(impl, top_k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_per_token_epsilon_with_k_beyond_the_finite_logits(impl):
-    z, y = _issue_logits()
+    z, y = _masked_logits()
     got = dpls_loss(z, y, epsilon=torch.zeros(4), top_k=8, impl=impl)
     torch.testing.assert_close(got, F.cross_entropy(z, y))
     vp = vocab_parallel_dpls_loss(z, y, vocab_start=0, epsilon=torch.zeros(4), top_k=8)

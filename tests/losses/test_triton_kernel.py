@@ -1,4 +1,4 @@
-"""The fused Triton kernels (issue 5), run on the CPU through Triton's interpreter.
+"""The fused Triton kernels, run on the CPU through Triton's interpreter.
 
 The interpreter executes the kernels' own source (every ``tl`` op, the per-lane top values, the
 bisections, the compaction into scratch), so these tests check the very code a GPU compiles (on a
@@ -385,7 +385,8 @@ def _masked_reference(z, y, eps, k, reduction="sum"):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # fp16: the exhaustive test below
 def test_minus_inf_logits_first_block_and_anywhere(dtype):
-    """A whole first block of −inf (issue 14, bug 3), and −inf scattered over the row."""
+    """A first block that is −inf throughout (the row's running maximum starts at −inf), and −inf
+    scattered over the row."""
     v = 150  # blocks of 64: the first block is all −inf, and the last is partial
     z = distinct_logits(5, v, dtype=dtype)
     masked = torch.zeros(v, dtype=torch.bool)
@@ -471,7 +472,7 @@ def test_linear_second_backward_refused_or_exact_and_double_backward_refused():
 
 def test_backward_reads_nothing_back_to_the_host(monkeypatch):
     """grad_output scales the gradient on the device: no .item() / float() / bool() in backward,
-    so torch.compile has no graph break there (issue 18, target 3)."""
+    so torch.compile has no graph break there."""
     z = distinct_logits(5, 90)
     y = _targets(5, 90)
     gen = torch.Generator().manual_seed(4)
