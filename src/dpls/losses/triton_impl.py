@@ -153,11 +153,7 @@ def launch_rows(
     scratch = torch.empty(max(1, grid * cap), dtype=logits.dtype, device=logits.device)
     mode = {"mean": k.SCALE_MEAN, "row": k.SCALE_ROW, "one": k.SCALE_ONE}[scale_mode]
     dummy = loss  # any float32 tensor for pointers a mode does not read
-    eps_tensor = (
-        epsilon.to(device=logits.device, dtype=torch.float32).contiguous()
-        if isinstance(epsilon, torch.Tensor)
-        else dummy
-    )
+    eps_tensor = _per_row_epsilon(epsilon, dummy)
     g = grad if grad is not None else logits
     split = cfg.split and topk_mode == k.TOPK_SELECT
     stat_f = torch.empty(3 * n_rows if split else 1, dtype=torch.float32, device=logits.device)
@@ -217,6 +213,14 @@ def _run_rows_kernel(
         k._dpls_rows_kernel[(grid,)](*args, CAP=0, TOP_R=1, WRITE_GRAD=write_grad, PHASE=2, **consts)
     else:
         k._dpls_rows_kernel[(grid,)](*args, **select, WRITE_GRAD=write_grad, PHASE=0, **consts)
+
+
+def _per_row_epsilon(epsilon: float | torch.Tensor, dummy: torch.Tensor) -> torch.Tensor:
+    """The kernel's per-row ε pointer: ``epsilon`` as contiguous float32 on the device, or ``dummy``
+    (never read) when ε is one float."""
+    if isinstance(epsilon, torch.Tensor):
+        return epsilon.to(device=dummy.device, dtype=torch.float32).contiguous()
+    return dummy
 
 
 def _launch_modes(
