@@ -136,9 +136,8 @@ def plan_run(
     data = read_data(cfg)
     mc = plan_model(cfg, start, data)
     resolved = resolve_config(cfg, mc)
-    notes = check_memory(
-        resolved, mc, device, world_size
-    )  # before the data: a run that cannot fit never starts
+    # the memory estimate before the data streams: a run that cannot fit never starts
+    notes = check_memory(resolved, mc, device, world_size)
     loader, val_set, stream_notes = plan_data_streams(resolved, start, rank, world_size)
     notes += stream_notes
     if resolved.gradient_accumulation_steps % world_size:
