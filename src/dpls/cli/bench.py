@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+
+import torch
 
 from dpls._io import write_owned_json
+from dpls.bench import loss as loss_bench
+from dpls.bench import train as train_bench
 from dpls.cli import UsageError
 from dpls.cli._common import check_output_file, usage_errors
-
-if TYPE_CHECKING:
-    import torch
+from dpls.eval.evaluate import resolve_device
+from dpls.losses.cpu_kernel import describe as cpu_search
+from dpls.model import PRESETS
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -57,8 +60,6 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dpls.bench.train import DTYPES
-
     parser.add_argument(
         "--presets",
         default="124m,350m",
@@ -95,7 +96,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="cpu | cuda[:i] (default: cuda if available, else cpu)"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, else float32"
+        "--dtype", choices=sorted(train_bench.DTYPES), default=None, help="default: bf16 on GPU, else float32"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--epsilon", type=float, default=0.1, help="ε of DPLS (default: %(default)s)")
@@ -109,17 +110,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from dpls.bench.train import DTYPES, NANOGPT, bench_train, check_cases, format_table
-    from dpls.eval.evaluate import resolve_device
-    from dpls.losses.cpu_kernel import describe as cpu_search
-    from dpls.model import PRESETS
-
+    nanogpt = train_bench.NANOGPT
     presets = [p for p in args.presets.split(",") if p]
-    unknown = [p for p in presets if p not in PRESETS and p != NANOGPT]
+    unknown = [p for p in presets if p not in PRESETS and p != nanogpt]
     if unknown:
-        raise UsageError(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)} and {NANOGPT!r}")
+        raise UsageError(f"unknown preset(s) {unknown}; allowed: {sorted(PRESETS)} and {nanogpt!r}")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {args.threads}")
@@ -129,13 +124,17 @@ def _run_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     with usage_errors():
         device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        train_bench.DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     losses = [x for x in args.losses.split(",") if x]
     impls = [x for x in args.impls.split(",") if x]
     if not losses or not impls:
         raise UsageError("--losses and --impls must each name at least one")
     with usage_errors():
-        check_cases(
+        train_bench.check_cases(
             presets,
             losses,
             impls,
@@ -145,7 +144,7 @@ def _run_train(args: argparse.Namespace) -> int:
             device=device,
         )
     check_output_file(args.json, "--json")
-    rows = bench_train(
+    rows = train_bench.bench_train(
         presets,
         losses,
         impls,
@@ -166,7 +165,7 @@ def _run_train(args: argparse.Namespace) -> int:
         f"device: {name}, dtype: {str(dtype).removeprefix('torch.')}, batch {args.batch_size}×{args.block_size}"
         + (f", top-k search: {cpu_search()}" if device.type == "cpu" else "")
     )
-    print(format_table(rows))
+    print(train_bench.format_table(rows))
     if args.json:
         extra = {"cpu_top_k_search": cpu_search()} if device.type == "cpu" else {}
         write_owned_json(args.json, {"device": name, **extra, "rows": [asdict(r) for r in rows]})
@@ -174,10 +173,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    import torch
-
-    from dpls.bench.loss import DTYPES, LossBenchConfig
-
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
     if args.v < 1:
@@ -188,8 +183,8 @@ def _config(args: argparse.Namespace):
         raise UsageError(f"--epsilon must be in [0, 1), got {args.epsilon}")
     if args.repeats < 1:
         raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    if args.dtype not in loss_bench.DTYPES:
+        raise UsageError(f"--dtype must be one of {sorted(loss_bench.DTYPES)}, got {args.dtype!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -199,11 +194,11 @@ def _config(args: argparse.Namespace):
         raise UsageError(f"--device must be cpu or cuda[:i], got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda requested but no CUDA device is available")
-    _check_fits(args.n, args.v, DTYPES[args.dtype], dev)
+    _check_fits(args.n, args.v, loss_bench.DTYPES[args.dtype], dev)
     impls = None
     if args.impls:
         impls = tuple(s.strip() for s in args.impls.split(",") if s.strip())
-    return LossBenchConfig(
+    return loss_bench.LossBenchConfig(
         n=args.n,
         v=args.v,
         dtype=args.dtype,
@@ -219,8 +214,6 @@ def _config(args: argparse.Namespace):
 def _check_fits(n: int, v: int, dtype: torch.dtype, device: torch.device) -> None:
     """The [n, v] logits and their gradient must fit in the device's memory: otherwise the
     allocation fails with an allocator message (or the machine swaps) after setup."""
-    import torch
-
     need = 2 * n * v * torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
@@ -234,21 +227,17 @@ def _check_fits(n: int, v: int, dtype: torch.dtype, device: torch.device) -> Non
 
 
 def _run_loss(args: argparse.Namespace) -> int:
-    import torch
-
-    from dpls.bench.loss import bench_loss, format_table, load_contenders, write_json
-
     cfg = _config(args)
     if cfg.impls is not None:
-        table = load_contenders(torch.device(cfg.device))
+        table = loss_bench.load_contenders(torch.device(cfg.device))
         unknown = [n for n in cfg.impls if n not in table]
         if unknown:
             raise UsageError(
                 f"--impls: unknown or unavailable {unknown}; available here: {', '.join(sorted(table))}"
             )
     check_output_file(args.json, "--json")
-    rows = bench_loss(cfg)
-    print(format_table(rows, cfg))
+    rows = loss_bench.bench_loss(cfg)
+    print(loss_bench.format_table(rows, cfg))
     if args.json:
-        write_json(args.json, rows, cfg)
+        loss_bench.write_json(args.json, rows, cfg)
     return 0
