@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from tqdm.auto import tqdm
 
 from dpls.runs.layout import jsonl_line, metrics_path
 from dpls.train.config import TrainConfig
@@ -195,10 +197,11 @@ class WandbLogger:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         import wandb
 
+        mode: Literal["online", "offline"] = "offline" if cfg.wandb == "offline" else "online"
         self._run = wandb.init(
             project=cfg.wandb_project,
             name=cfg.run_name or run_dir.name,
-            mode=cfg.wandb,
+            mode=mode,
             dir=str(run_dir),
             config=cfg.to_dict(),
             # the progress bar and dpls's own lines stay as they are: W&B leaves stdout alone
@@ -271,8 +274,6 @@ def _mlflow(cfg: TrainConfig, run_dir: Path) -> Logger:
 
 def warn(message: str) -> None:
     """One line on stderr, above the progress bar when it is shown."""
-    from tqdm.auto import tqdm
-
     tqdm.write(f"dpls train: warning: {message}", file=sys.stderr)
 
 
