@@ -200,7 +200,6 @@ def test_memory_estimate_counts_parameters_activations_and_logits():
 def test_a_fork_is_planned_from_one_read_of_each_checkpoint_file_and_built_once(made, tmp_path, monkeypatch):
     """plan_run reads the checkpoint's trainer state and config once, and the objective and the
     data streams it builds to check them are the ones the trainer uses (`build` makes no others)."""
-    import dataclasses
     from collections import Counter
 
     import dpls.runs.checkpoint as ckpt
