@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from data_helpers import write_data_dir
-from dpls.study.runner import Job, StudyPlan, _check_on_disk, plan_study
+from dpls.study.checks import check_run_on_disk
+from dpls.study.plan import StudyPlan, StudyRun, plan_study
 from dpls.study.spec import parse_spec
 
 
@@ -78,11 +79,11 @@ def test_dry_run_refuses_what_the_real_run_would(tmp_path, data, capsys):
 
 def test_changed_fork_step_names_the_setting_not_a_derived_key(tmp_path, data):
     plan = plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))
-    trunk: Job = plan.trunk
+    trunk: StudyRun = plan.trunk
     trunk.run_dir.mkdir(parents=True)
     (trunk.run_dir / "config.toml").write_text("lr_decay_iters = 99\nmax_iters = 4\n")
     with pytest.raises(ValueError, match="derives from fork_step"):
-        _check_on_disk(trunk, plan)
+        check_run_on_disk(trunk.run_dir, trunk.values, None, 0, None)
     assert isinstance(plan, StudyPlan)
 
 
@@ -112,8 +113,13 @@ def test_compare_never_pools_what_is_not_seeds_of_one_experiment(tmp_path, capsy
 
 
 def test_a_users_file_in_the_report_folder_is_found_before_training(tmp_path, data):
+    from dpls.study.runner import _initial_state
+    from dpls.study.state import write_state
+
+    plan = plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))
     report = tmp_path / "study" / "report"
     report.mkdir(parents=True)
+    write_state(tmp_path / "study", _initial_state(plan))  # the study's own folder
     (report / "report.md").write_text("my draft")
     with pytest.raises(ValueError, match=r"report\.md, not written by dpls"):
         plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))

@@ -180,7 +180,7 @@ def test_demo_report_agrees_with_its_run_files_and_the_committed_readme(tmp_path
     run had, so that a loaded machine does not make it crawl): its report is made of its
     runs' own numbers, and on the same corpus they are the numbers the README shows
     (regenerate with `make readme` when they move)."""
-    from dpls.study.report import EVAL_METRICS, find_eval_file
+    from dpls.study.records import EVAL_METRICS, find_eval_file
 
     out = tmp_path / "demo"
     assert main(["demo", "--quiet", "--out", str(out)]) == 0

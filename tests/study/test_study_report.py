@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dpls.cli import main
-from dpls.study.report import EVAL_METRICS, TRAIN_LOG_METRIC, load_run, write_report
+from dpls.study.records import EVAL_METRICS, TRAIN_LOG_METRIC, load_run
+from dpls.study.report import write_report
 from dpls.study.state import RunEntry, StudyState, write_state
 from dpls.study.stats import EFFECT_LARGER, EFFECT_NOT_LARGER, EFFECT_UNDEFINED
 

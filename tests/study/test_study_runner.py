@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from data_helpers import write_data_dir
 from dpls.data import TokenLoader
-from dpls.study.runner import advance_position, plan_study
+from dpls.study.jobs.fork import advance_position
+from dpls.study.plan import plan_study
 from dpls.study.spec import parse_spec
 
 # -- where each seed's data starts ------------------------------------------------------------
@@ -173,10 +174,10 @@ def test_seed_offsets_are_kept_by_the_study_state(tmp_path, tiny_data):
 
 def test_a_run_stopped_by_a_signal_stops_the_study(tmp_path, tiny_data, monkeypatch, capsys):
     """The trainer saves and returns on SIGTERM; the study must not go on as if the run had finished."""
-    import dpls.train.trainer as trainer
+    import dpls.study.jobs.train as train_job
     from dpls.cli import main
 
-    monkeypatch.setattr(trainer, "train", lambda cfg: Path(cfg.out_dir))  # returns before the last step
+    monkeypatch.setattr(train_job, "train", lambda cfg: Path(cfg.out_dir))  # returns before the last step
     study = _study_file(tmp_path, tiny_data, "stop", seeds=1)
     assert main(["study", str(study), "--out", str(tmp_path / "out"), "--no-progress"]) == 143
     err = capsys.readouterr().err
@@ -199,11 +200,11 @@ def stdlib_sample(tmp_path_factory) -> Path:
 
 def _record_batches(monkeypatch) -> dict[str, list[str]]:
     """Hash every training batch, keyed by the run directory that drew it."""
-    import dpls.train.trainer as trainer
+    import dpls.study.jobs.train as train_job
 
     seen: dict[str, list[str]] = {}
     current = {"run": ""}
-    real_train, real_next = trainer.train, TokenLoader.next_batch
+    real_train, real_next = train_job.train, TokenLoader.next_batch
 
     def train(cfg):
         current["run"] = str(Path(cfg.out_dir).resolve())
@@ -215,7 +216,7 @@ def _record_batches(monkeypatch) -> dict[str, list[str]]:
             seen.setdefault(current["run"], []).append(hashlib.sha1(x.numpy().tobytes()).hexdigest())
         return x, y
 
-    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(train_job, "train", train)
     monkeypatch.setattr(TokenLoader, "next_batch", next_batch)
     return seen
 

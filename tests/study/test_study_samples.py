@@ -127,7 +127,7 @@ def test_study_samples_side_by_side_with_paired_generation_metrics(tmp_path, dat
 
 
 def test_report_cell_escapes_markup():
-    from dpls.study.report import _code_cell
+    from dpls.study.tables import code_cell as _code_cell
 
     assert _code_cell("a|b\n<c> & d") == "<code>a&#124;b⏎&lt;c&gt; &amp; d</code>"
     assert _code_cell("") == "(nothing)"

@@ -167,7 +167,7 @@ STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.toml"
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_shipped_studies_parse_and_plan(path: Path, tmp_path: Path):
-    from dpls.study.runner import plan_study
+    from dpls.study.plan import plan_study
 
     spec = load_spec(path, out_dir=tmp_path / "study")
     plan = plan_study(spec)  # every training key checked against TrainConfig, nothing written

@@ -12,8 +12,8 @@ import pytest
 
 from data_helpers import write_data_dir
 from dpls.data import TokenLoader
-from dpls.study.report import RunRecord
-from dpls.study.runner import plan_study
+from dpls.study.plan import plan_study
+from dpls.study.records import RunRecord
 from dpls.study.spec import parse_spec
 from dpls.study.sweep import lr_sensitivity, summarize_sweep
 
@@ -272,7 +272,7 @@ def test_sweep_with_an_absurd_learning_rate_finishes_and_reports(tmp_path, tiny_
     capsys.readouterr()
     assert main(["study", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert out.count("kept as a result") == 2 and out.count("already trained, skipped") == 2
+    assert "already done: 2 runs trained, 2 diverged (kept as results), 2 evaluated" in out
     assert before == {p: p.stat().st_mtime_ns for p in study.glob("arms/*/*/seed0/metrics.jsonl")}
 
 

@@ -18,7 +18,7 @@ from dpls.eval.plots import pyplot
 from dpls.study.stats import is_finite_number
 
 if TYPE_CHECKING:
-    from dpls.study.report import RunRecord
+    from dpls.study.records import RunRecord
 
 
 def _curve(

@@ -29,6 +29,10 @@ loss = "dpls"
 dpls_epsilon = 0.1
 dpls_top_k = 100
 
+[executor]                         # where the jobs run (default: one after another, here)
+kind = "local"                     # sequential | local | slurm | ray; see `executor_spec`
+workers = 2
+
 [eval]
 tokens = 200_000                   # validation tokens per evaluation (default: the whole split)
 lm_eval_tasks = ["hellaswag"]      # downstream tasks through lm-evaluation-harness (optional)
@@ -59,7 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from dpls.runs.layout import read_toml
-from dpls.train.config import MODEL_KEYS
+from dpls.study.executor_spec import ExecutorSpec, parse_executor
+from dpls.train.config import MODEL_KEYS, TrainConfig, convert
 
 # Training keys the arms inherit from the trunk whatever they say: the model and the shape
 # of the data stream (and the LR horizon, which the study sets for trunk and arms at once).
@@ -117,6 +122,7 @@ TOP_KEYS = (
     "arms",
     "eval",
     "sweep",
+    "executor",
 )
 EVAL_KEYS = (
     "tokens",
@@ -204,6 +210,7 @@ class StudySpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     source: Path | None = None
     sweep: SweepSpec | None = None
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
 
     @property
     def from_scratch(self) -> bool:
@@ -222,8 +229,6 @@ class StudySpec:
 
 def train_config_keys() -> frozenset[str]:
     """The keys ``dpls train`` accepts: the fields of ``TrainConfig``."""
-    from dpls.train.config import TrainConfig
-
     return frozenset(f.name for f in fields(TrainConfig))
 
 
@@ -350,8 +355,6 @@ def _eval(table: Any) -> EvalSpec:
 
 def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from_scratch: bool) -> SweepSpec:
     """``[sweep] KEY = [v1, v2, ...]``: one key an arm may set, a non-empty list of distinct values."""
-    from dpls.train.config import convert
-
     if not isinstance(table, dict) or len(table) != 1:
         raise ValueError(
             "[sweep] must name exactly one training key and its values, e.g. "
@@ -486,6 +489,7 @@ def parse_spec(
         eval=_eval(data.get("eval")),
         source=source,
         sweep=sweep,
+        executor=parse_executor(data.get("executor")),
     )
 
 

@@ -2,8 +2,14 @@
 
 ``STUDY_DIR/study_state.json`` lists the trunk and every arm × seed run (paths relative to
 the study directory, so the folder can be moved). A rerun reads it to skip finished work,
-and the report reads it to know which run is which arm. It is rewritten atomically (temp
-file + rename), so an interrupted study never leaves it half written.
+and the report reads it to know which run is which arm and which runs are complete. It is
+rewritten atomically (temp file + rename), so an interrupted study never leaves it half
+written. Only the process holding the study's lock writes it.
+
+``RUN/study_jobs.json`` is a run's own record of how the study ran it: one entry per
+attempt of each of its jobs (training, evaluation) with the executor, the host, the torch
+thread count and the devices. The thread count matters: on CPU it changes the order of
+reductions, so the last bits of every number.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ from dpls._io import write_json_atomic
 STATE_FILE = "study_state.json"
 LM_EVAL_FILE = "lm_eval.json"  # RUN/eval/lm_eval.json: {"task/metric": value}
 SAMPLES_FILE = "samples.json"  # RUN/eval/samples.json: prompts, samples and generation metrics
+JOBS_FILE = "study_jobs.json"  # RUN/study_jobs.json: every attempt of the run's jobs (see above)
 
 PENDING, TRAINED, DONE = "pending", "trained", "done"
 DIVERGED = "diverged"  # a result: RUN/diverged.json says where; never retrained
+FAILED = "failed"  # every attempt failed (the entry's error and log say why); a rerun tries again
+# Runs the report reads: trained (a sweep's runs away from the reference value need no
+# evaluation), evaluated, or diverged. Any other run is left out and named as missing.
+COMPLETE = frozenset({TRAINED, DONE, DIVERGED})
 
 
 @dataclass
@@ -32,6 +43,8 @@ class RunEntry:
     run_dir: str  # relative to the study directory
     status: str = PENDING
     value: Any = None  # the swept key's value ([sweep] studies)
+    error: str | None = None  # why the last attempt failed (status "failed")
+    log: str | None = None  # that job's log, relative to the study directory
 
 
 @dataclass
@@ -48,12 +61,18 @@ class StudyState:
     # seed -> arm budgets its fork point lies along the trunk's data stream (JSON keys are strings)
     seed_offsets: dict[str, int] = field(default_factory=dict)
     sweep: dict[str, Any] | None = None  # {"key": ..., "values": [...]} of a [sweep] study
+    # how the last `dpls study` ran it: executor, workers, threads per job, wall time (seconds)
+    execution: dict[str, Any] = field(default_factory=dict)
 
     def entry(self, arm: str, seed: int, value: Any = None) -> RunEntry:
         for r in self.runs:
             if r.arm == arm and r.seed == seed and r.value == value:
                 return r
         raise KeyError((arm, seed, value))
+
+    def entry_at(self, run_dir: str) -> RunEntry | None:
+        """The run whose folder is ``run_dir`` (relative to the study directory), or None."""
+        return next((r for r in self.runs if r.run_dir == run_dir), None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,3 +98,34 @@ def read_state(study_dir: str | Path) -> StudyState:
 
 def write_state(study_dir: str | Path, state: StudyState) -> Path:
     return write_json_atomic(Path(study_dir) / STATE_FILE, state.to_dict(), default=str)
+
+
+def read_job_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The attempts recorded in ``RUN/study_jobs.json`` (empty when there is none or it is unreadable:
+    a record of how a run was made, never a reason to stop)."""
+    try:
+        records = json.loads((Path(run_dir) / JOBS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
+def add_job_record(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append (or, for the same ``job`` and ``attempt``, replace) one attempt in ``RUN/study_jobs.json``.
+    One job of a run runs at a time, so read-modify-write is safe."""
+    records = [
+        r
+        for r in read_job_records(run_dir)
+        if (r.get("job"), r.get("attempt"), r.get("started"))
+        != (record["job"], record["attempt"], record["started"])
+    ]
+    write_json_atomic(Path(run_dir) / JOBS_FILE, [*records, record])
+
+
+def training_threads(run_dir: str | Path) -> list[int]:
+    """The torch thread counts the run's training attempts ran with, in order (empty if unrecorded)."""
+    return [
+        int(r["threads"])
+        for r in read_job_records(run_dir)
+        if r.get("kind") == "train" and isinstance(r.get("threads"), int)
+    ]

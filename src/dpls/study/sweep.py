@@ -20,12 +20,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from dpls.study.plots import plot_curves, plot_sweep
+from dpls.study.records import RunRecord
 from dpls.study.stats import EFFECT_LARGER, is_finite_number, paired_ci
-
-if TYPE_CHECKING:
-    from dpls.study.report import RunRecord
+from dpls.study.tables import fmt
 
 # Plots of the section: loss against the swept value, and two diagnostics over training.
 SWEEP_PLOT = "lr_sweep.png"
@@ -177,8 +177,6 @@ def sweep_report(
 ) -> tuple[dict[str, Any], list[RunRecord]]:
     """The sweep block of summary.json with its plots drawn into ``out``, and the runs at the
     reference value (the baseline's best), which the report's other sections compare."""
-    from dpls.study.plots import plot_curves, plot_sweep
-
     groups: dict[str, list[RunRecord]] = {}
     for name in arm_order:
         groups[name] = []
@@ -217,8 +215,7 @@ def _largest(values: Sequence[Any]) -> Any:
 
 
 def _fmt(x: Any, signed: bool = False) -> str:
-    from dpls.study.report import _fmt as fmt
-
+    """A number as the report writes it; a swept value that is not a number as it is."""
     return fmt(x, signed) if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
 
 
