@@ -124,3 +124,83 @@ def test_a_users_file_in_the_report_folder_is_found_before_training(tmp_path, da
     with pytest.raises(ValueError, match=r"report\.md, not written by dpls"):
         plan_study(parse_spec(spec(tmp_path, data, [{"name": "ce", "loss": "ce"}])))
     assert (report / "report.md").read_text() == "my draft"
+
+
+def test_out_must_be_new_empty_or_this_studys_own_folder(tmp_path, data, capsys):
+    """`dpls study FILE --out DIR` refuses a folder holding anything but this study, before any work
+    and in --dry-run too; an empty folder or the study's own is fine."""
+    from dpls.cli import main
+    from dpls.study.runner import _initial_state
+    from dpls.study.state import write_state
+
+    study = tmp_path / "sw.toml"
+    study.write_text(
+        f'name = "sw"\ndata_dir = "{data}"\nfork_step = 4\nseeds = [0]\niters_per_arm = 2\n'
+        "[train]\nblock_size = 16\nbatch_size = 2\n"
+        '[[arms]]\nname = "ce"\nloss = "ce"\n'
+    )
+    users = tmp_path / "ud"
+    users.mkdir()
+    (users / "study.toml").write_text("# my notes\n")
+    for args in ([], ["--dry-run"]):
+        assert main(["study", str(study), "--out", str(users), *args]) == 2
+        assert "ud is not empty (study.toml) and holds no study" in capsys.readouterr().err
+    assert (users / "study.toml").read_text() == "# my notes\n" and len(list(users.iterdir())) == 1
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["study", str(study), "--out", str(empty), "--dry-run"]) == 0
+    # the folder of another study is not this one's
+    other = plan_study(parse_spec({**spec(tmp_path, data, [{"name": "ce", "loss": "ce"}]), "name": "other"}))
+    other.study_dir.mkdir()
+    write_state(other.study_dir, _initial_state(other))
+    assert main(["study", str(study), "--out", str(other.study_dir), "--dry-run"]) == 2
+    assert "holds the study 'other', not 'sw'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sweep": {"model": ["tiny", "huge"]}}, r"arm ce/model_huge/seed0: .*huge"),
+        ({"sweep": {"n_head": [3, 4]}, "train": {"n_embd": 64}}, r"arm ce/n_head_3/seed0: .*n_head"),
+    ],
+)
+def test_dry_run_checks_every_runs_whole_configuration(tmp_path, data, changes, message):
+    """Every run is planned as `dpls train` would plan it, before any work: a swept model preset
+    that does not exist, a swept head count that does not divide the width."""
+    study = spec(tmp_path, data, [{"name": "ce", "loss": "ce"}], **changes.pop("train", {}))
+    study.pop("fork_step")
+    for key in ("model", "n_head"):
+        if key in changes.get("sweep", {}):
+            study["train"].pop(key, None)
+    with pytest.raises(ValueError, match=message):
+        plan_study(parse_spec({**study, **changes}))
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_checks_the_trunk_checkpoint_against_the_arms(tmp_path, data, one_thread):
+    """A [trunk] checkpoint whose model is not [train]'s: refused when planning, not after a fork."""
+    from dpls.train.config import load_config
+    from dpls.train.trainer import train
+
+    cfg = {"model": "tiny", "n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16, "batch_size": 2}
+    run = train(
+        load_config(
+            overrides={
+                **cfg,
+                "data_dir": str(data),
+                "out_dir": str(tmp_path / "ce"),
+                "max_iters": 1,
+                "eval_tokens": 64,
+                "progress": False,
+            }
+        )
+    )
+    study = spec(tmp_path, data, [{"name": "dpls", "loss": "dpls", "dpls_top_k": 5}])
+    study.pop("fork_step")
+    study["trunk"] = {"checkpoint": str(run)}
+    study["train"] = {**study["train"], "model": "small", "n_layer": None, "n_embd": None, "n_head": None}
+    study["train"] = {k: v for k, v in study["train"].items() if v is not None}
+    with pytest.raises(ValueError, match=r"arm dpls/seed0: model=small differs from the checkpoint's tiny"):
+        plan_study(parse_spec(study))

@@ -214,3 +214,28 @@ def test_demo_report_agrees_with_its_run_files_and_the_committed_readme(tmp_path
             assert fresh["arms"][arm]["metrics"][m]["mean"] == pytest.approx(was["mean"], abs=tolerance), (
                 f"{arm} {m}: README numbers are stale; run `make readme`"
             )
+
+
+def test_readme_never_replaces_the_users_files_in_its_assets_folder(tmp_path: Path, report_dir: Path):
+    """The assets folder beside the README follows the rule of every output: dpls replaces only
+    what it wrote there, and says so before the study's work."""
+    begin, end = study_markers("k")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{begin}\nold\n{end}\n")
+    assets = tmp_path / study_assets("k")
+    assets.mkdir(parents=True)
+    for name, content in ((SUMMARY, b"notes"), (PLOT, b"\x89PNG my own plot")):
+        (assets / name).write_bytes(content)
+        with pytest.raises(ValueError, match=rf"assets folder: .* holds {name}, not written by dpls"):
+            check_readme(readme, "k")
+        with pytest.raises(ValueError, match="not written by dpls"):
+            update_readme(readme, report_dir, {"command": "c"}, study="k")
+        assert (assets / name).read_bytes() == content
+        (assets / name).unlink()
+    prov = {"command": "c"}
+    update_readme(readme, report_dir, prov, study="k")  # a folder of its own files: written ...
+    update_readme(readme, report_dir, prov, study="k")  # ... and replaced on the next run
+    assert json.loads((assets / SUMMARY).read_text())["provenance"] == {**prov, "regime": ""}
+    (assets / SUMMARY).write_text("edited by hand")  # an edited file is the user's now
+    with pytest.raises(ValueError, match="not written by dpls"):
+        check_readme(readme, "k")

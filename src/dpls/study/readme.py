@@ -23,7 +23,10 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from dpls._io import write_json_atomic, write_text_atomic
+import torch
+
+from dpls._io import check_output_dir, mark_owned, write_owned_json, write_text_atomic
+from dpls.data.meta import DataMeta
 from dpls.study.sweep import SWEEP_PLOT, findings_paragraph, sweep_table_lines
 from dpls.study.tables import evaluation_table_lines, findings_lines
 
@@ -33,6 +36,7 @@ ASSETS = Path("docs") / "demo"  # relative to the README's folder
 PLOT = "val_ce.png"
 SUMMARY = "summary.json"
 COMMAND = "make readme"
+ASSET_FILES = (SUMMARY, PLOT, SWEEP_PLOT)  # what --readme copies beside the README
 # What the demo is and is not, said beside its numbers (the setting is in cli/demo.py).
 DEMO_REGIME = (
     "The regime is data-limited: a tiny model repeats a small slice of the corpus for many epochs, "
@@ -86,8 +90,11 @@ def _split(readme: str | Path, begin: str = BEGIN, end: str = END) -> tuple[str,
 
 
 def check_readme(readme: str | Path, study: str | None = None) -> Path:
-    """The README path if it can take the section (checked before the demo's or study's work)."""
+    """The README path if it can take the section, and its assets folder the files it copies there
+    (the user's own files in it are never replaced): checked before the demo's or study's work."""
     _split(readme, *(study_markers(study) if study else (BEGIN, END)))
+    assets = Path(readme).parent / (study_assets(study) if study else ASSETS)
+    check_output_dir(assets, ASSET_FILES, "--readme's assets folder")
     return Path(readme)
 
 
@@ -105,8 +112,6 @@ def provenance(
 ) -> dict[str, Any]:
     """Where the numbers came from: the command, commit, machine, Python, the load average
     when it started and ended, and how long it took."""
-    import torch
-
     return {
         "command": command,
         "date": date.today().isoformat(),
@@ -133,6 +138,12 @@ def _provenance_words(prov: Mapping[str, Any]) -> str:
     load = [x for x in prov.get("load") or [] if x is not None]
     if load:
         parts.append("load average " + " → ".join(f"{x:g}" for x in load))
+    executor = prov.get("executor") or {}
+    if executor:
+        workers = f", {executor['workers']} workers" if executor.get("workers") else ""
+        threads = executor.get("threads_per_run") or []
+        per_run = f", {'/'.join(map(str, threads))} torch thread(s) per run" if threads else ""
+        parts.append(f"executor {executor.get('executor')}{workers}{per_run}")
     seconds = prov.get("seconds", "?")
     parts.append(
         f"{seconds} s" if not isinstance(seconds, int | float) or seconds < 120 else f"{seconds / 60:.1f} min"
@@ -204,8 +215,6 @@ def _turn_words(summary: Mapping[str, Any]) -> str:
 def regime_words(plan: Any) -> str:
     """The regime in numbers, from a finished study's plan and data: model, tokens of each
     split, tokens per step, steps of the trunk and the arms, and the epochs they amount to."""
-    from dpls.data.meta import DataMeta
-
     meta = DataMeta.load(plan.data_dir, check_shards=False)
     tps, trunk, arm = plan.tokens_per_step, plan.fork_step, plan.iters_per_arm
     if plan.from_scratch:
@@ -267,13 +276,18 @@ def update_readme(
     summary["provenance"] = dict(prov)
     if study:
         summary["provenance"]["regime"] = regime
+    execution = summary.get("execution") or {}
+    if execution.get("executor") not in (None, "sequential"):
+        summary["provenance"]["executor"] = execution
     rel = study_assets(study) if study else ASSETS
     assets = path.parent / rel
+    check_output_dir(assets, ASSET_FILES, "--readme's assets folder")  # nothing of the user's replaced
     assets.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(report / PLOT, assets / PLOT)
-    if "sweep" in summary:  # a sweep's section shows the loss against the swept value
-        shutil.copyfile(report / SWEEP_PLOT, assets / SWEEP_PLOT)
-    write_json_atomic(assets / SUMMARY, summary)
+    copied = [PLOT, *([SWEEP_PLOT] if "sweep" in summary else [])]  # a sweep's: the loss against the value
+    for name in copied:
+        shutil.copyfile(report / name, assets / name)
+    mark_owned(*(assets / name for name in copied))
+    write_owned_json(assets / SUMMARY, summary)
     section = render_section(summary, (rel / PLOT).as_posix(), study)
     return write_text_atomic(path, f"{head}{begin}\n{section}\n{end}{tail}")
 

@@ -26,7 +26,7 @@ from types import FrameType
 from dpls._io import exclusive_lock, write_owned_text
 from dpls.distributed import DistContext, init_distributed, launched_by_torchrun
 from dpls.runs.layout import read_toml
-from dpls.study.executor_spec import ExecutorSpec
+from dpls.study.executor_spec import DEFAULT_RETRIES, ExecutorSpec
 from dpls.study.executors import Executor, Finished, Handle, SequentialExecutor, make_executor
 from dpls.study.executors.slurm import live_jobs
 from dpls.study.graph import JobGraph, build_graph
@@ -98,11 +98,10 @@ def run_study(
             if isinstance(executor, Executor)
             else make_executor(spec, plan.study_dir, show_progress=progress, ctx=ctx)
         )
-        graph = build_graph(
-            plan, ranks_per_run=ctx.world_size if ctx else _ranks(spec), show_progress=progress
-        )
+        bars = progress and isinstance(engine, SequentialExecutor)  # workers write plain logs
+        graph = build_graph(plan, ranks_per_run=ctx.world_size if ctx else _ranks(spec), show_progress=bars)
         view = StudyView(plan.spec.name, len(graph), enabled=main)  # plain lines even without progress bars
-        driver = _Driver(plan, graph, engine, view, state, ctx, spec.retries)
+        driver = Driver(graph, engine, view, plan=plan, state=state, ctx=ctx, retries=spec.retries)
         try:
             return driver.run()
         finally:
@@ -164,21 +163,28 @@ def _initial_state(plan: StudyPlan) -> StudyState:
     )
 
 
-class _Driver:
-    """One pass of the study's process over the graph."""
+class Driver:
+    """One pass of the study's process over a graph: the runner's loop, usable on any graph.
+
+    ``state``: the study state to keep up to date in ``study_dir`` (None: record nothing, as on
+    torchrun ranks other than 0); ``plan``: the study's, whose runs are checked by the
+    trainer once the data a study prepares itself exists.
+    """
 
     def __init__(
         self,
-        plan: StudyPlan,
         graph: JobGraph,
         executor: Executor,
         view: StudyView,
-        state: StudyState | None,
-        ctx: DistContext | None,
-        retries: int,
+        *,
+        plan: StudyPlan | None = None,
+        state: StudyState | None = None,
+        ctx: DistContext | None = None,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
         self.plan, self.graph, self.executor, self.view = plan, graph, executor, view
-        self.state = state  # None on torchrun ranks other than 0: they write nothing
+        self.state = state if plan is not None else None
+        self.study_dir = plan.study_dir if plan is not None else Path()
         self.ctx = ctx
         self.retries = retries
         self.status = dict.fromkeys(graph.jobs, WAITING)
@@ -219,9 +225,7 @@ class _Driver:
         trains = [j for j in self.graph.of_kind("train") if self.status[j.name] == FINISHED_OK]
         diverged = sum(1 for j in trains if isinstance(j, TrainJob) and j.study_run.diverged is not None)
         trunk = any(isinstance(j, TrainJob) and j.study_run.name == "trunk" for j in trains)
-        evaluated = sum(
-            1 for j in self.graph.of_kind("eval") if isinstance(j, EvalJob) and j.is_evaluated()
-        )
+        evaluated = sum(1 for j in self.graph.of_kind("eval") if isinstance(j, EvalJob) and j.is_evaluated())
         parts = ["the trunk"] if trunk else []
         if len(trains) - trunk - diverged:
             parts.append(f"{len(trains) - trunk - diverged} runs trained")
@@ -294,12 +298,12 @@ class _Driver:
         return after, prelude
 
     def _run_inline(self, job: Job) -> None:
-        if job.kind == "report" and self.state is not None:
+        if job.kind == "report" and self.state is not None and self.plan is not None:
             self.state.execution = {
                 **self.executor.execution(),
                 "wall_s": round(time.monotonic() - self.started, 1),
             }
-            write_state(self.plan.study_dir, self.state)
+            write_state(self.study_dir, self.state)
         handle = Handle(job, self.attempts[job.name] + 1, where="this process")
         self._started(handle)
         self._finish(Finished(handle, self.executor.run_inline(job, handle.attempt)))
@@ -320,14 +324,15 @@ class _Driver:
             self.view.job_ended(fin.handle, result.status, "" if job.kind == "report" else result.message)
             if job.kind == "report":
                 self.report = Path(result.message)
-            elif job.kind == "prepare":
+            elif job.kind == "prepare" and self.plan is not None:
                 check_runs_with_trainer(self.plan)  # the data exists now: every run checked before training
             return
-        if result.status == STOPPED and (self.stopping or isinstance(self.executor, SequentialExecutor)):
+        if self.stopping:  # asked to stop: whatever it was doing, it is resumed by the next run
             self._set(job, WAITING)
-            if not self.stopping:
-                raise StudyStopped(f"{result.message}; rerun the same study to continue")
             return
+        if result.status == STOPPED and isinstance(self.executor, SequentialExecutor):
+            self._set(job, WAITING)
+            raise StudyStopped(f"{result.message}; rerun the same study to continue")
         if any(self.status[d] != FINISHED_OK for d in job.deps) and not job.after_failures:
             self._set(job, WAITING)  # cancelled because a job it waits on failed: not its own attempt
             return
@@ -405,8 +410,8 @@ class _Driver:
             return
         error = self.errors.get(job.name)
         log = (
-            str(job.log.relative_to(self.plan.study_dir))
-            if job.log and job.log.is_relative_to(self.plan.study_dir)
+            str(job.log.relative_to(self.study_dir))
+            if job.log and job.log.is_relative_to(self.study_dir)
             else None
         )
         if isinstance(job, TrainJob) and job.study_run.name == "trunk":
@@ -419,9 +424,11 @@ class _Driver:
 
     def _save_state(self) -> None:
         if self.state is not None:
-            write_state(self.plan.study_dir, self.state)
+            write_state(self.study_dir, self.state)
 
     def _refresh(self) -> None:
+        if isinstance(self.executor, SequentialExecutor):
+            return  # one job at a time, showing its own progress
         counts = Counter({FINISHED_OK: 0, **Counter(self.status.values())})
         counts["failed"] = counts[FAILED_JOB] + counts[BLOCKED]
         steps_left = 0
@@ -431,8 +438,6 @@ class _Driver:
         self.view.refresh(list(self.handles.values()), counts, steps_left)
 
     def _outcome(self) -> Path | None:
-        if self.state is None:
-            return None
         waiting = [n for n, s in self.status.items() if s in (WAITING, RUNNING)]
         if self.executor.detached and waiting:
             queued = sum(1 for s in self.status.values() if s == RUNNING)

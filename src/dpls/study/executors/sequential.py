@@ -27,7 +27,7 @@ class SequentialExecutor(Executor):
     def __init__(self, *, show_progress: bool = True, ctx: DistContext | None = None) -> None:
         self.show_progress = show_progress
         self.ctx = ctx  # a torchrun process group, or None
-        self._finished: list[Finished] = []
+        self._next: Handle | None = None
 
     def describe(self) -> str:
         ranks = f" on {self.ctx.world_size} ranks" if self.ctx is not None else ""
@@ -39,14 +39,16 @@ class SequentialExecutor(Executor):
         return {"executor": self.kind, "workers": 1}
 
     def has_slot(self) -> bool:
-        return not self._finished  # one at a time: the next starts after the runner saw this one end
+        return self._next is None  # one at a time
 
-    def submit(
-        self, job: Job, attempt: int, after: Sequence[Handle] = (), prelude: Sequence[Job] = ()
-    ) -> Handle:
-        handle = Handle(job, attempt, where="this process")
-        self._finished.append(Finished(handle, self.run_inline(job, attempt)))
-        return handle
+    def submit(self, job: Job, attempt: int, after: Sequence[Handle] = (), prelude: Sequence[Job] = ()) -> Handle:
+        self._next = Handle(job, attempt, where="this process")
+        return self._next
+
+    def wait(self, timeout: float) -> list[Finished]:
+        """Run the job submitted last, here and now."""
+        handle, self._next = self._next, None
+        return [] if handle is None else [Finished(handle, self.run_inline(handle.job, handle.attempt))]
 
     def run_inline(self, job: Job, attempt: int) -> JobResult:
         """The job, here; its exceptions go to the caller, as they always did. Under torchrun a
@@ -58,10 +60,6 @@ class SequentialExecutor(Executor):
         if self.group_alive:
             self.ctx.barrier()
         return result
-
-    def wait(self, timeout: float) -> list[Finished]:
-        done, self._finished = self._finished, []
-        return done
 
     @property
     def group_alive(self) -> bool:

@@ -111,20 +111,22 @@ def execute(job: Job, worker: WorkerSpec, *, catch: bool = True) -> JobResult:
         os.environ["CUDA_VISIBLE_DEVICES"] = worker.devices
     if worker.threads:
         torch.set_num_threads(worker.threads)
-    main_rank = os.environ.get("RANK", "0") == "0"
+    logged = job.log is not None and os.environ.get("RANK", "0") == "0"  # one rank writes the log
     record = _attempt_record(job, worker)
-    with _output_to(job.log if main_rank else None, worker.tee):
-        if main_rank:
-            print(
+    with _output_to(job.log if logged else None, worker.tee) as log:
+        if log is not None:
+            log.write(
                 f"[{record['started']}] {job.name}: attempt {worker.attempt} on {record['host']} "
-                f"(pid {record['pid']}, {record['threads']} torch threads, devices {record['devices']})",
-                flush=True,
+                f"(pid {record['pid']}, {record['threads']} torch threads, devices {record['devices']})\n"
             )
+            log.flush()
             _record(job, record)
         result = _run(job, catch)
-        if main_rank:
+        if log is not None:
             _record(job, {**record, "status": result.status, "seconds": round(time.time() - record["t0"], 3)})
-            print(f"{job.name}: {result.status}{': ' + result.message if result.message else ''}", flush=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            log.write(f"{job.name}: {result.status}{': ' + result.message if result.message else ''}\n")
     return result
 
 
@@ -167,12 +169,12 @@ def _record(job: Job, record: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _output_to(log: Path | None, tee: bool) -> Iterator[None]:
-    """Send stdout and stderr to ``log`` (appended) for the block: at the level of file
-    descriptors in a worker (so native libraries' output goes there too), or as a copy of
-    Python's own output in the study's process (``tee``), whose terminal keeps showing it."""
+def _output_to(log: Path | None, tee: bool) -> Iterator[IO[str] | None]:
+    """Send stdout and stderr to ``log`` (appended) for the block, and yield the open log: at the
+    level of file descriptors in a worker (so native libraries' output goes there too), or as a
+    copy of Python's own output in the study's process (``tee``), whose terminal keeps showing it."""
     if log is None:
-        yield
+        yield None
         return
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8", buffering=1) as fh:
@@ -181,7 +183,7 @@ def _output_to(log: Path | None, tee: bool) -> Iterator[None]:
                 contextlib.redirect_stdout(_Tee(sys.stdout, fh)),
                 contextlib.redirect_stderr(_Tee(sys.stderr, fh)),
             ):
-                yield
+                yield fh
             return
         sys.stdout.flush()
         sys.stderr.flush()
@@ -189,7 +191,7 @@ def _output_to(log: Path | None, tee: bool) -> Iterator[None]:
         try:
             os.dup2(fh.fileno(), 1)
             os.dup2(fh.fileno(), 2)
-            yield
+            yield fh
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
