@@ -1,7 +1,7 @@
 """Performance comparisons, reported as ratios measured in one run (``dpls bench loss|train``).
 
 Contenders are a registry (name → builder of one forward+backward step):
-`dpls.bench.loss.register_loss_contender` adds one, and `dpls.bench.contenders_gpu` registers
+`dpls.bench.loss.register_loss_contender` adds one, and `dpls.bench.contenders_gpu` brings
 the GPU kernels (ours, Liger's, Cut Cross-Entropy's when installed). Every implementation in the
 loss registry (reference, chunked, triton...) is a contender automatically. Names are imported
 on first use (they pull in torch).

@@ -8,8 +8,8 @@ the output weight ``[V, H]`` and make the logits themselves. ``objective`` says 
 computes (``ce``, ``ls`` or ``dpls``), so tables compare like with like. Third-party contenders
 appear only when their package imports.
 
-``benchmarks/gpu_check.py`` times every available contender (both families); importing this module
-also registers the logits-family ones with ``dpls bench loss`` (``dpls.bench.loss``).
+``benchmarks/gpu_check.py`` times every available contender (both families); ``dpls bench loss``
+(``dpls.bench.loss``) adds the logits-family ones to its own (`bench_loss_contenders`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from dpls.losses import adaptive_epsilon, dpls_loss
+from dpls.losses.triton_impl import is_available, triton_adaptive_dpls_loss, triton_dpls_loss
+from dpls.losses.triton_linear import triton_dpls_linear_loss
 
 Step = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -51,12 +55,13 @@ def _cuda_package(name: str) -> Callable[[torch.device], bool]:
 
 
 def _triton_ok(device: torch.device) -> bool:
-    from dpls.losses.triton_impl import is_available
-
     return is_available(device)
 
 
-def _finish(loss: torch.Tensor) -> torch.Tensor:
+def _finish(loss: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Backward from the loss (the first of a (loss, nll) pair) and the loss, detached."""
+    if isinstance(loss, tuple):
+        loss = loss[0]
     loss.backward()
     return loss.detach()
 
@@ -77,9 +82,9 @@ def _torch_ls(p: LossProblem) -> Step:
     return lambda t: _finish(F.cross_entropy(t["logits"], t["target"], label_smoothing=p.epsilon))
 
 
-def _chunked_dpls(logits: torch.Tensor, target: torch.Tensor, p: LossProblem) -> torch.Tensor:
-    from dpls.losses import dpls_loss
-
+def _chunked_dpls(
+    logits: torch.Tensor, target: torch.Tensor, p: LossProblem
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     return dpls_loss(logits, target, epsilon=p.epsilon, top_k=p.top_k, impl="chunked")
 
 
@@ -91,8 +96,6 @@ def _triton_rows(*, eps: float | None, k: int | None, inplace: bool) -> Callable
     """Our kernel called directly (no validation): DPLS, or CE (ε=0) / LS (k=V) through the same kernel."""
 
     def make(p: LossProblem) -> Step:
-        from dpls.losses.triton_impl import triton_dpls_loss
-
         epsilon = p.epsilon if eps is None else eps
         top_k = p.top_k if k is None else min(k, p.v)
 
@@ -112,11 +115,9 @@ def _triton_adaptive(*, fused: bool) -> Callable[[LossProblem], Step]:
     ``adaptive_epsilon`` read and then handed to the kernel as a per-token tensor (the unfused path)."""
 
     def make(p: LossProblem) -> Step:
-        from dpls.losses.adaptive import adaptive_epsilon
-        from dpls.losses.triton_impl import triton_adaptive_dpls_loss, triton_dpls_loss
-
         def step(t: dict[str, torch.Tensor]) -> torch.Tensor:
             z, y = t["logits"], t["target"]
+            loss: torch.Tensor | tuple[torch.Tensor, ...]
             if fused:
                 loss = triton_adaptive_dpls_loss(
                     z, y, epsilon=p.epsilon, epsilon_mode="confidence", top_k=p.top_k, inplace_backward=True
@@ -144,23 +145,25 @@ def _liger_ce(*, smoothing: bool) -> Callable[[LossProblem], Step]:
 # --- linear family -----------------------------------------------------------------------------
 
 
-def _dense(loss_of_logits: Callable[[torch.Tensor, torch.Tensor, LossProblem], torch.Tensor]):
+def _dense(
+    loss_of_logits: Callable[
+        [torch.Tensor, torch.Tensor, LossProblem], torch.Tensor | tuple[torch.Tensor, ...]
+    ],
+) -> Callable[[LossProblem], Step]:
     def make(p: LossProblem) -> Step:
         return lambda t: _finish(loss_of_logits(t["hidden"] @ t["weight"].t(), t["target"], p))
 
     return make
 
 
-def _dense_triton_dpls(logits: torch.Tensor, target: torch.Tensor, p: LossProblem) -> torch.Tensor:
-    from dpls.losses.triton_impl import triton_dpls_loss
-
+def _dense_triton_dpls(
+    logits: torch.Tensor, target: torch.Tensor, p: LossProblem
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     return triton_dpls_loss(logits, target, p.epsilon, p.top_k, -100, "mean", False, True)
 
 
 def _fused_triton_dpls(*, eps: float | None = None) -> Callable[[LossProblem], Step]:
     def make(p: LossProblem) -> Step:
-        from dpls.losses.triton_linear import triton_dpls_linear_loss
-
         epsilon = p.epsilon if eps is None else eps
 
         def step(t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -243,11 +246,12 @@ def _bench_step(contender: GpuContender, problem: LossProblem, logits: torch.Ten
     return run
 
 
-def register_with_bench_loss() -> int:
-    """Add the logits-family contenders to ``dpls bench loss`` (called when that module loads us)."""
-    from dpls.bench.loss import register_loss_contender
-
-    count = 0
+def bench_loss_contenders() -> list[
+    tuple[str, Callable[..., Callable[[], None]], Callable[[torch.device], bool], str]
+]:
+    """The logits-family contenders ``dpls bench loss`` adds to its own: (name, build, available,
+    description), where ``build(logits, target, cfg)`` gives one forward+backward."""
+    out = []
     for c in CONTENDERS:
         if c.family != "logits" or not c.name.startswith(("triton", "liger")):
             continue  # the plain torch ones are there already; linear ones need hidden states
@@ -262,9 +266,5 @@ def register_with_bench_loss() -> int:
             else c.objective
         )
         name = c.name.lower().replace(" in-place", "_inplace").replace(" ", ":", 1).replace(" ", "_")
-        register_loss_contender(name, build, available=c.available, description=note)
-        count += 1
-    return count
-
-
-register_with_bench_loss()
+        out.append((name, build, c.available, note))
+    return out

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpls.train.optim import param_groups
+
 
 @dataclass(frozen=True)
 class GPT2Config:
@@ -103,8 +105,6 @@ class GPT2(nn.Module):
 
 def plain_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
     """AdamW as nanoGPT builds it: decay on matrices, fused on CUDA only (the CPU default elsewhere)."""
-    from dpls.train.optim import param_groups
-
     fused = True if device.type == "cuda" else None
     return torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95), fused=fused)
 

@@ -18,6 +18,7 @@ included, since every contender must produce it):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -29,8 +30,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dpls._io import write_owned_json
+from dpls.bench.contenders_gpu import bench_loss_contenders
+from dpls.losses import available_impls, dpls_loss
+from dpls.losses.cpu_kernel import describe
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BASELINE = "cross_entropy"
@@ -109,8 +114,6 @@ def _build_published(logits, target, cfg):
 
 def _dpls_builder(impl: str) -> Callable[[torch.Tensor, torch.Tensor, LossBenchConfig], Step]:
     def build(logits, target, cfg):
-        from dpls.losses import dpls_loss
-
         return _fwd_bwd(
             lambda x: dpls_loss(x, target, epsilon=cfg.epsilon, top_k=cfg.top_k, impl=impl), logits
         )
@@ -124,10 +127,9 @@ register_loss_contender("dense_published", _build_published, description="publis
 
 def load_contenders(device: torch.device) -> dict[str, Contender]:
     """Built-ins, one ``dpls:<impl>`` per loss implementation running on ``device``, and the GPU
-    contenders of `dpls.bench.contenders_gpu` (which registers those whose package imports)."""
-    import dpls.bench.contenders_gpu  # noqa: F401  (registers on import)
-    from dpls.losses import available_impls
-
+    contenders of `dpls.bench.contenders_gpu` (those whose package imports)."""
+    for name, build, available, description in bench_loss_contenders():
+        CONTENDERS.setdefault(name, Contender(name, build, available, description))
     table = dict(CONTENDERS)
     for impl in available_impls(device):
         table.setdefault(f"dpls:{impl}", Contender(f"dpls:{impl}", _dpls_builder(impl), lambda d: True, impl))
@@ -163,8 +165,6 @@ def _sync(device: torch.device) -> None:
 
 
 def _cuda_peak(step: Step, device: torch.device) -> int:
-    import gc
-
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -229,7 +229,7 @@ def peak_rss_growth(fn: Callable[[], None]) -> int:
     Uses the resettable ``VmHWM`` of ``/proc/self/status`` where available; otherwise the growth of
     ``ru_maxrss``, which can under-count if the process was larger earlier.
     """
-    import resource
+    import resource  # POSIX only: imported here so that this module imports where it is missing
 
     if _reset_peak_rss():
         before = _status_kib("VmRSS") or 0
@@ -262,8 +262,6 @@ class BenchRow:
 
 def bench_loss(cfg: LossBenchConfig, *, progress: bool = True) -> list[BenchRow]:
     """Time (and measure) the chosen contenders; the baseline ``cross_entropy`` is always included."""
-    from tqdm import tqdm
-
     device = torch.device(cfg.device)
     table = load_contenders(device)
     names = list(table) if cfg.impls is None else [BASELINE, *[n for n in cfg.impls if n != BASELINE]]
@@ -314,8 +312,6 @@ def format_table(rows: list[BenchRow], cfg: LossBenchConfig) -> str:
         f"median of {cfg.repeats}; logits {logits_mb:.0f} MiB; peak extra includes the gradient"
     )
     if cfg.device == "cpu":
-        from dpls.losses.cpu_kernel import describe
-
         head += f"\nCPU top-k search: {describe()}"
     lines = [head, f"{'impl':<22}{'ms':>10}{'× CE':>8}{'peak extra MiB':>16}{'× CE':>8}"]
     for r in rows:

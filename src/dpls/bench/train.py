@@ -25,6 +25,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from tqdm import tqdm
+
+from dpls.bench.gpt2 import GPT2, GPT2Config, plain_optimizer, plain_step
+from dpls.distributed.context import DistContext
+from dpls.losses.objective import LossConfig, build_objective
+from dpls.model import Transformer, model_config
+from dpls.train.optim import build_optimizer
+from dpls.train.perf import mfu, peak_flops
+from dpls.train.trainer import Parts, TrainStep, train_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The yardstick preset: a GPT-2-style model at nanoGPT's README CPU shape, in nanoGPT's kind of
@@ -93,63 +103,91 @@ def build_case(
     A dpls preset takes the trainer's step (`train_step`, as ``dpls train`` runs it between two
     log steps); the ``nanogpt`` preset takes `dpls.bench.gpt2.plain_step`.
     """
-    from dpls.distributed.context import DistContext
-    from dpls.losses.objective import LossConfig, build_objective
-    from dpls.model import Transformer, model_config
-    from dpls.train.optim import build_optimizer
-    from dpls.train.trainer import Parts, TrainStep, train_step
-
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(seed)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast: Any = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    model: nn.Module
     if case.preset == NANOGPT:
-        from dpls.bench.gpt2 import GPT2, GPT2Config, plain_optimizer, plain_step
-
-        shape = {**NANOGPT_SHAPE, **({"vocab_size": vocab_size} if vocab_size is not None else {})}
-        model = GPT2(GPT2Config(block_size=block_size, **shape)).to(device)
-        vocab = model.config.vocab_size
-        optimizer = plain_optimizer(model, device)
-        net = torch.compile(model) if compile_model else model
+        model, step = _nanogpt_step(device, autocast, compile_model, batch_size, block_size, vocab_size, seed)
     else:
-        overrides: dict[str, Any] = {"block_size": block_size}
-        if vocab_size is not None:
-            overrides["vocab_size"] = vocab_size
-        cfg = model_config(case.preset, **overrides)
-        model = Transformer(cfg).to(device)
-        vocab = cfg.vocab_size
         loss_cfg = LossConfig(loss=case.loss, dpls_epsilon=epsilon, dpls_top_k=top_k, loss_impl=case.impl)
-        step_module = TrainStep(model, build_objective(loss_cfg), fused=case.fused_linear)
-        if compile_model:
-            step_module = torch.compile(step_module)
-        optimizer = build_optimizer(
-            model, learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device
+        model, step = _trainer_step(
+            case, loss_cfg, device, autocast, compile_model, batch_size, block_size, vocab_size, seed
         )
+    resident = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
+    return _Runner(case, model, step, resident)
+
+
+def _batch(
+    vocab: int, batch_size: int, block_size: int, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random batch (inputs, targets), the same for every case of a seed."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab, (batch_size, block_size), generator=gen).to(device)
     y = torch.randint(0, vocab, (batch_size, block_size), generator=gen).to(device)
+    return x, y
 
-    if case.preset == NANOGPT:
 
-        def step(i: int) -> None:
-            with autocast:
-                plain_step(net, optimizer, x, y)
-    else:
-        parts = Parts(
-            ctx=DistContext(device=device),
-            model=model,
-            wrapped=step_module,
-            optimizer=optimizer,
-            batches=iter(lambda: (x, y), None),  # the same batch forever
-            autocast=autocast,
-            micro_steps=1,
-            grad_clip=1.0,
-        )
+def _nanogpt_step(
+    device: torch.device,
+    autocast: Any,
+    compile_model: bool,
+    batch_size: int,
+    block_size: int,
+    vocab_size: int | None,
+    seed: int,
+) -> tuple[GPT2, Callable[[int], None]]:
+    """The yardstick: the GPT-2-style model in nanoGPT's plain step."""
+    shape = {**NANOGPT_SHAPE, **({"vocab_size": vocab_size} if vocab_size is not None else {})}
+    model = GPT2(GPT2Config(block_size=block_size, **shape)).to(device)
+    optimizer = plain_optimizer(model, device)
+    net: Any = torch.compile(model) if compile_model else model
+    x, y = _batch(model.config.vocab_size, batch_size, block_size, seed, device)
 
-        def step(i: int) -> None:
-            train_step(parts, i, 3e-4, stop_requested=False)
+    def step(i: int) -> None:
+        with autocast:
+            plain_step(net, optimizer, x, y)
 
-    resident = torch.cuda.memory_allocated(device) - before if device.type == "cuda" else 0
-    return _Runner(case, model, step, resident)
+    return model, step
+
+
+def _trainer_step(
+    case: TrainCase,
+    loss_cfg: LossConfig,
+    device: torch.device,
+    autocast: Any,
+    compile_model: bool,
+    batch_size: int,
+    block_size: int,
+    vocab_size: int | None,
+    seed: int,
+) -> tuple[Transformer, Callable[[int], None]]:
+    """A dpls preset in the trainer's own step (`train_step`), the same batch every step."""
+    overrides: dict[str, Any] = {"block_size": block_size}
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    cfg = model_config(case.preset, **overrides)
+    model = Transformer(cfg).to(device)
+    step_module: Any = TrainStep(model, build_objective(loss_cfg), fused=case.fused_linear)
+    if compile_model:
+        step_module = torch.compile(step_module)
+    optimizer = build_optimizer(model, learning_rate=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device)
+    x, y = _batch(cfg.vocab_size, batch_size, block_size, seed, device)
+    parts = Parts(
+        ctx=DistContext(device=device),
+        model=model,
+        wrapped=step_module,
+        optimizer=optimizer,
+        batches=iter(lambda: (x, y), None),  # the same batch forever
+        autocast=autocast,
+        micro_steps=1,
+        grad_clip=1.0,
+    )
+
+    def step(i: int) -> None:
+        train_step(parts, i, 3e-4, stop_requested=False)
+
+    return model, step
 
 
 def _time_step(runner: _Runner, i: int, device: torch.device) -> None:
@@ -168,8 +206,6 @@ def _time_step(runner: _Runner, i: int, device: torch.device) -> None:
 def _timing(
     runner: _Runner, batch_size: int, block_size: int, device: torch.device, dtype: torch.dtype
 ) -> TrainTiming:
-    from dpls.train.perf import mfu, peak_flops
-
     ms = statistics.median(runner.times) * 1e3
     tokens_per_s = batch_size * block_size / (ms / 1e3)
     case = runner.case
@@ -212,8 +248,6 @@ def bench_train(
     """Time every case of `cases_for` in turn (``steps`` rounds of one step each, after
     ``warmup`` untimed ones); each row gets its ratio to the CE step of its (preset, impl)
     group and, when ``nanogpt`` is among the presets, its speed relative to that row."""
-    from tqdm import tqdm
-
     cases = cases_for(presets, losses, impls, fused_linear)
     device = kwargs["device"]
     runners = []
@@ -273,9 +307,6 @@ def check_cases(
     does: build each objective and evaluate it once on one token of the preset's vocabulary,
     on the benchmark's device (an implementation's availability depends on it). Raises
     ``ValueError`` naming the bad key."""
-    from dpls.losses.objective import LossConfig, build_objective
-    from dpls.model import model_config
-
     for preset in presets:
         if preset == NANOGPT:  # its own loss only: nothing to check
             continue

@@ -96,7 +96,7 @@ def plot_curves(
         whole.set_title("whole run")
         drew = _draw_arms(after, groups, rows_of, key, start, thin=True)
         after.set_title(f"after the fork at step {start[0]}")
-        axes = (whole, after)
+        axes: tuple[Any, ...] = (whole, after)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
         drew = _draw_arms(ax, groups, rows_of, key, None, thin=True)
@@ -139,8 +139,8 @@ def _pooled_bins(runs: Sequence[RunRecord]) -> dict[str, np.ndarray] | None:
 def plot_reliability(
     groups: Mapping[str, Sequence[RunRecord]], summary: Mapping[str, Any], path: Path
 ) -> bool:
-    pooled = {name: _pooled_bins(runs) for name, runs in groups.items()}
-    pooled = {k: v for k, v in pooled.items() if v is not None}
+    bins = {name: _pooled_bins(runs) for name, runs in groups.items()}
+    pooled = {k: v for k, v in bins.items() if v is not None}
     if not pooled:
         return False
     plt = pyplot()

@@ -99,7 +99,7 @@ def run_data(run_dir: Path) -> dict[str, Any]:
         return {}
     if not isinstance(meta, dict):
         return {}
-    settings = meta.get("settings") if isinstance(meta.get("settings"), dict) else {}
+    settings = meta["settings"] if isinstance(meta.get("settings"), dict) else {}
     out = {"corpus_fingerprint": meta.get("corpus_fingerprint"), "source": meta.get("source")}
     if settings.get("python"):
         out["python"] = settings["python"]

@@ -385,6 +385,84 @@ def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from
     return SweepSpec(key=key, values=converted)
 
 
+def _prepare(data: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``prepare = "stdlib"`` or a ``[prepare]`` table: the source and the preparer's keywords."""
+    prepare = data.get("prepare")
+    options: dict[str, Any] = {}
+    if isinstance(prepare, dict):
+        options = dict(prepare)
+        prepare = options.pop("source", None)
+    if prepare is not None and prepare not in PREPARE_SOURCES:
+        raise ValueError(f"prepare (or [prepare] source) must be one of {PREPARE_SOURCES}, got {prepare!r}")
+    return prepare, options
+
+
+def _trunk(data: Mapping[str, Any], keys: frozenset[str]) -> TrunkSpec:
+    """``[trunk]``: training keys for the trunk alone, or ``checkpoint`` alone."""
+    table = data.get("trunk", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"[trunk] must be a table, got {table!r}")
+    table = dict(table)
+    checkpoint = _optional_path(table.pop("checkpoint", None), "[trunk] checkpoint")
+    train = _train_table(table, "[trunk]", keys, allow_loss=True)
+    if checkpoint is not None and train:
+        raise ValueError(
+            f"[trunk] with a checkpoint takes no training keys (got {sorted(train)}): "
+            "the checkpoint is used as it is"
+        )
+    shared = sorted(k for k in train if k in SHARED_WITH_ARMS)
+    if shared:
+        raise ValueError(
+            f"[trunk] cannot set {', '.join(shared)}: the arms continue the trunk's model and data "
+            "stream, so these keys belong in [train]"
+        )
+    return TrunkSpec(train=train, checkpoint=checkpoint)
+
+
+def _fork_step(data: Mapping[str, Any], checkpoint: Path | None) -> int | None:
+    fork_step = data.get("fork_step")
+    if fork_step is not None:
+        return _int(fork_step, "fork_step", minimum=1)
+    if checkpoint is None and "trunk" in data:
+        raise ValueError(
+            "fork_step (how many iterations the CE trunk trains) is required with a [trunk] table "
+            "(leave out both fork_step and [trunk] to train every run from scratch)"
+        )
+    return None
+
+
+def _budget(data: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(tokens_per_arm, iters_per_arm): exactly one of them."""
+    tokens, iters = data.get("tokens_per_arm"), data.get("iters_per_arm")
+    if (tokens is None) == (iters is None):
+        raise ValueError(
+            "set exactly one of tokens_per_arm and iters_per_arm (the training budget after the fork)"
+        )
+    if tokens is not None:
+        return _int(tokens, "tokens_per_arm", minimum=1), None
+    return None, _int(iters, "iters_per_arm", minimum=1)
+
+
+def _arms(
+    data: Mapping[str, Any], keys: frozenset[str], from_scratch: bool
+) -> tuple[tuple[ArmSpec, ...], str]:
+    """The ``[[arms]]`` (unique names) and the baseline among them."""
+    table = data.get("arms")
+    if not isinstance(table, list) or not table:
+        raise ValueError("the study needs at least one [[arms]] entry (name + loss keys)")
+    arms = tuple(_arm(entry, i, keys, from_scratch) for i, entry in enumerate(table))
+    names = [a.name for a in arms]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"arm names must be unique; repeated: {dupes}")
+    baseline = data.get("baseline")
+    if baseline is None:
+        baseline = next((a.name for a in arms if a.loss.get("loss") == "ce"), arms[0].name)
+    if baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not an arm; {closest_hint(str(baseline), names)}")
+    return arms, baseline
+
+
 def parse_spec(
     data: Mapping[str, Any], *, source: Path | None = None, train_keys: Iterable[str] | None = None
 ) -> StudySpec:
@@ -401,75 +479,18 @@ def parse_spec(
         raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {name!r}")
     out_dir = _optional_path(data.get("out_dir", f"runs/study_{name}"), "out_dir")
     assert out_dir is not None
-
     data_dir = _optional_path(data.get("data_dir"), "data_dir")
-    prepare = data.get("prepare")
-    prepare_options: dict[str, Any] = {}
-    if isinstance(prepare, dict):
-        prepare_options = dict(prepare)
-        prepare = prepare_options.pop("source", None)
-    if prepare is not None and prepare not in PREPARE_SOURCES:
-        raise ValueError(f"prepare (or [prepare] source) must be one of {PREPARE_SOURCES}, got {prepare!r}")
-
-    trunk_table = data.get("trunk", {})
-    if not isinstance(trunk_table, dict):
-        raise ValueError(f"[trunk] must be a table, got {trunk_table!r}")
-    trunk_table = dict(trunk_table)
-    checkpoint = _optional_path(trunk_table.pop("checkpoint", None), "[trunk] checkpoint")
-    trunk_train = _train_table(trunk_table, "[trunk]", keys, allow_loss=True)
-    if checkpoint is not None and trunk_train:
-        raise ValueError(
-            f"[trunk] with a checkpoint takes no training keys (got {sorted(trunk_train)}): "
-            "the checkpoint is used as it is"
-        )
-    shared = sorted(k for k in trunk_train if k in SHARED_WITH_ARMS)
-    if shared:
-        raise ValueError(
-            f"[trunk] cannot set {', '.join(shared)}: the arms continue the trunk's model and data "
-            "stream, so these keys belong in [train]"
-        )
+    prepare, prepare_options = _prepare(data)
+    trunk = _trunk(data, keys)
     if data_dir is None and prepare is None:
         raise ValueError('the study needs data: set data_dir = PATH or prepare = "stdlib"')
-
-    fork_step = data.get("fork_step")
-    if fork_step is not None:
-        fork_step = _int(fork_step, "fork_step", minimum=1)
-    elif checkpoint is None and "trunk" in data:
-        raise ValueError(
-            "fork_step (how many iterations the CE trunk trains) is required with a [trunk] table "
-            "(leave out both fork_step and [trunk] to train every run from scratch)"
-        )
-    from_scratch = fork_step is None and checkpoint is None
-
-    tokens_per_arm, iters_per_arm = data.get("tokens_per_arm"), data.get("iters_per_arm")
-    if (tokens_per_arm is None) == (iters_per_arm is None):
-        raise ValueError(
-            "set exactly one of tokens_per_arm and iters_per_arm (the training budget after the fork)"
-        )
-    if tokens_per_arm is not None:
-        tokens_per_arm = _int(tokens_per_arm, "tokens_per_arm", minimum=1)
-    if iters_per_arm is not None:
-        iters_per_arm = _int(iters_per_arm, "iters_per_arm", minimum=1)
-
+    fork_step = _fork_step(data, trunk.checkpoint)
+    from_scratch = fork_step is None and trunk.checkpoint is None
+    tokens_per_arm, iters_per_arm = _budget(data)
     if "seeds" not in data:
         raise ValueError("seeds is required: a count (seeds = 3) or a list (seeds = [0, 1, 2])")
     seeds = _seeds(data["seeds"])
-
-    arms_table = data.get("arms")
-    if not isinstance(arms_table, list) or not arms_table:
-        raise ValueError("the study needs at least one [[arms]] entry (name + loss keys)")
-    arms = tuple(_arm(entry, i, keys, from_scratch) for i, entry in enumerate(arms_table))
-    names = [a.name for a in arms]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"arm names must be unique; repeated: {dupes}")
-
-    baseline = data.get("baseline")
-    if baseline is None:
-        baseline = next((a.name for a in arms if a.loss.get("loss") == "ce"), arms[0].name)
-    if baseline not in names:
-        raise ValueError(f"baseline {baseline!r} is not an arm; {closest_hint(str(baseline), names)}")
-
+    arms, baseline = _arms(data, keys, from_scratch)
     train = _train_table(data.get("train", {}), "[train]", keys, allow_loss=False)
     sweep = _sweep(data.get("sweep"), arms, train, from_scratch) if "sweep" in data else None
     return StudySpec(
@@ -485,7 +506,7 @@ def parse_spec(
         iters_per_arm=iters_per_arm,
         baseline=baseline,
         train=train,
-        trunk=TrunkSpec(train=trunk_train, checkpoint=checkpoint),
+        trunk=trunk,
         eval=_eval(data.get("eval")),
         source=source,
         sweep=sweep,

@@ -108,7 +108,7 @@ def _compare(
     if not a_vals or not b_vals:
         return None, None
     unique = len(a) == len(a_vals) and len(b) == len(b_vals) and None not in a and None not in b
-    common = sorted(set(a) & set(b)) if unique else []
+    common = sorted(s for s in set(a) & set(b) if s is not None) if unique else []
     if common:
         note = None
         if len(common) < max(len(a), len(b)):
@@ -214,10 +214,10 @@ def _samples_side_by_side(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str
         for a, runs in groups.items()
     }
     common = set.intersection(*(set(s) for s in by_arm.values())) if by_arm else set()
-    common.discard(None)
-    if not common:
+    seeds = [s for s in common if s is not None]
+    if not seeds:
         return None
-    seed = min(common)
+    seed = min(seeds)
     first = next(iter(by_arm.values()))[seed]
     n = min(SAMPLE_PROMPTS, *(len(s[seed]["samples"]) for s in by_arm.values()))
     return {

@@ -42,7 +42,7 @@ def lr_sensitivity(losses: Sequence[float | None], initial: float) -> float:
         raise ValueError("lr_sensitivity needs at least one value of the grid")
     if not is_finite_number(initial):
         raise ValueError(f"the initial loss must be a finite number, got {initial!r}")
-    capped = [min(float(x), initial) if is_finite_number(x) else initial for x in losses]
+    capped = [min(float(x), initial) if x is not None and is_finite_number(x) else initial for x in losses]
     return statistics.fmean(capped) - min(capped)
 
 
@@ -58,6 +58,76 @@ def run_loss(record: RunRecord) -> tuple[float | None, float | None]:
 
 def _key(value: Any) -> str:
     return repr(value)
+
+
+def _point(record: RunRecord, seed: int) -> dict[str, Any]:
+    """One run of the grid: its L, L_init, the loss it counts with, and whether it diverged."""
+    loss, initial = run_loss(record)
+    if loss is None:  # diverged (or never validated at the end): the initial loss
+        effective = initial
+    else:
+        effective = loss if initial is None else min(loss, initial)
+    return {
+        "seed": seed,
+        "loss": loss,
+        "initial": initial,
+        "effective": effective,
+        "diverged": record.diverged is not None,
+        "diverged_step": None if record.diverged is None else record.diverged.get("step"),
+    }
+
+
+def _grid(runs: Sequence[RunRecord], values: Sequence[Any], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Per swept value: its runs (one point per seed) and their mean effective loss."""
+    by = {(_key(r.value), r.seed): r for r in runs}
+    grid = []
+    for v in values:
+        points = [_point(by[(_key(v), s)], s) for s in seeds if (_key(v), s) in by]
+        eff = [float(p["effective"]) for p in points if is_finite_number(p["effective"])]
+        grid.append({"value": v, "mean": statistics.fmean(eff) if eff else None, "points": points})
+    return grid
+
+
+def _sensitivity_by_seed(
+    arm: str, grid: Sequence[Mapping[str, Any]], seeds: Sequence[int], notes: list[str]
+) -> dict[int, float]:
+    """Each seed's LR sensitivity over the whole grid (a seed missing a value is left out, noted)."""
+    sens: dict[int, float] = {}
+    for s in seeds:
+        pts = [next((p for p in g["points"] if p["seed"] == s), None) for g in grid]
+        inits = [float(p["initial"]) for p in pts if p is not None and is_finite_number(p["initial"])]
+        if any(p is None for p in pts) or not inits:
+            notes.append(
+                f"{arm}, seed {s}: not every value of the grid has a run; left out of the sensitivity"
+            )
+            continue
+        sens[s] = lr_sensitivity([p["loss"] for p in pts if p is not None], statistics.fmean(inits))
+    return sens
+
+
+def _arm_block(
+    grid: list[dict[str, Any]], values: Sequence[Any], sens: Mapping[int, float]
+) -> dict[str, Any]:
+    """One arm's entry of the sweep block: best value and loss, sensitivity, diverged runs, the grid."""
+    finite = [(g["mean"], i) for i, g in enumerate(grid) if is_finite_number(g["mean"])]
+    best_i = min(finite)[1] if finite else None
+    diverged = [
+        {"value": g["value"], "seed": p["seed"], "step": p["diverged_step"]}
+        for g in grid
+        for p in g["points"]
+        if p["diverged"]
+    ]
+    return {
+        "lr_sensitivity": statistics.fmean(sens.values()) if sens else None,
+        "best": values[best_i] if best_i is not None else None,
+        "best_loss": grid[best_i]["mean"] if best_i is not None else None,
+        "diverged": len(diverged),
+        "runs": sum(len(g["points"]) for g in grid),
+        "best_at_edge": best_i is not None and len(values) > 1 and best_i in (0, len(values) - 1),
+        "sensitivity_by_seed": {str(s): v for s, v in sens.items()},
+        "grid": grid,
+        "diverged_runs": diverged,
+    }
 
 
 def summarize_sweep(
@@ -76,68 +146,10 @@ def summarize_sweep(
     per_seed: dict[str, dict[int, float]] = {}
     notes: list[str] = []
     for arm, runs in groups.items():
-        by = {(_key(r.value), r.seed): r for r in runs}
         seeds = sorted({r.seed for r in runs if r.seed is not None})
-        grid = []
-        for v in values:
-            points = []
-            for s in seeds:
-                r = by.get((_key(v), s))
-                if r is None:
-                    continue
-                loss, initial = run_loss(r)
-                if loss is None:  # diverged (or never validated at the end): the initial loss
-                    effective = initial
-                else:
-                    effective = loss if initial is None else min(loss, initial)
-                points.append(
-                    {
-                        "seed": s,
-                        "loss": loss,
-                        "initial": initial,
-                        "effective": effective,
-                        "diverged": r.diverged is not None,
-                        "diverged_step": None if r.diverged is None else r.diverged.get("step"),
-                    }
-                )
-            eff = [p["effective"] for p in points if is_finite_number(p["effective"])]
-            grid.append(
-                {
-                    "value": v,
-                    "mean": statistics.fmean(eff) if eff else None,
-                    "points": points,
-                }
-            )
-        sens: dict[int, float] = {}
-        for s in seeds:
-            pts = [next((p for p in g["points"] if p["seed"] == s), None) for g in grid]
-            inits = [p["initial"] for p in pts if p is not None and is_finite_number(p["initial"])]
-            if any(p is None for p in pts) or not inits:
-                notes.append(
-                    f"{arm}, seed {s}: not every value of the grid has a run; left out of the sensitivity"
-                )
-                continue
-            sens[s] = lr_sensitivity([p["loss"] for p in pts], statistics.fmean(inits))
-        per_seed[arm] = sens
-        finite = [(g["mean"], i) for i, g in enumerate(grid) if is_finite_number(g["mean"])]
-        best_i = min(finite)[1] if finite else None
-        diverged = [
-            {"value": g["value"], "seed": p["seed"], "step": p["diverged_step"]}
-            for g in grid
-            for p in g["points"]
-            if p["diverged"]
-        ]
-        arms[arm] = {
-            "lr_sensitivity": statistics.fmean(sens.values()) if sens else None,
-            "best": values[best_i] if best_i is not None else None,
-            "best_loss": grid[best_i]["mean"] if best_i is not None else None,
-            "diverged": len(diverged),
-            "runs": sum(len(g["points"]) for g in grid),
-            "best_at_edge": best_i is not None and len(values) > 1 and best_i in (0, len(values) - 1),
-            "sensitivity_by_seed": {str(s): v for s, v in sens.items()},
-            "grid": grid,
-            "diverged_runs": diverged,
-        }
+        grid = _grid(runs, values, seeds)
+        per_seed[arm] = _sensitivity_by_seed(arm, grid, seeds, notes)
+        arms[arm] = _arm_block(grid, values, per_seed[arm])
     for arm, block in arms.items():
         if arm == baseline or baseline not in per_seed:
             continue

@@ -41,7 +41,9 @@ class SequentialExecutor(Executor):
     def has_slot(self) -> bool:
         return self._next is None  # one at a time
 
-    def submit(self, job: Job, attempt: int, after: Sequence[Handle] = (), prelude: Sequence[Job] = ()) -> Handle:
+    def submit(
+        self, job: Job, attempt: int, after: Sequence[Handle] = (), prelude: Sequence[Job] = ()
+    ) -> Handle:
         self._next = Handle(job, attempt, where="this process")
         return self._next
 
