@@ -411,23 +411,29 @@ def _toml(data: dict) -> str:
 # -- Slurm: what is submitted, and a rerun that collects -------------------------------------------
 
 
-def _fake_slurm(bin_dir: Path, record: Path, state: str) -> None:
-    """sbatch that keeps each script and answers with a new job id, srun, and sacct saying ``state``."""
+def _fake_slurm(bin_dir: Path, record: Path, states: Path) -> None:
+    """sbatch that keeps each script and answers with a new job id, srun, and sacct answering from
+    ``states`` (a JSON map job id → state; RUNNING for the others and for every array task)."""
     bin_dir.mkdir()
-    scripts = {
-        "sbatch": f'n=$(ls {record} | wc -l); n=$((n + 1)); cp "$1" {record}/$n.sh; echo "Submitted batch job $n"\n',
-        "srun": "exit 0\n",
-        # every job asked about, and the tasks 0-3 of its array
-        "sacct": f"""echo 'JobID|State|NodeList'
-while [ $# -gt 0 ]; do
-  if [ "$1" = "-j" ]; then echo "$2|{state}|node1"; echo "$2_[0-3]|{state}|node1"; shift; fi
-  shift
-done
-""",
-    }
-    for name, body in scripts.items():
+    sbatch = (
+        f'n=$(ls {record} | wc -l); n=$((n + 1)); cp "$1" {record}/$n.sh; echo "Submitted batch job $n"\n'
+    )
+    sacct = f"""import json, sys
+states = json.loads(open({str(states)!r}).read())
+print("JobID|State|NodeList")
+ids = [sys.argv[i + 1] for i, a in enumerate(sys.argv) if a == "-j"]
+for job in ids:
+    print(f"{{job}}|{{states.get(job, 'RUNNING')}}|node1")
+    for task in range(4):
+        print(f"{{job}}_{{task}}|{{states.get(f'{{job}}_{{task}}', 'RUNNING')}}|node1")
+"""
+    for name, body in (
+        ("sbatch", "#!/bin/sh\n" + sbatch),
+        ("srun", "#!/bin/sh\nexit 0\n"),
+        ("sacct", f"#!{sys.executable}\n" + sacct),
+    ):
         path = bin_dir / name
-        path.write_text("#!/bin/sh\n" + body)
+        path.write_text(body)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
@@ -435,11 +441,13 @@ def test_slurm_submits_arrays_with_dependencies_and_a_rerun_collects(tmp_path, c
     pytest.importorskip("submitit")
     import submitit
 
-    record = tmp_path / "submitted"
+    record, states = tmp_path / "submitted", tmp_path / "states.json"
     record.mkdir()
-    _fake_slurm(tmp_path / "bin", record, "RUNNING")
+    states.write_text("{}")
+    _fake_slurm(tmp_path / "bin", record, states)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setattr(submitit.SlurmJob, "watcher", submitit.slurm.slurm.SlurmInfoWatcher(delay_s=0))
+    monkeypatch.setattr(submitit.SlurmJob, "_results_timeout_s", 0)  # no shared file system to wait for
     executor = {
         "kind": "slurm",
         "partition": "gpu",
@@ -467,6 +475,14 @@ def test_slurm_submits_arrays_with_dependencies_and_a_rerun_collects(tmp_path, c
     # Run again while the queue still holds them: nothing is submitted twice, nothing is trained here.
     assert run_study(spec, progress=False) is None
     assert len(list(record.iterdir())) == 3
+    # The trunk's node failed: the next run collects it and submits it again, its second attempt.
+    states.write_text(json.dumps({"1": "NODE_FAIL"}))
+    assert run_study(spec, progress=False) is None
+    assert len(list(record.iterdir())) == 4
+    again = (record / "4.sh").read_text()
+    assert "#SBATCH --job-name=dpls-train" in again and "--dependency" not in again and "--array" not in again
+    jobs = json.loads((tmp_path / "out" / "slurm" / "jobs.json").read_text())
+    assert jobs["train:trunk"] == {"id": "4", "attempt": 2, "tasks": 1}
     # ... and another executor is refused while they run.
-    with pytest.raises(ValueError, match=r"Slurm jobs still queued or running \(1, 2_0, 2_1, 2_2, 2_3"):
+    with pytest.raises(ValueError, match=r"Slurm jobs still queued or running \(4, 2_0, 2_1, 2_2, 2_3"):
         run_study(spec, progress=False, executor=ExecutorSpec("local", workers=2))

@@ -246,10 +246,10 @@ class Driver:
                     continue
                 return
             finished = self.executor.wait(0.0 if self.executor.detached else POLL_S)
-            if self.executor.detached:
-                return  # the queue has everything it can take now
             for fin in finished:
                 self._finish(fin)
+            if self.executor.detached and not finished:
+                return  # the queue has everything it can take now; a later run collects the rest
             self._refresh()
 
     def _dispatch(self) -> bool:
@@ -442,8 +442,8 @@ class Driver:
         if self.executor.detached and waiting:
             queued = sum(1 for s in self.status.values() if s == RUNNING)
             self.view.line(
-                f"{queued} jobs queued or running on the cluster, {len(waiting) - queued} to submit when they "
-                "end: rerun the same command to collect them and submit the rest (or pass --wait)"
+                f"{queued} jobs queued or running on the cluster: run the same command again to collect "
+                "them, submit what is left and write the report (or pass --wait to stay until the end)"
             )
             return None
         failed = [n for n, s in self.status.items() if s in (FAILED_JOB, BLOCKED)]

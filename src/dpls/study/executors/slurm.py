@@ -177,17 +177,17 @@ class SlurmExecutor(Executor):
     # -- waiting ---------------------------------------------------------------------------
 
     def wait(self, timeout: float) -> list[Finished]:
+        """The jobs that ended (asking Slurm every ``poll_s``); once, without waiting, when detached."""
         self.flush()
-        if self.detached or not self._running:
-            return []
-        deadline = time.monotonic() + timeout
-        while True:
+        deadline = time.monotonic() + (0.0 if self.detached else timeout)
+        while self._running:
             if self.cluster == "slurm":
                 self.submitit.SlurmJob.watcher.update()
             finished = [self._collect(h) for h in list(self._running) if h.ref.done()]
             if finished or time.monotonic() >= deadline:
                 return finished
             time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+        return []
 
     def _collect(self, handle: Handle) -> Finished:
         self._running.remove(handle)
