@@ -89,23 +89,23 @@ def run_study(
         raise ValueError(f"under torchrun a study runs with the sequential executor, not {spec.kind!r}")
     main = ctx is None or ctx.is_main
     with exclusive_lock(plan.study_dir, "study") if main else contextlib.nullcontext():
-        kind = executor.kind if isinstance(executor, Executor) else spec.kind
-        state = _claim(plan, kind) if main else None
-        if ctx is not None:
-            ctx.barrier()
-        engine = (
-            executor
-            if isinstance(executor, Executor)
-            else make_executor(spec, plan.study_dir, show_progress=progress, ctx=ctx)
-        )
-        bars = progress and isinstance(engine, SequentialExecutor)  # workers write plain logs
-        graph = build_graph(plan, ranks_per_run=ctx.world_size if ctx else _ranks(spec), show_progress=bars)
-        view = StudyView(plan.spec.name, len(graph), enabled=main)  # plain lines even without progress bars
-        driver = Driver(graph, engine, view, plan=plan, state=state, ctx=ctx, retries=spec.retries)
+        # the engine first: one that is not installed is refused before anything is written
+        engine = executor if isinstance(executor, Executor) else make_executor(spec, plan.study_dir, ctx=ctx)
         try:
-            return driver.run()
+            state = _claim(plan, engine.kind) if main else None
+            if ctx is not None:
+                ctx.barrier()
+            bars = progress and isinstance(engine, SequentialExecutor)  # workers write plain logs
+            ranks = ctx.world_size if ctx else _ranks(spec)
+            graph = build_graph(plan, ranks_per_run=ranks, show_progress=bars)
+            view = StudyView(plan.spec.name, len(graph), enabled=main)  # lines even without progress bars
+            try:
+                return Driver(
+                    graph, engine, view, plan=plan, state=state, ctx=ctx, retries=spec.retries
+                ).run()
+            finally:
+                view.close()
         finally:
-            view.close()
             engine.close()
 
 

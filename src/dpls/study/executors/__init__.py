@@ -25,13 +25,11 @@ from dpls.study.executors.sequential import SequentialExecutor
 from dpls.study.executors.slurm import SlurmExecutor
 
 
-def make_executor(
-    spec: ExecutorSpec, study_dir: Path, *, show_progress: bool = True, ctx: DistContext | None = None
-) -> Executor:
+def make_executor(spec: ExecutorSpec, study_dir: Path, *, ctx: DistContext | None = None) -> Executor:
     """The executor ``spec`` names (checks that its engine is installed before any work); ``ctx``:
     the torchrun process group a sequential study runs under."""
     if spec.kind == "sequential":
-        return SequentialExecutor(show_progress=show_progress, ctx=ctx)
+        return SequentialExecutor(ctx=ctx)
     if spec.kind == "local":
         return LocalExecutor(spec)
     if spec.kind == "slurm":

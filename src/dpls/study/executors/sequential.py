@@ -24,8 +24,7 @@ from dpls.study.jobs import DONE, Job, JobResult, WorkerSpec, execute
 class SequentialExecutor(Executor):
     kind = "sequential"
 
-    def __init__(self, *, show_progress: bool = True, ctx: DistContext | None = None) -> None:
-        self.show_progress = show_progress
+    def __init__(self, *, ctx: DistContext | None = None) -> None:
         self.ctx = ctx  # a torchrun process group, or None
         self._next: Handle | None = None
 
