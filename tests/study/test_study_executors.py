@@ -483,6 +483,16 @@ def test_slurm_submits_arrays_with_dependencies_and_a_rerun_collects(tmp_path, c
     assert "#SBATCH --job-name=dpls-train" in again and "--dependency" not in again and "--array" not in again
     jobs = json.loads((tmp_path / "out" / "slurm" / "jobs.json").read_text())
     assert jobs["train:trunk"] == {"id": "4", "attempt": 2, "tasks": 1}
+    # A run over two GPUs: one job of two tasks (a rank each); an evaluation takes one GPU.
+    gpus = parse_spec(
+        tiny(tmp_path / "gpus", corpus, seeds=[0], executor={"kind": "slurm", "gpus_per_job": 2})
+    )
+    assert run_study(gpus, progress=False) is None
+    trunk, arms, evals = ((record / f"{i}.sh").read_text() for i in (5, 6, 7))
+    assert "#SBATCH --gpus-per-node=2" in trunk and "#SBATCH --ntasks-per-node=2" in trunk
+    assert "#SBATCH --gpus-per-node=2" in arms and "#SBATCH --ntasks-per-node=2" in arms
+    assert "#SBATCH --gpus-per-node=1" in evals and "#SBATCH --ntasks-per-node=1" in evals
+    assert json.loads((tmp_path / "gpus" / "slurm" / "jobs.json").read_text())["train:trunk"]["tasks"] == 2
     # ... and another executor is refused while they run.
     with pytest.raises(ValueError, match=r"Slurm jobs still queued or running \(4, 2_0, 2_1, 2_2, 2_3"):
         run_study(spec, progress=False, executor=ExecutorSpec("local", workers=2))

@@ -32,6 +32,7 @@ from dpls.runs.layout import (
 from dpls.study.spec import LOSS_KEYS
 from dpls.study.state import (
     COMPLETE,
+    FAILED,
     LM_EVAL_FILE,
     SAMPLES_FILE,
     RunEntry,
@@ -311,6 +312,6 @@ def _study_records(study: Path, info: dict[str, Any]) -> list[RunRecord]:
 
 def missing_run(entry: RunEntry) -> str:
     """One line on a run the report leaves out: which, why, and where its log is."""
-    why = entry.error or ("not finished" if entry.status != "failed" else "failed")
+    why = entry.error or ("failed" if entry.status == FAILED else "not finished")
     log = f"; log: {entry.log}" if entry.log else ""
     return f"{entry.run_dir} ({entry.status}: {why}{log})"
