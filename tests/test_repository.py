@@ -96,19 +96,10 @@ def test_the_version_is_written_once() -> None:
 MAX_FUNCTION_LINES = 80
 # The Triton kernels are exempt: a kernel is one launch, its passes written out.
 LONG_FUNCTIONS_ALLOWED = {"src/dpls/losses/_triton_kernels.py"}
-# TEMPORARY: the study/ and bench/ restructure splits these and moves their imports; then both go.
-LONG_FUNCTIONS_TEMPORARY = {
-    "src/dpls/study/runner.py:run_study",
-    "src/dpls/study/runner.py:plan_study",
-    "src/dpls/study/sweep.py:summarize_sweep",
-    "src/dpls/study/spec.py:parse_spec",
-    "src/dpls/study/report.py:write_report",
-}
-IMPORT_SHARE_TEMPORARY_SKIP = ("src/dpls/study/", "src/dpls/bench/")
 
 
-def _source_shapes(skip: tuple[str, ...] = ()) -> tuple[list[tuple[str, int]], list[str], list[str]]:
-    """Over src/ (files under ``skip`` left out): every function over MAX_FUNCTION_LINES as
+def _source_shapes() -> tuple[list[tuple[str, int]], list[str], list[str]]:
+    """Over src/: every function over MAX_FUNCTION_LINES as
     ``(path:name, length)``, every import statement and the imports inside functions (``path:line``)."""
     import ast
 
@@ -117,8 +108,6 @@ def _source_shapes(skip: tuple[str, ...] = ()) -> tuple[list[tuple[str, int]], l
     inner: set[str] = set()
     for path in sorted((ROOT / "src").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(skip):
-            continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = (node.end_lineno or node.lineno) - node.lineno + 1
@@ -134,18 +123,14 @@ def _source_shapes(skip: tuple[str, ...] = ()) -> tuple[list[tuple[str, int]], l
 
 def test_no_function_is_longer_than_80_lines() -> None:
     long, _, _ = _source_shapes()
-    found = [
-        f"{name} ({n} lines)"
-        for name, n in long
-        if name.split(":")[0] not in LONG_FUNCTIONS_ALLOWED and name not in LONG_FUNCTIONS_TEMPORARY
-    ]
+    found = [f"{name} ({n} lines)" for name, n in long if name.split(":")[0] not in LONG_FUNCTIONS_ALLOWED]
     assert not found, f"split these into named steps: {found}"
 
 
 def test_imports_are_at_the_top_of_modules() -> None:
     """At most 10% of import statements sit inside functions: optional dependencies, heavy libraries
     a light module must not load (``import dpls``, reading a config) and each CLI command's library."""
-    _, imports, inner = _source_shapes(skip=IMPORT_SHARE_TEMPORARY_SKIP)
+    _, imports, inner = _source_shapes()
     assert len(inner) <= 0.10 * len(imports), (
         f"{len(inner)} of {len(imports)} imports inside functions: {inner}"
     )
