@@ -5,7 +5,8 @@ Nothing here imports the implementation under test except through the public fro
 ``dpls.losses.dpls_loss(..., impl=name)``, so the reference cannot share a bug with it.
 
 * :func:`reference_dpls` — loss, plain CE and the analytic gradient ``(softmax − q)·scale`` in
-  float64, building the soft target ``q`` literally.
+  float64, building the soft target ``q`` literally; with ``softcap`` of the capped logits
+  ``s = cap·tanh(z/cap)`` (``−inf`` kept), the gradient taken to ``z`` by ``1 − tanh²(z/cap)``.
 * :func:`distinct_logits` — random logits with no two equal values in a row *in their own dtype*
   (also for float16 / bfloat16), so the top-k set is unambiguous and gradients can be compared.
 * :func:`check_impl_against_reference` — runs one implementation forward and backward and asserts
@@ -31,6 +32,7 @@ def reference_dpls(
     ignore_index: int = -100,
     reduction: str = "mean",
     grad_output: torch.Tensor | float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, nll, grad)`` in float64 for logits ``[..., V]``; ``grad`` is d(grad_output·loss)/d logits.
 
@@ -41,6 +43,12 @@ def reference_dpls(
     """
     v = logits.shape[-1]
     z = logits.detach().reshape(-1, v).to(torch.float64)
+    slope = torch.ones_like(z)
+    if softcap is not None:  # the loss of the capped logits; d s / d z = 1 − tanh²(z / cap)
+        th = torch.tanh(z / softcap)
+        masked = z == -float("inf")
+        z = torch.where(masked, z, softcap * th)
+        slope = torch.where(masked, 0.0, 1.0 - th * th)
     y = target.detach().reshape(-1).to(torch.int64)
     n = z.shape[0]
     valid = y != ignore_index
@@ -86,7 +94,7 @@ def reference_dpls(
         row_scale = float(grad_output) * vmask / denom
     else:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    grad = torch.where(valid[:, None], per_grad * row_scale[:, None], torch.zeros_like(per_grad))
+    grad = torch.where(valid[:, None], per_grad * row_scale[:, None] * slope, torch.zeros_like(per_grad))
     grad = grad.reshape(logits.shape)
     return loss, nll, grad
 
@@ -98,13 +106,30 @@ def distinct_logits(
     dtype: torch.dtype = torch.float32,
     scale: float = 3.0,
     generator: torch.Generator | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """``[n, v]`` roughly ``N(0, scale²)`` logits whose rows have ``v`` distinct values in ``dtype``.
+    """``[n, v]`` roughly ``N(0, scale²)`` logits whose rows have ``v`` distinct values in ``dtype``
+    (and, with ``softcap``, distinct float32 values once capped, as implementations compute them).
 
     float32/float64: Gaussian draws (redrawn in the unlikely case of a tie). Half types: ``v``
     different representable values per row, drawn without replacement with probability ∝ the
     Gaussian mass of each value's cell, so even bfloat16 rows of a few thousand entries are tie-free.
     """
+    for _ in range(10):
+        z = _distinct(n, v, dtype, scale, generator)
+        if softcap is None or _tie_free(softcap * torch.tanh(z.float() / softcap)):
+            return z
+    raise RuntimeError("could not draw logits whose capped values are tie-free")
+
+
+def _tie_free(z: torch.Tensor) -> bool:
+    s = torch.sort(z, dim=-1).values
+    return z.shape[-1] < 2 or bool((s[:, 1:] != s[:, :-1]).all())
+
+
+def _distinct(
+    n: int, v: int, dtype: torch.dtype, scale: float, generator: torch.Generator | None
+) -> torch.Tensor:
     if dtype in _HALF_TYPES:
         bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
         pool = bits.view(dtype).to(torch.float64)
@@ -120,8 +145,7 @@ def distinct_logits(
         return pool[idx].to(dtype)
     for _ in range(10):
         z = (torch.randn(n, v, generator=generator, dtype=torch.float64) * scale).to(dtype)
-        s = torch.sort(z, dim=-1).values
-        if v < 2 or bool((s[:, 1:] != s[:, :-1]).all()):
+        if _tie_free(z):
             return z
     raise RuntimeError("could not draw tie-free logits")
 
@@ -160,13 +184,16 @@ def check_impl_against_reference(
     masked: float = 0.0,
     pad: int = 0,
     offset: float = 0.0,
+    softcap: float | None = None,
+    scale: float = 3.0,
 ) -> CheckResult:
     """Run ``dpls_loss(impl=impl_name)`` forward+backward and compare with :func:`reference_dpls`.
 
     ``epsilon="per_token"`` draws one ε per token in ``[0, 0.5)``. ``batch_shape`` (default ``(n,)``)
     lets the logits be ``[*batch_shape, v]``. ``masked`` sets that fraction of the logits to
     ``−inf`` (never a target's), ``pad`` the last ``pad`` columns (a padded vocabulary; targets
-    stay below), and ``offset`` is added to every logit. Loss and nll must match within ``loss_rtol``
+    stay below), and ``offset`` is added to every logit; ``softcap`` caps the logits (in the
+    implementation, and in float64 in the reference); ``scale`` is the logits' spread. Loss and nll must match within ``loss_rtol``
     (relative); the gradient within ``grad_rtol`` of its largest entry (default 1e-4 for float32
     gradients, 4 ulps of the dtype for half types, whose gradient is stored in that dtype).
     """
@@ -178,7 +205,8 @@ def check_impl_against_reference(
     n_tok = 1
     for s in shape:
         n_tok *= s
-    logits = distinct_logits(n_tok, v, dtype=dtype, generator=gen).reshape(*shape, v)
+    logits = distinct_logits(n_tok, v, dtype=dtype, generator=gen, softcap=softcap, scale=scale)
+    logits = logits.reshape(*shape, v)
     if offset:
         logits = (logits.double() + offset).to(dtype)
     target = torch.randint(0, v - pad, shape, generator=gen)
@@ -207,6 +235,7 @@ def check_impl_against_reference(
         ignore_index=ignore_index,
         reduction=reduction,
         grad_output=grad_out,
+        softcap=softcap,
     )
 
     leaf = logits.to(device).requires_grad_(True)
@@ -222,6 +251,7 @@ def check_impl_against_reference(
         impl=impl_name,
         return_nll=return_nll,
         inplace_backward=inplace_backward,
+        **({} if softcap is None else {"softcap": softcap}),
     )
     loss, nll = out if return_nll else (out, None)
     assert loss.dtype == torch.float32, f"{impl_name}: loss dtype {loss.dtype}, expected float32"

@@ -87,24 +87,29 @@ def _dev(x):
     return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
 
 
-def _run(logits, target, eps, k, reduction, *, inplace=False, config=SMALL, grad_out=None):
+def _run(logits, target, eps, k, reduction, *, inplace=False, config=SMALL, grad_out=None, softcap=None):
     """Forward + backward through the kernel on DEVICE; returns (loss, nll, grad) on the CPU."""
     leaf = logits.to(DEVICE, copy=True).requires_grad_(True)
     x = leaf.clone()  # non-leaf, like an lm head's output, so the kernel may overwrite it
-    loss, nll = triton_dpls_loss(x, _dev(target), _dev(eps), k, -100, reduction, True, inplace, config=config)
+    loss, nll = triton_dpls_loss(
+        x, _dev(target), _dev(eps), k, -100, reduction, True, inplace, config=config, softcap=softcap
+    )
     g = torch.ones_like(loss) if grad_out is None else _dev(grad_out)
     (loss * g).sum().backward()
     return loss.detach().cpu(), nll.cpu(), leaf.grad.cpu()
 
 
-def _check(logits, target, eps, k, reduction, *, config=SMALL, inplace=False, grad_out=None):
-    """Kernel against the float64 reference (ties to the lowest index on both sides)."""
+def _check(logits, target, eps, k, reduction, *, config=SMALL, inplace=False, grad_out=None, softcap=None):
+    """Kernel against the float64 reference (ties to the lowest index on both sides; with
+    ``softcap``, of the capped logits: in float64 in the reference, inside the kernel)."""
     if grad_out is None:
         grad_out = torch.randn(target.shape, dtype=torch.float64) if reduction == "none" else 0.7
     g = grad_out.float() if isinstance(grad_out, torch.Tensor) else torch.tensor(grad_out)
-    loss, nll, grad = _run(logits, target, eps, k, reduction, inplace=inplace, config=config, grad_out=g)
+    loss, nll, grad = _run(
+        logits, target, eps, k, reduction, inplace=inplace, config=config, grad_out=g, softcap=softcap
+    )
     ref_loss, ref_nll, ref_grad = reference_dpls(
-        logits, target, epsilon=eps, top_k=k, reduction=reduction, grad_output=grad_out
+        logits, target, epsilon=eps, top_k=k, reduction=reduction, grad_output=grad_out, softcap=softcap
     )
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
@@ -650,3 +655,124 @@ def test_selection_ties_masks_and_every_k_against_float64(dtype, split):
     # k = V with ε = 0: cross-entropy, masked entries and all
     loss, _, _ = _run(z, y, 0.0, v, "sum")
     torch.testing.assert_close(loss.double(), F.cross_entropy(z.double(), y, reduction="sum"))
+
+
+# --- logit soft-capping inside the kernels --------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    v=st.integers(2, 160),
+    k_frac=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES),
+    kind=st.sampled_from(["gauss", "ints", "negative"]),
+    eps=st.sampled_from([0.0, 0.3, "per_token"]),
+    softcap=st.sampled_from([1.5, 5.0, 30.0]),
+    masked=st.booleans(),
+    block_v=st.sampled_from([32, 64]),
+    cap=st.sampled_from([0, 8, 1024]),
+    top_r=st.sampled_from([0, 1, 3]),
+    reduction=st.sampled_from(["mean", "none"]),
+    split=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_softcap_in_the_kernel_equals_capping_first(
+    n, v, k_frac, dtype, kind, eps, softcap, masked, block_v, cap, top_r, reduction, split, seed
+):
+    """Every selection path (certified lanes, scratch row, counting over the row, tie cut), ties
+    among capped values, −inf masks, ε = 0, per-token ε and k = V, each dtype: the kernel's loss
+    and gradient are those of the capped logits (float64 reference, gradient through tanh)."""
+    from hypothesis import assume
+
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, min(v, round(k_frac * v)))
+    if kind == "gauss":
+        z = torch.randn(n, v, generator=gen) * 3
+    elif kind == "ints":
+        z = torch.randint(-2, 3, (n, v), generator=gen).float()
+    else:
+        z = -torch.rand(n, v, generator=gen) * 4
+    z = z.to(dtype)
+    y = torch.randint(0, v, (n,), generator=gen)
+    if masked and v > 2:
+        off = torch.rand(n, v, generator=gen) < 0.2
+        off.scatter_(1, y[:, None], False)
+        z = z.masked_fill(off, -float("inf"))
+    y[torch.rand(n, generator=gen) < 0.25] = -100
+    # values distinct in the dtype stay distinct once capped (no saturation to ±cap in float32)
+    raw, capped = z.float(), softcap * torch.tanh(z.float() / softcap)
+    assume(all(raw[i].unique().numel() == capped[i].unique().numel() for i in range(n)))
+    e = torch.rand(n, generator=gen) * 0.5 if eps == "per_token" else eps
+    cfg = KernelConfig(block_v=block_v, num_warps=1, programs=2, cap=cap, top_r=top_r, split=split)
+    _check(z, y, e, k, reduction, config=cfg, softcap=softcap)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KernelConfig(block_v=32, num_warps=1, programs=2, top_r=1, cap=4096),  # scratch row (float32)
+        KernelConfig(block_v=32, num_warps=1, programs=2, top_r=2, cap=0),  # counting over the row
+    ],
+    ids=["scratch", "row"],
+)
+def test_softcap_fallback_paths_in_half_precision(config):
+    """The compacted candidates are capped float32 values, not half-precision ones."""
+    z = distinct_logits(4, 161, dtype=torch.bfloat16, softcap=2.0)
+    for k in (3, 40):
+        _check(z, _targets(4, 161), 0.3, k, "mean", config=config, softcap=2.0)
+
+
+def test_softcap_linear_and_adaptive_epsilon_in_the_kernel():
+    """Fused-linear with the cap inside the kernel (reduction "none": backward recomputes), and
+    the in-kernel adaptive ε_i of the capped prediction."""
+    from dpls.losses.adaptive import adaptive_epsilon
+    from dpls.losses.triton_impl import triton_adaptive_dpls_loss
+
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(7, 8, generator=gen, requires_grad=True)
+    w = torch.randn(60, 8, generator=gen, requires_grad=True)
+    y = _targets(7, 60)
+    loss, nll = triton_dpls_linear_loss(
+        h, w, None, y, 0.25, 5, -100, "none", True, 3, config=SMALL, softcap=2.0
+    )
+    g_out = torch.randn(7, generator=gen)
+    (loss * g_out).sum().backward()
+    logits = (h @ w.t()).detach()
+    ref_loss, ref_nll, g_logits = reference_dpls(
+        logits, y, epsilon=0.25, top_k=5, reduction="none", grad_output=g_out.double(), softcap=2.0
+    )
+    torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll.double(), ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), g_logits @ w.detach().double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), g_logits.t() @ h.detach().double(), rtol=1e-4, atol=1e-5)
+
+    z = distinct_logits(6, 150, softcap=3.0)
+    capped = 3.0 * torch.tanh(z.double() / 3.0)
+    want_eps = adaptive_epsilon(capped, 0.3, "entropy", 1.0).double()
+    leaf = z.clone().requires_grad_(True)
+    loss, _, eps = triton_adaptive_dpls_loss(
+        leaf * 1, y[:6], epsilon=0.3, epsilon_mode="entropy", top_k=7, config=SMALL, softcap=3.0
+    )
+    loss.backward()
+    valid = y[:6] != -100
+    torch.testing.assert_close(eps[valid].double(), want_eps[valid], rtol=1e-4, atol=1e-7)
+    ref_loss, _, ref_grad = reference_dpls(z, y[:6], epsilon=want_eps, top_k=7, softcap=3.0)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), ref_grad, rtol=0, atol=1e-6)
+
+
+def test_softcap_objective_from_hidden_agrees_with_the_chunked_path(launches):
+    """What the trainer calls with fused_linear_loss and a soft-capped model, z-loss included."""
+    from dpls.losses.objective import LossConfig, build_objective
+
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(2, 3, 8, generator=gen)
+    w = torch.randn(70, 8, generator=gen)
+    y = torch.randint(0, 70, (2, 3), generator=gen)
+    keys = dict(loss="dpls", dpls_epsilon=0.3, dpls_top_k=6, z_loss=1e-3)
+    want = build_objective(LossConfig(**keys, loss_impl="chunked")).from_hidden(h, w, y, step=0, softcap=2.0)
+    got = build_objective(LossConfig(**keys, loss_impl="triton")).from_hidden(h, w, y, step=0, softcap=2.0)
+    assert launches
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.ce, want.ce, rtol=1e-5, atol=1e-6)

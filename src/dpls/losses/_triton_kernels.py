@@ -25,6 +25,12 @@ A ``−inf`` logit is masked: outside the vocabulary, never smoothed onto. So ``
 ``ε / k_eff``; for ``k ≥ V``, every finite entry), the entropy ε-mode normalises by the log of the
 finite count, and no step forms ``−inf − (−inf)`` or ``0·(−inf)``: a padded vocabulary changes nothing.
 
+**Soft-capping** (``SOFTCAP``): every read of a row caps it first, ``cap·tanh(z/cap)`` in float32
+(``−inf`` stays masked), and everything above runs on the capped values: the selection then uses
+32-bit keys of the capped floats (a half-precision row's capped values are not half-precision
+values) and a float32 scratch row, and the gradient is multiplied by ``1 − (s/cap)²``. So the
+kernel computes exactly the loss of the capped logits, ties among capped values included.
+
 So a row is usually read twice and written once, like a fused cross-entropy. Steps 1–3 and step 4
 run as two launches of one kernel (``PHASE`` 1 and 2, a few numbers per row between them), so the
 final pass runs with the final pass's registers, not the selection's; ties at ``t`` are then taken
@@ -59,6 +65,33 @@ def _signed_key(x, KEY_BITS: tl.constexpr):
         b = x.to(tl.int32, bitcast=True)
         b = tl.where(b == -2147483648, 0, b)
         key = b ^ ((b >> 31) & 0x7FFFFFFF)
+    return key
+
+
+@triton.jit
+def _tanh(u):
+    """``tanh`` from one ``exp`` (Triton's interpreter has no ``tanh``): odd, monotone, within a few
+    float32 ulps of 1 in absolute terms (``1 − e`` rounds), so ``cap·tanh`` is within ``cap·2⁻²²``."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def _cap(x, softcap, SOFTCAP: tl.constexpr):
+    """``softcap·tanh(x / softcap)`` of float32 ``x`` when ``SOFTCAP``, ``−inf`` kept (masked); else ``x``."""
+    if SOFTCAP:
+        x = tl.where(x == -float("inf"), x, softcap * _tanh(x / softcap))
+    return x
+
+
+@triton.jit
+def _float_key(value, dtype, KEY_BITS: tl.constexpr):
+    """Key of a float32 ``value`` that holds a ``dtype`` value (16-bit keys) or any float32 (32-bit keys)."""
+    if KEY_BITS == 16:
+        key = _signed_key(value.to(dtype), KEY_BITS)
+    else:
+        key = _signed_key(value, KEY_BITS)
     return key
 
 
@@ -111,11 +144,7 @@ def _insert(k0, k1, k2, k3, k4, k5, k6, k7, v, TOP_R: tl.constexpr):
 @triton.jit
 def _lane_key(value, held, dtype, KEY_BITS: tl.constexpr):
     """Key of a lane's kept value; -2^31 (below every real key) where the lane holds no such value."""
-    if KEY_BITS == 16:
-        key = _signed_key(value.to(dtype), KEY_BITS)
-    else:
-        key = _signed_key(value, KEY_BITS)
-    return tl.where(held, key, -2147483648)
+    return tl.where(held, _float_key(value, dtype, KEY_BITS), -2147483648)
 
 
 @triton.jit
@@ -161,19 +190,34 @@ def _lowest_held(q0, q1, q2, q3, q4, q5, q6, q7, TOP_R: tl.constexpr):
 
 
 @triton.jit
-def _count_at_least(src, n, t, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """How many of the ``n`` entries at ``src`` have a key ≥ ``t``."""
+def _count_at_least(
+    src, n, t, softcap, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr, CAP_LOAD: tl.constexpr
+):
+    """How many of the ``n`` entries at ``src`` have a key ≥ ``t`` (capped first with ``CAP_LOAD``)."""
     offs = tl.arange(0, BLOCK_V)
     count = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK_V):
         idx = start + offs
         x = tl.load(src + idx, mask=idx < n, other=0.0)
+        if CAP_LOAD:
+            x = _cap(x.to(tl.float32), softcap, CAP_LOAD)
         count += tl.sum(((_signed_key(x, KEY_BITS) >= t) & (idx < n)).to(tl.int32), 0)
     return count
 
 
 @triton.jit
-def _bisect_memory(src, n, top_k, lo, hi, count_lo, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _bisect_memory(
+    src,
+    n,
+    top_k,
+    lo,
+    hi,
+    count_lo,
+    softcap,
+    KEY_BITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CAP_LOAD: tl.constexpr,
+):
     """The k-th largest key of ``n`` entries at ``src``, within ``[lo, hi)``.
 
     Needs ``count_lo`` = #(key ≥ lo) ≥ top_k and #(key ≥ hi) = 0. Returns ``(t, above, ties)``:
@@ -182,7 +226,7 @@ def _bisect_memory(src, n, top_k, lo, hi, count_lo, KEY_BITS: tl.constexpr, BLOC
     count_hi = tl.zeros([], dtype=tl.int32)
     while hi - lo > 1:
         mid = (lo + (hi - lo) // 2).to(tl.int32)
-        count = _count_at_least(src, n, mid, KEY_BITS, BLOCK_V)
+        count = _count_at_least(src, n, mid, softcap, KEY_BITS, BLOCK_V, CAP_LOAD)
         if count >= top_k:
             lo = mid.to(tl.int64)
             count_lo = count
@@ -193,14 +237,27 @@ def _bisect_memory(src, n, top_k, lo, hi, count_lo, KEY_BITS: tl.constexpr, BLOC
 
 
 @triton.jit
-def _compact(row, V, low, dst, CAP: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Copy the entries with key ≥ ``low`` to ``dst`` (the first ``CAP`` of them); return their count."""
+def _compact(
+    row,
+    V,
+    low,
+    dst,
+    softcap,
+    CAP: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """Copy the entries with key ≥ ``low`` to ``dst`` (the first ``CAP`` of them); return their count.
+    With ``SOFTCAP`` the capped values are compared and copied (``dst`` is float32)."""
     offs = tl.arange(0, BLOCK_V)
     base = tl.zeros([], dtype=tl.int32)
     for start in range(0, V, BLOCK_V):
         idx = start + offs
         valid = idx < V
         x = tl.load(row + idx, mask=valid, other=0.0)
+        if SOFTCAP:
+            x = _cap(x.to(tl.float32), softcap, SOFTCAP)
         live = valid & (_signed_key(x, KEY_BITS) >= low)
         found = tl.sum(live.to(tl.int32), 0)
         if found > 0:
@@ -225,12 +282,15 @@ def _select_threshold(
     m,
     top_k,
     scratch,
+    softcap,
     KEY_BITS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     CAP: tl.constexpr,
     TOP_R: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """The k-th largest key ``t`` of the row, how many entries exceed it and how many equal it."""
+    """The k-th largest key ``t`` of the row, how many entries exceed it and how many equal it
+    (of the capped row with ``SOFTCAP``: ``m`` and the lanes' values are capped values then)."""
     dtype = row.dtype.element_ty
     lane = tl.arange(0, BLOCK_V)
     per_lane = tl.where(lane < V, (V - 1 - lane) // BLOCK_V + 1, 0)  # entries each lane saw
@@ -242,7 +302,7 @@ def _select_threshold(
     q5 = _lane_key(k5, per_lane > 5, dtype, KEY_BITS)
     q6 = _lane_key(k6, per_lane > 6, dtype, KEY_BITS)
     q7 = _lane_key(k7, per_lane > 7, dtype, KEY_BITS)
-    top = _signed_key(m.to(dtype), KEY_BITS)
+    top = _float_key(m, dtype, KEY_BITS)
     # bisection on [lo, hi): #kept ≥ lo is ≥ k (or lo = -2^31, trivially a lower bound), #kept ≥ hi = 0
     lo = tl.full([], -2147483648, tl.int64)
     hi = top.to(tl.int64) + 1
@@ -283,20 +343,22 @@ def _select_threshold(
     ties = count_lo - count_hi
     if (dropped_max >= t) | (t == -2147483648):  # not certified: t is only a lower bound
         tl.debug_barrier()  # the previous row's readers of the scratch row are done
-        n_cand = _compact(row, V, t, scratch, CAP, KEY_BITS, BLOCK_V)
+        n_cand = _compact(row, V, t, scratch, softcap, CAP, KEY_BITS, BLOCK_V, SOFTCAP)
         tl.debug_barrier()  # the scratch row is visible to every thread of the program
         hi = top.to(tl.int64) + 1  # the bisection above narrowed it to t + 1
-        if n_cand <= CAP:
+        if n_cand <= CAP:  # the scratch row holds capped values already
             t, above, ties = _bisect_memory(
-                scratch, n_cand, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V
+                scratch, n_cand, top_k, t.to(tl.int64), hi, n_cand, softcap, KEY_BITS, BLOCK_V, False
             )
         else:  # too many candidates to hold: count over the row itself
-            t, above, ties = _bisect_memory(row, V, top_k, t.to(tl.int64), hi, n_cand, KEY_BITS, BLOCK_V)
+            t, above, ties = _bisect_memory(
+                row, V, top_k, t.to(tl.int64), hi, n_cand, softcap, KEY_BITS, BLOCK_V, SOFTCAP
+            )
     return t, above, ties
 
 
 @triton.jit
-def _tie_cut(row, V, t_value, k_rem, BLOCK_V: tl.constexpr):
+def _tie_cut(row, V, t_value, k_rem, softcap, BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr):
     """Index of the ``k_rem``-th entry (lowest index first) equal to ``t_value``: T takes the ties up
     to it. Reads the row only up to that entry (there are more than ``k_rem`` ties)."""
     offs = tl.arange(0, BLOCK_V)
@@ -305,7 +367,7 @@ def _tie_cut(row, V, t_value, k_rem, BLOCK_V: tl.constexpr):
     start = tl.zeros([], dtype=tl.int32)
     while (taken < k_rem) & (start < V):
         idx = start + offs
-        xf = tl.load(row + idx, mask=idx < V, other=0.0).to(tl.float32)
+        xf = _cap(tl.load(row + idx, mask=idx < V, other=0.0).to(tl.float32), softcap, SOFTCAP)
         tie = (idx < V) & (xf == t_value)
         rank = taken + tl.cumsum(tie.to(tl.int32), 0)
         cut = tl.maximum(cut, tl.max(tl.where(tie & (rank == k_rem), idx, -1), 0))
@@ -337,6 +399,7 @@ def _dpls_rows_kernel(
     eps_ptr,
     eps_value,
     gamma,
+    softcap,
     eps_out_ptr,
     scale_ptr,
     loss_ptr,
@@ -358,6 +421,7 @@ def _dpls_rows_kernel(
     WRITE_GRAD: tl.constexpr,
     SCALE_MODE: tl.constexpr,
     PHASE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Loss, plain NLL and (optionally) the scaled gradient of each row; see the module docstring.
 
@@ -401,7 +465,7 @@ def _dpls_rows_kernel(
                 grad_scale = tl.load(scale_ptr + r).to(tl.float32)
             else:
                 grad_scale = mean_scale
-            z_y = tl.load(row + col).to(tl.float32)
+            z_y = _cap(tl.load(row + col).to(tl.float32), softcap, SOFTCAP)
 
             cut = V  # entries equal to t are in T up to this index (phase 2)
             if PHASE != 2:
@@ -424,6 +488,7 @@ def _dpls_rows_kernel(
                 for start in range(0, V, BLOCK_V):
                     idx = start + offs
                     xf = tl.load(row + idx, mask=idx < V, other=-float("inf")).to(tl.float32)
+                    xf = _cap(xf, softcap, SOFTCAP)
                     m_new = tl.maximum(m, tl.max(xf, 0))
                     m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
                     alpha = tl.exp(m - m_ref)
@@ -467,14 +532,15 @@ def _dpls_rows_kernel(
                 ties = tl.zeros([], dtype=tl.int32)
                 if TOPK_MODE == 1:
                     t, above, ties = _select_threshold(
-                        row, V, k0, k1, k2, k3, k4, k5, k6, k7, m, k_eff, scratch, KEY_BITS, BLOCK_V, CAP, TOP_R
+                        row, V, k0, k1, k2, k3, k4, k5, k6, k7, m, k_eff, scratch, softcap,
+                        KEY_BITS, BLOCK_V, CAP, TOP_R, SOFTCAP,
                     )  # fmt: skip
                     k_rem = k_eff - above
                 t_value = _key_value(t, row.dtype.element_ty, KEY_BITS)  # float compares: −0 == +0 too
                 if PHASE == 1:
                     if TOPK_MODE == 1:  # noqa: SIM102 - a constexpr test, then a run-time one
                         if ties > k_rem:
-                            cut = _tie_cut(row, V, t_value, k_rem, BLOCK_V)
+                            cut = _tie_cut(row, V, t_value, k_rem, softcap, BLOCK_V, SOFTCAP)
                     tl.store(stat_f_ptr + 3 * r64, m)
                     tl.store(stat_f_ptr + 3 * r64 + 1, s)
                     tl.store(stat_f_ptr + 3 * r64 + 2, eps)
@@ -504,8 +570,7 @@ def _dpls_rows_kernel(
                 for start in range(0, V, BLOCK_V):
                     idx = start + offs
                     valid = idx < V
-                    x = tl.load(row + idx, mask=valid, other=0.0)
-                    xf = x.to(tl.float32)
+                    xf = _cap(tl.load(row + idx, mask=valid, other=0.0).to(tl.float32), softcap, SOFTCAP)
                     if TOPK_MODE == 1 and PHASE == 2:
                         in_t = valid & ((xf > t_value) | ((xf == t_value) & (idx <= cut)))
                     elif TOPK_MODE == 1:
@@ -532,6 +597,9 @@ def _dpls_rows_kernel(
                         g -= tl.where(idx == col, c_target, 0.0)
                         if TOPK_MODE != 0:
                             g -= tl.where(in_t, c_topk, 0.0)
+                        if SOFTCAP:  # the chain rule through the cap; masked entries keep 0
+                            slope = 1.0 - (xf / softcap) * (xf / softcap)
+                            g *= tl.where(xf > -float("inf"), slope, 0.0)
                         tl.store(grow + idx, g.to(g_ptr.dtype.element_ty), mask=valid)
 
                 nll = tl.log(s) + (m - z_y)

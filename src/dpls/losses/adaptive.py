@@ -19,6 +19,7 @@ import torch
 from dpls.losses.chunked import chunk_rows, run_chunks
 from dpls.losses.linear import default_chunk_size
 from dpls.losses.reference import compute_dtype
+from dpls.losses.softcap import softcap as apply_softcap
 
 
 def _one_minus_max_p(z: torch.Tensor) -> torch.Tensor:
@@ -98,8 +99,10 @@ def adaptive_epsilon_from_hidden(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> float | torch.Tensor:
-    """The same from hidden states and the output weight, forming the logits chunk by chunk."""
+    """The same from hidden states and the output weight, forming the logits chunk by chunk
+    (capped by ``softcap``, as the loss will see them)."""
     check_mode(mode, gamma)
     stat = EPSILON_MODES[mode]
     if stat is None or epsilon == 0.0:
@@ -112,7 +115,7 @@ def adaptive_epsilon_from_hidden(
 
     def make(s: int, e: int) -> torch.Tensor:
         z = h[s:e] @ w.T if b is None else torch.addmm(b, h[s:e], w.T)
-        return z.to(cd)
+        return apply_softcap(z.to(cd), softcap)
 
     n = h.shape[0]
     r = _per_row(n, make, v, stat, hidden.device, chunk_size or default_chunk_size(n, v))

@@ -26,6 +26,10 @@ own storage with ``inplace_backward``), scaled per row, and ``−ε·r·scale`` 
 scattered onto the ``k`` entries of ``T`` and the target: no ``[N, V]`` temporary besides the
 gradient itself. The helpers (``chunk_forward``, ``chunk_grad``) are shared with the
 fused-linear loss and the related objectives.
+
+With ``softcap`` each chunk is capped (``cap·tanh(z/cap)``) in its private copy as it is read, in
+forward and again in backward, where the gradient of the capped logits is multiplied by
+``1 − (s/cap)²``: the capped ``[N, V]`` logits are never stored.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import torch
 from dpls.losses import cpu_kernel
 from dpls.losses.reference import compute_dtype, reduce_rows
 from dpls.losses.registry import register_impl
+from dpls.losses.softcap import softcap as apply_softcap
+from dpls.losses.softcap import softcap_, softcap_backward_
 
 CHUNK_ELEMS = 1 << 21  # 8 MiB of float32 per chunk: few enough chunks that per-op overhead is small
 GPU_CHUNK_ELEMS = 1 << 24  # on a GPU, fewer and larger launches (64 MiB of float32 per chunk)
@@ -492,10 +498,17 @@ def chunk_grad(
 
 
 def dense_grad(
-    logits: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor, sm: Smoothing, sel
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    eps: torch.Tensor,
+    sm: Smoothing,
+    sel,
+    cap: float | None = None,
 ) -> torch.Tensor:
-    """``(softmax − q)·scale`` with differentiable ops on the whole batch (for double backward)."""
-    z = logits.to(compute_dtype(logits.dtype))
+    """``(softmax − q)·scale`` with differentiable ops on the whole batch (for double backward),
+    through the soft-cap when ``cap`` is set."""
+    z = apply_softcap(logits.to(compute_dtype(logits.dtype)), cap)
     v = z.shape[1]
     mode = sm.mode(v)
     q = torch.zeros_like(z).scatter_(1, y[:, None], (1.0 - eps)[:, None])
@@ -507,7 +520,11 @@ def dense_grad(
     elif mode == "prior":
         assert sm.prior is not None
         q = q + eps[:, None] * sm.prior
-    return ((torch.softmax(z, -1) - q) * scale[:, None]).to(logits.dtype)
+    grad = (torch.softmax(z, -1) - q) * scale[:, None]
+    if cap is not None:  # d(cap·tanh(z/cap))/dz = 1 − (s/cap)², 0 at masked entries (no inf in the graph)
+        finite = z > -float("inf")
+        grad = grad * torch.where(finite, 1.0 - (torch.where(finite, z, 0.0) / cap).square(), 0.0)
+    return grad.to(logits.dtype)
 
 
 def row_scale(
@@ -568,6 +585,7 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         ignore_index: int,
         reduction: str,
         inplace_backward: bool,
+        cap: float | None = None,
     ):
         n, v = logits.shape
         cd = compute_dtype(logits.dtype)
@@ -588,8 +606,10 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
 
         def chunk(s: int, e: int) -> None:
             zc = logits[s:e]
-            if zc.dtype != cd:
+            if zc.dtype != cd or cap is not None:
                 zc = chunk_buffer("copy", e - s, v, cd, zc.device).copy_(zc)
+                if cap is not None:
+                    softcap_(zc, cap)
             logp_buf = chunk_buffer("work", e - s, v, cd, zc.device)
             logp_y[s:e], extra, sel = chunk_forward(zc, y[s:e], sm, logp_buf)
             if raw is not None:
@@ -606,13 +626,15 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         with torch.no_grad():
             run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
             if raw is not None:
-                smooth, sel = finish_top(raw, sm.top_k, mode, lambda idx: logits[idx].to(cd))
+                smooth, sel = finish_top(
+                    raw, sm.top_k, mode, lambda idx: apply_softcap(logits[idx].to(cd), cap)
+                )
                 stored.put(0, n, sel)
             per_loss, per_nll = loss_rows(logp_y, smooth, eps, valid)
             loss = reduce_rows(per_loss, valid, reduction)
             nll = reduce_rows(per_nll, valid, reduction)
         ctx.save_for_backward(logits, y, valid, eps, *stored.tensors())
-        ctx.sm, ctx.reduction, ctx.inplace = sm, reduction, inplace_backward
+        ctx.sm, ctx.reduction, ctx.inplace, ctx.cap = sm, reduction, inplace_backward, cap
         ctx.mark_non_differentiable(nll)
         return loss, nll
 
@@ -623,30 +645,38 @@ class ChunkedSoftTargetLoss(torch.autograd.Function):
         cd = compute_dtype(logits.dtype)
         sel = Selection(k_eff, cols, tau, tied)
         scale = row_scale(grad_loss, valid, ctx.reduction, cd).expand(n)
+        nones = (None,) * 7
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops, so double backward is exact
-            return dense_grad(logits, y, scale, eps, ctx.sm, sel), None, None, None, None, None, None
+            return dense_grad(logits, y, scale, eps, ctx.sm, sel, ctx.cap), *nones
         weights = grad_weights(scale, eps, ctx.sm, sel, v)
         grad = logits if ctx.inplace else torch.empty_like(logits)
         direct = logits.dtype == cd  # compute straight into the output rows
+        cap = ctx.cap
 
         def chunk(s: int, e: int) -> None:
-            if direct:
+            rows = e - s
+            if direct and cap is None:
                 src, out = logits[s:e], grad[s:e]
-            else:  # a private float32 copy, overwritten in place
-                src = out = chunk_buffer("copy", e - s, v, cd, logits.device).copy_(logits[s:e])
+            else:  # a private float32 copy (capped), overwritten in place unless the cap needs it after
+                src = out = chunk_buffer("copy", rows, v, cd, logits.device).copy_(logits[s:e])
+                if cap is not None:
+                    softcap_(src, cap)
+                    out = grad[s:e] if direct else chunk_buffer("grad", rows, v, cd, logits.device)
             part = Selection(
                 sel.k_eff[s:e], _part(sel.cols, s, e), _part(sel.tau, s, e), _part(sel.tied, s, e)
             )
-            scratch = chunk_buffer("work", e - s, v, cd, logits.device)
+            scratch = chunk_buffer("work", rows, v, cd, logits.device)
             part_w = (weights[0][s:e], _part(weights[1], s, e))
             chunk_grad(src, out, y[s:e], scale[s:e], part_w, ctx.sm, part, scratch)
-            if not direct:
+            if cap is not None:
+                softcap_backward_(out, src, cap)
+            if out.data_ptr() != grad[s:e].data_ptr():
                 grad[s:e].copy_(out)
 
         with torch.no_grad():
             run_chunks(n, chunk_rows(n, v, device=logits.device), chunk, logits.device)
             _zero_ignored_nonfinite_rows(grad, valid)
-        return grad, None, None, None, None, None, None
+        return grad, *nones
 
 
 def _zero_ignored_nonfinite_rows(grad: torch.Tensor, valid: torch.Tensor) -> None:
@@ -679,14 +709,15 @@ def chunked_dpls_loss(
     reduction: str,
     return_nll: bool = False,
     inplace_backward: bool = False,
+    softcap: float | None = None,
 ):
     n = logits.shape[0]
     eps = eps_rows(epsilon, n, compute_dtype(logits.dtype), logits.device)
     sm = Smoothing(top_k=top_k, active=is_active(epsilon))
     loss, nll = ChunkedSoftTargetLoss.apply(
-        logits, target, eps, sm, ignore_index, reduction, inplace_backward
+        logits, target, eps, sm, ignore_index, reduction, inplace_backward, softcap
     )
     return (loss, nll) if return_nll else loss
 
 
-register_impl("chunked", chunked_dpls_loss, priority=10)
+register_impl("chunked", chunked_dpls_loss, priority=10, softcap=True)

@@ -7,6 +7,8 @@ from typing import Literal, overload
 import torch
 
 from dpls.losses.registry import check_impl_name, resolve_impl
+from dpls.losses.softcap import check_softcap
+from dpls.losses.softcap import softcap as apply_softcap
 from dpls.losses.validation import check_loss_args
 
 
@@ -61,6 +63,7 @@ def dpls_loss(
     impl: str = "auto",
     return_nll: bool = False,
     inplace_backward: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dynamic partial label smoothing (the definition: docs/losses.md).
 
@@ -79,15 +82,24 @@ def dpls_loss(
             same pass, detached) — the number comparable across objectives.
         inplace_backward: let the implementation write the gradient into the logits' storage
             (only when nothing else needs the logits after the loss).
+        softcap: ``cap`` > 0 to compute the loss of ``cap·tanh(logits / cap)`` (Gemma 2's final
+            logit soft-capping; ``−inf`` stays masked), applied inside the implementation where
+            it can; None: off.
     """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a float tensor, got {type(logits).__name__}")
     check_impl_name(impl)
+    cap = check_softcap(softcap)
     args = check_loss_args(
         logits.shape, logits.dtype, logits.device, target, epsilon, top_k, ignore_index, reduction
     )
     spec = resolve_impl(impl, logits.device, logits.dtype)
     logits2d = logits.reshape(-1, logits.shape[-1])
+    extra = {}
+    if cap is not None and spec.softcap:
+        extra["softcap"] = cap
+    elif cap is not None:  # an implementation that does not cap: hand it capped logits
+        logits2d = apply_softcap(logits2d, cap)
     out = spec.fn(
         logits2d,
         args.target,
@@ -97,6 +109,7 @@ def dpls_loss(
         args.reduction,
         return_nll,
         inplace_backward,
+        **extra,
     )
     return args.unflatten(out)
 
@@ -108,8 +121,10 @@ def label_smoothing_loss(
     epsilon: float | torch.Tensor = 0.1,
     ignore_index: int = -100,
     reduction: str = "mean",
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Standard label smoothing: DPLS with ``k = V`` (equals ``F.cross_entropy(label_smoothing=ε)``)."""
+    """Standard label smoothing: DPLS with ``k = V`` (equals ``F.cross_entropy(label_smoothing=ε)``);
+    ``softcap`` as in :func:`dpls_loss`."""
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
         raise ValueError("logits must be a float tensor of shape [..., V]")
     return dpls_loss(
@@ -119,4 +134,5 @@ def label_smoothing_loss(
         top_k=logits.shape[-1],
         ignore_index=ignore_index,
         reduction=reduction,
+        softcap=softcap,
     )

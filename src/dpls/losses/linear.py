@@ -10,6 +10,9 @@ gradients of the inputs, whatever ``N`` is.
 For ``"mean"`` and ``"sum"`` the gradients are computed during the forward pass (the upstream
 gradient is a scalar that backward only multiplies in), which saves recomputing the matmul. For
 ``"none"`` the upstream gradient differs per row, so backward walks the chunks again.
+
+With ``softcap`` each chunk's logits are capped (``cap·tanh(z/cap)``) once formed, and their
+gradient is multiplied by ``1 − (s/cap)²`` before it is folded into the input gradients.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dpls.losses.chunked import (
 )
 from dpls.losses.reference import compute_dtype, reduce_rows, reference_dpls_loss
 from dpls.losses.registry import check_impl_name, register_linear_impl, resolve_impl
+from dpls.losses.softcap import check_softcap, softcap_, softcap_backward_
 from dpls.losses.validation import check_loss_args
 
 LINEAR_CHUNK_ELEMS = 1 << 22  # logits per chunk (16 MiB in float32): big enough for an efficient matmul
@@ -51,6 +55,7 @@ def _walk(
     chunk: int,
     scale: torch.Tensor | None,
     need: tuple[bool, bool, bool],
+    cap: float | None,
 ):
     """One pass over the row chunks: per-row stats, and with ``scale`` the input gradients."""
     n = hidden.shape[0]
@@ -70,12 +75,17 @@ def _walk(
         else:
             torch.addmm(bias, h, weight.T, out=z)
         zf = z.to(cd)
+        if cap is not None:
+            softcap_(zf, cap)
         logp_buf = chunk_buffer("work", e - s, zf.shape[1], cd, zf.device)
         logp_y[s:e], smooth[s:e], sel = chunk_stats(zf, y[s:e], sm, logp_buf)
         if scale is None or not (need_h or need_w or need_b):
             continue
         weights = grad_weights(scale[s:e], eps[s:e], sm, sel, zf.shape[1])
+        capped = None if cap is None else logp_buf.copy_(zf)  # log p is no longer needed
         d = chunk_grad(zf, zf, y[s:e], scale[s:e], weights, sm, sel)
+        if capped is not None:
+            softcap_backward_(d, capped, cap)
         d_in = d.to(hidden.dtype)  # the matmuls run in the model's dtype, as autograd would
         if g_h is not None:
             torch.mm(d_in, weight, out=g_h[s:e])
@@ -88,7 +98,7 @@ def _walk(
 
 class ChunkedLinearDPLS(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk):
+    def forward(ctx, hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk, cap):
         valid = target != ignore_index
         y = torch.where(valid, target, torch.zeros_like(target))
         cd = compute_dtype(hidden.dtype)
@@ -101,12 +111,19 @@ class ChunkedLinearDPLS(torch.autograd.Function):
         scale = row_scale(torch.ones((), device=hidden.device), valid, reduction, cd).expand(y.shape[0])
         with torch.no_grad():
             logp_y, smooth, g_h, g_w, g_b = _walk(
-                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need
+                hidden, weight, bias, y, eps, sm, chunk, scale if eager else None, need, cap
             )
             per_loss, per_nll = loss_rows(logp_y, smooth, eps, valid)
             loss = reduce_rows(per_loss, valid, reduction)
             nll = reduce_rows(per_nll, valid, reduction)
-        ctx.eager, ctx.sm, ctx.reduction, ctx.chunk, ctx.need = eager, sm, reduction, chunk, need
+        ctx.eager, ctx.sm, ctx.reduction, ctx.chunk, ctx.need, ctx.cap = (
+            eager,
+            sm,
+            reduction,
+            chunk,
+            need,
+            cap,
+        )
         if eager:
             ctx.save_for_backward(*_cast((g_h, g_w, g_b), weight))
         else:
@@ -123,9 +140,9 @@ class ChunkedLinearDPLS(torch.autograd.Function):
             hidden, weight, bias, y, valid, eps = ctx.saved_tensors
             scale = row_scale(grad_loss, valid, ctx.reduction, compute_dtype(hidden.dtype)).expand(y.shape[0])
             with torch.no_grad():
-                grads = _walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need)[2:]
+                grads = _walk(hidden, weight, bias, y, eps, ctx.sm, ctx.chunk, scale, ctx.need, ctx.cap)[2:]
                 grads = _cast(grads, weight)
-        return *grads, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None
 
 
 def _cast(grads, weight: torch.Tensor) -> list[torch.Tensor | None]:
@@ -135,26 +152,50 @@ def _cast(grads, weight: torch.Tensor) -> list[torch.Tensor | None]:
 
 
 def chunked_linear_dpls_loss(
-    hidden, weight, bias, target, epsilon, top_k, ignore_index, reduction, return_nll, chunk_size
+    hidden,
+    weight,
+    bias,
+    target,
+    epsilon,
+    top_k,
+    ignore_index,
+    reduction,
+    return_nll,
+    chunk_size,
+    softcap=None,
 ):
     n = hidden.shape[0]
     eps = eps_rows(epsilon, n, compute_dtype(hidden.dtype), hidden.device)
     sm = Smoothing(top_k=top_k, active=is_active(epsilon))
     chunk = chunk_size or default_chunk_size(n, weight.shape[0])
-    loss, nll = ChunkedLinearDPLS.apply(hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk)
+    loss, nll = ChunkedLinearDPLS.apply(
+        hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk, softcap
+    )
     return (loss, nll) if return_nll else loss
 
 
 def reference_linear_dpls_loss(
-    hidden, weight, bias, target, epsilon, top_k, ignore_index, reduction, return_nll, chunk_size
+    hidden,
+    weight,
+    bias,
+    target,
+    epsilon,
+    top_k,
+    ignore_index,
+    reduction,
+    return_nll,
+    chunk_size,
+    softcap=None,
 ):
     """Materialise the logits and call the dense reference (for tests and comparisons)."""
     logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    return reference_dpls_loss(logits, target, epsilon, top_k, ignore_index, reduction, return_nll)
+    return reference_dpls_loss(
+        logits, target, epsilon, top_k, ignore_index, reduction, return_nll, softcap=softcap
+    )
 
 
-register_linear_impl("chunked", chunked_linear_dpls_loss, priority=10)
-register_linear_impl("reference", reference_linear_dpls_loss, priority=0)
+register_linear_impl("chunked", chunked_linear_dpls_loss, priority=10, softcap=True)
+register_linear_impl("reference", reference_linear_dpls_loss, priority=0, softcap=True)
 
 
 # The return type follows return_nll, as dpls_loss's.
@@ -216,13 +257,15 @@ def dpls_linear_loss(
     impl: str = "auto",
     return_nll: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """DPLS of the logits ``hidden @ weight.T (+ bias)`` without materialising them (docs/losses.md).
 
     ``hidden`` is ``[..., C]``, ``weight`` ``[V, C]`` (the output embedding), ``bias`` ``[V]``;
     ``target`` has ``hidden``'s shape without the last dimension. The other keywords are those of
-    :func:`dpls.losses.dpls_loss`; ``chunk_size`` is the number of rows per chunk (default: about
-    4M logits per chunk).
+    :func:`dpls.losses.dpls_loss` (``softcap``: the loss of ``cap·tanh(logits / cap)``, capped
+    chunk by chunk); ``chunk_size`` is the number of rows per chunk (default: about 4M logits per
+    chunk).
     """
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -248,6 +291,7 @@ def dpls_linear_loss(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_impl_name(impl, linear=True)
+    cap = check_softcap(softcap)
     logits_shape = torch.Size((*hidden.shape[:-1], weight.shape[0]))
     args = check_loss_args(
         logits_shape,
@@ -261,6 +305,8 @@ def dpls_linear_loss(
         name="hidden @ weight.T",
     )
     spec = resolve_impl(impl, hidden.device, hidden.dtype, linear=True)
+    if cap is not None and not spec.softcap:
+        raise ValueError(f"impl={spec.name!r} of dpls_linear_loss does not support softcap")
     out = spec.fn(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -272,5 +318,6 @@ def dpls_linear_loss(
         args.reduction,
         return_nll,
         chunk_size,
+        **({} if cap is None else {"softcap": cap}),
     )
     return args.unflatten(out)

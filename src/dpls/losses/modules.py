@@ -7,6 +7,7 @@ from torch import nn
 
 from dpls.losses.functional import dpls_loss
 from dpls.losses.registry import check_impl_name
+from dpls.losses.softcap import check_softcap
 from dpls.losses.validation import check_reduction, check_scalar_epsilon
 
 
@@ -20,6 +21,7 @@ class DPLSLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         impl: str = "auto",
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         # Checked here too, so a bad config fails when the model is built, not at the first step.
@@ -29,6 +31,7 @@ class DPLSLoss(nn.Module):
         check_reduction(reduction)
         check_impl_name(impl)
         self.top_k, self.ignore_index, self.reduction, self.impl = top_k, ignore_index, reduction, impl
+        self.softcap = check_softcap(softcap)
 
     def forward(
         self, logits: torch.Tensor, target: torch.Tensor, epsilon: float | torch.Tensor | None = None
@@ -41,7 +44,9 @@ class DPLSLoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             impl=self.impl,
+            softcap=self.softcap,
         )
 
     def extra_repr(self) -> str:
-        return f"epsilon={self.epsilon}, top_k={self.top_k}, reduction={self.reduction!r}, impl={self.impl!r}"
+        cap = "" if self.softcap is None else f", softcap={self.softcap}"
+        return f"epsilon={self.epsilon}, top_k={self.top_k}, reduction={self.reduction!r}, impl={self.impl!r}{cap}"

@@ -2,7 +2,8 @@
 
 ``build_objective(LossConfig(...))`` returns an :class:`Objective`;
 ``objective(logits, target, step=t)`` and ``objective.from_hidden(hidden, weight, target, step=t)``
-give ``ObjectiveOutput(loss, ce, epsilon)``:
+give ``ObjectiveOutput(loss, ce, epsilon)`` (``from_hidden(..., softcap=cap)`` for a model whose
+logits are soft-capped: the logits it forms are capped first, as the model's own forward caps them):
 
 * ``loss`` — the objective being minimised (z-loss included), mean over non-ignored tokens;
 * ``ce`` — plain cross-entropy of the same tokens from the same pass, detached: the number that is
@@ -33,6 +34,8 @@ from dpls.losses.related import (
     prior_label_smoothing_loss,
 )
 from dpls.losses.schedules import SHAPES, EpsilonSchedule
+from dpls.losses.softcap import check_softcap
+from dpls.losses.softcap import softcap as apply_softcap
 from dpls.losses.validation import check_scalar_epsilon
 
 IGNORE_INDEX = -100
@@ -161,6 +164,7 @@ class Objective:
         target: torch.Tensor,
         step: int,
         bias: torch.Tensor | None,
+        softcap: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Default: form the logits (objectives without a fused-linear form)."""
         logits = (
@@ -168,6 +172,7 @@ class Objective:
             if bias is None
             else torch.addmm(bias, hidden.reshape(-1, hidden.shape[-1]), weight.T)
         )
+        logits = apply_softcap(logits, softcap)
         return self._loss(logits.reshape(*hidden.shape[:-1], -1), target, step)
 
     # --- the trainer's calls ------------------------------------------------------------------
@@ -185,11 +190,14 @@ class Objective:
         *,
         step: int,
         bias: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> ObjectiveOutput:
-        """The same objective from hidden states ``[..., C]`` and the output weight ``[V, C]``."""
-        loss, ce, eps = self._loss_from_hidden(hidden, weight, target, step, bias)
+        """The same objective from hidden states ``[..., C]`` and the output weight ``[V, C]``;
+        with ``softcap`` (the model's ``logit_softcap``) of the capped logits ``cap·tanh(z/cap)``."""
+        cap = check_softcap(softcap)
+        loss, ce, eps = self._loss_from_hidden(hidden, weight, target, step, bias, cap)
         if self.cfg.z_loss > 0:
-            lse = linear_logsumexp(hidden, weight, bias)
+            lse = linear_logsumexp(hidden, weight, bias, cap)
             loss = loss + self.cfg.z_loss * _masked_mean(lse.square(), target)
         return ObjectiveOutput(loss=loss, ce=ce.detach(), epsilon=eps)
 
@@ -203,8 +211,11 @@ def _masked_mean(per_token: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
 
 
-def linear_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Row ``lse`` of ``hidden @ weight.T (+ bias)`` with the logits formed (and freed) in chunks.
+def linear_logsumexp(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None = None
+) -> torch.Tensor:
+    """Row ``lse`` of ``hidden @ weight.T (+ bias)`` (capped by ``softcap``) with the logits formed
+    (and freed) in chunks.
 
     Uses checkpointing: each chunk's logits are recomputed in backward instead of kept.
     """
@@ -213,7 +224,7 @@ def linear_logsumexp(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
     def chunk_lse(hc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         z = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
-        return torch.logsumexp(z.float(), dim=-1)
+        return torch.logsumexp(apply_softcap(z.float(), softcap), dim=-1)
 
     parts = [
         checkpoint(chunk_lse, h[s : s + step], weight, bias, use_reentrant=False)
@@ -250,20 +261,24 @@ class _SmoothedObjective(Objective):
         loss, ce = dpls_loss(logits, target, inplace_backward=inplace, **self._dpls_args(eps_arg, k))
         return loss, ce, _eps_report(eps_arg, target)
 
-    def _loss_from_hidden(self, hidden, weight, target, step, bias):
+    def _loss_from_hidden(self, hidden, weight, target, step, bias, softcap=None):
         eps, k, mode, gamma = self._plan(weight.shape[0], step)
         if eps > 0 and mode != "constant" and self._fused_kernel(hidden, linear=True):
             from dpls.losses.triton_linear import triton_adaptive_dpls_linear_loss
 
             loss, ce, eps_i = triton_adaptive_dpls_linear_loss(
                 hidden, weight, target, bias=bias, epsilon=eps, epsilon_mode=mode, gamma=gamma,
-                top_k=k, ignore_index=IGNORE_INDEX,
+                top_k=k, ignore_index=IGNORE_INDEX, softcap=softcap,
             )  # fmt: skip
             return loss, ce, _eps_report(eps_i, target)
         eps_arg = (
-            adaptive_epsilon_from_hidden(hidden, weight, eps, mode, gamma, bias=bias) if eps > 0 else eps
+            adaptive_epsilon_from_hidden(hidden, weight, eps, mode, gamma, bias=bias, softcap=softcap)
+            if eps > 0
+            else eps
         )
-        loss, ce = dpls_linear_loss(hidden, weight, target, bias=bias, **self._dpls_args(eps_arg, k))
+        loss, ce = dpls_linear_loss(
+            hidden, weight, target, bias=bias, softcap=softcap, **self._dpls_args(eps_arg, k)
+        )
         return loss, ce, _eps_report(eps_arg, target)
 
     def _fused_kernel(self, x: torch.Tensor, *, linear: bool = False) -> bool:

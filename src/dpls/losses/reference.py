@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dpls.losses.registry import register_impl
+from dpls.losses.softcap import softcap as apply_softcap
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,10 +39,12 @@ def reference_dpls_loss(
     reduction: str,
     return_nll: bool = False,
     inplace_backward: bool = False,  # part of the shared signature; nothing to reuse here
+    softcap: float | None = None,
 ):
     valid = target != ignore_index
     # Ignored rows get zeros: they contribute nothing, and a row of −inf there cannot make NaN.
-    z = torch.where(valid[:, None], logits.to(compute_dtype(logits.dtype)), 0.0)
+    z = apply_softcap(logits.to(compute_dtype(logits.dtype)), softcap)
+    z = torch.where(valid[:, None], z, 0.0)
     y = torch.where(valid, target, torch.zeros_like(target))
     eps = epsilon.to(z.dtype)[:, None] if isinstance(epsilon, torch.Tensor) else epsilon
 
@@ -71,4 +74,4 @@ def _cross(q: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return -torch.where(q > 0, q * logp, 0.0).sum(-1)
 
 
-register_impl("reference", reference_dpls_loss, priority=0)
+register_impl("reference", reference_dpls_loss, priority=0, softcap=True)

@@ -5,6 +5,10 @@ Every implementation takes the flattened, already validated arguments (docs/ARCH
     fn(logits2d [N, V], target1d [N] int64, epsilon (float | float32 tensor [N]), top_k,
        ignore_index, reduction, return_nll, inplace_backward) -> loss | (loss, nll)
 
+An implementation registered with ``softcap=True`` also takes ``softcap=cap`` (a float > 0, given
+only when soft-capping is on) and caps the logits itself, as it reads them; for any other, the
+front caps the logits first (``dpls.losses.softcap``).
+
 ``impl="auto"`` picks the available implementation with the highest priority for the input's
 device and dtype; the GPU kernels are candidates only for CUDA tensors (under TRITON_INTERPRET=1
 they also run on the CPU, for tests, but only when named). GPU kernels live in their own modules
@@ -15,6 +19,8 @@ The fused-linear entry point has a twin registry (``register_linear_impl``) with
 
     fn(hidden2d [N, C], weight [V, C], bias [V] | None, target1d [N] int64, epsilon, top_k,
        ignore_index, reduction, return_nll, chunk_size) -> loss | (loss, nll)
+
+(with ``softcap=cap`` likewise, for those registered with ``softcap=True``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class ImplSpec:
     available: Callable[[torch.device], bool]
     priority: int
     dtypes: tuple[torch.dtype, ...] | None = None  # None: every float dtype
+    softcap: bool = False  # takes softcap=cap and caps the logits as it reads them
 
     def runs_on(self, device: torch.device, dtype: torch.dtype | None = None) -> bool:
         if self.dtypes is not None and dtype is not None and dtype not in self.dtypes:
@@ -72,8 +79,9 @@ def _register(
     available: Callable[[torch.device], bool],
     priority: int,
     dtypes: tuple[torch.dtype, ...] | None,
+    softcap: bool,
 ) -> LossImpl:
-    table[name] = ImplSpec(name, fn, available, priority, dtypes)
+    table[name] = ImplSpec(name, fn, available, priority, dtypes, softcap)
     return fn
 
 
@@ -84,9 +92,11 @@ def register_impl(
     available: Callable[[torch.device], bool] = _always,
     priority: int = 0,
     dtypes: tuple[torch.dtype, ...] | None = None,
+    softcap: bool = False,
 ) -> LossImpl:
-    """Make ``fn`` selectable as ``dpls_loss(..., impl=name)``; re-registering a name replaces it."""
-    return _register(_IMPLS, name, fn, available, priority, dtypes)
+    """Make ``fn`` selectable as ``dpls_loss(..., impl=name)``; re-registering a name replaces it.
+    ``softcap=True``: ``fn`` takes ``softcap=cap`` and caps the logits itself."""
+    return _register(_IMPLS, name, fn, available, priority, dtypes, softcap)
 
 
 def register_linear_impl(
@@ -96,9 +106,11 @@ def register_linear_impl(
     available: Callable[[torch.device], bool] = _always,
     priority: int = 0,
     dtypes: tuple[torch.dtype, ...] | None = None,
+    softcap: bool = False,
 ) -> LossImpl:
-    """Make ``fn`` selectable as ``dpls_linear_loss(..., impl=name)``; re-registering a name replaces it."""
-    return _register(_LINEAR_IMPLS, name, fn, available, priority, dtypes)
+    """Make ``fn`` selectable as ``dpls_linear_loss(..., impl=name)``; re-registering a name replaces it.
+    ``softcap=True``: ``fn`` takes ``softcap=cap`` and caps the logits it forms itself."""
+    return _register(_LINEAR_IMPLS, name, fn, available, priority, dtypes, softcap)
 
 
 def _tables(linear: bool) -> tuple[dict[str, ImplSpec], dict[str, tuple[str, str]]]:
@@ -130,7 +142,7 @@ def _load_lazy(name: str, linear: bool) -> None:
         return
     available = getattr(module, "is_available", _always)
     (register_linear_impl if linear else register_impl)(
-        name, fn, available=available, priority=_LAZY_PRIORITY, dtypes=_TRITON_DTYPES
+        name, fn, available=available, priority=_LAZY_PRIORITY, dtypes=_TRITON_DTYPES, softcap=True
     )
 
 

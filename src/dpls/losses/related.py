@@ -9,7 +9,8 @@
 
 All take logits ``[..., V]`` and a target of the batch shape, ignore ``ignore_index`` tokens,
 and (except ``z_loss``) can return the plain CE from the same pass. Masked (``−inf``) logits
-have ``p = 0`` and contribute ``0·log 0 = 0`` to every entropy.
+have ``p = 0`` and contribute ``0·log 0 = 0`` to every entropy. ``softcap`` (None: off) computes
+each of them on ``cap·tanh(z / cap)`` (``dpls.losses.softcap``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dpls.losses.chunked import (
 )
 from dpls.losses.functional import dpls_loss
 from dpls.losses.reference import compute_dtype, reduce_rows
+from dpls.losses.softcap import check_softcap
+from dpls.losses.softcap import softcap as apply_softcap
 from dpls.losses.validation import check_loss_args
 
 
@@ -56,8 +59,10 @@ def prior_label_smoothing_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_nll: bool = False,
+    softcap: float | None = None,
 ):
     """Label smoothing whose ε mass follows ``prior`` (normalised here) instead of the uniform."""
+    cap = check_softcap(softcap)
     args = check_loss_args(
         logits.shape, logits.dtype, logits.device, target, epsilon, None, ignore_index, reduction
     )
@@ -71,7 +76,7 @@ def prior_label_smoothing_loss(
     )
     sm = Smoothing(top_k=logits.shape[-1], prior=pi)
     out = ChunkedSoftTargetLoss.apply(
-        logits.reshape(n, -1), args.target, eps, sm, args.ignore_index, reduction, False
+        logits.reshape(n, -1), args.target, eps, sm, args.ignore_index, reduction, False, cap
     )
     return _restore(out, args, reduction, return_nll)
 
@@ -146,16 +151,18 @@ def confidence_penalty_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_nll: bool = False,
+    softcap: float | None = None,
 ):
     """``CE − β·H(p)`` per token, reduced over non-ignored tokens; ``beta`` ≥ 0."""
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise ValueError(f"beta must be a float >= 0, got {beta!r}")
+    cap = check_softcap(softcap)
     args = check_loss_args(
         logits.shape, logits.dtype, logits.device, target, 0.0, None, ignore_index, reduction
     )
     n = args.target.shape[0]
     out = _ChunkedConfidencePenalty.apply(
-        logits.reshape(n, -1), args.target, float(beta), args.ignore_index, reduction
+        apply_softcap(logits.reshape(n, -1), cap), args.target, float(beta), args.ignore_index, reduction
     )
     return _restore(out, args, reduction, return_nll)
 
@@ -202,14 +209,20 @@ def logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def z_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean"
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``lse(z)²`` per non-ignored token, reduced (mean over valid tokens); multiply by λ yourself."""
+    cap = check_softcap(softcap)
     args = check_loss_args(
         logits.shape, logits.dtype, logits.device, target, 0.0, None, ignore_index, reduction
     )
     valid = args.target != args.ignore_index
-    lse = logsumexp_rows(logits).reshape(-1)
+    lse = logsumexp_rows(apply_softcap(logits, cap)).reshape(-1)
     out = reduce_rows(lse.square() * valid.to(lse.dtype), valid, reduction)
     return out.reshape(args.batch_shape) if reduction == "none" else out
 
@@ -241,12 +254,14 @@ def dpls_kl_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     impl: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``KL(q ‖ p) = dpls_loss − H(q)``: the same gradient as :func:`dpls_loss`, offset by ``H(q) ≥ 0``.
 
     ``q`` is the one the loss uses: ``T`` = the ``min(k, #finite)`` largest finite logits, ties to
     the lowest index, so whether the target is in ``T`` is decided by the same rule.
     """
+    logits = apply_softcap(logits, check_softcap(softcap))  # the rank of y below is among capped logits
     loss = dpls_loss(
         logits, target, epsilon=epsilon, top_k=top_k, ignore_index=ignore_index, reduction="none", impl=impl
     )

@@ -21,6 +21,7 @@ import torch
 
 from dpls.losses.adaptive import check_mode
 from dpls.losses.registry import interpreting
+from dpls.losses.softcap import check_softcap
 from dpls.losses.validation import check_loss_args
 
 __all__ = ["KernelConfig", "choose_config", "is_available", "triton_adaptive_dpls_loss", "triton_dpls_loss"]
@@ -127,6 +128,7 @@ def launch_rows(
     epsilon_mode: str = "constant",
     gamma: float = 1.0,
     eps_out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the row kernel once: per-row loss and NLL (float32 ``[N]``), and the gradient into ``grad``.
 
@@ -137,6 +139,9 @@ def launch_rows(
     ``epsilon_mode`` ``"confidence"`` / ``"entropy"``: ``epsilon`` (a float) is the base ε and each
     row's ε_i is computed from the row's own first-pass statistics (see ``dpls.losses.adaptive``),
     used at once, and written to ``eps_out`` (float32 ``[N]``, 0 at ignored rows).
+
+    ``softcap``: the loss of ``softcap·tanh(logits / softcap)``, capped as the kernel reads each
+    row (its gradient is with respect to the raw logits).
     """
     k = _kernels()
     n_rows, vocab = logits.shape
@@ -150,7 +155,10 @@ def launch_rows(
     grid = _grid_size(n_rows, cfg, logits.device)
     cap = cfg.cap if topk_mode == k.TOPK_SELECT else 0
     top_r = cfg.top_r or lane_depth(top_k, vocab, cfg.block_v)
-    scratch = torch.empty(max(1, grid * cap), dtype=logits.dtype, device=logits.device)
+    # capped values are float32 whatever the logits' dtype: 32-bit keys and a float32 scratch row
+    key_bits = 32 if softcap is not None else _KEY_BITS[logits.dtype]
+    scratch_dtype = torch.float32 if softcap is not None else logits.dtype
+    scratch = torch.empty(max(1, grid * cap), dtype=scratch_dtype, device=logits.device)
     mode = {"mean": k.SCALE_MEAN, "row": k.SCALE_ROW, "one": k.SCALE_ONE}[scale_mode]
     dummy = loss  # any float32 tensor for pointers a mode does not read
     eps_tensor = _per_row_epsilon(epsilon, dummy)
@@ -167,6 +175,7 @@ def launch_rows(
         eps_tensor,
         0.0 if per_row_eps else float(epsilon),
         float(gamma),
+        1.0 if softcap is None else float(softcap),
         eps_out if eps_mode else dummy,
         scale if scale is not None else dummy,
         loss,
@@ -180,12 +189,13 @@ def launch_rows(
         int(ignore_index),
     )
     consts = dict(
-        KEY_BITS=_KEY_BITS[logits.dtype],
+        KEY_BITS=key_bits,
         BLOCK_V=cfg.block_v,
         TOPK_MODE=topk_mode,
         EPS_PER_ROW=per_row_eps,
         EPS_MODE=eps_mode,
         SCALE_MODE=mode,
+        SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -317,6 +327,7 @@ class _TritonDPLS(torch.autograd.Function):
         config,
         epsilon_mode,
         gamma,
+        softcap,
     ):
         epsilon = eps_tensor if eps_tensor is not None else eps_value
         n_valid = (target != ignore_index).sum().to(torch.float32)
@@ -338,6 +349,7 @@ class _TritonDPLS(torch.autograd.Function):
             epsilon_mode=epsilon_mode,
             gamma=gamma,
             eps_out=eps_rows,
+            softcap=softcap,
         )
         ctx.reduction = reduction
         if needs_grad:
@@ -355,11 +367,21 @@ class _TritonDPLS(torch.autograd.Function):
             grad.mul_(grad_loss.to(torch.float32).unsqueeze(1))
         else:
             scale_inplace(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, *(None,) * 12
 
 
 def _apply(
-    logits2d, target1d, epsilon, top_k, ignore_index, reduction, inplace_backward, config, mode, gamma
+    logits2d,
+    target1d,
+    epsilon,
+    top_k,
+    ignore_index,
+    reduction,
+    inplace_backward,
+    config,
+    mode,
+    gamma,
+    softcap,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = logits2d if logits2d.stride(-1) == 1 else logits2d.contiguous()
     target = target1d.to(torch.int64).contiguous()
@@ -368,7 +390,7 @@ def _apply(
     want_grad = torch.is_grad_enabled() and logits.requires_grad
     return _TritonDPLS.apply(
         logits, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction, inplace_backward,
-        want_grad, config, mode, float(gamma),
+        want_grad, config, mode, float(gamma), softcap,
     )  # fmt: skip
 
 
@@ -383,15 +405,18 @@ def triton_dpls_loss(
     inplace_backward: bool,
     *,
     config: KernelConfig | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """DPLS of ``[N, V]`` logits through the fused kernel (internal signature of ARCHITECTURE.md).
 
     The returned NLL is detached (it is for logging). With ``inplace_backward`` the gradient
-    overwrites ``logits2d``, which the caller must not read afterwards.
+    overwrites ``logits2d``, which the caller must not read afterwards. ``softcap``: the loss of
+    the capped logits, capped inside the kernel.
     """
     loss, nll, _ = _apply(
-        logits2d, target1d, epsilon, top_k, ignore_index, reduction, inplace_backward, config, "constant", 1.0
-    )
+        logits2d, target1d, epsilon, top_k, ignore_index, reduction, inplace_backward, config, "constant", 1.0,
+        softcap,
+    )  # fmt: skip
     return (loss, nll) if return_nll else loss
 
 
@@ -407,19 +432,22 @@ def triton_adaptive_dpls_loss(
     reduction: str = "mean",
     inplace_backward: bool = False,
     config: KernelConfig | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPLS with a confidence-adaptive ε computed inside the kernel's first pass.
 
     Same values as ``dpls_loss(logits, target, epsilon=adaptive_epsilon(logits, epsilon, mode,
     gamma), ...)`` (``dpls.losses.adaptive``), without the extra read of the logits that computing
     ε_i first costs. Returns ``(loss, nll, eps)``: ``eps`` is ε_i per token (the target's shape,
-    float32, detached, 0 at ignored tokens). Arguments are validated like ``dpls_loss``'s.
+    float32, detached, 0 at ignored tokens). Arguments are validated like ``dpls_loss``'s;
+    ``softcap`` caps the logits first (ε_i is then that of the capped prediction).
     """
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits must be a float tensor, got {type(logits).__name__}")
     if isinstance(epsilon, torch.Tensor):
         raise ValueError("epsilon must be a float base value for an adaptive epsilon_mode, got a tensor")
     check_mode(epsilon_mode, gamma)
+    cap = check_softcap(softcap)
     args = check_loss_args(
         logits.shape, logits.dtype, logits.device, target, epsilon, top_k, ignore_index, reduction
     )
@@ -427,7 +455,7 @@ def triton_adaptive_dpls_loss(
         raise ValueError(f"the Triton kernels cannot run on {logits.device} (CUDA, or TRITON_INTERPRET=1)")
     out = _apply(
         logits.reshape(-1, logits.shape[-1]), args.target, args.epsilon, args.top_k, args.ignore_index,
-        args.reduction, inplace_backward, config, epsilon_mode, gamma,
+        args.reduction, inplace_backward, config, epsilon_mode, gamma, cap,
     )  # fmt: skip
     loss, nll = args.unflatten((out[0], out[1]))
     return loss, nll, out[2].reshape(target.shape)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from dpls.losses.adaptive import check_mode
+from dpls.losses.softcap import check_softcap
 from dpls.losses.triton_impl import (
     KernelConfig,
     check_first_order,
@@ -94,6 +95,7 @@ def _run_chunks(
     epsilon_mode: str = "constant",
     gamma: float = 1.0,
     eps_out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sweep over the row chunks: per-row loss/NLL, and the gradients when asked for
     (with an adaptive ``epsilon_mode``, ε_i is computed by the kernel and written to ``eps_out``)."""
@@ -120,6 +122,7 @@ def _run_chunks(
             epsilon_mode=epsilon_mode,
             gamma=gamma,
             eps_out=eps_out[start:end] if eps_out is not None else None,
+            softcap=softcap,
         )
         if grad_hidden is not None:
             torch.mm(logits, weight, out=grad_hidden[start:end])
@@ -146,6 +149,7 @@ class _TritonDPLSLinear(torch.autograd.Function):
         config,
         epsilon_mode,
         gamma,
+        softcap,
     ):
         epsilon = eps_tensor if eps_tensor is not None else eps_value
         need_h, need_w, need_b = (grad_on and need for need in ctx.needs_input_grad[:3])
@@ -160,7 +164,7 @@ class _TritonDPLSLinear(torch.autograd.Function):
             hidden, weight, bias, target, epsilon, top_k, ignore_index, chunk,
             scale=n_valid, scale_mode="mean" if reduction == "mean" else "one",
             grad_hidden=grad_hidden, acc=acc, config=config,
-            epsilon_mode=epsilon_mode, gamma=gamma, eps_out=eps_rows if adaptive else None,
+            epsilon_mode=epsilon_mode, gamma=gamma, eps_out=eps_rows if adaptive else None, softcap=softcap,
         )  # fmt: skip
         if adaptive:  # a recompute in backward reuses these ε_i (they are constants of the step)
             eps_tensor, eps_value = eps_rows, 0.0
@@ -173,7 +177,7 @@ class _TritonDPLSLinear(torch.autograd.Function):
             )
         elif need_any:  # reduction "none": recompute in backward with the per-token grad_output
             ctx.save_for_backward(hidden, weight, bias, target, eps_tensor)
-            ctx.args = (eps_value, top_k, ignore_index, chunk, config)
+            ctx.args = (eps_value, top_k, ignore_index, chunk, config, softcap)
         loss = reduce_rows(loss_rows, n_valid, reduction)
         nll = reduce_rows(nll_rows, n_valid, reduction)
         ctx.mark_non_differentiable(nll, eps_rows)
@@ -194,7 +198,7 @@ class _TritonDPLSLinear(torch.autograd.Function):
         else:  # recomputed from saved inputs: a second backward works
             check_first_order(ctx, None)
             hidden, weight, bias, target, eps_tensor = ctx.saved_tensors
-            eps_value, top_k, ignore_index, chunk, config = ctx.args
+            eps_value, top_k, ignore_index, chunk, config, softcap = ctx.args
             need_h, need_w, need_b = ctx.needs_input_grad[:3]
             gh = torch.empty_like(hidden) if need_h else None
             acc = _GradAccumulator(weight, bias, need_w, need_b) if need_w or need_b else None
@@ -202,11 +206,11 @@ class _TritonDPLSLinear(torch.autograd.Function):
                 hidden, weight, bias, target, eps_tensor if eps_tensor is not None else eps_value,
                 top_k, ignore_index, chunk,
                 scale=grad_loss.to(torch.float32).contiguous(), scale_mode="row",
-                grad_hidden=gh, acc=acc, config=config,
+                grad_hidden=gh, acc=acc, config=config, softcap=softcap,
             )  # fmt: skip
             gw = acc.w.to(weight.dtype) if acc is not None and acc.w is not None else None
             gb = acc.b.to(bias.dtype) if acc is not None and acc.b is not None else None
-        return gh, gw, gb, None, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, gb, *(None,) * 12
 
 
 def triton_dpls_linear_loss(
@@ -225,6 +229,7 @@ def triton_dpls_linear_loss(
     epsilon_mode: str = "constant",
     gamma: float = 1.0,
     return_epsilon: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """DPLS of ``hidden [N, C] @ weight[V, C]ᵀ (+ bias)`` without ever holding the ``[N, V]`` logits.
 
@@ -233,6 +238,7 @@ def triton_dpls_linear_loss(
     ``epsilon_mode`` ``"confidence"`` / ``"entropy"`` (base ``epsilon``, a float): ε_i is computed
     inside the kernel from the chunk's own first pass, as ``dpls.losses.adaptive`` defines it, with
     no extra matmul or read; ``return_epsilon`` appends those ε_i (float32 ``[N]``) to the result.
+    ``softcap``: each chunk's logits are capped inside the kernel.
     """
     hidden = hidden.contiguous()
     target = target.to(torch.int64).contiguous()
@@ -241,7 +247,7 @@ def triton_dpls_linear_loss(
     eps_value = 0.0 if eps_tensor is not None else float(epsilon)
     loss, nll, eps_rows = _TritonDPLSLinear.apply(
         hidden, weight, bias, target, eps_tensor, eps_value, int(top_k), int(ignore_index), reduction,
-        chunk, torch.is_grad_enabled(), config, epsilon_mode, float(gamma),
+        chunk, torch.is_grad_enabled(), config, epsilon_mode, float(gamma), softcap,
     )  # fmt: skip
     out = (loss, nll) if return_nll else (loss,)
     if return_epsilon:
@@ -263,6 +269,7 @@ def triton_adaptive_dpls_linear_loss(
     reduction: str = "mean",
     chunk_size: int | None = None,
     config: KernelConfig | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused-linear DPLS with ε_i computed inside the kernel (``dpls.losses.adaptive``'s modes).
 
@@ -277,6 +284,7 @@ def triton_adaptive_dpls_linear_loss(
     if isinstance(epsilon, torch.Tensor):
         raise ValueError("epsilon must be a float base value for an adaptive epsilon_mode, got a tensor")
     check_mode(epsilon_mode, gamma)
+    cap = check_softcap(softcap)
     logits_shape = torch.Size((*hidden.shape[:-1], weight.shape[0]))
     args = check_loss_args(
         logits_shape, hidden.dtype, hidden.device, target, epsilon, top_k, ignore_index, reduction,
@@ -287,7 +295,7 @@ def triton_adaptive_dpls_linear_loss(
     loss, nll, eps = triton_dpls_linear_loss(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, args.target, args.epsilon, args.top_k,
         args.ignore_index, args.reduction, True, chunk_size, config=config,
-        epsilon_mode=epsilon_mode, gamma=gamma, return_epsilon=True,
+        epsilon_mode=epsilon_mode, gamma=gamma, return_epsilon=True, softcap=cap,
     )  # fmt: skip
     loss, nll = args.unflatten((loss, nll))
     return loss, nll, eps.reshape(target.shape)
