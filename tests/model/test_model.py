@@ -145,6 +145,20 @@ def test_forward_is_hidden_states_times_output_weight():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+def test_logit_softcap_caps_the_logits_and_the_padding_stays_masked():
+    cfg = ModelConfig(
+        vocab_size=97, block_size=8, n_layer=1, n_head=2, n_embd=16, pad_vocab_to=8, logit_softcap=0.5
+    )
+    model = Transformer(cfg)
+    _randomize(model)
+    idx = torch.randint(0, 97, (2, 8))
+    out = model(idx)
+    raw = model.hidden_states(idx) @ model.output_weight.T
+    assert raw.abs().max() > 1.0  # the cap bites
+    torch.testing.assert_close(out[..., :97], 0.5 * torch.tanh(raw / 0.5))
+    assert torch.all(out[..., 97:] == float("-inf"))
+
+
 def test_init_is_gpt2_style():
     cfg = model_config("tiny", n_layer=6, n_embd=256, n_head=4)
     model = Transformer(cfg)
@@ -238,6 +252,9 @@ def test_swiglu_default_width():
         (dict(vocab_size=0), "vocab_size"),
         (dict(head_dim=7), "head_dim"),
         (dict(rope_theta=0.0), "rope_theta"),
+        (dict(logit_softcap=0.0), "logit_softcap must be a finite number > 0"),
+        (dict(logit_softcap=float("inf")), "logit_softcap"),
+        (dict(logit_softcap=True), "logit_softcap"),
     ],
 )
 def test_config_rejects_bad_values(bad, match):

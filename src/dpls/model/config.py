@@ -39,6 +39,10 @@ class ModelConfig:
     vocabulary rounded up to this multiple (GPT-2's 50257 → 50304 with 64: matmul shapes that
     suit tensor cores). ``vocab_size`` stays the tokenizer's; the padded logits are exactly
     ``-inf``, so no probability, loss or sample ever reaches a padded id. 1: no padding.
+
+    ``logit_softcap``: the output logits become ``cap·tanh(z / cap)`` (Gemma 2's final-logit
+    soft-capping; nanochat uses 15), before any loss, sampling or evaluation; the padded logits
+    stay ``-inf``. None: off.
     """
 
     vocab_size: int = 8192
@@ -58,6 +62,7 @@ class ModelConfig:
     init_std: float = 0.02
     pad_vocab_to: int = 1
     qk_norm: bool = False
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tpa_q_rank", "tpa_kv_rank")
@@ -97,6 +102,11 @@ class ModelConfig:
             raise ValueError(f"qk_norm must be true or false, got {self.qk_norm!r}")
         if self.qk_norm and self.attention == "tpa":
             raise ValueError("qk_norm is implemented for attention='mha' and 'gqa', not 'tpa'")
+        cap = self.logit_softcap
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int | float) or not (math.isfinite(cap) and cap > 0)
+        ):
+            raise ValueError(f"logit_softcap must be a finite number > 0 (or unset: off), got {cap!r}")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
         if not self.rope_theta > 0:

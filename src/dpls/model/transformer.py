@@ -341,7 +341,8 @@ class Transformer(nn.Module):
     """The language model: ``forward(idx [B, T] int64) -> logits [B, T, V]``.
 
     The trainer's fused losses use ``hidden_states(idx)`` and ``output_weight`` instead, so the
-    ``[B, T, V]`` logits are never materialised. With ``pad_vocab_to`` the logits have
+    ``[B, T, V]`` logits are never materialised (they then apply ``config.logit_softcap``
+    themselves). With ``pad_vocab_to`` the logits have
     ``padded_vocab_size`` columns, the padded ones exactly ``-inf``; ``output_weight`` is the
     real rows only. ``generate`` samples continuations with a key/value cache.
     """
@@ -433,7 +434,12 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return F.linear(self.hidden_states(idx, cache), self._padded_output_weight, self.vocab_mask)
+        cap = self.config.logit_softcap
+        if cap is None:
+            return F.linear(self.hidden_states(idx, cache), self._padded_output_weight, self.vocab_mask)
+        # soft-capped before the padding mask, so the padded logits stay exactly -inf
+        logits = torch.tanh(F.linear(self.hidden_states(idx, cache), self._padded_output_weight) / cap) * cap
+        return logits if self.vocab_mask is None else logits + self.vocab_mask
 
     def set_activation_checkpointing(self, mode: str) -> None:
         """``"full"``: every block keeps only its input during a training forward and

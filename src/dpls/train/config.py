@@ -93,7 +93,10 @@ class TrainConfig:
         "(default: the preset's; 64 for GPT-2-tokenised data: 50257 -> 50304)"
     )
     qk_norm: bool | None = model_key(
-        "RMSNorm on each head's queries and keys (mha/gqa; not exportable to HF) (default: off)"
+        "RMSNorm on each head's queries and keys (mha/gqa; exports as Qwen3) (default: off)"
+    )
+    logit_softcap: float | None = model_key(
+        "cap the output logits at cap·tanh(z/cap) before any loss (Gemma 2: 30) (default: off)"
     )
 
     # -- data and batch ----------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from dpls.distributed import DistContext
 from dpls.losses.objective import IGNORE_INDEX
+from dpls.losses.softcap import softcap as apply_softcap
 
 DIAGNOSTIC_KEYS = ("logit_max", "lse_mean", "attn_logit_max")
 _HIDDEN_CHUNK = 4096  # rows of hidden states per extra output matmul (fused losses)
@@ -67,11 +68,12 @@ class Diagnostics:
             self.lse_sum += torch.logsumexp(lf[i : i + _LSE_ROWS].float(), dim=-1).double().sum()
 
     @torch.no_grad()
-    def add_hidden(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:
-        """The same from hidden states ``[..., C]`` and the ``[V, C]`` output weight, chunk by chunk."""
+    def add_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> None:
+        """The same from hidden states ``[..., C]`` and the ``[V, C]`` output weight, chunk by chunk
+        (capped by the model's ``logit_softcap``, as its own logits are)."""
         h = hidden.detach().reshape(-1, hidden.shape[-1])
         for i in range(0, h.shape[0], _HIDDEN_CHUNK):
-            self.add_logits(h[i : i + _HIDDEN_CHUNK] @ weight.detach().t())
+            self.add_logits(apply_softcap(h[i : i + _HIDDEN_CHUNK] @ weight.detach().t(), softcap))
 
     def add_attention(self, value: torch.Tensor | None) -> None:
         if value is not None:

@@ -55,9 +55,12 @@ class TrainStep(nn.Module):
             return self.model(idx)
         if self.fused:
             hidden = self.model.hidden_states(idx)
+            cap = self.model.config.logit_softcap
             if self.diagnostics is not None:
-                self.diagnostics.add_hidden(hidden, self.model.output_weight)
-            return self.objective.from_hidden(hidden, self.model.output_weight, target, step=step)
+                self.diagnostics.add_hidden(hidden, self.model.output_weight, cap)
+            return self.objective.from_hidden(
+                hidden, self.model.output_weight, target, step=step, softcap=cap
+            )
         logits = self.model(idx)
         vocab = self.model.config.vocab_size
         if logits.shape[-1] > vocab:  # pad_vocab_to: the padded (-inf) columns are no tokens
