@@ -22,6 +22,8 @@ def make_tiny_run(
     step: int = 1,
     relative_paths: bool = False,
     pad_vocab_to: int = 1,
+    qk_norm: bool = False,
+    logit_softcap: float | None = None,
 ) -> tuple[Path, Transformer]:
     """A run directory as the trainer leaves it: RUN/tokenizer/tokenizer.json + one checkpoint.
 
@@ -53,6 +55,8 @@ def make_tiny_run(
         attention=attention,
         tie_embeddings=tie,
         pad_vocab_to=pad_vocab_to,
+        qk_norm=qk_norm,
+        logit_softcap=logit_softcap,
     )
     model = Transformer(cfg)
     with torch.no_grad():
@@ -74,22 +78,37 @@ def offline(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("attention", "n_kv_head", "tie", "pad"),
-    [("mha", None, True, 1), ("gqa", 2, False, 1), ("mha", None, True, 64)],
-    ids=["mha-tied", "gqa-untied", "mha-tied-padded"],
+    ("attention", "n_kv_head", "tie", "pad", "qk_norm", "softcap", "cls"),
+    [
+        ("mha", None, True, 1, False, None, "LlamaForCausalLM"),
+        ("gqa", 2, False, 1, False, None, "LlamaForCausalLM"),
+        ("mha", None, True, 64, False, None, "LlamaForCausalLM"),
+        ("gqa", 2, True, 1, True, None, "Qwen3ForCausalLM"),
+        ("mha", None, True, 64, False, 3.0, "VaultGemmaForCausalLM"),
+        ("gqa", 2, False, 1, False, 3.0, "VaultGemmaForCausalLM"),
+    ],
+    ids=["mha-tied", "gqa-untied", "mha-tied-padded", "qk-norm", "softcap-tied-padded", "softcap-untied"],
 )
-def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n_kv_head, tie, pad):
+def test_export_loads_offline_and_matches_logits(
+    tmp_path, offline, attention, n_kv_head, tie, pad, qk_norm, softcap, cls
+):
+    """Each model exports as the stock class that computes it, whose logits equal ours (float32):
+    Llama; Qwen3 for qk-norm (per-head q/k RMSNorm before RoPE); VaultGemma for the soft-cap."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpls.eval.export_hf import export_hf
 
-    run, model = make_tiny_run(tmp_path, attention=attention, n_kv_head=n_kv_head, tie=tie, pad_vocab_to=pad)
+    run, model = make_tiny_run(
+        tmp_path, attention=attention, n_kv_head=n_kv_head, tie=tie, pad_vocab_to=pad, qk_norm=qk_norm,
+        logit_softcap=softcap,
+    )  # fmt: skip
     out = export_hf(run, tmp_path / "hf")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == cls
+    assert getattr(hf.config, "final_logit_softcapping", None) == softcap
     assert hf.config.tie_word_embeddings is tie
     assert hf.config.num_key_value_heads == (n_kv_head or 4)
 
@@ -109,13 +128,24 @@ def test_export_loads_offline_and_matches_logits(tmp_path, offline, attention, n
     assert hf.config.vocab_size == V and ours.shape[-1] == model.config.padded_vocab_size
     assert (ours.shape[-1] > V) == (pad > 1)
     torch.testing.assert_close(theirs, ours[..., :V], rtol=0, atol=1e-4)
+    if softcap is not None:  # the cap is in force on both sides: a logit near it is no accident
+        assert ours[..., :V].abs().max() < softcap and theirs.abs().max() > 0.3 * softcap
+
+
+def test_qk_norm_with_softcap_is_refused_with_the_reason(tmp_path):
+    from dpls.eval.export_hf import export_hf
+
+    run, _ = make_tiny_run(tmp_path, qk_norm=True, logit_softcap=5.0)
+    with pytest.raises(ValueError, match=r"qk_norm=true together with logit_softcap has no Hugging Face"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_tpa_is_refused_before_writing(tmp_path):
     from dpls.eval.export_hf import export_hf
 
     run, _ = make_tiny_run(tmp_path, attention="tpa")
-    with pytest.raises(ValueError, match=r"tpa.*only 'mha' and 'gqa'"):
+    with pytest.raises(ValueError, match=r"tpa.*only 'mha' and 'gqa' export"):
         export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

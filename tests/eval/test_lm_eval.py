@@ -78,6 +78,25 @@ def test_custom_task_end_to_end(tmp_path, offline, capsys):
     assert main(["lm-eval", str(run), "--tasks", "toy_mc", "--limit", "0"]) == 2
 
 
+@pytest.mark.slow
+def test_qk_norm_and_softcap_models_run_through_the_harness(tmp_path, offline):
+    """They export as Qwen3 and VaultGemma (their logits: test_export_hf.py), which the harness's
+    own hf model class loads offline; its accuracy is the one our model gives."""
+    from dpls.eval.lm_eval import run_lm_eval
+
+    tasks = write_task(tmp_path)
+    for name, keys, arch in (
+        ("qknorm", dict(qk_norm=True), "Qwen3ForCausalLM"),
+        ("softcap", dict(logit_softcap=2.0), "VaultGemmaForCausalLM"),
+    ):
+        run, model = make_tiny_run(tmp_path / name, **keys)
+        results = run_lm_eval(run, "toy_mc", include_path=tasks, device="cpu", batch_size=4, out_dir=None)
+        acc = results["results"]["toy_mc"]["acc,none"]
+        assert acc == pytest.approx(direct_accuracy(model, run / "tokenizer" / "tokenizer.json"))
+        config = json.loads((Path(results["dpls"]["hf_dir"]) / "config.json").read_text())
+        assert config["architectures"] == [arch]
+
+
 def test_cli_option_types_say_what_is_allowed(tmp_path, capsys):
     from dpls.cli import main
 

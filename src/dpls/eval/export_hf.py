@@ -1,9 +1,11 @@
-"""Export a checkpoint as a Hugging Face ``LlamaForCausalLM`` directory, tokenizer included.
+"""Export a checkpoint as a Hugging Face model directory, tokenizer included.
 
-The model's parameter names are already Hugging Face Llama's (`dpls.model`), so the
-weights are copied as they are into ``model.safetensors`` (a tied output projection is
-left out, as ``tie_word_embeddings`` tells Hugging Face to re-tie it; the rows of a padded
-vocabulary are dropped, `dpls.model.hf_state_dict`), and
+The class is the stock one that computes the same function (`dpls.model.hf_architecture`):
+``LlamaForCausalLM``, ``Qwen3ForCausalLM`` for ``qk_norm``, ``VaultGemmaForCausalLM`` for
+``logit_softcap``. The model's parameter names are already Hugging Face Llama's (and Qwen3's), so
+the weights are copied into ``model.safetensors`` (a tied output projection is left out, as
+``tie_word_embeddings`` tells Hugging Face to re-tie it; the rows of a padded vocabulary are
+dropped; VaultGemma's norms and embedding are re-expressed: `dpls.model.hf_state_dict`), and
 ``config.json`` comes from `dpls.model.to_hf_config`. The tokenizer is the run's own:
 
 * the trained byte-level BPE (``tokenizer.json``) becomes a ``PreTrainedTokenizerFast``
@@ -18,6 +20,7 @@ interrupted export never leaves a half directory under the real name.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import shutil
@@ -29,7 +32,7 @@ import torch
 
 from dpls._io import apply_umask, check_writable_dir, mark_owned, mkdtemp_beside, unowned_files
 from dpls.data.checks import check_same_tokenizer
-from dpls.model import ModelConfig, hf_state_dict, to_hf_config
+from dpls.model import MODEL_TYPES, ModelConfig, hf_architecture, hf_state_dict, to_hf_config
 from dpls.runs.checkpoint import load_model, read_model_config, resolve_checkpoint, trained_tokenizer
 from dpls.runs.layout import CHECKPOINTS_DIR, TOKENIZER_DIR, config_path, read_toml
 
@@ -136,7 +139,12 @@ def check_exportable(checkpoint: str | Path) -> tuple[Path, Any, dict[str, Any]]
     """(checkpoint dir, ModelConfig, tokenizer info), or `ValueError` saying why it cannot export."""
     ckpt = resolve_checkpoint(checkpoint)
     cfg = ModelConfig.from_dict(read_model_config(ckpt))
-    to_hf_config(cfg)  # raises for attention types Llama cannot express (TPA)
+    arch = hf_architecture(cfg)  # raises for what no stock class computes (TPA, qk_norm with a soft-cap)
+    if importlib.util.find_spec(f"transformers.models.{MODEL_TYPES[arch]}") is None:
+        raise ValueError(
+            f"this model exports as {arch}, which the installed transformers does not have; "
+            "upgrade it (pip install -U transformers)"
+        )
     return ckpt, cfg, find_tokenizer(ckpt)
 
 
@@ -186,8 +194,8 @@ def export_hf(
     """Write ``out_dir``: config.json, model.safetensors, generation_config.json and the tokenizer.
 
     ``checkpoint`` is a checkpoint directory or a run directory (its latest checkpoint).
-    ``out_dir`` must not exist or be empty unless ``overwrite``. Only ``mha`` / ``gqa``
-    models have a Llama equivalent; TPA raises `ValueError`.
+    ``out_dir`` must not exist or be empty unless ``overwrite``. A model no stock class computes
+    (TPA; ``qk_norm`` together with ``logit_softcap``) raises `ValueError`.
     """
     # -- everything checked before any work ---------------------------------------------
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,7 +219,7 @@ def export_hf(
 
     # -- the work -------------------------------------------------------------------------
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig
+    from transformers import AutoConfig, GenerationConfig
 
     if tokenizer_info["kind"] == "gpt2":
         tokenizer = _gpt2_tokenizer(cfg.block_size)
@@ -219,13 +227,14 @@ def export_hf(
         tokenizer = _bpe_tokenizer(tokenizer_info, cfg.block_size)
     eot_id = tokenizer.eos_token_id
     model = load_model(ckpt, device="cpu")
-    state = {k: v.detach().to(dtypes[dtype]).contiguous() for k, v in hf_state_dict(model).items()}
+    state = hf_state_dict(model, dtypes[dtype])
     del model
 
     tmp = mkdtemp_beside(out)
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_cfg = LlamaConfig(**to_hf_config(cfg, bos_token_id=eot_id, eos_token_id=eot_id, dtype=dtype))
+        values = to_hf_config(cfg, bos_token_id=eot_id, eos_token_id=eot_id, dtype=dtype)
+        hf_cfg = AutoConfig.for_model(values.pop("model_type"), **values)
         hf_cfg.save_pretrained(tmp)
         GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

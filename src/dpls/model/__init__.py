@@ -5,17 +5,19 @@ from __future__ import annotations
 from dpls.model.cache import KVCache
 from dpls.model.config import ATTENTIONS, PRESETS, ModelConfig, model_config, swiglu_hidden
 from dpls.model.generate import generate
-from dpls.model.hf import hf_state_dict, to_hf_config
+from dpls.model.hf import MODEL_TYPES, hf_architecture, hf_state_dict, to_hf_config
 from dpls.model.transformer import ATTENTION_CLASSES, Transformer
 
 __all__ = [
     "ATTENTIONS",
     "ATTENTION_CLASSES",
+    "MODEL_TYPES",
     "PRESETS",
     "KVCache",
     "ModelConfig",
     "Transformer",
     "generate",
+    "hf_architecture",
     "hf_state_dict",
     "model_config",
     "swiglu_hidden",
