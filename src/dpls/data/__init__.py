@@ -6,6 +6,7 @@ that need them, so the loaders stay light.
 
 from __future__ import annotations
 
+from dpls.data.counts import token_counts
 from dpls.data.loader import TokenLoader, ValidationSet, val_token_count, validation_batches
 from dpls.data.meta import META_FILE, DataError, DataMeta
 from dpls.data.prepare import prepare_files, prepare_fineweb_edu, prepare_stdlib, stdlib_files
@@ -35,6 +36,7 @@ __all__ = [
     "read_shard",
     "shard_token_count",
     "stdlib_files",
+    "token_counts",
     "train_bpe",
     "val_token_count",
     "validation_batches",

@@ -51,6 +51,16 @@ class Tokenizer(ABC):
     def _identity(self) -> Any:
         """JSON-able data that decides which ids a text gets (vocabulary, merges, specials)."""
 
+    def byte_lengths(self) -> tuple[list[int], bool]:
+        """How many bytes of text each id stands for (0 for ``<|endoftext|>``, which is no text), and
+        whether that is exact: the UTF-8 bytes of any text are then the sum over its tokens (the
+        denominator of bits per byte). Byte-level BPEs are exact; this default, the UTF-8 length of
+        each id decoded alone, is not where a decoder drops, adds or merges characters (a
+        SentencePiece word-start marker, a character split over byte-fallback tokens)."""
+        lengths = [len(self.decode([i]).encode("utf-8")) for i in range(self.vocab_size)]
+        lengths[self.eot] = 0
+        return lengths, False
+
     def fingerprint(self) -> str:
         """A hash of the vocabulary and merge rules: two tokenizers with the same fingerprint
         give every text the same ids. The vocabulary size alone cannot tell two BPEs apart."""
@@ -117,6 +127,23 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def byte_lengths(self) -> tuple[list[int], bool]:
+        """Exact for a byte-level BPE (ByteLevel decoder): each vocabulary string spells its bytes,
+        one character of the byte alphabet per byte; special tokens have none. Otherwise the default."""
+        if (json.loads(self._tok.to_str()).get("decoder") or {}).get("type") != "ByteLevel":
+            return super().byte_lengths()
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        alphabet = frozenset(ByteLevel.alphabet())  # 256 characters, one per byte
+        lengths = [0] * self.vocab_size
+        for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+            if i < self.vocab_size:
+                lengths[i] = len(token) if all(c in alphabet for c in token) else len(token.encode("utf-8"))
+        for i, added in self._tok.get_added_tokens_decoder().items():
+            if i < self.vocab_size:
+                lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
+        return lengths, True
+
     def _identity(self) -> Any:
         model = json.loads(self._tok.to_str())
         added = sorted((t["id"], t["content"]) for t in model.get("added_tokens") or [])
@@ -159,6 +186,13 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode(list(ids))
+
+    def byte_lengths(self) -> tuple[list[int], bool]:
+        """Exact: tiktoken keeps each id's bytes; special tokens (``<|endoftext|>``) have none."""
+        enc = self.encoding
+        special = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+        lengths = [0 if i in special else len(_token_hex(enc, i) or "") // 2 for i in range(self.vocab_size)]
+        return lengths, True
 
     def _identity(self) -> Any:
         enc = self.encoding

@@ -20,7 +20,6 @@ one message, and leaves no half run behind.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -32,9 +31,9 @@ import torch
 
 from dpls._io import check_writable_dir
 from dpls.data.checks import check_same_tokenizer, check_token_ids, tokenizer_fingerprint_of
+from dpls.data.counts import token_counts
 from dpls.data.loader import TokenLoader, ValidationSet, validation_batches
 from dpls.data.meta import META_FILE, DataMeta
-from dpls.data.shards import read_shard
 from dpls.losses.objective import Objective, build_objective
 from dpls.model import ModelConfig, model_config
 from dpls.runs import checkpoint as ckpt
@@ -58,7 +57,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 # gives them the training shards' token frequencies.
 TOKEN_PRIOR_OBJECTIVES = frozenset({"prior_ls"})
 GPT2_PAD_VOCAB_TO = 64  # pad_vocab_to for GPT-2-tokenised data unless set: 50257 -> 50304, as nanoGPT
-PRIOR_MAX_TOKENS = 200_000_000  # counted from the start of every shard, in proportion
 
 
 class InvalidRun(ValueError):
@@ -406,19 +404,9 @@ def plan_objective(cfg: TrainConfig, mc: ModelConfig, start_step: int) -> Object
 
 
 def token_prior(cfg: TrainConfig, vocab_size: int) -> torch.Tensor:
-    """Token frequencies of the training split as a ``[vocab_size]`` float64 tensor.
-
-    Counts at most `PRIOR_MAX_TOKENS` tokens (the same leading share of every shard), so a
-    10B-token corpus costs seconds, not minutes; deterministic, so every rank gets the same.
-    """
-    meta = DataMeta.load(cfg.data_dir, check_shards=False)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    share = min(1.0, PRIOR_MAX_TOKENS / max(1, meta.train_tokens))
-    for name in meta.train_shards:
-        tokens = read_shard(Path(cfg.data_dir) / name)
-        head = tokens[: math.ceil(len(tokens) * share)]
-        counts += np.bincount(head, minlength=vocab_size)[:vocab_size]
-    return torch.from_numpy(counts.astype(np.float64))
+    """Token frequencies of the training split as a ``[vocab_size]`` float64 tensor
+    (`dpls.data.token_counts`: deterministic, so every rank gets the same)."""
+    return torch.from_numpy(token_counts(cfg.data_dir, vocab_size).astype(np.float64))
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
