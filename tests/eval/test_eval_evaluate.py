@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from test_export_hf import make_tiny_run
 
 from data_helpers import write_data_dir
-from dpls.eval.metrics import METRIC_KEYS
+from dpls.eval.metrics import EXTRA_METRIC_KEYS, METRIC_KEYS
 
 BLOCK = 32  # make_tiny_run's block size
 
@@ -55,11 +56,19 @@ def test_evaluate_checkpoint_writes_metrics_and_plots(run_and_data, tmp_path):
     from dpls.eval.evaluate import evaluate_checkpoint, output_paths
 
     run, data, model = run_and_data
+    shutil.copy(run / "tokenizer" / "tokenizer.json", data / "tokenizer.json")  # for bits per byte
     out = tmp_path / "eval" / "metrics.json"
     metrics = evaluate_checkpoint(run, out=out, tokens=200, batch_size=3, progress=False)
     saved = json.loads(out.read_text())
-    assert list(saved) == list(METRIC_KEYS)
-    assert saved == pytest.approx(metrics)
+    assert list(saved) == [*METRIC_KEYS, *EXTRA_METRIC_KEYS]
+    by_frequency = saved.pop("ce_by_frequency")
+    assert by_frequency == metrics["ce_by_frequency"]
+    assert saved == pytest.approx({k: v for k, v in metrics.items() if k != "ce_by_frequency"})
+    # the bins partition the evaluated tokens: their token-weighted CE is the loss
+    assert sum(b["tokens"] for b in by_frequency) == 200 and len(by_frequency) == 10
+    weighted = sum(b["tokens"] * b["ce"] for b in by_frequency if b["tokens"]) / 200
+    assert weighted == pytest.approx(metrics["loss"], rel=1e-9)
+    assert 0 < metrics["aurc"] < 1 and 0 <= metrics["auroc"] <= 1 and math.isfinite(metrics["bits_per_byte"])
     assert metrics["tokens"] == 200
     loss, acc = direct_loss(model, data, 200)
     assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
@@ -76,6 +85,36 @@ def test_evaluate_checkpoint_writes_metrics_and_plots(run_and_data, tmp_path):
     assert bins["checkpoint"].endswith("step_0000001")
     meta = json.loads((Path(bins["data_dir"]) / "meta.json").read_text())
     assert bins["corpus_fingerprint"] == meta.get("corpus_fingerprint")  # which tokens were evaluated
+    assert bins["token_statistics"] == {
+        "frequency_bins": {"counted_tokens": 500, "bins": 10},
+        "bytes": {"tokenizer": "bpe", "exact": True},
+    }
+
+
+def test_bits_per_byte_of_a_short_text_by_hand(tmp_path):
+    """The validation shard is one short text in the run's byte-level BPE. Every token but the
+    first is predicted, so the bytes are the text's UTF-8 bytes less the first token's; bits per
+    byte is the summed CE over those, in bits. A run without the tokenizer has none (null)."""
+    from tokenizers import Tokenizer
+
+    from dpls.eval.evaluate import evaluate_checkpoint
+
+    run, model = make_tiny_run(tmp_path)
+    tok = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
+    text = "def add(x, y):\n    return x + y  # héllo wörld ✓\n"
+    ids = tok.encode(text).ids
+    write_data_dir(
+        tmp_path / "data", [np.array(ids * 3)], [np.array(ids)], vocab_size=model.config.vocab_size
+    )
+    shutil.copy(run / "tokenizer" / "tokenizer.json", tmp_path / "data" / "tokenizer.json")
+    first = len(tok.decode(ids[:1]).encode("utf-8"))  # the first token is ASCII: whole bytes
+    n_bytes = len(text.encode("utf-8")) - first
+    nats = direct_loss(model, tmp_path / "data", len(ids) - 1)[0] * (len(ids) - 1)
+    metrics = evaluate_checkpoint(run, data_dir=tmp_path / "data", progress=False)
+    assert metrics["tokens"] == len(ids) - 1
+    assert metrics["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-6)
+    (tmp_path / "data" / "tokenizer.json").unlink()
+    assert math.isnan(evaluate_checkpoint(run, data_dir=tmp_path / "data", progress=False)["bits_per_byte"])
 
 
 def test_whole_validation_set_and_in_memory(run_and_data):
@@ -88,7 +127,8 @@ def test_whole_validation_set_and_in_memory(run_and_data):
     model.train()
     again = evaluate_model(model, validation_batches(data, BLOCK, 4), progress=False)
     assert model.training  # mode restored
-    assert again == pytest.approx(metrics, rel=1e-6)
+    # the same numbers (the frequency bins and bytes per token come from the data: dpls eval only)
+    assert {k: again[k] for k in METRIC_KEYS} == pytest.approx({k: metrics[k] for k in METRIC_KEYS}, rel=1e-6)
 
 
 def test_relative_data_dir_is_found_from_another_directory(tmp_path, monkeypatch):

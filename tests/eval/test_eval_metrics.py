@@ -10,9 +10,35 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpls.eval.metrics import METRIC_KEYS, TOPK_ENTROPIES, MetricAccumulator
+from dpls.eval.metrics import (
+    EXTRA_METRIC_KEYS,
+    METRIC_KEYS,
+    TOPK_ENTROPIES,
+    MetricAccumulator,
+    frequency_bins,
+    selective_metrics,
+)
 
 LN2, LN5 = math.log(2.0), math.log(5.0)
+
+
+def assert_metrics_close(
+    got: object, want: object, rel: float = 1e-6, abs: float = 0.0, key: str = ""
+) -> None:
+    """Equal metrics: numbers within tolerance (NaN equals NaN), None equals None, lists and dicts
+    (``ce_by_frequency``) item by item."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), key
+        for k in want:
+            assert_metrics_close(got[k], want[k], rel, abs, f"{key}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), key
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_metrics_close(g, w, rel, abs, f"{key}[{i}]")
+    elif want is None:
+        assert got is None, key
+    else:
+        assert got == pytest.approx(want, rel=rel, abs=abs, nan_ok=True), key
 
 
 def calibrated_set() -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +101,17 @@ def reference(logits: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> 
 def test_keys_are_exactly_the_spec():
     acc = MetricAccumulator()
     acc.update(*calibrated_set())
-    assert list(acc.compute()) == list(METRIC_KEYS)
+    assert list(acc.compute()) == [*METRIC_KEYS, *EXTRA_METRIC_KEYS]
     assert set(METRIC_KEYS) == {
         "loss", "ppl", "entropy", "entropy_top10", "entropy_top100", "entropy_top1000", "top1_acc",
         "ece", "ece_adaptive", "brier", "best_temperature", "loss_at_best_temperature", "tokens",
     }  # fmt: skip
+    assert set(EXTRA_METRIC_KEYS) == {
+        "aurc", "auroc", "aurc_at_best_temperature", "auroc_at_best_temperature", "bits_per_byte",
+        "ce_by_frequency",
+    }  # fmt: skip
+    m = acc.compute()  # without the tokens' bytes and the frequency bins: no such metric
+    assert math.isnan(m["bits_per_byte"]) and m["ce_by_frequency"] is None
 
 
 def test_perfectly_calibrated_predictor_by_hand():
@@ -175,7 +207,7 @@ def test_skipping_topk_entropies_leaves_every_other_metric_unchanged():
     a, b = full.compute(), cheap.compute()
     topk = {f"entropy_top{k}" for k in TOPK_ENTROPIES}
     assert all(math.isnan(b[k]) and math.isfinite(a[k]) for k in topk)
-    assert {k: a[k] for k in a if k not in topk} == {k: b[k] for k in b if k not in topk}
+    assert_metrics_close({k: b[k] for k in b if k not in topk}, {k: a[k] for k in a if k not in topk}, rel=0)
 
 
 @given(
@@ -211,14 +243,19 @@ def test_chunk_invariance(split, chunk):
     n = sum(split)
     logits = torch.randn(n, 50, generator=gen) * 2
     targets = torch.randint(0, 50, (n,), generator=gen)
-    whole = MetricAccumulator()
+    extras = dict(
+        token_bytes=torch.randint(
+            0, 4, (48,), generator=gen
+        ).numpy(),  # shorter than V: ids past it have none
+        frequency_bins=frequency_bins(torch.randint(0, 30, (50,), generator=gen).numpy(), n_bins=5),
+    )
+    whole = MetricAccumulator(**extras)
     whole.update(logits, targets)
-    parts = MetricAccumulator(chunk_elements=chunk)
+    parts = MetricAccumulator(chunk_elements=chunk, **extras)
     for x, y in zip(logits.split(split), targets.split(split)):
         parts.update(x, y)
     a, b = whole.compute(), parts.compute()
-    for key in METRIC_KEYS:
-        assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    assert_metrics_close(b, a, rel=1e-9, abs=1e-12)
     for adaptive in (False, True):
         got, want = parts.reliability(adaptive).to_dict(), whole.reliability(adaptive).to_dict()
         for key in want:
@@ -237,7 +274,7 @@ def test_ignored_tokens_are_left_out():
     keep = masked != -100
     only = MetricAccumulator()
     only.update(logits[keep], targets[keep])
-    assert acc.compute() == pytest.approx(only.compute())
+    assert_metrics_close(acc.compute(), only.compute())
     assert acc.tokens == int(keep.sum()) == 12
     # another ignore_index, and an all-ignored batch adds nothing
     acc.update(logits, torch.full_like(targets, 5), ignore_index=5)
@@ -294,7 +331,7 @@ def test_reduce_sums_states_like_one_accumulator():
     whole.update(logits, targets)
     other = torch.cat([t.reshape(-1) for t in b._state.values()])
     a.reduce_(lambda flat: flat + other)  # the collective: rank 0's state + rank 1's
-    assert a.compute() == pytest.approx(whole.compute(), rel=1e-12)
+    assert_metrics_close(a.compute(), whole.compute(), rel=1e-12)
     with pytest.raises(ValueError, match="at least one update"):
         MetricAccumulator().reduce_(lambda t: t)
 
@@ -318,3 +355,136 @@ def test_bad_input():
         MetricAccumulator(temperatures=[1.0, 0.0])
     with pytest.raises(ValueError, match="n_bins"):
         MetricAccumulator(n_bins=0)
+
+
+# -- selective prediction, bits per byte, CE by training frequency ------------------------------------
+
+
+def _binary_rows(confidences: list[float], right: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-way rows whose top-1 confidence is each given value; the target is the top-1 or not."""
+    logits = torch.tensor([[math.log(c / (1 - c)), 0.0] for c in confidences])
+    return logits, torch.tensor([0 if r else 1 for r in right])
+
+
+def test_selective_prediction_by_hand():
+    """Confidences 0.9 ✓, 0.8 ✗, 0.7 ✓, 0.6 ✗. Accepting the most confident first, the risk at
+    coverage 1..4 is 0, 1/2, 1/3, 2/4: AURC = (0 + 1/2 + 1/3 + 1/2)/4 = 1/3. Of the 4 (correct,
+    incorrect) pairs the correct one is more confident in 3: AUROC = 3/4."""
+    acc = MetricAccumulator()
+    acc.update(*_binary_rows([0.9, 0.8, 0.7, 0.6], [True, False, True, False]))
+    m = acc.compute()
+    assert m["aurc"] == pytest.approx(1 / 3, rel=1e-12)
+    assert m["auroc"] == pytest.approx(3 / 4, rel=1e-12)
+    # two classes: temperature scaling keeps the order of the confidences, so nothing changes
+    assert m["aurc_at_best_temperature"] == pytest.approx(1 / 3, rel=1e-12)
+    assert m["auroc_at_best_temperature"] == pytest.approx(3 / 4, rel=1e-12)
+    # a tie (one right, one wrong, same confidence): either order equally likely, so the risk at
+    # coverage 1 is 1/2 in expectation and 1/2 at coverage 2; the pair counts 1/2 to AUROC
+    acc = MetricAccumulator()
+    acc.update(*_binary_rows([0.75, 0.75], [True, False]))
+    assert (acc.compute()["aurc"], acc.compute()["auroc"]) == pytest.approx((0.5, 0.5))
+    # all correct: zero risk everywhere, and AUROC is undefined (no incorrect token)
+    acc = MetricAccumulator()
+    acc.update(*_binary_rows([0.9, 0.6], [True, True]))
+    assert acc.compute()["aurc"] == 0.0 and math.isnan(acc.compute()["auroc"])
+
+
+def dense_selective(conf: torch.Tensor, correct: torch.Tensor) -> tuple[float, float]:
+    """AURC by sorting every token (most confident first) and AUROC over every pair, in float64."""
+    order = conf.argsort(descending=True)
+    wrong = 1.0 - correct[order].double()
+    aurc = (wrong.cumsum(0) / torch.arange(1, len(wrong) + 1)).mean().item()
+    c, w = conf[correct.bool()], conf[~correct.bool()]
+    pairs = (c[:, None] > w[None, :]).double() + 0.5 * (c[:, None] == w[None, :]).double()
+    return aurc, pairs.mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_selective_prediction_matches_sorting_every_token(seed):
+    """Raw and at the best temperature, against sorting all tokens by their own confidence: equal
+    when no two tokens share a fine bin; after temperature scaling the grid's values are
+    interpolated to the best temperature, which costs a little accuracy."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(400, 30, generator=gen, dtype=torch.float64) * 2.5
+    targets = torch.where(
+        torch.rand(400, generator=gen) < 0.5, logits.argmax(-1), torch.randint(0, 30, (400,), generator=gen)
+    )
+    acc = MetricAccumulator(fine_bins=1_000_000)  # fine enough that no two of these tokens share a bin
+    acc.update(logits.float(), targets)
+    m = acc.compute()
+    p = logits.softmax(-1)
+    correct = (p.argmax(-1) == targets).double()
+    aurc, auroc = dense_selective(p.max(-1).values, correct)
+    assert m["aurc"] == pytest.approx(aurc, rel=1e-6) and m["auroc"] == pytest.approx(auroc, rel=1e-6)
+    t = m["best_temperature"]
+    aurc_t, auroc_t = dense_selective((logits / t).softmax(-1).max(-1).values, correct)
+    assert m["aurc_at_best_temperature"] == pytest.approx(aurc_t, abs=2e-3)
+    assert m["auroc_at_best_temperature"] == pytest.approx(auroc_t, abs=2e-3)
+
+
+def test_selective_metrics_of_a_histogram():
+    assert selective_metrics(np.zeros(3), np.zeros(3)) == pytest.approx((math.nan, math.nan), nan_ok=True)
+    # bins ascending: (2 tokens, 0 right) then (2 tokens, 2 right): accept both right ones first
+    aurc, auroc = selective_metrics(np.array([2.0, 2.0]), np.array([0.0, 2.0]))
+    assert aurc == pytest.approx((0 + 0 + 1 / 3 + 2 / 4) / 4) and auroc == 1.0
+
+
+def test_frequency_bins_are_quantiles_of_training_mass():
+    """Counts 50, 30, 10, 5, 5, 0 (100 tokens) in 4 bins: id 0 starts at mass 0 (bin 0) and
+    covers half, so bin 1 stays empty; id 1 starts at 0.5 (bin 2); the rest, and the unseen id 5,
+    start at 0.8 or later (bin 3)."""
+    bins = frequency_bins([50, 30, 10, 5, 5, 0], n_bins=4)
+    assert bins.bin_of.tolist() == [0, 2, 3, 3, 3, 3]
+    assert bins.types == [1, 0, 1, 4]
+    assert bins.train_share == pytest.approx([0.5, 0.0, 0.3, 0.2])
+    assert bins.frequency_min == [0.5, None, 0.3, 0.0] and bins.frequency_max == [0.5, None, 0.3, 0.1]
+    # equal counts: ranked by id, deterministically
+    assert frequency_bins([5, 5, 5, 5], n_bins=2).bin_of.tolist() == [0, 0, 1, 1]
+    for bad in ([0, 0, 0], [-1, 3], []):
+        with pytest.raises(ValueError):
+            frequency_bins(bad)
+
+
+def test_ce_by_frequency_is_a_partition_of_the_loss():
+    """Per bin: the CE and accuracy of the targets whose id is in it; their token-weighted mean
+    is the overall loss (ignored tokens are in neither)."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 40, 60, generator=gen) * 2
+    targets = torch.randint(0, 60, (3, 40), generator=gen)
+    targets[0, :7] = -100
+    bins = frequency_bins(torch.randint(0, 100, (60,), generator=gen).numpy(), n_bins=10)
+    acc = MetricAccumulator(frequency_bins=bins)
+    acc.update(logits, targets)
+    m = acc.compute()
+    rows = m["ce_by_frequency"]
+    assert [r["bin"] for r in rows] == list(range(10)) and sum(r["tokens"] for r in rows) == m[
+        "tokens"
+    ] == 113
+    weighted = sum(r["tokens"] * r["ce"] for r in rows if r["tokens"]) / m["tokens"]
+    assert weighted == pytest.approx(m["loss"], rel=1e-12)
+    keep = targets != -100
+    z, y = logits[keep].double(), targets[keep]
+    ce = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    hit = (z.argmax(-1) == y).double()
+    which = torch.from_numpy(bins.bin_of)[y]
+    for r in rows:
+        inside = which == r["bin"]
+        assert r["tokens"] == int(inside.sum())
+        if r["tokens"]:
+            assert r["ce"] == pytest.approx(ce[inside].mean().item(), rel=1e-5)
+            assert r["top1_acc"] == pytest.approx(hit[inside].mean().item())
+        else:
+            assert r["ce"] is None and r["top1_acc"] is None
+
+
+def test_bits_per_byte_by_hand():
+    """Uniform predictions over 4 ids cost ln 4 nats = 2 bits per token. Ids 1, 2, 3 spell 1, 3
+    and 2 bytes of text, id 0 none (``<|endoftext|>``: left out of both sums). Targets 1, 2, 0, 3:
+    3 tokens with text, 6 bits over 1 + 3 + 2 = 6 bytes: exactly 1 bit per byte."""
+    acc = MetricAccumulator(token_bytes=[0, 1, 3, 2])
+    acc.update(torch.zeros(4, 4), torch.tensor([1, 2, 0, 3]))
+    assert acc.compute()["bits_per_byte"] == pytest.approx(1.0, rel=1e-7)
+    with pytest.raises(ValueError, match="token_bytes has 5 entries"):
+        MetricAccumulator(token_bytes=[1] * 5).update(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="non-negative"):
+        MetricAccumulator(token_bytes=[1, -1])

@@ -21,8 +21,9 @@ from dpls._io import check_replaceable, forget_owned, mark_owned, write_owned_js
 from dpls.data.checks import check_same_tokenizer, max_token_id
 from dpls.data.loader import validation_batches
 from dpls.data.meta import DataMeta
-from dpls.eval.metrics import METRIC_KEYS, MetricAccumulator
+from dpls.eval.metrics import EXTRA_METRIC_KEYS, METRIC_KEYS, MetricAccumulator
 from dpls.eval.plots import plot_entropy_histogram, plot_reliability
+from dpls.eval.token_stats import metric_accumulator_for
 from dpls.runs.checkpoint import load_model, read_model_config, resolve_checkpoint, trained_tokenizer
 from dpls.runs.layout import (
     CHECKPOINTS_DIR,
@@ -200,7 +201,7 @@ def evaluate_checkpoint(
 
     ``data_dir`` and ``block_size`` default to the run's ``config.toml``; ``tokens`` caps the
     number of validation tokens (None: all of them). With ``out`` it writes the metrics
-    there (exactly `METRIC_KEYS`) and, beside it, ``<stem>_bins.json`` (per-bin data
+    there (`METRIC_KEYS`, then `EXTRA_METRIC_KEYS`) and, beside it, ``<stem>_bins.json`` (per-bin data
     and provenance) and, with ``plots``, the reliability diagrams and the entropy histogram.
     """
     # -- everything checked before any work ---------------------------------------------
@@ -216,7 +217,7 @@ def evaluate_checkpoint(
     # -- the work -------------------------------------------------------------------------
     batches = validation_batches(data_dir, block_size, batch_size, tokens)  # checks the data first
     model = load_model(path, device=dev)
-    acc = MetricAccumulator()
+    acc, token_stats = metric_accumulator_for(data_dir, model.config.vocab_size)
     metrics = evaluate_model(
         model,
         batches,
@@ -234,6 +235,7 @@ def evaluate_checkpoint(
             "block_size": block_size,
             "batch_size": batch_size,
             "dtype": dtype,
+            "token_statistics": token_stats,  # frequency bins and bytes per token: where from
         }
         _write_outputs(files, metrics, acc, provenance, plots=plots, title=_plot_title(path))
     return metrics
@@ -308,7 +310,9 @@ def _write_outputs(
     """metrics.json, the bins beside it and, with ``plots``, the figures. Only files an earlier
     evaluation wrote are replaced (checked before the work); with ``plots=False`` an earlier
     evaluation's figures are removed, so no stale figure sits beside new numbers."""
-    write_owned_json(files["metrics"], {k: metrics[k] for k in METRIC_KEYS})
+    write_owned_json(
+        files["metrics"], _json_safe({k: metrics[k] for k in (*METRIC_KEYS, *EXTRA_METRIC_KEYS)})
+    )
     edges, counts = acc.entropy_histogram()
     equal_width, equal_mass = acc.reliability(), acc.reliability(adaptive=True)
     write_owned_json(
@@ -339,7 +343,9 @@ def format_metrics(metrics: dict[str, float]) -> str:
     width = max(len(k) for k in metrics)
     lines = []
     for key, value in metrics.items():
-        if isinstance(value, int):
+        if isinstance(value, list):  # ce_by_frequency: one line per bin is metrics.json's job
+            text = f"{len(value)} bins (in the metrics file)"
+        elif isinstance(value, int):
             text = f"{value:,}"
         elif isinstance(value, float) and math.isfinite(value):
             text = f"{value:.6g}"

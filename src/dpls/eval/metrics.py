@@ -19,7 +19,25 @@ holds sums of:
 * for each temperature ``T`` of a fixed grid, the summed temperature-scaled
   cross-entropy ``f(β) = lse(β·z) − β·z_y`` at ``β = 1/T`` *and its first two
   derivatives* ``f'(β) = E_β[z] − z_y`` and ``f''(β) = Var_β[z]`` (moments under
-  ``softmax(β·z)``; they cost little beyond the one ``exp`` per logit that ``f`` needs).
+  ``softmax(β·z)``; they cost little beyond the one ``exp`` per logit that ``f`` needs),
+  and the fine histogram of that temperature's top-1 confidence ``1 / Σ_j exp(β·d_j)``
+  (count and correct per bin: selective prediction after temperature scaling);
+* with ``token_bytes`` (bytes of text per token id): the bytes of the targets and the CE of
+  the targets that have bytes (bits per byte);
+* with ``frequency_bins`` (a bin per token id, by its training-set frequency): count, CE
+  and correctness per bin of the target.
+
+**Selective prediction** (accept the tokens whose top-1 confidence is highest, abstain on the
+rest): ``aurc`` is the area under the risk–coverage curve (Geifman & El-Yaniv 2017; Geifman et
+al. 2019), ``(1/N)·Σ_{k=1..N} errors among the k most confident / k``, lower is better;
+``auroc`` is the probability that a correct token has a higher confidence than an incorrect
+one (ties count ½), the misclassification-detection AUROC of Hendrycks & Gimpel (2017).
+Both come from the fine confidence histogram: tokens in one fine bin (confidences within
+``1/fine_bins``) count as ties, accepted in random order (for ``aurc`` its expected value,
+``Σ_{j=1..m} (E + e·j/m)/(A + j)`` for a bin of ``m`` tokens with ``e`` errors after ``A``
+accepted tokens with ``E`` errors, summed in closed form with the digamma function). After
+temperature scaling they are those of the grid temperatures' histograms, interpolated
+linearly in ``β`` to the best temperature.
 
 **Temperature scaling** without a second pass: ``f`` is convex in the inverse
 temperature ``β`` (``lse`` of a linear function is convex), so the minimiser lies in
@@ -43,11 +61,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-# The metric keys of metrics.json, in the order it lists them (docs/reference.md, section 6).
+# The metric keys of metrics.json that every evaluation computes and the study reports compare,
+# in the order it lists them (docs/reference.md, section 6).
 METRIC_KEYS: tuple[str, ...] = (
     "loss",
     "ppl",
@@ -62,6 +82,17 @@ METRIC_KEYS: tuple[str, ...] = (
     "best_temperature",
     "loss_at_best_temperature",
     "tokens",
+)
+# metrics.json also holds these, after METRIC_KEYS: selective prediction by the top-1
+# confidence, raw and after temperature scaling; bits per byte (None without the tokens'
+# bytes); CE and accuracy by the target's training-set frequency (None without the bins).
+EXTRA_METRIC_KEYS: tuple[str, ...] = (
+    "aurc",
+    "auroc",
+    "aurc_at_best_temperature",
+    "auroc_at_best_temperature",
+    "bits_per_byte",
+    "ce_by_frequency",
 )
 
 TOPK_ENTROPIES: tuple[int, ...] = (10, 100, 1000)
@@ -96,6 +127,93 @@ class ReliabilityBins:
 
     def to_dict(self) -> dict[str, list[float]]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FrequencyBins:
+    """Token ids grouped by how often they occur in the training set (`frequency_bins`).
+
+    ``bin_of[i]`` is the bin of id ``i``; bin 0 holds the most frequent ids. Per bin:
+    ``types`` (ids in it), ``train_share`` (its share of the training tokens) and the range
+    of its ids' training frequencies (occurrences per training token).
+    """
+
+    bin_of: np.ndarray  # [V] int64
+    types: list[int]
+    train_share: list[float]
+    frequency_min: list[float | None]
+    frequency_max: list[float | None]
+
+    def describe(self, b: int) -> dict[str, Any]:
+        return {
+            "bin": b,
+            "train_frequency_min": self.frequency_min[b],
+            "train_frequency_max": self.frequency_max[b],
+            "train_share": self.train_share[b],
+            "types": self.types[b],
+        }
+
+
+def frequency_bins(counts: np.ndarray | Sequence[int], n_bins: int = 10) -> FrequencyBins:
+    """Quantile bins of training-token mass (deciles by default), deterministic.
+
+    Ids are ranked by their training count (most frequent first, ties by id) and id ``i``
+    goes to bin ``⌊n_bins·C_i / N⌋``, where ``C_i`` counts the training tokens of the ids
+    ranked before it and ``N`` all of them: each bin covers about ``1/n_bins`` of the
+    training tokens (an id is never split, so one very frequent id can leave the bin after
+    it empty). Ids never seen in training fall in the last (rarest) bin.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or counts.size == 0 or bool((counts < 0).any()):
+        raise ValueError("counts must be a non-empty 1-D array of non-negative token counts")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("no training tokens were counted: frequency bins need the training split")
+    order = np.argsort(-counts, kind="stable")
+    ranked = counts[order]
+    before = np.cumsum(ranked) - ranked
+    ranked_bin = np.minimum(before * n_bins // total, n_bins - 1)
+    bin_of = np.empty_like(order)
+    bin_of[order] = ranked_bin
+    freq = ranked / total
+    lo, hi = [], []
+    for b in range(n_bins):
+        inside = freq[ranked_bin == b]
+        lo.append(float(inside.min()) if inside.size else None)
+        hi.append(float(inside.max()) if inside.size else None)
+    return FrequencyBins(
+        bin_of=bin_of,
+        types=np.bincount(ranked_bin, minlength=n_bins).tolist(),
+        train_share=(np.bincount(ranked_bin, weights=ranked, minlength=n_bins) / total).tolist(),
+        frequency_min=lo,
+        frequency_max=hi,
+    )
+
+
+def selective_metrics(count: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """``(aurc, auroc)`` of a confidence histogram (bins in ascending confidence; ``count`` and
+    ``correct`` tokens per bin), the tokens of a bin counting as ties (module docstring)."""
+    count, correct = np.asarray(count, np.float64), np.asarray(correct, np.float64)
+    wrong = count - correct
+    n, n_right, n_wrong = count.sum(), correct.sum(), wrong.sum()
+    if n <= 0:
+        return math.nan, math.nan
+    auroc = math.nan
+    if n_right > 0 and n_wrong > 0:
+        wrong_below = np.cumsum(wrong) - wrong
+        auroc = float((correct * (wrong_below + 0.5 * wrong)).sum() / (n_right * n_wrong))
+    keep = count[::-1] > 0  # most confident first
+    m, e = count[::-1][keep], wrong[::-1][keep]
+    accepted, errors = np.cumsum(m) - m, np.cumsum(e) - e
+    # Σ_{j=1..m} 1/(A + j) = ψ(A + m + 1) − ψ(A + 1), and Σ_j j/(A + j) = m − A·(that)
+    digamma = torch.special.digamma
+    harmonic = (
+        digamma(torch.from_numpy(accepted + m + 1.0)) - digamma(torch.from_numpy(accepted + 1.0))
+    ).numpy()
+    aurc = float((errors * harmonic + (e / m) * (m - accepted * harmonic)).sum() / n)
+    return aurc, auroc
 
 
 def _calibration_error(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
@@ -145,6 +263,10 @@ class MetricAccumulator:
     logits, bounding the temporary memory of `update`. ``topk_entropies=False`` skips the
     entropies over the top 10/100/1000 tokens (they come out NaN): the top-1000 selection
     costs more than all other metrics together, and validation during training needs none.
+    ``token_bytes``: bytes of text per token id (`dpls.data.Tokenizer.byte_lengths`), for
+    ``bits_per_byte``. ``frequency_bins``: the bin of every id by its training frequency
+    (`frequency_bins`), for ``ce_by_frequency``. Either may be shorter than V (ids past it
+    have no bytes / fall in the last bin), never longer.
     """
 
     def __init__(
@@ -156,6 +278,8 @@ class MetricAccumulator:
         entropy_bins: int = 100,
         chunk_elements: int = 1 << 24,
         topk_entropies: bool = True,
+        token_bytes: Sequence[int] | np.ndarray | None = None,
+        frequency_bins: FrequencyBins | None = None,
     ) -> None:
         if n_bins < 1:
             raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -173,6 +297,12 @@ class MetricAccumulator:
         self.entropy_bins = entropy_bins
         self.chunk_elements = chunk_elements
         self.topk_entropies = topk_entropies
+        self.token_bytes = None if token_bytes is None else np.asarray(token_bytes, dtype=np.float64)
+        if self.token_bytes is not None and (
+            self.token_bytes.ndim != 1 or bool((self.token_bytes < 0).any())
+        ):
+            raise ValueError("token_bytes must be a 1-D array of non-negative byte counts, one per token id")
+        self.frequency_bins = frequency_bins
         # Ascending inverse temperatures β = 1/T: the variable in which the loss is convex.
         self._betas = sorted({1.0 / t for t in temps})
         self.vocab_size: int | None = None
@@ -190,9 +320,26 @@ class MetricAccumulator:
             return torch.zeros(*shape, dtype=torch.float64, device=device)
 
         self.vocab_size = vocab_size
+        for name, table in (("token_bytes", self.token_bytes), ("frequency_bins", self.frequency_bins)):
+            size = len(table) if isinstance(table, np.ndarray) else len(table.bin_of) if table else 0
+            if size > vocab_size:
+                raise ValueError(f"{name} has {size} entries, more than the logits' V={vocab_size}")
+        per_id = {}  # per token id: its bytes, its frequency bin (ids past the table: 0 bytes, the last bin)
+        if self.token_bytes is not None:
+            per_id["bytes"] = np.pad(self.token_bytes, (0, vocab_size - len(self.token_bytes)))
+        n_freq = 0
+        if self.frequency_bins is not None:
+            n_freq = len(self.frequency_bins.types)
+            ids = self.frequency_bins.bin_of
+            per_id["bin"] = np.pad(ids, (0, vocab_size - len(ids)), constant_values=n_freq - 1)
+        self._per_id = {k: torch.from_numpy(v).to(device) for k, v in per_id.items()}
         self._state = {
             "scalars": zeros(_N_SCALARS),
             "temperature": zeros(len(self._betas), 3),
+            "temperature_count": zeros(len(self._betas), self.fine_bins),
+            "temperature_correct": zeros(len(self._betas), self.fine_bins),
+            "bytes": zeros(2),  # Σ bytes of the targets, Σ CE of the targets that have bytes
+            "frequency": zeros(3, n_freq),  # per bin: tokens, Σ CE, Σ correct
             "bin_count": zeros(self.n_bins),
             "bin_conf": zeros(self.n_bins),
             "bin_correct": zeros(self.n_bins),
@@ -290,9 +437,11 @@ class MetricAccumulator:
             del top
 
         temp = []  # per β: Σ f, Σ f', Σ f''
+        temp_bins = []  # per β: the fine bin of the top-1 confidence 1 / Σ exp(β·d)
         for beta in self._betas:
             eb = (d * beta).exp_()
             sb = eb.sum(dim=-1)
+            temp_bins.append((sb.double().reciprocal() * self.fine_bins).long().clamp_(0, self.fine_bins - 1))
             m1 = eb.mul_(d).sum(dim=-1) / sb  # E_β[d]
             m2 = eb.mul_(d).sum(dim=-1) / sb  # E_β[d²]
             f = sb.log() - beta * d_y
@@ -313,6 +462,7 @@ class MetricAccumulator:
         state["scalars"] += scalars.to(dev)
         if temp:
             state["temperature"] += torch.stack(temp).to(dev)
+        self._update_extras(state, y, ce, correct, temp_bins)
 
         conf64, correct = conf.double().to(dev), correct.to(dev)
         coarse = (conf64 * self.n_bins).long().clamp_(0, self.n_bins - 1)
@@ -326,6 +476,33 @@ class MetricAccumulator:
         log_v = math.log(vocab) if vocab > 1 else 1.0
         ent_bin = (entropy.double().to(dev) / log_v * self.entropy_bins).long()
         state["entropy_hist"].index_add_(0, ent_bin.clamp_(0, self.entropy_bins - 1), torch.ones_like(conf64))
+
+    def _update_extras(
+        self,
+        state: dict[str, torch.Tensor],
+        y: torch.Tensor,
+        ce: torch.Tensor,
+        correct: torch.Tensor,
+        temp_bins: list[torch.Tensor],
+    ) -> None:
+        """Selective-prediction histograms per grid temperature, bytes, and per-frequency-bin sums."""
+        dev = state["scalars"].device
+        correct = correct.to(dev)
+        ones = torch.ones_like(correct)
+        flat_count, flat_correct = state["temperature_count"].view(-1), state["temperature_correct"].view(-1)
+        for g, fine in enumerate(temp_bins):
+            where = fine.to(dev) + g * self.fine_bins
+            flat_count.index_add_(0, where, ones)
+            flat_correct.index_add_(0, where, correct)
+        ce = ce.double().to(dev)
+        if "bytes" in self._per_id:
+            nbytes = self._per_id["bytes"][y].to(dev)
+            state["bytes"] += torch.stack([nbytes.sum(), torch.where(nbytes > 0, ce, 0.0).sum()])
+        if "bin" in self._per_id:
+            freq = state["frequency"]
+            b = self._per_id["bin"][y].to(dev)
+            for row, values in enumerate((ones, ce, correct)):
+                freq[row].index_add_(0, b, values)
 
     # -- results ----------------------------------------------------------------------
 
@@ -348,8 +525,8 @@ class MetricAccumulator:
         beta, loss = _hermite_minimum(betas[i], betas[i + 1], fgc[i], fgc[i + 1])
         return 1.0 / beta, loss
 
-    def compute(self) -> dict[str, float]:
-        """The evaluation metrics (exactly `METRIC_KEYS`) over everything seen so far."""
+    def compute(self) -> dict[str, Any]:
+        """The evaluation metrics over everything seen so far: `METRIC_KEYS`, then `EXTRA_METRIC_KEYS`."""
         st = self._host_state()
         sc = st["scalars"]
         n = float(sc[_N])
@@ -370,7 +547,42 @@ class MetricAccumulator:
         out["best_temperature"] = best_t
         out["loss_at_best_temperature"] = best_loss
         out["tokens"] = round(n)
+        out["aurc"], out["auroc"] = selective_metrics(st["fine_count"], st["fine_correct"])
+        out["aurc_at_best_temperature"], out["auroc_at_best_temperature"] = self._selective_at(best_t, st)
+        n_bytes, ce_with_bytes = st["bytes"]
+        has_bytes = self.token_bytes is not None and n_bytes > 0
+        out["bits_per_byte"] = float(ce_with_bytes / (math.log(2.0) * n_bytes)) if has_bytes else math.nan
+        out["ce_by_frequency"] = self._by_frequency(st)
         return out
+
+    def _selective_at(self, temperature: float, st: dict[str, np.ndarray]) -> tuple[float, float]:
+        """AURC and AUROC after temperature scaling: those of the grid temperatures' histograms,
+        interpolated linearly in β = 1/T (clipped to the grid's ends)."""
+        if not self._betas or not math.isfinite(temperature):
+            return math.nan, math.nan
+        per_beta = [
+            selective_metrics(c, r) for c, r in zip(st["temperature_count"], st["temperature_correct"])
+        ]
+        aurc, auroc = (np.interp(1.0 / temperature, self._betas, [v[i] for v in per_beta]) for i in (0, 1))
+        return float(aurc), float(auroc)
+
+    def _by_frequency(self, st: dict[str, np.ndarray]) -> list[dict[str, Any]] | None:
+        """Per training-frequency bin: its description, tokens, mean CE and top-1 accuracy."""
+        if self.frequency_bins is None:
+            return None
+        count, ce_sum, correct = st["frequency"]
+        rows = []
+        for b in range(len(count)):
+            seen = count[b] > 0
+            rows.append(
+                {
+                    **self.frequency_bins.describe(b),
+                    "tokens": round(float(count[b])),
+                    "ce": float(ce_sum[b] / count[b]) if seen else None,
+                    "top1_acc": float(correct[b] / count[b]) if seen else None,
+                }
+            )
+        return rows
 
     def _adaptive_bins(self, st: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         """(lower, upper, count, conf_sum, correct_sum) of ``n_bins`` equal-mass bins."""
