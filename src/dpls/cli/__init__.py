@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "pretrain a model (CE, LS, DPLS, ...); torchrun for several GPUs"),
     "eval": ("evaluate", "loss, perplexity, entropy and calibration of a checkpoint"),
     "sample": ("sample", "text sampled from a trained model (temperature, top-k, top-p; KV cache)"),
-    "export-hf": ("export_hf", "export a checkpoint as a Hugging Face LlamaForCausalLM directory"),
+    "export-hf": ("export_hf", "export a checkpoint as a Hugging Face model directory"),
     "lm-eval": ("lm_eval", "downstream tasks through EleutherAI's lm-evaluation-harness"),
     "study": ("study", "a paired comparison of loss arms forked from one checkpoint"),
     "compare": ("compare", "tables and plots from finished runs"),

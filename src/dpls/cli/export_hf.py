@@ -1,4 +1,4 @@
-"""`dpls export-hf CHECKPOINT DIR`: a Hugging Face LlamaForCausalLM directory with its tokenizer."""
+"""`dpls export-hf CHECKPOINT DIR`: a Hugging Face model directory with its tokenizer."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def register(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentPar
         help=help_text,
         description=(
             "Write a checkpoint (or the latest checkpoint of a run directory) as a Hugging Face "
-            "LlamaForCausalLM directory (config.json, model.safetensors, tokenizer) that "
-            "AutoModelForCausalLM / AutoTokenizer.from_pretrained load offline."
+            "directory (config.json, model.safetensors, tokenizer) that AutoModelForCausalLM / "
+            "AutoTokenizer.from_pretrained load offline, in the stock class that computes the same "
+            "logits: LlamaForCausalLM, Qwen3ForCausalLM for qk_norm, VaultGemmaForCausalLM for "
+            "logit_softcap."
         ),
     )
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory")

@@ -1,6 +1,6 @@
 """Downstream tasks through EleutherAI's lm-evaluation-harness, on the Hugging Face export.
 
-The harness's own ``hf`` model class runs the exported ``LlamaForCausalLM`` directory,
+The harness's own ``hf`` model class runs the exported directory (a stock ``transformers`` class),
 so the numbers are computed exactly the way the harness computes them for any other
 Hugging Face model (same request batching, same tokenisation of contexts and
 continuations) and are comparable with published ones. The export is cached beside the

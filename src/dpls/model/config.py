@@ -33,7 +33,7 @@ class ModelConfig:
 
     ``qk_norm``: RMSNorm over each head's queries and keys before RoPE (Dehghani et al. 2023),
     the standard cure for attention logits that grow without bound at high learning rates;
-    ``"mha"``/``"gqa"`` only. Hugging Face's Llama has no such layer, so it does not export.
+    ``"mha"``/``"gqa"`` only. It exports as Hugging Face's Qwen3, whose attention has the same norms.
 
     ``pad_vocab_to``: the embedding and output layer get ``padded_vocab_size`` rows, the
     vocabulary rounded up to this multiple (GPT-2's 50257 → 50304 with 64: matmul shapes that
