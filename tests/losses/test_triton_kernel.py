@@ -249,6 +249,18 @@ def test_without_grad_the_logits_are_left_alone():
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
 
 
+def _logits_of_kind(kind: str, n: int, v: int, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian, few integer values (heavy ties), values over many binades, or all negative."""
+    if kind == "gauss":
+        return torch.randn(n, v, generator=gen) * 3
+    if kind == "ints":
+        return torch.randint(-2, 3, (n, v), generator=gen).float()
+    if kind == "wide":
+        z = torch.randn(n, v, generator=gen)  # drawn first, then the spread: the order of the draws
+        return z * torch.exp(torch.randn(n, v, generator=gen) * 2).clamp(max=1e3)
+    return -torch.rand(n, v, generator=gen) * 4
+
+
 @settings(max_examples=6, deadline=None)
 @given(
     n=st.integers(1, 4),
@@ -270,14 +282,7 @@ def test_every_select_path_matches_reference(
 ):
     gen = torch.Generator().manual_seed(seed)
     k = max(1, min(v, round(k_frac * v)))
-    if kind == "gauss":
-        z = torch.randn(n, v, generator=gen) * 3
-    elif kind == "ints":
-        z = torch.randint(-2, 3, (n, v), generator=gen).float()
-    elif kind == "wide":  # values over many binades
-        z = torch.randn(n, v, generator=gen) * torch.exp(torch.randn(n, v, generator=gen) * 2).clamp(max=1e3)
-    else:
-        z = -torch.rand(n, v, generator=gen) * 4
+    z = _logits_of_kind(kind, n, v, gen)
     y = torch.randint(0, v, (n,), generator=gen)
     y[torch.rand(n, generator=gen) < 0.25] = -100
     cfg = KernelConfig(block_v=block_v, num_warps=1, programs=programs, cap=cap, top_r=top_r, split=split)
@@ -687,13 +692,7 @@ def test_softcap_in_the_kernel_equals_capping_first(
 
     gen = torch.Generator().manual_seed(seed)
     k = max(1, min(v, round(k_frac * v)))
-    if kind == "gauss":
-        z = torch.randn(n, v, generator=gen) * 3
-    elif kind == "ints":
-        z = torch.randint(-2, 3, (n, v), generator=gen).float()
-    else:
-        z = -torch.rand(n, v, generator=gen) * 4
-    z = z.to(dtype)
+    z = _logits_of_kind(kind, n, v, gen).to(dtype)
     y = torch.randint(0, v, (n,), generator=gen)
     if masked and v > 2:
         off = torch.rand(n, v, generator=gen) < 0.2

@@ -64,11 +64,12 @@ def test_fused_linear_loss_caps_like_the_logits_path(corpus, tmp_path):
     keys["logit_softcap"] = 0.1  # below the initial logits' spread: the cap bites from the first step
     plain = train_rows(run_train(corpus, tmp_path / "plain", **keys))
     fused = train_rows(run_train(corpus, tmp_path / "fused", **keys, fused_linear_loss=True))
-    uncapped = train_rows(run_train(corpus, tmp_path / "uncapped", **{**keys, "logit_softcap": "none"}))
     assert fused[1]["loss"] == pytest.approx(plain[1]["loss"], rel=1e-5)
     assert fused[1]["ce"] == pytest.approx(plain[1]["ce"], rel=1e-5)
-    assert fused[1]["logit_max"] == pytest.approx(plain[1]["logit_max"], rel=1e-5)
-    assert abs(uncapped[1]["loss"] - plain[1]["loss"]) > 1e-3  # the cap changes the loss
+    assert (
+        fused[1]["logit_max"] == pytest.approx(plain[1]["logit_max"], rel=1e-5)
+        and plain[1]["logit_max"] <= 0.1 + 1e-6
+    )
 
 
 def test_bad_softcap_is_refused_before_training(corpus, tmp_path, capsys):

@@ -152,22 +152,12 @@ def _cast(grads, weight: torch.Tensor) -> list[torch.Tensor | None]:
 
 
 def chunked_linear_dpls_loss(
-    hidden,
-    weight,
-    bias,
-    target,
-    epsilon,
-    top_k,
-    ignore_index,
-    reduction,
-    return_nll,
-    chunk_size,
-    softcap=None,
+    hidden, weight, bias, target, epsilon, top_k, ignore_index, reduction, return_nll, chunk, softcap=None
 ):
     n = hidden.shape[0]
     eps = eps_rows(epsilon, n, compute_dtype(hidden.dtype), hidden.device)
     sm = Smoothing(top_k=top_k, active=is_active(epsilon))
-    chunk = chunk_size or default_chunk_size(n, weight.shape[0])
+    chunk = chunk or default_chunk_size(n, weight.shape[0])
     loss, nll = ChunkedLinearDPLS.apply(
         hidden, weight, bias, target, eps, sm, ignore_index, reduction, chunk, softcap
     )
@@ -175,17 +165,7 @@ def chunked_linear_dpls_loss(
 
 
 def reference_linear_dpls_loss(
-    hidden,
-    weight,
-    bias,
-    target,
-    epsilon,
-    top_k,
-    ignore_index,
-    reduction,
-    return_nll,
-    chunk_size,
-    softcap=None,
+    hidden, weight, bias, target, epsilon, top_k, ignore_index, reduction, return_nll, chunk, softcap=None
 ):
     """Materialise the logits and call the dense reference (for tests and comparisons)."""
     logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
