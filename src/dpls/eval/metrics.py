@@ -437,11 +437,11 @@ class MetricAccumulator:
             del top
 
         temp = []  # per β: Σ f, Σ f', Σ f''
-        temp_bins = []  # per β: the fine bin of the top-1 confidence 1 / Σ exp(β·d)
+        sums = []  # per β: Σ exp(β·d), whose reciprocal is the top-1 confidence at that temperature
         for beta in self._betas:
             eb = (d * beta).exp_()
             sb = eb.sum(dim=-1)
-            temp_bins.append((sb.double().reciprocal() * self.fine_bins).long().clamp_(0, self.fine_bins - 1))
+            sums.append(sb)
             m1 = eb.mul_(d).sum(dim=-1) / sb  # E_β[d]
             m2 = eb.mul_(d).sum(dim=-1) / sb  # E_β[d²]
             f = sb.log() - beta * d_y
@@ -462,7 +462,7 @@ class MetricAccumulator:
         state["scalars"] += scalars.to(dev)
         if temp:
             state["temperature"] += torch.stack(temp).to(dev)
-        self._update_extras(state, y, ce, correct, temp_bins)
+        self._update_extras(state, y, ce, correct, sums)
 
         conf64, correct = conf.double().to(dev), correct.to(dev)
         coarse = (conf64 * self.n_bins).long().clamp_(0, self.n_bins - 1)
@@ -483,17 +483,26 @@ class MetricAccumulator:
         y: torch.Tensor,
         ce: torch.Tensor,
         correct: torch.Tensor,
-        temp_bins: list[torch.Tensor],
+        sums: list[torch.Tensor],
     ) -> None:
-        """Selective-prediction histograms per grid temperature, bytes, and per-frequency-bin sums."""
+        """Selective-prediction histograms per grid temperature (``sums``: Σ exp(β·d) per β),
+        bytes, and per-frequency-bin sums."""
         dev = state["scalars"].device
         correct = correct.to(dev)
         ones = torch.ones_like(correct)
-        flat_count, flat_correct = state["temperature_count"].view(-1), state["temperature_correct"].view(-1)
-        for g, fine in enumerate(temp_bins):
-            where = fine.to(dev) + g * self.fine_bins
-            flat_count.index_add_(0, where, ones)
-            flat_correct.index_add_(0, where, correct)
+        if sums:  # one index_add over every grid temperature: offset g·fine_bins for the g-th
+            fine = (
+                torch.stack(sums)
+                .double()
+                .reciprocal_()
+                .mul_(self.fine_bins)
+                .long()
+                .clamp_(0, self.fine_bins - 1)
+            )
+            offsets = torch.arange(len(sums), device=fine.device)[:, None] * self.fine_bins
+            where = (fine + offsets).reshape(-1).to(dev)
+            state["temperature_count"].view(-1).index_add_(0, where, ones.repeat(len(sums)))
+            state["temperature_correct"].view(-1).index_add_(0, where, correct.repeat(len(sums)))
         ce = ce.double().to(dev)
         if "bytes" in self._per_id:
             nbytes = self._per_id["bytes"][y].to(dev)
