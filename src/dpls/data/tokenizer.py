@@ -129,20 +129,22 @@ class BPETokenizer(Tokenizer):
 
     def byte_lengths(self) -> tuple[list[int], bool]:
         """Exact for a byte-level BPE (ByteLevel decoder): each vocabulary string spells its bytes,
-        one character of the byte alphabet per byte; special tokens have none. Otherwise the default."""
-        if (json.loads(self._tok.to_str()).get("decoder") or {}).get("type") != "ByteLevel":
-            return super().byte_lengths()
-        from tokenizers.pre_tokenizers import ByteLevel
+        one character of the byte alphabet per byte. Other tokenizers (SentencePiece-style ones):
+        each id decoded alone, not exact. Special tokens have none either way."""
+        byte_level = (json.loads(self._tok.to_str()).get("decoder") or {}).get("type") == "ByteLevel"
+        if byte_level:
+            from tokenizers.pre_tokenizers import ByteLevel
 
-        alphabet = frozenset(ByteLevel.alphabet())  # 256 characters, one per byte
-        lengths = [0] * self.vocab_size
-        for token, i in self._tok.get_vocab(with_added_tokens=False).items():
-            if i < self.vocab_size:
-                lengths[i] = len(token) if all(c in alphabet for c in token) else len(token.encode("utf-8"))
+            alphabet = frozenset(ByteLevel.alphabet())  # 256 characters, one per byte
+            lengths = [0] * self.vocab_size
+            for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+                spelt = all(c in alphabet for c in token)
+                lengths[i] = len(token) if spelt else len(token.encode("utf-8"))
+        else:
+            lengths = super().byte_lengths()[0]
         for i, added in self._tok.get_added_tokens_decoder().items():
-            if i < self.vocab_size:
-                lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
-        return lengths, True
+            lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
+        return lengths, byte_level
 
     def _identity(self) -> Any:
         model = json.loads(self._tok.to_str())
