@@ -541,7 +541,7 @@ class MetricAccumulator:
         n = float(sc[_N])
         loss = float(sc[_CE] / n)
         best_t, best_loss = self._best_temperature(st, n)
-        out: dict[str, float] = {
+        out: dict[str, Any] = {
             "loss": loss,
             "ppl": math.exp(loss) if loss < 709.0 else math.inf,
             "entropy": float(sc[_ENT] / n),

@@ -25,6 +25,7 @@ def dpls_loss(
     impl: str = ...,
     return_nll: Literal[False] = ...,
     inplace_backward: bool = ...,
+    softcap: float | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def dpls_loss(
@@ -38,6 +39,7 @@ def dpls_loss(
     impl: str = ...,
     return_nll: Literal[True],
     inplace_backward: bool = ...,
+    softcap: float | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def dpls_loss(
@@ -51,6 +53,7 @@ def dpls_loss(
     impl: str = ...,
     return_nll: bool,
     inplace_backward: bool = ...,
+    softcap: float | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def dpls_loss(
     logits: torch.Tensor,

@@ -84,7 +84,7 @@ def _walk(
         weights = grad_weights(scale[s:e], eps[s:e], sm, sel, zf.shape[1])
         capped = None if cap is None else logp_buf.copy_(zf)  # log p is no longer needed
         d = chunk_grad(zf, zf, y[s:e], scale[s:e], weights, sm, sel)
-        if capped is not None:
+        if cap is not None and capped is not None:
             softcap_backward_(d, capped, cap)
         d_in = d.to(hidden.dtype)  # the matmuls run in the model's dtype, as autograd would
         if g_h is not None:
@@ -193,6 +193,7 @@ def dpls_linear_loss(
     impl: str = ...,
     return_nll: Literal[False] = ...,
     chunk_size: int | None = ...,
+    softcap: float | None = ...,
 ) -> torch.Tensor: ...
 @overload
 def dpls_linear_loss(
@@ -208,6 +209,7 @@ def dpls_linear_loss(
     impl: str = ...,
     return_nll: Literal[True],
     chunk_size: int | None = ...,
+    softcap: float | None = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def dpls_linear_loss(
@@ -223,6 +225,7 @@ def dpls_linear_loss(
     impl: str = ...,
     return_nll: bool,
     chunk_size: int | None = ...,
+    softcap: float | None = ...,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def dpls_linear_loss(
     hidden: torch.Tensor,

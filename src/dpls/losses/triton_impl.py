@@ -138,10 +138,8 @@ def launch_rows(
 
     ``epsilon_mode`` ``"confidence"`` / ``"entropy"``: ``epsilon`` (a float) is the base ε and each
     row's ε_i is computed from the row's own first-pass statistics (see ``dpls.losses.adaptive``),
-    used at once, and written to ``eps_out`` (float32 ``[N]``, 0 at ignored rows).
-
-    ``softcap``: the loss of ``softcap·tanh(logits / softcap)``, capped as the kernel reads each
-    row (its gradient is with respect to the raw logits).
+    used at once, and written to ``eps_out`` (float32 ``[N]``, 0 at ignored rows). ``softcap``:
+    the loss of ``softcap·tanh(logits / softcap)``, each row capped as the kernel reads it.
     """
     k = _kernels()
     n_rows, vocab = logits.shape
@@ -155,10 +153,7 @@ def launch_rows(
     grid = _grid_size(n_rows, cfg, logits.device)
     cap = cfg.cap if topk_mode == k.TOPK_SELECT else 0
     top_r = cfg.top_r or lane_depth(top_k, vocab, cfg.block_v)
-    # capped values are float32 whatever the logits' dtype: 32-bit keys and a float32 scratch row
-    key_bits = 32 if softcap is not None else _KEY_BITS[logits.dtype]
-    scratch_dtype = torch.float32 if softcap is not None else logits.dtype
-    scratch = torch.empty(max(1, grid * cap), dtype=scratch_dtype, device=logits.device)
+    scratch, key_bits = _selection_scratch(logits, grid * cap, softcap)
     mode = {"mean": k.SCALE_MEAN, "row": k.SCALE_ROW, "one": k.SCALE_ONE}[scale_mode]
     dummy = loss  # any float32 tensor for pointers a mode does not read
     eps_tensor = _per_row_epsilon(epsilon, dummy)
@@ -167,27 +162,11 @@ def launch_rows(
     stat_f = torch.empty(3 * n_rows if split else 1, dtype=torch.float32, device=logits.device)
     stat_i = torch.empty(3 * n_rows if split else 1, dtype=torch.int32, device=logits.device)
     args = (
-        logits,
-        logits.stride(0),
-        g,
-        g.stride(0),
-        target,
-        eps_tensor,
-        0.0 if per_row_eps else float(epsilon),
-        float(gamma),
-        1.0 if softcap is None else float(softcap),
-        eps_out if eps_mode else dummy,
-        scale if scale is not None else dummy,
-        loss,
-        nll,
-        scratch,
-        stat_f,
-        stat_i,
-        n_rows,
-        vocab,
-        int(top_k),
-        int(ignore_index),
-    )
+        logits, logits.stride(0), g, g.stride(0), target, eps_tensor,
+        0.0 if per_row_eps else float(epsilon), float(gamma), 1.0 if softcap is None else float(softcap),
+        eps_out if eps_mode else dummy, scale if scale is not None else dummy,
+        loss, nll, scratch, stat_f, stat_i, n_rows, vocab, int(top_k), int(ignore_index),
+    )  # fmt: skip
     consts = dict(
         KEY_BITS=key_bits,
         BLOCK_V=cfg.block_v,
@@ -202,6 +181,15 @@ def launch_rows(
     select = dict(CAP=cap, TOP_R=top_r if topk_mode == k.TOPK_SELECT else 1)
     _run_rows_kernel(k, grid, args, consts, select, split=split, write_grad=grad is not None, cfg=cfg)
     return loss, nll
+
+
+def _selection_scratch(logits: torch.Tensor, entries: int, softcap: float | None) -> tuple[torch.Tensor, int]:
+    """The selection's scratch rows (``entries`` in all) and its key width: the logits' own dtype
+    and bits, or with ``softcap`` float32 and 32 bits (capped values are float32, whatever the
+    logits' dtype: half-precision keys could not tell them apart)."""
+    if softcap is None:
+        return torch.empty(max(1, entries), dtype=logits.dtype, device=logits.device), _KEY_BITS[logits.dtype]
+    return torch.empty(max(1, entries), dtype=torch.float32, device=logits.device), 32
 
 
 def _run_rows_kernel(
