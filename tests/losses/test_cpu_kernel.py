@@ -4,6 +4,7 @@ build fails, the loss takes the NumPy search and still computes the definition."
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -116,3 +117,44 @@ def test_the_kernel_refuses_inputs_outside_its_precondition(fresh_load, tmp_path
         cpu_kernel.top_k_rows(z, 1024 // 8, 1000)  # k + 1 strip maxima cannot exist
     with pytest.raises(ValueError, match="contiguous float32"):
         cpu_kernel.top_k_rows(np.zeros((2, 2048), np.float32)[:, ::2], 3, 16)
+
+
+def _built(cc, folder):
+    """The kernel built into ``folder``, and its bytes."""
+    path = cpu_kernel.build(cc, folder)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "no record"])
+def test_a_damaged_cached_library_is_rebuilt_before_it_is_loaded(fresh_load, tmp_path, damage):
+    """Loading a truncated library crashes the process (a bus error inside dlopen): the cache
+    is checked against the size and hash recorded at build time, and rebuilt on any doubt."""
+    cc = _needs_compiler(tmp_path)
+    folder = fresh_load / "kernels"
+    path, good = _built(cc, folder)
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(len(good)))
+    else:
+        cpu_kernel.sidecar(path).unlink()
+    assert not cpu_kernel.verified(path)
+    assert cpu_kernel.build(cc, folder) == path
+    assert cpu_kernel.verified(path) and path.stat().st_size == len(good)
+    assert cpu_kernel.load() is not None  # checked above: only a verified file reaches dlopen
+    _loss_is_the_definition()
+
+
+def test_a_library_without_the_kernel_function_falls_back_to_numpy(fresh_load, tmp_path, caplog):
+    """A valid shared library under the kernel's name whose record matches (forged), but without
+    ``dpls_top_k_rows``: a warning and the NumPy search, never an AttributeError."""
+    cc = _needs_compiler(tmp_path)
+    path, _ = _built(cc, fresh_load / "kernels")
+    other = tmp_path / "other.c"
+    other.write_text("int other(void) { return 1; }\n")
+    subprocess.run([*cc, *cpu_kernel.FLAGS, str(other), "-o", str(path)], check=True, capture_output=True)
+    cpu_kernel.sidecar(path).write_text(json.dumps(cpu_kernel._signature(path)))
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        assert cpu_kernel.load() is None
+    assert "dpls_top_k_rows" in caplog.text
+    _loss_is_the_definition()

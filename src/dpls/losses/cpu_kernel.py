@@ -9,8 +9,12 @@ The library is compiled with the system C compiler (``$CC``, else Python's own, 
 into ``$DPLS_CACHE_DIR`` (default ``~/.cache/dpls``), named by a hash of the source, the
 compiler and the platform, so a changed source or another machine never loads a stale build;
 a compiled file is written under a temporary name and renamed, so concurrent processes never
-see half of one. Without a compiler, or with ``DPLS_CPU_KERNEL=0``, :func:`load` returns None
-and the loss uses the NumPy search, which computes the same thing.
+see half of one. Beside it, ``<name>.so.json`` records its size and SHA-256: a cached library
+is loaded only when it matches (a truncated or replaced file would crash the process inside
+``dlopen`` or at the first call, with no Python error to catch), and is rebuilt otherwise.
+Without a compiler, with ``DPLS_CPU_KERNEL=0``, or when the library cannot be built or lacks
+its function, :func:`load` returns None (with a warning) and the loss uses the NumPy search,
+which computes the same thing.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -27,8 +32,11 @@ import subprocess
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from dpls._io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +59,36 @@ def compiler() -> list[str] | None:
     return None
 
 
+def _signature(path: str | Path) -> dict[str, Any]:
+    """Size and SHA-256 of a built library: what its sidecar records and a load checks."""
+    data = Path(path).read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def verified(path: Path) -> bool:
+    """``path`` is a library this module built, unchanged since (its sidecar says so)."""
+    try:
+        return json.loads(sidecar(path).read_text()) == _signature(path)
+    except (OSError, ValueError):
+        return False
+
+
 def build(cc: list[str], out_dir: Path) -> Path:
-    """Compile the kernel (once per source, compiler and platform) and return the library's path."""
+    """Compile the kernel (once per source, compiler and platform) and return the library's path.
+
+    A cached library whose size or hash differs from its sidecar (truncated, replaced, or
+    built before sidecars existed) is built again."""
     tag = "\0".join([SOURCE.read_text(), " ".join(cc + FLAGS), platform.platform(), platform.machine()])
     path = out_dir / f"cpu_top_k-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.so"
-    if path.exists():
+    if verified(path):
         return path
+    if path.exists():  # no record: built by an older dpls; a record that differs: damaged
+        level = logging.WARNING if sidecar(path).exists() else logging.INFO
+        log.log(level, "the cached CPU top-k kernel %s does not match its record; building it again", path)
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
@@ -64,6 +96,7 @@ def build(cc: list[str], out_dir: Path) -> Path:
         subprocess.run(
             [*cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120
         )
+        write_json_atomic(sidecar(path), _signature(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -88,13 +121,13 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(build(cc, cache_dir())))
-    except (OSError, subprocess.SubprocessError) as err:
+        fn = lib.dpls_top_k_rows
+    except (OSError, subprocess.SubprocessError, AttributeError) as err:
         detail = getattr(err, "stderr", "") or err
         _status = f"NumPy (the C kernel did not build with {cc[0]})"
-        log.warning("the CPU top-k kernel could not be built (%s); using NumPy", detail)
+        log.warning("the CPU top-k kernel could not be built or loaded (%s); using NumPy", detail)
         return None
     _status = f"C kernel (built with {cc[0]})"
-    fn = lib.dpls_top_k_rows
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
     fn.restype = i64
