@@ -17,24 +17,35 @@ so a killed process never leaves a folder locked.
 **Ownership.** A dpls command overwrites or deletes only what dpls wrote. Every folder that
 an output file goes into keeps a small manifest, ``.dpls-owned.json``, naming the files dpls
 wrote there with their size and content hash. `check_replaceable` refuses to touch a file
-that is not listed, or that changed since (the user edited it: it is theirs now);
-`mark_owned` records a file after it is written. One mechanism for every writer: bench
-JSON, evaluation outputs, reports, exports.
+that is not listed, or that changed since (the user edited it: it is theirs now). A file is
+recorded *before* it appears under its name (`owned_output`: written under a temporary name,
+recorded, then renamed), so no kill can leave a file of dpls's unrecorded; a temporary left by
+a kill ends in ``.dpls-tmp`` and is dpls's own bookkeeping, never mistaken for the user's.
+One mechanism for every writer: bench JSON, evaluation outputs, reports, plots, exports.
+
+**Paths.** `check_path` turns a name or path longer than the file system allows into a
+one-line error before any work (the bare ``OSError`` comes later, mid-work).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
+import inspect
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 OWNED_FILE = ".dpls-owned.json"  # the manifest of the files dpls wrote in a folder
 LOCK_FILE = ".dpls-lock"  # held (flock) by the one process writing a run or study folder
+TMP_SUFFIX = ".dpls-tmp"  # a file being written (left behind only by a kill): never the user's
 _BOOKKEEPING = frozenset({OWNED_FILE, LOCK_FILE})  # dpls's own files in a folder, never the user's
 _HASH_LIMIT = 64 << 20  # larger files are recognised by size and modification time
 
@@ -65,19 +76,37 @@ def mkdtemp_beside(path: str | Path) -> Path:
     return tmp
 
 
+def is_temporary(name: str) -> bool:
+    """A file name `write_text_atomic` / `owned_output` write under before the rename."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def _temporary_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') writes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """``text`` (UTF-8) to ``path`` by temporary file, fsync and rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temporary_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp.write_text(text, encoding="utf-8")
+        fsync_path(tmp)
         apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -87,18 +116,159 @@ def write_json_atomic(path: str | Path, obj: Any, **dumps: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, **dumps) + "\n")
 
 
+@contextmanager
+def owned_output(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` (which `check_replaceable` allowed) as dpls's own: the ``with`` block
+    writes the yielded temporary file beside it; then the new content is recorded in the
+    folder's manifest, the temporary renamed onto ``path``, and the record of the old
+    content dropped. A kill at any instant leaves ``path`` recorded (old or new content) and
+    at most a ``.dpls-tmp`` file; an error in the block leaves ``path`` as it was.
+
+        with owned_output(out / "val_ce.png") as tmp:
+            fig.savefig(tmp, format="png")
+    """
+    path = Path(path)
+    tmp = _temporary_beside(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        apply_umask(tmp)
+        new = _signature(tmp)  # a rename keeps size, content and mtime
+        old = _manifest(path.parent).get(path.name)
+        pending = [new, *(old if isinstance(old, list) else [old] if isinstance(old, dict) else [])]
+        _record(path.parent, {path.name: pending})  # both contents are ours while the rename is pending
+        os.replace(tmp, path)
+        _record(path.parent, {path.name: new})
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_owned_text(path: str | Path, text: str) -> Path:
-    """`write_text_atomic` over a file that `check_replaceable` allowed, recorded as dpls's."""
-    write_text_atomic(path, text)
-    mark_owned(path)
+    """``text`` (UTF-8) to a file that `check_replaceable` allowed, recorded as dpls's before
+    it appears (`owned_output`)."""
+    with owned_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
 def write_owned_json(path: str | Path, obj: Any, **dumps: Any) -> Path:
     """`write_json_atomic`, recorded as dpls's (see `write_owned_text`)."""
-    write_json_atomic(path, obj, **dumps)
-    mark_owned(path)
-    return Path(path)
+    return write_owned_text(path, json.dumps(obj, indent=2, **dumps) + "\n")
+
+
+# -- paths the file system can hold -----------------------------------------------------------
+
+_NAME_MAX, _PATH_MAX = 255, 4096  # Linux, macOS and Windows file systems: where pathconf cannot say
+
+
+def _limit(path: str, name: str, default: int) -> int:
+    """``os.pathconf`` of the nearest existing folder above ``path`` (the file system it lands on)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return int(os.pathconf(folder, name)) or default
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no limit known
+        return default
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= 60 else f"{text[:40]}…{text[-12:]}"
+
+
+def check_path(path: str | Path, what: str = "path") -> Path:
+    """``path`` can exist here: no name in it is longer than the file system allows (NAME_MAX,
+    255 bytes on most) and the whole path is shorter than PATH_MAX (4096 bytes on Linux);
+    else a one-line ``ValueError`` naming ``what`` (the option), before any work."""
+    path = Path(path)
+    text = os.fspath(path)
+    name_max = _limit(text, "PC_NAME_MAX", _NAME_MAX)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise ValueError(
+                f"{what}: the name {_shortened(part)!r} is {size} bytes long; a file or folder name may be at "
+                f"most {name_max} bytes here: choose a shorter name"
+            )
+    size = len(os.fsencode(os.path.abspath(text)))
+    path_max = _limit(text, "PC_PATH_MAX", _PATH_MAX)
+    if size >= path_max:
+        raise ValueError(
+            f"{what}: the path {_shortened(text)!r} is {size} bytes long (from the root); a path may be at "
+            f"most {path_max - 1} bytes here: choose a shorter one"
+        )
+    return path
+
+
+def exception_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, its causes and contexts, and the per-rank errors of a
+    ``torch.distributed.checkpoint.CheckpointException`` (``failures``), each once."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [err]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for value in failures.values():
+                stack.extend(
+                    x
+                    for x in (value if isinstance(value, tuple) else (value,))
+                    if isinstance(x, BaseException)
+                )
+
+
+# torch's zip writer (checkpoints) reports a failed write without its errno
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a file could not be written, when ``err`` says the disk is full, a quota is reached
+    or the file size limit (``ulimit -f``; Python ignores SIGXFSZ, so the write fails with
+    EFBIG) is exceeded; None for any other error."""
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EFBIG: "a file reached the size limit of this process (ulimit -f)",
+    }
+    for e in exception_chain(err):
+        if isinstance(e, OSError) and e.errno in reasons:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"a file could not be written{where}: {reasons[e.errno]}"
+        if "No space left on device" in str(e):
+            return f"a file could not be written: {reasons[errno.ENOSPC]}"
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES):
+            return f"a file could not be written: the disk is full or {_size_limit()}"
+    return None
+
+
+def _size_limit() -> str:
+    """The file size limit of this process, in words."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return "a file size limit applies"
+    if soft == resource.RLIM_INFINITY:
+        return "a file size limit applies"
+    return f"a file exceeded this process's size limit of {soft:,} bytes (ulimit -f)"
+
+
+def path_error(err: OSError) -> str | None:
+    """The one-line message for a path the file system cannot hold (ENAMETOOLONG), else None."""
+    if err.errno != errno.ENAMETOOLONG:
+        return None
+    name = os.fsdecode(err.filename) if err.filename is not None else ""
+    try:
+        check_path(name)
+    except ValueError as found:
+        return str(found).removeprefix("path: ")
+    return f"{_shortened(name)!r}: a name in this path is too long for the file system; choose a shorter one"
 
 
 # -- ownership: what dpls wrote, and only that, may be replaced ---------------------------------
@@ -126,31 +296,37 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
 
 def is_owned(path: str | Path) -> bool:
-    """``path`` is a file that dpls wrote and nobody changed since (its folder's manifest says so)."""
+    """``path`` is a file that dpls wrote and nobody changed since (its folder's manifest says so;
+    while `owned_output` renames, the entry lists both the old and the new content)."""
     path = Path(path)
     if not path.is_file() or path.is_symlink():
         return False
     entry = _manifest(path.parent).get(path.name)
-    if not isinstance(entry, dict):
+    accepted = entry if isinstance(entry, list) else [entry]
+    if not any(isinstance(e, dict) for e in accepted):
         return False
     try:
-        return _signature(path) == entry
+        return _signature(path) in accepted
     except OSError:
         return False
 
 
+def _record(folder: Path, entries: dict[str, Any]) -> None:
+    """Set manifest ``entries`` of ``folder`` (name → signature, or a list of them); entries of
+    files that are gone are dropped."""
+    kept = {name: e for name, e in _manifest(folder).items() if (folder / name).is_file()}
+    write_json_atomic(folder / OWNED_FILE, {"written_by": "dpls", "files": {**kept, **entries}})
+
+
 def mark_owned(*paths: str | Path) -> None:
-    """Record files dpls just wrote in their folders' manifests (so a later run may replace them)."""
+    """Record files dpls wrote in their folders' manifests (so a later run may replace them).
+    A new file should rather be written with `owned_output`, which records it before it appears."""
     by_folder: dict[Path, list[Path]] = {}
     for p in paths:
         p = Path(p)
         by_folder.setdefault(p.parent, []).append(p)
     for folder, files in by_folder.items():
-        entries = {name: e for name, e in _manifest(folder).items() if (folder / name).is_file()}
-        for f in files:
-            if f.is_file():
-                entries[f.name] = _signature(f)
-        write_json_atomic(folder / OWNED_FILE, {"written_by": "dpls", "files": entries})
+        _record(folder, {f.name: _signature(f) for f in files if f.is_file()})
 
 
 def forget_owned(*paths: str | Path) -> None:
@@ -164,7 +340,7 @@ def check_replaceable(path: str | Path, what: str = "output", *, create: bool = 
     """``path`` may be written: it does not exist, or it is a file dpls wrote (unchanged since),
     and its folder is writable (exists, or with ``create`` can be created). ``ValueError``
     otherwise, before any work; ``what`` names the option in the message (``--json``, ``--out``)."""
-    path = Path(path)
+    path = check_path(path, what)
     if not create and not path.parent.is_dir():
         raise ValueError(f"{what}: cannot write {path}: the folder {path.parent} does not exist")
     if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -181,12 +357,15 @@ def check_replaceable(path: str | Path, what: str = "output", *, create: bool = 
 
 def check_writable_dir(folder: str | Path, what: str = "output") -> Path:
     """``folder`` exists (or can be created) and this user may write in it, else ``ValueError``."""
-    folder = Path(folder)
+    folder = check_path(folder, what)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what}: cannot create the folder {folder}: a file is in the way ({existing})")
+        raise ValueError(
+            f"{what}: cannot create the folder {folder}: a file is in the way ({existing} exists and is not "
+            "a directory)"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: no permission to write in {existing}; choose a folder you can write to")
     return folder
@@ -203,22 +382,27 @@ def unowned_files(folder: str | Path, names: Iterable[str] | None = None) -> lis
     return [
         p
         for p in candidates
-        if p.name not in _BOOKKEEPING
+        if not _is_bookkeeping(p)
         and not (p.is_dir() and not p.is_symlink() and names is None and _only_owned(p))
         and not is_owned(p)
     ]
 
 
+def _is_bookkeeping(path: Path) -> bool:
+    """dpls's manifest, lock file, or a temporary a kill left (never the user's)."""
+    return path.name in _BOOKKEEPING or (is_temporary(path.name) and path.is_file() and not path.is_symlink())
+
+
 def _only_owned(folder: Path) -> bool:
     """A folder whose every file dpls wrote (and that holds at least one)."""
-    files = [p for p in folder.rglob("*") if not p.is_dir() and p.name not in _BOOKKEEPING]
+    files = [p for p in folder.rglob("*") if not p.is_dir() and not _is_bookkeeping(p)]
     return bool(files) and all(is_owned(p) for p in files)
 
 
 def check_output_dir(folder: str | Path, names: Iterable[str], what: str = "out") -> Path:
     """``folder`` is (or can become) a writable folder where writing ``names`` destroys
     nothing the user owns (each is absent or a file dpls wrote), else ``ValueError``."""
-    folder = Path(folder)
+    folder = check_path(folder, what)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{what}: {folder} exists and is not a directory; give a folder")
     check_writable_dir(folder, what)
@@ -246,12 +430,14 @@ def exclusive_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
     A second process asking for the same folder gets `FolderInUse` at once, naming the holder's
     PID and ``what`` the folder is ("run", "study"). The lock is ``flock`` on ``LOCK_FILE``: the
     operating system drops it when the holder exits or is killed, so a crash leaves nothing
-    stuck. A folder this call created and that is empty again afterwards is removed, so a
-    command refused later (bad input) leaves no trace.
+    stuck. A folder this call created and that is empty again afterwards is removed, and a lock
+    file it created in a folder whose files did not change is removed, so a command refused
+    later (bad input) leaves no trace.
     """
-    folder = Path(folder)
+    folder = check_writable_dir(folder, what)  # a file in the way, no permission: said first
     created = not folder.exists()
     path = folder / LOCK_FILE
+    before = None if created or path.exists() else _names(folder)
     fd = _lock_file(path, what)
     try:
         os.ftruncate(fd, 0)
@@ -259,10 +445,38 @@ def exclusive_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
         yield folder
     finally:
         with suppress(OSError):
+            # still locked while unlinked: a process waiting on this file finds it gone and retries
             if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-                path.unlink()  # still locked: a process waiting on this file finds it gone and retries
+                path.unlink()
                 folder.rmdir()
+            elif before is not None and _names(folder) == before:
+                path.unlink()
         os.close(fd)  # releases the lock
+
+
+def one_writer(argument: str, what: str, *, file: bool = False) -> Callable[[F], F]:
+    """Decorator: the function holds `exclusive_lock` on the folder its ``argument`` names (the
+    folder of that file, with ``file``) for the whole call, from its checks to its last file.
+    A None argument takes no lock (nothing is written)."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            target = signature.bind(*args, **kwargs).arguments.get(argument)
+            if target is None:
+                return fn(*args, **kwargs)
+            with exclusive_lock(Path(target).parent if file else target, what):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
 
 
 def _lock_file(path: Path, what: str) -> int:
@@ -270,8 +484,14 @@ def _lock_file(path: Path, what: str) -> int:
     import fcntl  # POSIX; imported here so that `dpls._io` still imports where it is missing
 
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # os.open applies the umask
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # os.open applies the umask
+        except OSError as err:  # a file in the way, a read-only folder, ...: said before any work
+            raise ValueError(
+                f"{what} {path.parent}: cannot create its lock file {LOCK_FILE} ({err.strerror or err}); "
+                "choose a folder this user can write to"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import dpls
+from dpls.cli import output_lost
 from dpls.cli._common import doc_parser, usage_errors
 
 
@@ -78,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
             if live:
                 out.write(piece)
                 out.flush()
+            if output_lost():  # the reader went away (`| head`): nothing more to sample for
+                return 0
         if not live:
             out.write(sample.text)
         out.flush()
+        if output_lost():
+            return 0
         generated = len(sample.tokens) + int(sample.ended)
         total_tokens, total_seconds = total_tokens + generated, total_seconds + sample.seconds
         if args.verbose:
@@ -107,6 +112,7 @@ def _sampling(args: argparse.Namespace) -> Any:
         "temperature": "--temperature",
         "top_k": "--top-k",
         "top_p": "--top-p",
+        "seed": "--seed",
     }
     try:
         return Sampling(

@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from dpls._io import write_failure
 from dpls.cli import UsageError
 
 USAGE = "dpls train [CONFIG.toml] [--key=value | --key value ...]"
@@ -63,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         run_dir = train(cfg)
     except InvalidRun as err:
         raise UsageError(str(err)) from None
-    except (TrainingError, CheckpointError) as err:
-        print(f"dpls train: error: {err}", file=sys.stderr)
+    except (TrainingError, CheckpointError, OSError) as err:
+        failed = write_failure(err)
+        if isinstance(err, OSError) and failed is None:
+            raise
+        print(f"dpls train: error: {_written_out(err, failed, cfg.out_dir)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # in the loop the trainer saves first; during setup there may be nothing
         latest = latest_checkpoint(cfg.out_dir)
@@ -92,3 +96,20 @@ def run(args: argparse.Namespace) -> int:
     tail = f"; final val_ce {val['val_ce']:.4f} at step {val['step']}" if val else ""
     print(f"dpls train: done: {run_dir}{tail}")
     return 0
+
+
+def _written_out(err: BaseException, failed: str | None, run_dir: str) -> str:
+    """The error in one line; when a file could not be written (disk full, ``ulimit -f``),
+    what happened and how the run goes on: it is resumable from its last checkpoint."""
+    from dpls.runs.checkpoint import latest_checkpoint
+
+    text = " ".join(str(err).split())
+    if failed is None:
+        return text
+    latest = latest_checkpoint(run_dir)
+    how = (
+        f"the run is resumable from {latest.name}: make room (or raise the limit), then dpls train --resume_dir={run_dir}"
+        if latest is not None
+        else "no checkpoint was saved yet: make room (or raise the limit), then run the same command again"
+    )
+    return f"{failed}; {how}" if isinstance(err, OSError) else f"{text} — {failed}; {how}"

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from dpls._io import exception_chain
+
 if TYPE_CHECKING:
     import torch
 
@@ -94,22 +96,11 @@ class Faults:
 
 def is_out_of_space(err: BaseException) -> bool:
     """True for ENOSPC / EDQUOT anywhere in the exception chain (DCP wraps per-rank errors)."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [err]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e):
-            return True
-        stack.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.CheckpointException
-        if isinstance(failures, dict):
-            stack.extend(x for x in failures.values() if isinstance(x, BaseException))
-    return False
+    return any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in str(e)
+        for e in exception_chain(err)
+    )
 
 
 class StopRequest:

@@ -51,6 +51,11 @@ class Sampling:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {n!r}")
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(
+                f"seed must be an integer in [0, 2**64 - 1] (what torch.Generator takes), got {seed!r}"
+            )
 
 
 @dataclass
@@ -72,6 +77,13 @@ class Sample:
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """``<|endoftext|>`` then the prompt's tokens; a ``ValueError`` for an empty prompt when
     the tokenizer has no end-of-text token to start from."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # undecodable bytes from the command line arrive as surrogates
+        raise ValueError(
+            f"the prompt is not valid UTF-8 text (character {err.start}: {prompt[err.start : err.end]!r}); "
+            "give UTF-8 text (or a UTF-8 file with --prompt-file)"
+        ) from None
     eot = getattr(tokenizer, "eot", None)
     if eot is None:
         if not prompt:

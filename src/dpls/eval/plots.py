@@ -7,6 +7,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from dpls._io import owned_output
 from dpls.eval.metrics import ReliabilityBins
 
 
@@ -18,6 +19,18 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path``, recorded as dpls's before it appears (`dpls._io.owned_output`:
+    a kill mid-write never leaves a figure that a rerun takes for the user's), then closed."""
+    path = Path(path)
+    try:
+        with owned_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        pyplot().close(fig)
+    return path
 
 
 def plot_reliability(
@@ -65,10 +78,7 @@ def plot_reliability(
         bottom.set_yscale("log")
     bottom.set_xlabel("top-1 confidence")
     bottom.set_ylabel("tokens")
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_entropy_histogram(
@@ -86,7 +96,4 @@ def plot_entropy_histogram(
     ax.set_xlabel(f"predictive entropy (nats; log V = {edges[-1]:.2f})")
     ax.set_ylabel("tokens")
     ax.set_title(title or "predictive entropy")
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -3,7 +3,11 @@
 The choices, stated once:
 
 * ``temperature=0`` is greedy decoding (the most likely token, no randomness); otherwise the
-  logits are divided by the temperature, then top-k and then top-p filtering apply.
+  logits are divided by the temperature, then top-k and then top-p filtering apply. The
+  logits are shifted by their maximum first and the temperature is taken as at least the
+  smallest normal float32, so any positive temperature is safe: one as small as ``1e-320``
+  samples among the most likely tokens only (greedy, ties drawn at random) instead of
+  overflowing to ``inf`` and NaN probabilities.
 * top-k keeps every token whose logit is at least the k-th largest (ties at the threshold are
   all kept); top-p keeps the smallest set of most likely tokens whose probability reaches p
   (always at least the most likely one).
@@ -75,7 +79,11 @@ def next_token(
     """One token per row of ``logits [B, V]`` (int64 ``[B]``)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # (z - max z) / T <= 0: never +inf (-inf where it overflows: probability 0); T below float32's
+    # smallest normal number would round to 0 and give 0 / 0 at the maximum
+    logits = logits.float()
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    logits = filter_logits(shifted / max(temperature, torch.finfo(torch.float32).tiny), top_k, top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dpls.eval.plots import pyplot
+from dpls.eval.plots import pyplot, save_figure
 from dpls.study.stats import is_finite_number
 
 if TYPE_CHECKING:
@@ -110,8 +110,7 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -168,8 +167,7 @@ def plot_reliability(
         ax.set_xlabel("top-1 confidence")
     axes[0][0].set_ylabel("top-1 accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -221,6 +219,5 @@ def plot_sweep(sweep: Mapping[str, Any], path: Path) -> bool:
     ax.set_title("Final validation CE against the swept value (dots: each seed)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

@@ -64,7 +64,7 @@ from typing import Any
 
 from dpls.runs.layout import read_toml
 from dpls.study.executor_spec import ExecutorSpec, parse_executor
-from dpls.train.config import MODEL_KEYS, TrainConfig, convert
+from dpls.train.config import MODEL_KEYS, SEED_LIMIT, TrainConfig, convert
 
 # Training keys the arms inherit from the trunk whatever they say: the model and the shape
 # of the data stream (and the LR horizon, which the study sets for trunk and arms at once).
@@ -265,6 +265,8 @@ def _seeds(value: Any) -> tuple[int, ...]:
         return tuple(range(_int(value, "seeds (a count)", minimum=1)))
     if isinstance(value, list) and value:
         seeds = tuple(_int(s, "each seed") for s in value)
+        if max(seeds) >= SEED_LIMIT:
+            raise ValueError(f"each seed must be an integer in [0, 2**64 - 1], got {max(seeds)}")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {value!r}")
         return seeds
@@ -282,7 +284,17 @@ def _train_table(table: Any, where: str, train_keys: frozenset[str], allow_loss:
                 f"loss key {key!r} is not allowed in {where}: put it in an [[arms]] entry (or in [trunk])"
             )
     _check_keys(table, train_keys, where)
+    _check_types(table, where)
     return dict(table)
+
+
+def _check_types(table: Mapping[str, Any], where: str) -> None:
+    """Each value has its key's type: a TOML string is not a number (``"1e-2"`` is a typo)."""
+    for key, value in table.items():
+        try:
+            convert(key, value, typed=True)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
 
 def _arm(entry: Any, index: int, train_keys: frozenset[str], from_scratch: bool) -> ArmSpec:
@@ -312,6 +324,7 @@ def _arm(entry: Any, index: int, train_keys: frozenset[str], from_scratch: bool)
         raise ValueError(f"{where}: this version of TrainConfig has no key {missing[0]!r}")
     if "loss" not in loss:
         raise ValueError(f"{where} needs a 'loss' key (e.g. 'ce', 'ls', 'dpls')")
+    _check_types(loss, where)
     return ArmSpec(name=name, loss=loss)
 
 
@@ -371,7 +384,10 @@ def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from
         raise ValueError(f"[sweep] cannot sweep {key!r}; sweepable keys: {closest_hint(key, allowed)}")
     if not isinstance(values, list) or not values:
         raise ValueError(f"[sweep] {key} needs a non-empty list of values, got {values!r}")
-    converted = tuple(convert(key, v) for v in values)
+    try:
+        converted = tuple(convert(key, v, typed=True) for v in values)
+    except ValueError as err:
+        raise ValueError(f"[sweep] {err}") from None
     if len(set(converted)) != len(converted):
         raise ValueError(f"[sweep] {key} values must be distinct, got {values!r}")
     setters = [a.name for a in arms if key in a.loss]

@@ -67,6 +67,18 @@ def model_key(help: str) -> Any:
     return key(None, help, model=True)
 
 
+SEED_LIMIT = 2**64  # torch.manual_seed and torch.Generator take seeds in [0, 2**64 - 1]
+
+
+def _is_text(value: str) -> bool:
+    """Encodable as UTF-8: command-line bytes that are not arrive as lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every key ``dpls train`` accepts. Units: steps are optimizer steps; tokens are global."""
@@ -224,6 +236,19 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str) and not _is_text(value):
+                raise ValueError(
+                    f"{f.name} is not valid UTF-8 text ({value!r}); config.toml holds it as UTF-8: choose a name "
+                    "that is UTF-8 text"
+                )
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < SEED_LIMIT:
+                raise ValueError(
+                    f"{name} must be an integer in [0, 2**64 - 1] (what torch seeds take), got {value}"
+                )
         if not self.out_dir:
             raise ValueError("out_dir must not be empty")
         return self
@@ -322,8 +347,12 @@ def _type_name(tp: type, optional: bool) -> str:
     return names[tp] + (" or none" if optional else "")
 
 
-def convert(name: str, value: Any) -> Any:
-    """``value`` (a string from the command line, or a TOML value) as key ``name``'s type."""
+def convert(name: str, value: Any, *, typed: bool = False) -> Any:
+    """``value`` (a string from the command line, or a TOML value) as key ``name``'s type.
+
+    ``typed``: the value comes from a TOML file, whose numbers and booleans have types of their
+    own: a string there (``learning_rate = "1e-2"``) is an error, not a number. (TOML has no
+    null, so ``"none"`` still unsets an optional key.)"""
     if name not in _FIELD_TYPES:
         raise ValueError(unknown_key_message(name))
     tp, optional = _split_optional(_FIELD_TYPES[name])
@@ -332,6 +361,11 @@ def convert(name: str, value: Any) -> Any:
         if optional:
             return None
         raise wrong
+    if typed and isinstance(value, str) and tp is not str:
+        raise ValueError(
+            f"{name} must be {_type_name(tp, optional)}, got the string {value!r}: in TOML, write numbers and "
+            "true/false without quotes"
+        )
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -385,7 +419,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if isinstance(v, dict):
             raise ValueError(f"{path}: tables ([{k}]) are not config keys; the config is flat key = value")
         try:
-            out[k] = convert(k, v)
+            out[k] = convert(k, v, typed=True)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     return out
