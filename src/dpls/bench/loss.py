@@ -271,7 +271,12 @@ def bench_loss(cfg: LossBenchConfig, *, progress: bool = True) -> list[BenchRow]
     logits, target = make_inputs(cfg)
     steps = {name: table[name].build(logits, target, cfg) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
-    bar = tqdm(total=(cfg.repeats + 1) * len(names), desc="bench loss", unit="step", disable=not progress)
+    bar = tqdm(
+        total=(cfg.repeats + 1) * len(names),
+        desc="bench loss",
+        unit="step",
+        disable=None if progress else True,
+    )
     for r in range(cfg.repeats + 1):  # round 0 is the warm-up
         for name in names:
             _sync(device)
@@ -285,7 +290,7 @@ def bench_loss(cfg: LossBenchConfig, *, progress: bool = True) -> list[BenchRow]
 
     peaks: dict[str, int | None] = {}
     if cfg.memory:
-        for name in tqdm(names, desc="peak memory", disable=not progress):
+        for name in tqdm(names, desc="peak memory", disable=None if progress else True):
             peaks[name] = _cuda_peak(steps[name], device) if device.type == "cuda" else _cpu_peak(name, cfg)
     med = {name: statistics.median(t) for name, t in times.items()}
     base_mem = peaks.get(BASELINE)

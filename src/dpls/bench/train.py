@@ -251,7 +251,9 @@ def bench_train(
     cases = cases_for(presets, losses, impls, fused_linear)
     device = kwargs["device"]
     runners = []
-    with tqdm(total=len(cases) * (1 + steps), desc="bench train", unit="step", disable=not progress) as bar:
+    with tqdm(
+        total=len(cases) * (1 + steps), desc="bench train", unit="step", disable=None if progress else True
+    ) as bar:
         for case in cases:
             bar.set_postfix_str(f"build {case.preset} {case.loss} {case.impl}")
             runner = build_case(case, **kwargs)

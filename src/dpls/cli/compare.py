@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dpls._io import exclusive_lock
 from dpls.cli import UsageError
 from dpls.cli._common import doc_parser, usage_errors
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     runs = iter_runs(args.runs)
     if not runs:
         raise UsageError(f"no run directories (with metrics.jsonl or config.toml) in {', '.join(args.runs)}")
-    with usage_errors():
+    with usage_errors(), exclusive_lock(args.out, "out"):  # one writer: its files and manifest
         report = write_report(
             runs,
             args.out,

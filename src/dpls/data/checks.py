@@ -4,7 +4,8 @@ The vocabulary size alone cannot tell two tokenizers apart (a model trained on o
 accepts the ids of another smaller one without complaint, and learns or reports nonsense),
 and a shard from another tokenizer, or a ``meta.json`` that understates the vocabulary,
 holds ids the model's embedding does not have. Both are caught here, before a run or an
-evaluation starts.
+evaluation starts, and so is a ``meta.json`` that does not describe its own directory
+(`check_meta_matches`: an edited vocabulary size or corpus fingerprint).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dpls.data.meta import META_FILE, DataError, DataMeta
+from dpls.data.meta import META_FILE, DataError, DataMeta, corpus_fingerprint
 from dpls.data.shards import read_shard
-from dpls.data.tokenizer import load_tokenizer
+from dpls.data.tokenizer import TOKENIZER_BUILDERS, load_tokenizer
 
 FULL_SCAN_TOKENS = 256 << 20  # a split up to this size is scanned whole (a fraction of a second)
 SAMPLE_CHUNKS = 64  # larger splits: this many evenly spread chunks per shard ...
@@ -90,4 +91,41 @@ def check_token_ids(directory: str | Path, meta: DataMeta, vocab_size: int) -> N
             raise DataError(
                 f"{Path(directory) / shard} holds token id {top}, outside the model's vocabulary of "
                 f"{vocab_size}: data from another tokenizer"
+            )
+
+
+def check_meta_matches(directory: str | Path, meta: DataMeta) -> None:
+    """``meta.json`` describes its own directory, else `DataError` (one line, before any work):
+    its ``vocab_size`` and ``tokenizer_fingerprint`` are those of its tokenizer file, and its
+    ``corpus_fingerprint`` is that of its shards (recomputed for corpora of up to
+    `FULL_SCAN_TOKENS` tokens, about a second; larger ones are trusted). A model sized by an
+    edited ``vocab_size`` trains without complaint and samples ids its tokenizer cannot
+    decode; an edited fingerprint puts another corpus's name on a report."""
+    directory = Path(directory)
+    where, again = directory / META_FILE, "meta.json was edited or the files changed: prepare the data again"
+    found_fingerprint = meta.tokenizer_fingerprint
+    tokenizer = None
+    if meta.tokenizer_file and (directory / meta.tokenizer_file).is_file():
+        try:  # the file alone, not yet compared with meta.json
+            tokenizer = TOKENIZER_BUILDERS[meta.tokenizer](meta, directory, None)
+        except DataError:  # unreadable: training never reads it (and `dpls sample` says so)
+            tokenizer = None
+    if tokenizer is not None:
+        if (tokenizer.vocab_size, tokenizer.eot) != (meta.vocab_size, meta.eot_token):
+            raise DataError(
+                f"{where} says vocab_size {meta.vocab_size} and eot_token {meta.eot_token}, but its tokenizer "
+                f"{meta.tokenizer_file} has {tokenizer.vocab_size} tokens and eot {tokenizer.eot}; {again}"
+            )
+        found_fingerprint = tokenizer.fingerprint()
+        if meta.tokenizer_fingerprint and found_fingerprint != meta.tokenizer_fingerprint:
+            raise DataError(
+                f"{where} records tokenizer_fingerprint {meta.tokenizer_fingerprint}, but "
+                f"{meta.tokenizer_file} has {found_fingerprint}; {again}"
+            )
+    small = meta.train_tokens + meta.val_tokens <= FULL_SCAN_TOKENS
+    if meta.corpus_fingerprint and found_fingerprint and small:
+        actual = corpus_fingerprint(directory, meta, found_fingerprint)
+        if actual != meta.corpus_fingerprint:
+            raise DataError(
+                f"{where} records corpus_fingerprint {meta.corpus_fingerprint}, but its shards have {actual}; {again}"
             )

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpls._io import check_writable_dir, write_json_atomic
+from dpls._io import LOCK_FILE, check_writable_dir, one_writer, write_json_atomic
 from dpls.data.meta import META_FILE, DataError, DataMeta, corpus_fingerprint
 from dpls.data.shards import MAX_VOCAB, token_dtype, write_shard
 from dpls.data.tokenizer import (
@@ -99,7 +99,7 @@ def _out_dir_state(out_dir: Path, settings: dict[str, Any]) -> str:
         return "fresh"
     if not out_dir.is_dir():
         raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
-    if not any(out_dir.iterdir()):
+    if not any(p.name != LOCK_FILE for p in out_dir.iterdir()):  # the lock is our own, held now
         return "fresh"
     for name, state in ((META_FILE, "done"), (PROGRESS_FILE, "resume")):
         path = out_dir / name
@@ -271,7 +271,7 @@ def _progress_bar(total: int | None, initial: int, desc: str, enabled: bool) -> 
         desc=desc,
         unit="tok",
         unit_scale=True,
-        disable=not enabled,
+        disable=None if enabled else True,  # None: no bar when stderr is not a terminal
         dynamic_ncols=True,
     )
 
@@ -481,6 +481,7 @@ def stdlib_files(*, include_tests: bool = False, root: str | Path | None = None)
     return base, sorted(files)
 
 
+@one_writer("out_dir", "data directory")  # two would interleave their shards and meta.json
 def prepare_stdlib(
     out_dir: str | Path,
     *,
@@ -659,6 +660,7 @@ def _file_documents(path: Path, text_field: str, text_encoding: str = "utf-8") -
             yield from (t for t in batch.column(0).to_pylist() if t)
 
 
+@one_writer("out_dir", "data directory")  # two would interleave their shards and meta.json
 def prepare_files(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -761,6 +763,7 @@ def _open_fineweb(name: str, data_files: list[str] | None) -> Any:
     return ds
 
 
+@one_writer("out_dir", "data directory")  # two would interleave their shards and meta.json
 def prepare_fineweb_edu(
     out_dir: str | Path,
     *,

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpls._io import check_replaceable, forget_owned, mark_owned, write_owned_json
-from dpls.data.checks import check_same_tokenizer, max_token_id
+from dpls._io import check_replaceable, forget_owned, one_writer, write_owned_json
+from dpls.data.checks import check_meta_matches, check_same_tokenizer, max_token_id
 from dpls.data.loader import validation_batches
 from dpls.data.meta import DataMeta
 from dpls.eval.metrics import EXTRA_METRIC_KEYS, METRIC_KEYS, MetricAccumulator
 from dpls.eval.plots import plot_entropy_histogram, plot_reliability
 from dpls.eval.token_stats import metric_accumulator_for
-from dpls.runs.checkpoint import load_model, read_model_config, resolve_checkpoint, trained_tokenizer
+from dpls.runs.checkpoint import load_model, read_model_config, reads_checkpoint, trained_tokenizer
 from dpls.runs.layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -91,7 +91,14 @@ def evaluate_model(
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress, leave=False)
+    bar = tqdm(
+        total=total_tokens,
+        desc=desc,
+        unit="tok",
+        unit_scale=True,
+        disable=None if progress else True,
+        leave=False,
+    )
     try:
         for x, y in batches:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -184,6 +191,8 @@ def _check_outputs(files: dict[str, Path], plots: bool) -> None:
         raise ValueError(f"out: cannot create the folder {folder} ({why})") from None
 
 
+@one_writer("out", "evaluation folder", file=True)  # two would interleave their files and manifest
+@reads_checkpoint  # a run still training does not prune the checkpoint under us
 def evaluate_checkpoint(
     path: str | Path,
     *,
@@ -207,7 +216,7 @@ def evaluate_checkpoint(
     # -- everything checked before any work ---------------------------------------------
     _check_arguments(tokens=tokens, batch_size=batch_size, block_size=block_size, dtype=dtype)
     dev = resolve_device(device)
-    path = resolve_checkpoint(path)  # a run directory → its latest checkpoint
+    path = Path(path)  # the checkpoint `reads_checkpoint` resolved (a run directory's newest) and holds
     data_dir, block_size = _data_of(path, data_dir, block_size)
     meta = _check_data_fits(path, data_dir, block_size)
     files = output_paths(out) if out is not None else {}
@@ -281,6 +290,7 @@ def _check_data_fits(checkpoint: Path, data_dir: Path, block_size: int) -> DataM
             f"data_dir {str(data_dir)!r} has a {meta.vocab_size}-token vocabulary, larger than the model's "
             f"{model_cfg['vocab_size']}: not the data this model was trained on"
         )
+    check_meta_matches(data_dir, meta)  # an edited vocab_size or fingerprint, before it is used
     check_same_tokenizer(
         trained_tokenizer(checkpoint), data_dir, f"the checkpoint {checkpoint} was trained with"
     )
@@ -335,7 +345,6 @@ def _write_outputs(
         equal_mass, files["reliability_adaptive"], ece=metrics["ece_adaptive"], title=f"{title}, equal mass"
     )
     plot_entropy_histogram(edges, counts, files["entropy"], mean=metrics["entropy"], title=title)
-    mark_owned(*figures)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

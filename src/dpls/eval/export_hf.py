@@ -33,7 +33,13 @@ import torch
 from dpls._io import apply_umask, check_writable_dir, mark_owned, mkdtemp_beside, unowned_files
 from dpls.data.checks import check_same_tokenizer
 from dpls.model import MODEL_TYPES, ModelConfig, hf_architecture, hf_state_dict, to_hf_config
-from dpls.runs.checkpoint import load_model, read_model_config, resolve_checkpoint, trained_tokenizer
+from dpls.runs.checkpoint import (
+    load_model,
+    read_model_config,
+    reads_checkpoint,
+    resolve_checkpoint,
+    trained_tokenizer,
+)
 from dpls.runs.layout import CHECKPOINTS_DIR, TOKENIZER_DIR, config_path, read_toml
 
 EOT = "<|endoftext|>"
@@ -188,6 +194,7 @@ def _check_parent(out: Path) -> None:
         raise ValueError(f"cannot create the folder {out.parent} for {out.name} ({why})") from None
 
 
+@reads_checkpoint  # a run still training does not prune the checkpoint under us
 def export_hf(
     checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False, dtype: str = "float32"
 ) -> Path:

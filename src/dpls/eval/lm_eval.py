@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dpls._io import check_output_dir, write_owned_json, write_owned_text
+from dpls._io import check_output_dir, one_writer, write_owned_json, write_owned_text
 from dpls.eval.evaluate import resolve_device
 from dpls.eval.export_hf import cached_export, check_exportable
 
@@ -125,6 +125,7 @@ def _check_arguments(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
 
 
+@one_writer("out_dir", "lm-eval folder")  # two would interleave their files and manifest
 def run_lm_eval(
     checkpoint: str | Path,
     tasks: str | Sequence[str] = DEFAULT_TASKS,

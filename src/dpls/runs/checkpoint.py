@@ -43,6 +43,7 @@ so `latest_checkpoint`, `load_model`, evaluation) count a complete ``.old-`` cop
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -51,16 +52,17 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from dpls._io import fsync_path as _fsync_path
 from dpls.data.checks import tokenizer_fingerprint_of
 from dpls.distributed.context import DistContext
 from dpls.distributed.faults import Faults
@@ -69,6 +71,7 @@ from dpls.runs.layout import CHECKPOINTS_DIR as CHECKPOINTS
 from dpls.runs.layout import CONFIG_FILE as CONFIG
 from dpls.runs.layout import TOKENIZER_DIR, dumps_toml, run_dir_of
 
+T = TypeVar("T")
 TRAINER_STATE = "trainer_state.json"
 MODEL_CONFIG = "model_config.json"
 _STEP_DIR = re.compile(r"step_(\d{7,})")
@@ -138,7 +141,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory → itself; a run directory → its latest checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"checkpoint or run directory not found: {path}")
+        newest = latest_checkpoint(path.parent.parent) if path.parent.name == CHECKPOINTS else None
+        hint = (
+            f" (its run's newest checkpoint is {newest.name}: a run still training prunes older ones; "
+            f"give the run directory {path.parent.parent} to read its newest)"
+            if newest is not None
+            else ""
+        )
+        raise ValueError(f"checkpoint or run directory not found: {path}{hint}")
     if _STEP_DIR.fullmatch(path.name) or _DISPLACED.fullmatch(path.name):
         if not is_complete(path):
             raise ValueError(f"{path} is not a complete checkpoint (missing .metadata, {TRAINER_STATE}, ...)")
@@ -207,17 +217,102 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints (``keep=0``: keep all).
 
     Each is renamed out of the real names before it is deleted, so a crash mid-delete
-    never leaves a half checkpoint that looks complete."""
+    never leaves a half checkpoint that looks complete. One that a reader holds
+    (`reading_checkpoint`: ``dpls eval``, ``sample``, ``export-hf`` of this run) is left for
+    the next save to prune."""
     if keep <= 0:
         return []
-    old = list_checkpoints(run_dir)[:-keep]
-    for p in old:
-        trash = p.with_name(f"{p.name.split('.')[0]}{_TRASH_MARK}{os.getpid()}")
-        os.replace(p, trash)
-        _event("trashed", trash)
-        shutil.rmtree(trash, ignore_errors=True)
-        _event("pruned", trash)
-    return old
+    pruned = []
+    for p in list_checkpoints(run_dir)[:-keep]:
+        held = _hold(p, exclusive=True)
+        if held is None:  # being read: pruned at a later save
+            continue
+        try:
+            trash = p.with_name(f"{p.name.split('.')[0]}{_TRASH_MARK}{os.getpid()}")
+            os.replace(p, trash)
+            _event("trashed", trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            _event("pruned", trash)
+            pruned.append(p)
+        finally:
+            if held >= 0:
+                os.close(held)
+    return pruned
+
+
+# -- readers hold the checkpoint they read ------------------------------------------------------
+
+_PIN_ATTEMPTS = 20  # a run saving and pruning every step can outrun a reader a few times
+
+
+def _hold(folder: Path, *, exclusive: bool) -> int | None:
+    """A descriptor of ``folder`` holding its ``flock`` (shared: a reader; exclusive: the
+    pruner), or None when the other side holds it or the folder is gone. -1 where the file
+    system has no locks (nothing to hold: proceed as before)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        if os.stat(folder).st_ino == os.fstat(fd).st_ino:  # still the folder under that name
+            return fd
+    except BlockingIOError:
+        pass
+    except FileNotFoundError:  # renamed away between open and stat
+        pass
+    except OSError:  # no flock here (some network file systems)
+        os.close(fd)
+        return -1
+    os.close(fd)
+    return None
+
+
+@contextmanager
+def reading_checkpoint(path: str | Path) -> Iterator[Path]:
+    """The checkpoint of ``path`` (itself, or a run directory's newest complete one), held for
+    the ``with`` block so that a run still training does not prune it mid-read.
+
+    A run directory whose newest checkpoint is pruned between finding and holding it is read
+    at its next newest; a checkpoint named explicitly that is gone is a one-line
+    ``ValueError`` saying so (the run directory gives its newest)."""
+    given_run = not (_STEP_DIR.fullmatch(Path(path).name) or _DISPLACED.fullmatch(Path(path).name))
+    for _ in range(_PIN_ATTEMPTS):
+        ckpt = resolve_checkpoint(path)
+        held = _hold(ckpt, exclusive=False)
+        if held is not None and is_complete(ckpt):
+            try:
+                yield ckpt
+            finally:
+                if held >= 0:
+                    os.close(held)
+            return
+        if held is not None and held >= 0:
+            os.close(held)
+        if not given_run:
+            raise ValueError(
+                f"the checkpoint {ckpt} was removed while it was being read (a run still training prunes "
+                f"its older checkpoints: keep_checkpoints); give the run directory {ckpt.parent.parent} to "
+                "read its newest checkpoint"
+            )
+    raise ValueError(
+        f"{path}: its newest checkpoint was replaced {_PIN_ATTEMPTS} times while being read; try again"
+    )
+
+
+def reads_checkpoint(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: ``fn(path, ...)`` runs on the checkpoint `reading_checkpoint` holds for it."""
+
+    @functools.wraps(fn)
+    def wrapper(path: str | Path, *args: Any, **kwargs: Any) -> T:
+        with reading_checkpoint(path) as ckpt:
+            return fn(ckpt, *args, **kwargs)
+
+    return wrapper
 
 
 # -- RNG states -------------------------------------------------------------------------------
@@ -248,14 +343,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # -- saving -----------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -336,7 +423,9 @@ def save_checkpoint(
             _write_rng(tmp, ctx)
             if ctx.is_main:
                 _write_documents(tmp, {**trainer_state, "step": step}, config, model_config, ctx)
-        except Exception as err:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # DCP's CheckpointException is a BaseException, not an Exception
             error = err
     if not ctx.any_rank(error is not None) and ctx.is_main:
         try:
@@ -419,7 +508,8 @@ def _save_failed(run_dir: Path, step: int, error: BaseException | None, ctx: Dis
     decision taken on it (e.g. "out of disk: keep training") is the same on every rank."""
     previous = latest_checkpoint(run_dir)
     intact = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-    reasons = ctx.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    cause = None if error is None else _first_failure(error)  # DCP's text is every rank's traceback
+    reasons = ctx.all_gather_object(None if cause is None else f"{type(cause).__name__}: {_one_line(cause)}")
     reason = next(
         (f"{msg}" if ctx.world_size == 1 else f"rank {r}: {msg}" for r, msg in enumerate(reasons) if msg),
         "unknown error",
@@ -539,7 +629,7 @@ def _read_shard(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer |
 
 def _damaged(path: Path, reading: Path, cause: BaseException) -> ValueError:
     """The one-line error for a checkpoint whose file ``reading`` could not be read."""
-    detail = " ".join(str(cause).split())[:300]
+    detail = _one_line(cause)
     if isinstance(cause, KeyError | EOFError) or not detail:  # "174812789", "": unreadable data
         detail = f"{detail}: truncated or overwritten data".lstrip(": ")
     named = sorted(path.glob(reading.name)) if "*" in reading.name else [reading]
@@ -563,6 +653,10 @@ def _what_to_do(path: Path) -> str:
     )
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
+
+
 def _first_failure(err: BaseException) -> BaseException:
     """The error behind a `CheckpointException` (whose text is every rank's traceback)."""
     failures = getattr(err, "failures", None)
@@ -582,9 +676,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Transfor
     ``forward(idx [B, T] int64) -> logits [B, T, V]``. Built from the saved model config,
     so no other file is needed; this is ``dpls.load_model``.
     """
-    path = resolve_checkpoint(path)
-    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
-        model = build_model_from_config(read_model_config(path))
-    model = model.to(device)
-    load_checkpoint(path, model=model, restore_rng_state=False)
+    with reading_checkpoint(path) as path:
+        with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
+            model = build_model_from_config(read_model_config(path))
+        model = model.to(device)
+        load_checkpoint(path, model=model, restore_rng_state=False)
     return model.eval()

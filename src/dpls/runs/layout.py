@@ -11,7 +11,8 @@ A run directory, as ``dpls train`` leaves it::
       diverged.json        only if training diverged: where and why (``read_diverged``)
 
 Training writes these files; evaluation, studies and the command line only read them, so
-the names and the readers live here, below all of them.
+the names and the readers live here, below all of them. One process writes a run at a time
+(`run_writer`); readers need no lock.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ import json
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from dpls._io import FolderInUse, exclusive_lock
 
 if TYPE_CHECKING:
     from dpls.data.tokenizer import Tokenizer
@@ -36,6 +41,38 @@ EVAL_FILE = "metrics.json"  # what `dpls eval` writes by default; RUN/eval/metri
 DIVERGED_FILE = "diverged.json"  # {"step", "detected_at", "reason", "initial_val_ce"}: the run diverged
 
 Scalar = bool | int | float | str
+
+
+# -- one writer per run ------------------------------------------------------------------------
+
+
+@contextmanager
+def run_writer(run_dir: str | Path, ctx: Any = None) -> Iterator[None]:
+    """Hold the run's write lock (`dpls._io.exclusive_lock`) for the ``with`` block: a second
+    ``dpls train`` on the same run is refused at once, naming the holder's PID.
+
+    ``ctx`` (a `dpls.distributed.DistContext`): under torchrun only rank 0 takes the lock, and
+    every rank learns the outcome, so all ranks raise the same error before any work."""
+    if ctx is None or ctx.world_size == 1:
+        with exclusive_lock(run_dir, "run"):
+            yield
+        return
+    refusal: tuple[str, str] | None = None
+    lock = exclusive_lock(run_dir, "run")
+    if ctx.is_main:
+        try:
+            lock.__enter__()
+        except ValueError as err:
+            refusal = (type(err).__name__, str(err))
+    refusal = ctx.broadcast_object(refusal)
+    if refusal is not None:
+        kind, message = refusal
+        raise FolderInUse(message) if kind == FolderInUse.__name__ else ValueError(message)
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            lock.__exit__(None, None, None)
 
 
 # -- TOML: the run's config.toml (a flat table of scalars) -----------------------------------
@@ -134,20 +171,56 @@ def jsonl_line(row: Mapping[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False)
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl, or of a run's (a torn last line, from a crash mid-write, is skipped)."""
-    rows: list[dict[str, Any]] = []
+def read_metrics(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, or of a run's (none if it has no such file).
+
+    A result that cannot be read whole is never read in part: a line that is not a JSON object
+    is a ``ValueError`` naming the file and the line. ``allow_torn_tail`` (resuming a run in
+    place) accepts one exception: a last line without its newline, cut by a crash mid-write,
+    is dropped with a warning naming the file (the resumed run writes that step again)."""
     path = Path(path)
     if path.is_dir():
         path = metrics_path(path)
     if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
             continue
+        torn = number == len(lines) and not text.endswith("\n")
+        if torn and allow_torn_tail:
+            warnings.warn(
+                f"{path}: the last line was cut off (a crash while writing it): dropped", stacklevel=2
+            )
+            continue
+        what = "is cut off (a crash while writing it?)" if torn else "is not a JSON object"
+        raise ValueError(
+            f"{path}: line {number} of {len(lines)} {what}: {_excerpt(line)}; the run's results cannot be read "
+            "whole: restore the file, or remove that line and accept that its values are lost"
+        )
     return rows
+
+
+def _excerpt(line: str) -> str:
+    return repr(line if len(line) <= 60 else line[:60] + "…")
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file a run or evaluation wrote; a damaged one is a ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"cannot read {path}: {err}; the file is damaged: restore it or write it again"
+        ) from None
 
 
 def read_diverged(run_dir: str | Path) -> dict[str, Any] | None:
@@ -155,10 +228,7 @@ def read_diverged(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / DIVERGED_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+    record = read_json(path)
     return record if isinstance(record, dict) else {}
 
 
@@ -171,7 +241,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     path = metrics_path(run_dir)
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    kept = [r for r in read_metrics(path, allow_torn_tail=True) if r.get("step", 0) <= step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
         fh.writelines(jsonl_line(r) + "\n" for r in kept)

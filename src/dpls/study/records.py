@@ -26,6 +26,7 @@ from dpls.runs.layout import (
     is_run_dir,
     metrics_path,
     read_diverged,
+    read_json,
     read_metrics,
     read_run_config,
 )
@@ -124,10 +125,8 @@ def _reliability(eval_file: Path) -> dict[str, list[float]] | None:
     bins_file = output_paths(eval_file)["bins"]
     if not bins_file.is_file():
         return None
-    try:
-        bins = json.loads(bins_file.read_text()).get("reliability")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    doc = read_json(bins_file)  # damaged: an error naming it, never a report without it
+    bins = doc.get("reliability") if isinstance(doc, dict) else None
     if not isinstance(bins, Mapping) or not all(k in bins for k in _BIN_KEYS):
         return None
     return {k: [float("nan") if v is None else float(v) for v in bins[k]] for k in _BIN_KEYS}
@@ -148,18 +147,18 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
     reliability = samples = None
     eval_file = find_eval_file(run_dir)
     if eval_file is not None:
-        data = json.loads(eval_file.read_text())
+        data = read_json(eval_file)
         metrics.update(
             {k: float(data[k]) for k in (*EVAL_METRICS, "tokens") if is_finite_number(data.get(k))}
         )
         reliability = _reliability(eval_file)
         lm_file = eval_file.parent / LM_EVAL_FILE
         if lm_file.is_file():
-            lm = json.loads(lm_file.read_text())
+            lm = read_json(lm_file)
             metrics.update({f"lm_eval/{k}": float(v) for k, v in lm.items() if is_finite_number(v)})
         samples_file = eval_file.parent / SAMPLES_FILE
         if samples_file.is_file():
-            samples = json.loads(samples_file.read_text())
+            samples = read_json(samples_file)
             gen = samples.get("metrics", {})
             metrics.update({GENERATION + k: float(v) for k, v in gen.items() if is_finite_number(v)})
     if val_rows:

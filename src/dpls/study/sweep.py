@@ -16,7 +16,6 @@ start from the same weights and read the same batches) with a t interval.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,12 +25,19 @@ from dpls.study.plots import plot_curves, plot_sweep
 from dpls.study.records import RunRecord
 from dpls.study.stats import EFFECT_LARGER, is_finite_number, paired_ci
 from dpls.study.tables import fmt
+from dpls.train import watch
 
 # Plots of the section: loss against the swept value, and two diagnostics over training.
 SWEEP_PLOT = "lr_sweep.png"
 DIAGNOSTIC_PLOTS = {"lse_mean": "lse_mean.png", "attn_logit_max": "attn_logit_max.png"}
 SWEEP_PLOTS = (SWEEP_PLOT, *DIAGNOSTIC_PLOTS.values())
 
+DIVERGENCE_RULE = (
+    "diverged: stopped by the training watch (divergence_window logged training CEs in a row more than 10% "
+    "above L_init, or not finite), or a final validation CE that is not finite or, from scratch, more than "
+    "10% above L_init; no progress: a final validation CE less than 0.1% below L_init (from scratch: up to "
+    "10% above it)"
+)
 SENSITIVITY_FORMULA = "mean over the grid of min(L(v), L_init) − min over the grid of min(L(v), L_init)"
 
 
@@ -47,13 +53,23 @@ def lr_sensitivity(losses: Sequence[float | None], initial: float) -> float:
 
 
 def run_loss(record: RunRecord) -> tuple[float | None, float | None]:
-    """(L, L_init) of one run: its final validation CE (None if it diverged or has none) and
-    the validation CE at its first logged step."""
+    """(L, L_init) of one run: its final validation CE (None if it diverged, see `run_outcome`)
+    and the validation CE at its first logged step."""
     initial = float(record.val_rows[0]["val_ce"]) if record.val_rows else None
-    if record.diverged is not None or len(record.val_rows) < 2:
+    if run_outcome(record) == "diverged":
         return None, initial
-    final = float(record.val_rows[-1]["val_ce"])
-    return (final if math.isfinite(final) else None), initial
+    return float(record.val_rows[-1]["val_ce"]), initial
+
+
+def run_outcome(record: RunRecord) -> str:
+    """``"trained"``, ``"no_progress"`` or ``"diverged"`` (`dpls.train.watch.run_outcome`):
+    a run from scratch (its first validation at step 0) whose final validation CE ends above
+    its L_init has diverged; a forked one may end there by overfitting."""
+    rows = record.val_rows
+    initial = float(rows[0]["val_ce"]) if rows else None
+    final = float(rows[-1]["val_ce"]) if len(rows) >= 2 else None
+    from_scratch = bool(rows) and rows[0].get("step") == 0
+    return watch.run_outcome(initial, final, from_scratch=from_scratch, stopped=record.diverged is not None)
 
 
 def _key(value: Any) -> str:
@@ -61,8 +77,9 @@ def _key(value: Any) -> str:
 
 
 def _point(record: RunRecord, seed: int) -> dict[str, Any]:
-    """One run of the grid: its L, L_init, the loss it counts with, and whether it diverged."""
+    """One run of the grid: its L, L_init, the loss it counts with, and its outcome."""
     loss, initial = run_loss(record)
+    outcome = run_outcome(record)
     if loss is None:  # diverged (or never validated at the end): the initial loss
         effective = initial
     else:
@@ -72,7 +89,8 @@ def _point(record: RunRecord, seed: int) -> dict[str, Any]:
         "loss": loss,
         "initial": initial,
         "effective": effective,
-        "diverged": record.diverged is not None,
+        "outcome": outcome,
+        "diverged": outcome == "diverged",
         "diverged_step": None if record.diverged is None else record.diverged.get("step"),
     }
 
@@ -122,6 +140,7 @@ def _arm_block(
         "best": values[best_i] if best_i is not None else None,
         "best_loss": grid[best_i]["mean"] if best_i is not None else None,
         "diverged": len(diverged),
+        "no_progress": sum(p["outcome"] == "no_progress" for g in grid for p in g["points"]),
         "runs": sum(len(g["points"]) for g in grid),
         "best_at_edge": best_i is not None and len(values) > 1 and best_i in (0, len(values) - 1),
         "sensitivity_by_seed": {str(s): v for s, v in sens.items()},
@@ -171,6 +190,7 @@ def summarize_sweep(
         "values": values,
         "baseline": baseline,
         "metric": "final validation CE (the last val_ce of the training log); diverged runs count as L_init",
+        "divergence": DIVERGENCE_RULE,
         "sensitivity": SENSITIVITY_FORMULA,
         "confidence": confidence,
         "largest_stable_value": _largest(stable),
@@ -295,6 +315,9 @@ def findings_paragraph(sweep: Mapping[str, Any]) -> str:
         parts.append(f"{n_div} of {total} runs diverged ({by_arm}).")
     else:
         parts.append(f"None of the {total} runs diverged; the sensitivity comes from degraded final losses.")
+    stuck = sum(a.get("no_progress", 0) for a in arms.values())
+    if stuck:
+        parts.append(f"{stuck} of {total} runs made no progress (their final validation CE is about L_init).")
     edge = [a for a, v in arms.items() if v.get("best_at_edge")]
     if edge:
         parts.append(

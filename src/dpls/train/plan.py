@@ -30,14 +30,27 @@ import numpy as np
 import torch
 
 from dpls._io import check_writable_dir
-from dpls.data.checks import check_same_tokenizer, check_token_ids, tokenizer_fingerprint_of
+from dpls.data.checks import (
+    check_meta_matches,
+    check_same_tokenizer,
+    check_token_ids,
+    tokenizer_fingerprint_of,
+)
 from dpls.data.counts import token_counts
 from dpls.data.loader import TokenLoader, ValidationSet, validation_batches
 from dpls.data.meta import META_FILE, DataMeta
 from dpls.losses.objective import Objective, build_objective
 from dpls.model import ModelConfig, model_config
 from dpls.runs import checkpoint as ckpt
-from dpls.runs.layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, TOKENIZER_DIR, config_path, read_toml
+from dpls.runs.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    TOKENIZER_DIR,
+    config_path,
+    read_metrics,
+    read_toml,
+)
 from dpls.train.config import (
     MODEL_OVERRIDE_KEYS,
     ResolvedConfig,
@@ -271,6 +284,10 @@ def plan_start(cfg: TrainConfig, run_dir: Path) -> StartPoint:
                 )
         state = ckpt.read_trainer_state(checkpoint)
         start = StartPoint(mode, checkpoint, state, read_run_config(checkpoint))
+    if (
+        start.mode == "resume"
+    ):  # a damaged metrics.jsonl is named now, before any work (a torn last row is cut)
+        read_metrics(run_dir, allow_torn_tail=True)
     if start.mode != "resume" and ckpt.list_checkpoints(run_dir):
         raise ValueError(
             f"out_dir {run_dir} already holds a run with checkpoints; continue it with "
@@ -297,6 +314,7 @@ def read_data(cfg: TrainConfig) -> DataMeta:
             + f"; pass the right one with --data_dir, or make one with `dpls prepare stdlib --out {cfg.data_dir}` (or prepare files / fineweb-edu)"
         )
     meta = DataMeta.load(cfg.data_dir)
+    check_meta_matches(cfg.data_dir, meta)  # an edited vocab_size or fingerprint, before it is used
     return replace(
         meta, tokenizer_fingerprint=meta.tokenizer_fingerprint or tokenizer_fingerprint_of(cfg.data_dir)
     )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from dpls.runs.layout import (
     config_path,
     metrics_path,
     read_metrics,
+    run_writer,
     truncate_metrics,
 )
 from dpls.train.checkpointing import Checkpointer
@@ -75,8 +76,10 @@ def train(cfg: TrainConfig) -> Path:
         ctx = init_distributed(None if cfg.device == "auto" else cfg.device)
     except ValueError as err:
         raise InvalidRun(str(err)) from err
+    held = ExitStack()  # the run's write lock, from the plan to the last file
     try:
         try:
+            held.enter_context(run_writer(cfg.out_dir, ctx))  # a second writer is refused here
             plan = plan_run(cfg, ctx.world_size, ctx.device, rank=ctx.rank)
         except ValueError as err:
             raise InvalidRun(str(err)) from err
@@ -129,6 +132,7 @@ def train(cfg: TrainConfig) -> Path:
             raise KeyboardInterrupt
         return plan.run_dir
     finally:
+        held.close()
         if owns_group:
             ctx.destroy()
 

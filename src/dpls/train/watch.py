@@ -1,11 +1,29 @@
-"""Is the run still healthy? Non-finite steps, counted on the device, and the divergence rule.
+"""Is the run still healthy? Non-finite steps, counted on the device, and the divergence rules.
 
 `RunWatch` stops a run as `Diverged`, after writing ``RUN/diverged.json``, when
-``max_skipped_steps`` non-finite steps come in a row, or when the training CE of
-``divergence_window`` logged steps in a row is above the loss at the start (the first
-validation CE) or not finite (`DivergenceWatch`). It looks at the device only when the loop
-reads it anyway (log and checkpoint steps), and its state goes into every checkpoint, so a
-resumed run continues its counts.
+``max_skipped_steps`` non-finite steps come in a row, or by rule 1 below (`DivergenceWatch`).
+It looks at the device only when the loop reads it anyway (log and checkpoint steps), and its
+state goes into every checkpoint, so a resumed run continues its counts.
+
+**The divergence rules.** L_init is the validation CE of a run's first evaluation (its
+initial weights, or the checkpoint it was forked from).
+
+1. While training (`DivergenceWatch`): a run has diverged when the training CE of ``window``
+   logged steps in a row is not finite or more than `DIVERGENCE_MARGIN` (10%) above L_init.
+   The margin is there because a batch's CE is not the validation CE: at initialisation the
+   two differ by a few percent (other tokens), and batches are noisy, so a healthy run at a
+   small learning rate sits just above L_init for its first steps. A run whose weights never
+   change (``learning_rate = 0``) is never watched: it cannot diverge.
+2. After training (`run_outcome`, what a study reports): a run stopped by rule 1, or whose
+   final validation CE is not finite, has diverged. A run **from scratch** whose final
+   validation CE ends more than the same margin above L_init has diverged too: it is worse than
+   its own initial weights, however it got there (a loss that blew up to millions and
+   collapsed back to about ln V, under the watch's threshold, ends far above L_init on the
+   validation set, and is caught here). One that ends near L_init, within the margin above
+   it or less than `NO_PROGRESS_TOLERANCE` below it, made "no progress": it never moved
+   (``learning_rate = 0``) or there was nothing it could learn. A **forked** run may end above
+   its L_init without diverging: a data-limited run that overfits its few tokens is a result;
+   it is "no progress" only within the tolerance of L_init. Anything else is "trained".
 """
 
 from __future__ import annotations
@@ -36,23 +54,30 @@ class Diverged(TrainingError):
         self.step = step
 
 
+DIVERGENCE_MARGIN = 0.1  # rule 1: a logged training CE is "above L_init" beyond L_init·(1 + margin)
+NO_PROGRESS_TOLERANCE = 1e-3  # rule 2: a final CE less than this (relative) below L_init is "no progress"
+
+
 @dataclass
 class DivergenceWatch:
-    """Calls a run diverged when ``window`` logged training CEs in a row are above ``initial`` or not finite.
+    """Calls a run diverged when ``window`` logged training CEs in a row are more than
+    `DIVERGENCE_MARGIN` above ``initial`` or not finite (rule 1 of the module docstring).
 
-    ``window`` 0 switches the rule off. Its state (``initial``, ``streak``) goes into the
-    checkpoint's trainer state, so a resumed run continues the count.
+    ``window`` 0 switches the rule off, and so does ``frozen`` (the weights never change:
+    ``learning_rate = 0``). Its state (``initial``, ``streak``) goes into the checkpoint's
+    trainer state, so a resumed run continues the count.
     """
 
     window: int
     initial: float | None = None
     streak: list[int] = field(default_factory=list)  # steps of the current run of bad rows
+    frozen: bool = False
 
     def see(self, step: int, ce: float) -> int | None:
         """Take a logged row; the step where the divergence began, once ``window`` rows in a row are bad."""
-        if self.window <= 0 or self.initial is None:
+        if self.window <= 0 or self.initial is None or self.frozen:
             return None
-        if math.isfinite(ce) and ce <= self.initial:
+        if math.isfinite(ce) and ce <= self.initial * (1 + DIVERGENCE_MARGIN):
             self.streak = []
             return None
         self.streak.append(step)
@@ -65,6 +90,23 @@ class DivergenceWatch:
         if state.get("initial_val_ce") is not None:
             self.initial = float(state["initial_val_ce"])
         self.streak = [int(s) for s in state.get("divergence_streak", [])]
+
+
+def run_outcome(initial: float | None, final: float | None, *, from_scratch: bool, stopped: bool) -> str:
+    """``"trained"``, ``"no_progress"`` or ``"diverged"``: rule 2 of the module docstring.
+
+    ``initial``: L_init, the first validation CE; ``final``: the last one (None: the run has
+    none after its first); ``stopped``: rule 1 stopped the run (it has a diverged.json)."""
+    if stopped or final is None or not math.isfinite(final):
+        return "diverged"
+    if initial is None or not math.isfinite(initial):
+        return "trained"
+    if from_scratch and final > initial * (1 + DIVERGENCE_MARGIN):
+        return "diverged"
+    above = initial * (1 + DIVERGENCE_MARGIN) if from_scratch else initial * (1 + NO_PROGRESS_TOLERANCE)
+    if initial * (1 - NO_PROGRESS_TOLERANCE) <= final <= above:
+        return "no_progress"
+    return "trained"
 
 
 class SkipCounter:
@@ -103,7 +145,9 @@ class RunWatch:
         resumed = plan.start.trainer_state if plan.start.mode == "resume" else None
         self.max_skipped = cfg.max_skipped_steps
         self.skipped_in_a_row = int(resumed.get("skipped_in_a_row", 0)) if resumed is not None else 0
-        self.divergence = DivergenceWatch(cfg.divergence_window)
+        self.divergence = DivergenceWatch(
+            cfg.divergence_window, frozen=cfg.learning_rate == 0
+        )  # lr 0: cannot diverge
         if resumed is not None:
             self.divergence.load_state_dict(resumed)
         self._skips = SkipCounter(ctx.device, self.skipped_in_a_row, cfg.max_skipped_steps)
@@ -132,8 +176,8 @@ class RunWatch:
             raise self._diverged(
                 step,
                 began,
-                f"the training CE of {self.divergence.window} logged steps in a row was above the "
-                f"initial validation CE {self.divergence.initial:.4f} or not finite",
+                f"the training CE of {self.divergence.window} logged steps in a row was more than "
+                f"{DIVERGENCE_MARGIN:.0%} above the initial validation CE {self.divergence.initial:.4f} or not finite",
             )
         if self._tripped:  # found at the last read; the limit may have been reached a few steps before
             raise self._diverged(
