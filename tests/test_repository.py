@@ -134,3 +134,35 @@ def test_imports_are_at_the_top_of_modules() -> None:
     assert len(inner) <= 0.10 * len(imports), (
         f"{len(inner)} of {len(imports)} imports inside functions: {inner}"
     )
+
+
+def _calls(name: str) -> list[tuple[str, str]]:
+    """(file, source of the call) for every call of ``name`` in src/dpls."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "src" / "dpls").rglob("*.py")):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+                if called == name:
+                    found.append((str(path.relative_to(ROOT)), ast.get_source_segment(text, node) or ""))
+    return found
+
+
+def test_every_progress_bar_stays_off_when_stderr_is_not_a_terminal() -> None:
+    """A log file must not fill with carriage returns: every tqdm bar is built with
+    ``disable=None`` when progress is asked for (tqdm's "only on a terminal")."""
+    bars = _calls("tqdm")
+    assert bars, "no tqdm call found: the scan is broken"
+    wrong = [(f, call) for f, call in bars if "disable=None if" not in call]
+    assert not wrong, f"progress bars drawn even when stderr is not a terminal: {wrong}"
+
+
+def test_every_figure_is_written_through_save_figure() -> None:
+    """Figures are recorded as dpls's before they appear (`dpls._io.owned_output`), so a kill
+    mid-write never leaves a PNG that a rerun takes for the user's: one writer does it."""
+    writers = {f for f, _ in _calls("savefig")}
+    assert writers == {"src/dpls/eval/plots.py"}, writers

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_helpers import fake_gpt2
+from dpls._io import LOCK_FILE
 from dpls.cli import main
 from dpls.data import (
     DataMeta,
@@ -25,6 +26,12 @@ from dpls.data import (
 )
 from dpls.data import prepare as prep
 from dpls.data.tokenizer import EOT
+
+
+def staging(out):
+    """Hidden files a prepare left in ``out``, besides its lock file (which stays, by design)."""
+    return [p for p in out.glob(".*") if p.name != LOCK_FILE]
+
 
 WORDS = [
     "alpha",
@@ -86,7 +93,7 @@ def test_prepare_files_puts_every_document_in_one_split(tmp_path, inputs):
         progress=False,
     )
     assert meta == DataMeta.load(out) and meta.source == "files" and meta.tokenizer == "bpe"
-    assert not (out / "progress.json").exists() and not list(out.glob(".*"))  # no staging left
+    assert not (out / "progress.json").exists() and not staging(out)  # no staging left
     train, val = _documents_of(out, "train", meta), _documents_of(out, "val", meta)
     assert sorted(train + val) == sorted(docs) and val and train
     assert not set(train) & set(val)
@@ -114,9 +121,9 @@ def test_finished_directory_is_reused_and_foreign_ones_refused(tmp_path, inputs)
     out = tmp_path / "out"
     kwargs = dict(vocab_size=300, text_field="body", progress=False)
     meta = prepare_files([src / "b.jsonl"], out, **kwargs)
-    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE}
     assert prepare_files([src / "b.jsonl"], out, **kwargs) == meta  # same settings: nothing redone
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE} == stamp
     with pytest.raises(ValueError, match="vocab_size"):
         prepare_files([src / "b.jsonl"], out, **{**kwargs, "vocab_size": 400})
     foreign = tmp_path / "foreign"
@@ -125,7 +132,7 @@ def test_finished_directory_is_reused_and_foreign_ones_refused(tmp_path, inputs)
     with pytest.raises(ValueError, match="not empty"):
         prepare_files([src / "b.jsonl"], foreign, **kwargs)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
-    assert stamp == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_FILE}
 
 
 @pytest.mark.parametrize(
@@ -275,7 +282,7 @@ def test_crashes_between_staging_and_commit_resume_exactly(tmp_path, fineweb, mo
     assert resumed.train_shards == meta.train_shards and resumed.val_shards == meta.val_shards
     for name in meta.train_shards + meta.val_shards:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-    assert not list(out.glob(".*"))
+    assert not staging(out)
 
 
 def test_interrupted_before_any_checkpoint_is_still_ours(tmp_path, inputs, monkeypatch):

@@ -74,6 +74,23 @@ def test_greedy_is_the_argmax_of_the_full_forward():
     assert torch.equal(out[0, 3:], logits[0, 2:-1].argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-45, 1e-320, 5e-324])
+def test_any_positive_temperature_is_safe_and_a_tiny_one_is_greedy(temperature):
+    """logits / 1e-40 overflows float32 (inf, then NaN probabilities); shifted by their maximum
+    first and with the temperature kept at least float32's smallest normal, the limit is greedy."""
+    model = _model("mha")
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy = model.generate(prompt, 12, temperature=0)
+    tiny = model.generate(prompt, 12, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny, greedy)
+    ties = torch.tensor([[2.0, 5.0, 5.0, -1.0]])
+    picks = {
+        int(next_token(ties, temperature=temperature, generator=torch.Generator().manual_seed(s)))
+        for s in range(20)
+    }
+    assert picks == {1, 2}  # among the most likely only, ties drawn at random
+
+
 def test_training_forward_is_unchanged_by_a_used_cache():
     """Generation leaves nothing behind: the cache-free forward gives the same logits after."""
     model = _model("gqa")

@@ -11,6 +11,7 @@ from dpls.runs.layout import (
     dumps_toml,
     find_run_config,
     is_run_dir,
+    read_diverged,
     read_metrics,
     read_run_config,
     read_toml,
@@ -55,9 +56,39 @@ def test_dumps_toml_round_trips_scalars_and_skips_none():
         dumps_toml({"a b": 1})
 
 
-def test_metrics_skip_a_torn_line_and_truncate_after_a_step(tmp_path):
+def test_metrics_truncate_after_a_step_and_cut_a_torn_last_line_with_a_warning(tmp_path):
+    """Resuming (allow_torn_tail): a last line cut by a crash mid-write is expected; it is cut
+    with a warning naming the file."""
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
-    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
-    truncate_metrics(tmp_path, 2)
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: the last line was cut off"):
+        assert [r["step"] for r in read_metrics(tmp_path, allow_torn_tail=True)] == [1, 2, 3]
+    with pytest.warns(UserWarning, match="cut off"):
+        truncate_metrics(tmp_path, 2)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
     assert read_metrics(tmp_path / "nowhere") == []
+
+
+@pytest.mark.parametrize(
+    "text, allow_torn_tail, match",
+    [
+        ('{"step": 1}\n{"step": 2, "val_ce": 6.9', False, "line 2 of 2 is cut off"),  # a finished run: never
+        ('{"step": 1}\ngarbage\n{"step": 3}\n', False, "line 2 of 3 is not a JSON object"),
+        ('{"step": 1}\ngarbage\n{"step": 3}\n', True, "line 2 of 3 is not a JSON object"),  # resume: not torn
+        ('{"step": 1}\n[1, 2]\n', True, "line 2 of 2 is not a JSON object"),
+        ('{"step": 1}\n{"step": 2}garbage\n', True, "line 2 of 2 is not a JSON object"),  # has its newline
+    ],
+)
+def test_a_metrics_file_that_cannot_be_read_whole_is_an_error_naming_it(
+    tmp_path, text, allow_torn_tail, match
+):
+    """A report never takes an earlier row for the last one: every damaged line is an error that
+    names the file and the line; only resuming may cut a torn last line."""
+    (tmp_path / "metrics.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'metrics.jsonl'}: {match}"):
+        read_metrics(tmp_path, allow_torn_tail=allow_torn_tail)
+
+
+def test_other_run_files_that_cannot_be_read_are_errors_naming_them(tmp_path):
+    (tmp_path / "diverged.json").write_text('{"step": 3, "rea')
+    with pytest.raises(ValueError, match=r"cannot read .*diverged.json.*damaged"):
+        read_diverged(tmp_path)

@@ -230,6 +230,22 @@ def test_bad_inputs(tmp_path: Path):
     assert main(["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
 
 
+@pytest.mark.parametrize("damage", ["metrics.jsonl", "eval/metrics.json", "eval/metrics_bins.json"])
+def test_a_run_file_that_cannot_be_read_whole_is_an_error_naming_it(tmp_path: Path, capsys, damage):
+    """Cutting the last 40 bytes of one run's metrics.jsonl silently moved its "final" loss to
+    an earlier step: a report is made from whole files or not at all."""
+    runs = [make_run(tmp_path, f"{arm}0", arm, 0) for arm in ("ce", "ls")]
+    target = runs[1] / damage
+    if not target.exists():
+        target.write_text('{"reliability": {}}\n')
+    target.write_bytes(target.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=str(target)):
+        write_report(runs, tmp_path / "report")
+    capsys.readouterr()
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "report")]) == 2
+    assert str(target) in capsys.readouterr().err
+
+
 def test_best_validation_ce_shows_the_turn_and_the_data_fingerprint_is_reported(tmp_path: Path):
     """CE overfits (its validation CE turns upward), LS does not: the best value over training
     sits beside the final one, each with its paired interval; the runs' corpus is named."""

@@ -128,6 +128,13 @@ def test_existing_checkpoint_trunk():
         ({"baseline": "cee"}, "baseline 'cee' is not an arm; did you mean 'ce'"),
         ({"eval": {"lm_eval_limit": -1}}, "lm_eval_limit must be a positive number"),
         ({"name": "has space"}, "name must be"),
+        # TOML values have types: a quoted number is a typo, not a number
+        ({"train": {"learning_rate": "1e-2"}}, r"\[train\]: learning_rate must be .*got the string '1e-2'"),
+        (
+            {"arms": [{"name": "d", "loss": "dpls", "dpls_epsilon": "0.1"}]},
+            r"\[\[arms\]\] 'd': dpls_epsilon .*string",
+        ),
+        ({"seeds": [0, 2**64]}, r"each seed must be an integer in \[0, 2\*\*64 - 1\]"),
     ],
 )
 def test_errors_name_the_problem(changes, message):

@@ -354,3 +354,31 @@ def test_stability_numbers_are_reproduced_where_the_corpus_is_the_same(tmp_path,
     assert final == pytest.approx(point["loss"], rel=2e-3), (
         "README numbers are stale; run `make readme-stability_cpu`"
     )
+
+
+def test_the_sweep_counts_what_the_divergence_rules_say():
+    """From scratch: a run that ends far above L_init without tripping the watch diverged (the
+    lr-50 case: 17.38 against 7.636), one that never moved made no progress (lr 0), and neither
+    changes the sensitivity's arithmetic (both count as L_init)."""
+    values = [0.0, 1e-3, 50.0]
+    runs = [
+        _record("ce", 0.0, 0, 7.636, 7.636),
+        _record("ce", 1e-3, 0, 5.0, 7.636),
+        _record("ce", 50.0, 0, 17.38, 7.636),
+    ]
+    out = summarize_sweep({"ce": runs}, "learning_rate", values, "ce")["arms"]["ce"]
+    assert out["diverged"] == 1 and out["no_progress"] == 1
+    assert [p["outcome"] for g in out["grid"] for p in g["points"]] == ["no_progress", "trained", "diverged"]
+    assert out["lr_sensitivity"] == pytest.approx((7.636 + 5.0 + 7.636) / 3 - 5.0)
+    forked = [
+        RunRecord(
+            Path("f"),
+            "ce",
+            0,
+            {},
+            [],
+            [{"step": 100, "val_ce": 3.0}, {"step": 200, "val_ce": 3.4}],
+            value=1e-3,
+        )
+    ]
+    assert summarize_sweep({"ce": forked}, "learning_rate", [1e-3], "ce")["arms"]["ce"]["diverged"] == 0

@@ -228,3 +228,27 @@ def test_model_keys_are_declared_once_and_are_the_models():
     ]
     assert (resolved.block_size, resolved.data_seed) == (mc.block_size, cfg.seed)
     assert resolved.n_head == mc.n_head and cfg.n_head is None  # the user's config is left as written
+
+
+def test_a_toml_string_is_not_a_number_but_a_command_line_string_is(tmp_path):
+    """In a TOML file ``learning_rate = "1e-2"`` is a typo (TOML numbers have no quotes); on the
+    command line every value is a string, so ``--learning_rate=1e-2`` is a number."""
+    path = tmp_path / "c.toml"
+    path.write_text('learning_rate = "1e-2"\n')
+    with pytest.raises(
+        ValueError, match=r"c.toml: learning_rate must be .*got the string '1e-2'.*without quotes"
+    ):
+        read_config_file(path)
+    path.write_text(
+        'learning_rate = 1e-2\ndtype = "float32"\nlr_decay_iters = "none"\n'
+    )  # str keys, and unset
+    assert read_config_file(path) == {"learning_rate": 0.01, "dtype": "float32", "lr_decay_iters": None}
+    assert convert("learning_rate", "1e-2") == 0.01
+
+
+@pytest.mark.parametrize("key", ["seed", "data_seed"])
+def test_seeds_are_what_torch_takes(key):
+    TrainConfig(**{key: 2**64 - 1})
+    for bad in (2**64, -1):
+        with pytest.raises(ValueError, match=rf"{key} must be an integer in \[0, 2\*\*64 - 1\]"):
+            TrainConfig(**{key: bad})

@@ -64,7 +64,7 @@ def test_log_z_from_the_objectives_ce_equals_logsumexp(ignored):
 
 def test_divergence_rule_needs_window_bad_rows_in_a_row():
     watch = DivergenceWatch(window=3, initial=5.0)
-    assert [watch.see(s, ce) for s, ce in [(1, 6.0), (2, 6.0), (3, 4.0), (4, 5.5)]] == [None] * 4
+    assert [watch.see(s, ce) for s, ce in [(1, 6.0), (2, 6.0), (3, 4.0), (4, 5.6)]] == [None] * 4
     assert watch.see(5, math.nan) is None
     assert watch.see(6, math.inf) == 4  # three bad rows in a row: it began at step 4
     assert DivergenceWatch(window=0, initial=5.0).see(1, 99.0) is None  # switched off
@@ -139,3 +139,37 @@ def test_a_diverging_run_records_where_and_stops(tmp_path, data, one_thread):
     assert record["initial_val_ce"] == pytest.approx(read_metrics(out)[0]["val_ce"])
     assert read_metrics(out)[-1]["step"] == record["detected_at"]  # the log stays, up to the stop
     assert json.loads((out / "diverged.json").read_text()) == record
+
+
+def test_the_watch_ignores_batch_noise_within_its_margin_and_a_run_that_cannot_move():
+    """lr 0 with divergence_window = 3: batch CEs 7.61-7.66 around L_init 7.636 are noise. A
+    healthy run at a small learning rate starts a few percent above the validation CE (6.24 vs
+    6.08 measured on the stdlib corpus): not a divergence either."""
+    noise = [7.61, 7.66, 7.65, 7.64, 7.66, 7.62]
+    assert [DivergenceWatch(3, initial=7.636).see(s, ce) for s, ce in enumerate(noise, 1)] == [None] * 6
+    watch = DivergenceWatch(3, initial=6.08)
+    assert [watch.see(s, ce) for s, ce in enumerate([6.25, 6.24, 6.24, 6.23, 6.2], 1)] == [None] * 5
+    frozen = DivergenceWatch(3, initial=7.636, frozen=True)  # learning_rate = 0: the weights never change
+    assert [frozen.see(s, math.nan) for s in (1, 2, 3, 4)] == [None] * 4
+    blown = DivergenceWatch(3, initial=7.636)
+    assert [blown.see(s, ce) for s, ce in [(1, 9.0), (2, 2.7e6), (3, 8.5)]] == [None, None, 1]
+
+
+@pytest.mark.parametrize(
+    "initial, final, from_scratch, stopped, outcome",
+    [
+        (7.636, 17.38, True, False, "diverged"),  # lr 50: blew up to 2.7M, collapsed; ends far above L_init
+        (7.636, 7.636, True, False, "no_progress"),  # lr 0: never moved
+        (4.163, 4.1705, True, False, "no_progress"),  # moved, but nothing to learn (random tokens): +0.2%
+        (7.636, 5.1, True, False, "trained"),
+        (3.0, 3.4, False, False, "trained"),  # forked, data-limited: overfits above L_init, a result
+        (3.0, 3.5, False, True, "diverged"),  # forked, stopped by the watch
+        (3.0, 3.0, False, False, "no_progress"),
+        (7.636, math.nan, True, False, "diverged"),
+        (7.636, None, True, False, "diverged"),  # no validation after the first
+    ],
+)
+def test_the_outcome_of_a_run(initial, final, from_scratch, stopped, outcome):
+    from dpls.train.watch import run_outcome
+
+    assert run_outcome(initial, final, from_scratch=from_scratch, stopped=stopped) == outcome
