@@ -223,3 +223,17 @@ def test_cli_ctrl_c_exits_130_without_a_traceback(run_and_data, tmp_path, capsys
     out = tmp_path / "m.json"
     assert main(["eval", str(run), "--out", str(out), "--tokens", "40"]) == 130
     assert capsys.readouterr().err == "dpls eval: interrupted\n" and not out.exists()
+
+
+def test_a_run_without_its_tokenizer_copy_finds_the_relative_data_dir(tmp_path, monkeypatch):
+    from dpls.runs.layout import TOKENIZER_DIR, load_tokenizer
+    from dpls.train.config import TrainConfig, write_config
+
+    run, model = make_tiny_run(tmp_path, relative_paths=True)  # as if trained from tmp_path
+    data = make_data(tmp_path, model.config.vocab_size)
+    (run / TOKENIZER_DIR / "tokenizer.json").rename(data / "tokenizer.json")  # the run has no copy
+    write_config(TrainConfig(out_dir="run", data_dir="data"), run / "config.toml")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    tok = load_tokenizer(run)  # found through config.toml's data_dir, relative to where the run was made
+    assert tok.decode(tok.encode("a tiny run")) == "a tiny run"

@@ -33,6 +33,7 @@ from dpls.runs.layout import (
     config_path,
     read_toml,
     run_dir_of,
+    saved_path,
 )
 
 # --dtype choices: the autocast dtype of the forward pass (float32: no autocast).
@@ -123,22 +124,6 @@ def run_settings(checkpoint: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; pass data_dir (--data-dir) and block_size")
     return read_toml(path)
-
-
-def _saved_data_dir(cfg: dict[str, Any], checkpoint: Path) -> str | None:
-    """The run's data_dir. A relative one was relative to where training started: found from
-    here as given, else from the directory the run's (relative) out_dir was created in."""
-    data_dir, out_dir = cfg.get("data_dir"), cfg.get("out_dir")
-    if not data_dir or Path(data_dir).is_absolute() or (Path(data_dir) / "meta.json").is_file():
-        return data_dir
-    run_dir = checkpoint.resolve().parent.parent
-    if out_dir and not Path(out_dir).is_absolute():
-        parts = Path(out_dir).parts
-        if run_dir.parts[-len(parts) :] == parts:
-            candidate = Path(*run_dir.parts[: -len(parts)]) / data_dir
-            if (candidate / "meta.json").is_file():
-                return str(candidate)
-    return data_dir
 
 
 def _json_safe(obj: Any) -> Any:
@@ -265,7 +250,8 @@ def _data_of(checkpoint: Path, data_dir: str | Path | None, block_size: int | No
     """The data directory and block size to evaluate with: as given, else the run's."""
     if data_dir is None or block_size is None:
         cfg = run_settings(checkpoint)
-        data_dir = data_dir if data_dir is not None else _saved_data_dir(cfg, checkpoint)
+        if data_dir is None and cfg.get("data_dir"):  # a relative one: from where the run was made
+            data_dir = saved_path(checkpoint.resolve().parent.parent, cfg.get("out_dir"), cfg["data_dir"])
         block_size = block_size if block_size is not None else cfg.get("block_size")
         if not data_dir or not block_size:
             raise ValueError(f"{config_path(checkpoint)} lacks data_dir or block_size; pass them explicitly")

@@ -142,6 +142,21 @@ def metrics_path(path: str | Path) -> Path:
     return Path(path) / METRICS_FILE
 
 
+def saved_path(run_dir: str | Path, saved_out_dir: str | None, path: str) -> Path:
+    """A relative path saved in a run's config, as the run meant it. The run was made in the
+    folder its (relative) ``out_dir`` was relative to; when ``path`` does not exist from here
+    but does from there, that one is meant (``--resume_dir`` given from another folder)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists() or not saved_out_dir or Path(saved_out_dir).is_absolute():
+        return p
+    run, out = Path(run_dir).resolve().parts, Path(saved_out_dir).parts
+    if len(run) > len(out) and run[-len(out) :] == out:
+        there = Path(*run[: -len(out)]) / p
+        if there.exists():
+            return there
+    return p
+
+
 def is_run_dir(path: str | Path) -> bool:
     """A directory with a config.toml or a metrics.jsonl."""
     path = Path(path)
@@ -285,6 +300,9 @@ def _saved_data_dir(path: str | Path) -> Path | None:
             data_dir = read_toml(config_path(place)).get("data_dir")
         except ValueError:
             continue
-        if data_dir and (Path(data_dir) / META_FILE).is_file():
-            return Path(data_dir)
+        if not data_dir:
+            continue
+        data_dir = saved_path(place, read_toml(config_path(place)).get("out_dir"), data_dir)
+        if (data_dir / META_FILE).is_file():
+            return data_dir
     return None

@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpls._io import write_text_atomic
-from dpls.runs.layout import dumps_toml, find_run_config, read_toml, run_dir_of, toml_value
+from dpls.runs.layout import (
+    dumps_toml,
+    find_run_config,
+    read_toml,
+    run_dir_of,
+    saved_path,
+    toml_value,
+)
 
 if TYPE_CHECKING:
     from dpls.losses.objective import LossConfig
@@ -503,21 +510,6 @@ def load_config(
 def read_run_config(path: str | Path) -> TrainConfig:
     """The `TrainConfig` saved in a run or checkpoint directory."""
     return TrainConfig.from_dict(read_config_file(find_run_config(path)))
-
-
-def saved_path(run_dir: str | Path, saved_out_dir: str | None, path: str) -> Path:
-    """A relative path saved in a run's config, as the run meant it. The run was made in the
-    folder its (relative) ``out_dir`` was relative to; when ``path`` does not exist from here
-    but does from there, that one is meant (``--resume_dir`` given from another folder)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists() or not saved_out_dir or Path(saved_out_dir).is_absolute():
-        return p
-    run, out = Path(run_dir).resolve().parts, Path(saved_out_dir).parts
-    if len(run) > len(out) and run[-len(out) :] == out:
-        there = Path(*run[: -len(out)]) / p
-        if there.exists():
-            return there
-    return p
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:

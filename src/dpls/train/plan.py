@@ -50,6 +50,7 @@ from dpls.runs.layout import (
     config_path,
     read_metrics,
     read_toml,
+    saved_path,
 )
 from dpls.train.config import (
     MODEL_OVERRIDE_KEYS,
@@ -58,7 +59,6 @@ from dpls.train.config import (
     read_run_config,
     resolve_config,
     same_path,
-    saved_path,
 )
 from dpls.train.loggers import check_loggers
 from dpls.train.memory import check_memory
