@@ -20,7 +20,7 @@ from dpls.data.meta import DataMeta
 from dpls.data.prepare import prepare_fineweb_edu, prepare_stdlib
 from dpls.runs.checkpoint import is_complete, read_trainer_state
 from dpls.runs.layout import config_path, read_toml
-from dpls.study.spec import closest_hint
+from dpls.study.spec import NEUTRAL_KEYS, closest_hint
 from dpls.study.state import is_study_dir, read_state
 from dpls.train.config import TrainConfig
 from dpls.train.plan import plan_run
@@ -44,6 +44,7 @@ NOT_COMPARED = frozenset(
         "checkpoint_interval",
         "keep_checkpoints",
         "max_skipped_steps",
+        *NEUTRAL_KEYS,
     }
 )
 

@@ -118,4 +118,4 @@ def _sweep_reference(plan: StudyPlan) -> SweepReference | None:
         return None
     base = plan.spec.baseline
     runs = [(r.value, r.seed or 0, r.run_dir) for r in plan.arms if r.arm == base]
-    return SweepReference(sweep.key, sweep.values, base, runs)
+    return SweepReference(sweep, base, runs)

@@ -61,7 +61,7 @@ from dpls.study.checks import (
     check_train_config,
 )
 from dpls.study.report import REPORT_FILES
-from dpls.study.spec import StudySpec
+from dpls.study.spec import StudySpec, point_dir, point_keys
 from dpls.study.state import is_study_dir, read_state
 from dpls.train.config import TrainConfig, load_config, read_run_config
 
@@ -167,7 +167,11 @@ class StudyPlan:
             f"  {self.tokens_per_step:,} tokens per step",
             f"  trunk: {self._trunk_words()}",
         ]
-        grid = f" × {s.sweep.key} {list(s.sweep.values)}" if s.sweep else ""
+        grid = (
+            "".join(f" × {k} {list(v)}" for k, v in [(s.sweep.key, s.sweep.values), *s.sweep.others])
+            if s.sweep
+            else ""
+        )
         start = "from step 0" if self.from_scratch else f"after step {self.fork_step}"
         lines.append(
             f"  arms: {len(s.arms)}{grid} × seeds {list(s.seeds)}, each {self.iters_per_arm} steps "
@@ -188,6 +192,9 @@ class StudyPlan:
             f"  eval: {f'{ev.tokens:,}' if ev.tokens else 'all'} validation tokens per run{which}{lm}{gen}"
         )
         lines.append(f"  {len(self.arms) + (self.trunk is not None)} training runs, {total:,} steps in all")
+        lines.append(
+            f"  primary question: {s.primary}" + (f" (min_effect {s.min_effect:g})" if s.min_effect else "")
+        )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -290,18 +297,20 @@ def _arm_runs(spec: StudySpec, plan: StudyPlan, final_step: int) -> list[StudyRu
     # (a fork otherwise keeps every key of the checkpoint it starts from).
     defaults = TrainConfig()
     trunk_only = {k: getattr(defaults, k) for k in spec.trunk.train if k not in spec.train}
-    sweep_values: tuple[Any, ...] = spec.sweep.values if spec.sweep else (None,)
+    sweep_values: list[Any] = spec.sweep.points() if spec.sweep else [None]
     runs = []
     for seed in spec.seeds:
         for arm in spec.arms:
             for value in sweep_values:
-                where = Path(arm.name) / (f"{spec.sweep.key}_{value}" if spec.sweep else "") / f"seed{seed}"
+                where = (
+                    Path(arm.name) / (point_dir(value, spec.sweep.key) if spec.sweep else "") / f"seed{seed}"
+                )
                 run_dir = plan.study_dir / "arms" / where
                 values = {
                     **trunk_only,
                     **spec.train,
                     **arm.loss,
-                    **({spec.sweep.key: value} if spec.sweep else {}),
+                    **(point_keys(value, spec.sweep.key) if spec.sweep else {}),
                     "seed": seed,
                     "out_dir": str(run_dir),
                     "max_iters": final_step,
@@ -348,9 +357,9 @@ def check_runs_with_trainer(plan: StudyPlan) -> None:
     continue the trunk's model."""
     checked: set[tuple[Any, Any]] = set()
     for run in [*([plan.trunk] if plan.trunk else []), *plan.arms]:
-        if (run.arm, run.value) in checked or run.is_trained() or run.diverged is not None:
+        if (run.arm, repr(run.value)) in checked or run.is_trained() or run.diverged is not None:
             continue
-        checked.add((run.arm, run.value))
+        checked.add((run.arm, repr(run.value)))
         source = plan.fork_source(run)
         if source is not None and not is_complete(source):
             source = plan.trunk_checkpoint() if is_complete(plan.trunk_checkpoint()) else None

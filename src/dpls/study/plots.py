@@ -173,14 +173,52 @@ def plot_reliability(
 
 def plot_sweep(sweep: Mapping[str, Any], path: Path) -> bool:
     """Final validation CE against the swept value: one line per arm (the mean over seeds,
-    diverged runs at L_init), every seed's point, diverged runs marked with an x."""
-    values = list(sweep["values"])
-    if not values or not sweep["arms"]:
+    diverged runs at L_init), every seed's point, diverged runs marked with an x; below it the
+    paired difference of L(v) from the baseline with its interval (the absolute reading). With
+    several swept keys, one column per point of the other keys."""
+    parts = list(sweep.get("slices") or [sweep])
+    if not list(sweep["values"]) or not sweep["arms"]:
         return False
-    numeric = all(is_finite_number(v) and v > 0 for v in values)
-    xs = [float(v) for v in values] if numeric else list(range(len(values)))
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), constrained_layout=True)
+    fig, axes = plt.subplots(
+        2,
+        len(parts),
+        figsize=(7.5 * len(parts), 7.6),
+        constrained_layout=True,
+        squeeze=False,
+        sharex="col",
+        gridspec_kw={"height_ratios": [3, 2]},
+    )
+    drew = False
+    for col, part in enumerate(parts):
+        drew |= _sweep_panel(axes[0][col], part)
+        _difference_panel(axes[1][col], part)
+        if part.get("label"):
+            axes[0][col].set_title(f"At {part['label']} (dots: each seed)")
+    if not drew:
+        plt.close(fig)
+        return False
+    save_figure(fig, path)
+    return True
+
+
+def _sweep_x(values: Sequence[Any]) -> tuple[bool, list[float]]:
+    numeric = all(is_finite_number(v) and v > 0 for v in values)
+    return numeric, [float(v) for v in values] if numeric else [float(i) for i in range(len(values))]
+
+
+def _set_sweep_axis(ax: Any, key: str, values: Sequence[Any], numeric: bool, xs: Sequence[float]) -> None:
+    if numeric:
+        ax.set_xscale("log")
+    else:
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.grid(alpha=0.3, which="both")
+
+
+def _sweep_panel(ax: Any, sweep: Mapping[str, Any]) -> bool:
+    values = list(sweep["values"])
+    numeric, xs = _sweep_x(values)
     drew = False
     initials = []
     for i, (arm, a) in enumerate(sweep["arms"].items()):
@@ -202,22 +240,44 @@ def plot_sweep(sweep: Mapping[str, Any], path: Path) -> bool:
                     ax.plot(xp, y, marker="x", ms=9, mew=2, color=color, ls="none")
                 else:
                     ax.plot(xp, y, marker=".", ms=6, alpha=0.5, color=color, ls="none")
-    if not drew:
-        plt.close(fig)
-        return False
     if initials:
         ax.axhline(
             statistics.fmean(initials), color="grey", ls=":", lw=1, label="L_init (loss at initialisation)"
         )
     ax.plot([], [], marker="x", ms=8, mew=2, color="black", ls="none", label="diverged run (at L_init)")
-    if numeric:
-        ax.set_xscale("log")
-    else:
-        ax.set_xticks(xs, [str(v) for v in values])
-    ax.set_xlabel(sweep["key"])
+    _set_sweep_axis(ax, sweep["key"], values, numeric, xs)
     ax.set_ylabel("final validation CE (nats/token)")
     ax.set_title("Final validation CE against the swept value (dots: each seed)")
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
-    return True
+    return drew
+
+
+def _difference_panel(ax: Any, sweep: Mapping[str, Any]) -> None:
+    """Each arm's paired Δ L(v) from the baseline at every value, with its interval."""
+    values = list(sweep["values"])
+    numeric, xs = _sweep_x(values)
+    arms = list(sweep["arms"].items())
+    for i, (arm, a) in enumerate(arms):
+        if not a.get("by_value"):
+            continue
+        jitter = 1.0 + 0.03 * (i - (len(arms) - 1) / 2) if numeric else 0.0
+        pts = [
+            (x * jitter if numeric else x + jitter, d["difference"])
+            for x, d in zip(xs, a["by_value"])
+            if d.get("difference") and is_finite_number(d["difference"].get("mean"))
+        ]
+        if not pts:
+            continue
+        x = [p for p, _ in pts]
+        y = [float(d["mean"]) for _, d in pts]
+        lo = [y_ - float(d["low"]) if d.get("low") is not None else 0.0 for y_, (_, d) in zip(y, pts)]
+        hi = [float(d["high"]) - y_ if d.get("high") is not None else 0.0 for y_, (_, d) in zip(y, pts)]
+        ax.errorbar(x, y, yerr=[lo, hi], color=f"C{i}", marker="o", ms=4, capsize=3, lw=1.2, label=arm)
+    ax.axhline(0.0, color="grey", lw=1)
+    _set_sweep_axis(ax, sweep["key"], values, numeric, xs)
+    ax.set_ylabel(f"Δ L(v) vs {sweep['baseline']} (nats)")
+    ax.set_title(
+        f"Paired difference from {sweep['baseline']} with its {round(100 * sweep['confidence'])}% interval"
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)

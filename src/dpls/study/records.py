@@ -30,7 +30,7 @@ from dpls.runs.layout import (
     read_metrics,
     read_run_config,
 )
-from dpls.study.spec import LOSS_KEYS
+from dpls.study.spec import LOSS_KEYS, NEUTRAL_KEYS
 from dpls.study.state import (
     COMPLETE,
     FAILED,
@@ -244,6 +244,7 @@ _POOLABLE_KEYS = frozenset(
         "keep_checkpoints",
         "max_skipped_steps",
         "data_dir",
+        *NEUTRAL_KEYS,
     }
 )
 
@@ -294,6 +295,10 @@ def _study_records(study: Path, info: dict[str, Any]) -> list[RunRecord]:
     info.update(name=state.name, baseline=state.baseline, arms=state.arms, fork_step=state.fork_step)
     if state.sweep:
         info["sweep"] = state.sweep
+    if state.primary:
+        info["primary"] = state.primary
+    if state.min_effect is not None:
+        info["min_effect"] = state.min_effect
     if state.execution:
         info["execution"] = dict(state.execution)
     trunk = study / state.trunk_dir

@@ -23,6 +23,7 @@ import numpy as np
 from dpls._io import check_output_dir, forget_owned, mark_owned, write_owned_json, write_owned_text
 from dpls.runs.layout import METRICS_FILE, is_run_dir
 from dpls.study.plots import plot_curves, plot_reliability
+from dpls.study.primary import SENSITIVITY, add_power, primary_block, primary_lines
 from dpls.study.records import (
     BEST_STEP_METRIC,
     BEST_VAL_METRIC,
@@ -34,7 +35,8 @@ from dpls.study.records import (
 )
 from dpls.study.state import is_study_dir
 from dpls.study.summary import summarize
-from dpls.study.sweep import SWEEP_PLOTS, sweep_report, sweep_section_lines
+from dpls.study.sweep import SWEEP_PLOTS, sweep_report
+from dpls.study.sweep_tables import sweep_section_lines
 from dpls.study.tables import data_line, evaluation_table_lines, findings_lines, fmt, hms, samples_lines
 
 # Every file `write_report` may write: checked before any of them is.
@@ -57,12 +59,16 @@ def write_report(
     confidence: float = 0.95,
     method: str = "t",
     title: str | None = None,
+    primary: str | None = None,
+    min_effect: float | None = None,
 ) -> Path:
     """Write report.md, summary.json and PNG plots to ``out_dir``; returns the report.md path.
 
     ``source``: a study directory, run directories, or already loaded `RunRecord`s.
     ``baseline``: the arm differences are taken against (default: the study's, else the
-    first CE arm, else the first arm).
+    first CE arm, else the first arm). ``primary`` and ``min_effect``: the question the report
+    answers first (default: the study's; else LR sensitivity in a sweep, the final validation CE
+    otherwise) and the difference in it worth finding.
     """
     info: dict[str, Any] = {}
     if (
@@ -98,6 +104,10 @@ def write_report(
     summary["notes"] += [f"missing from this report: {m}" for m in info.get("missing", [])]
     if sweep is not None:
         summary["sweep"] = sweep
+    add_power(summary)
+    primary = primary or info.get("primary") or (SENSITIVITY if sweep is not None else TRAIN_LOG_METRIC)
+    min_effect = min_effect if min_effect is not None else info.get("min_effect")
+    summary["primary"] = primary_block(summary, primary, min_effect)
     summary["execution"] = _execution(info, [r for runs in groups.values() for r in runs])
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = _draw_plots(groups, summary, info.get("trunk"), out)
@@ -140,7 +150,7 @@ def _draw_plots(
 
 
 def _markdown(summary: Mapping[str, Any]) -> str:
-    lines = [f"# {summary['title']}", "", _arms_line(summary)]
+    lines = [f"# {summary['title']}", "", _arms_line(summary), "", *primary_lines(summary)]
     if summary.get("sweep"):
         sw = summary["sweep"]
         lines += ["", *sweep_section_lines(sw, sw.get("plots"))]
@@ -150,7 +160,8 @@ def _markdown(summary: Mapping[str, Any]) -> str:
         )
     if data_line(summary):
         lines += ["", str(data_line(summary))]
-    lines += ["", "## Findings", "", *findings_lines(summary)]
+    heading = "## Exploratory" if summary.get("primary") else "## Findings"
+    lines += ["", heading, "", *findings_lines(summary)]
     if summary["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in summary["notes"]] + [""]
     lines += [

@@ -159,7 +159,9 @@ def _initial_state(plan: StudyPlan) -> StudyState:
             )
             for r in plan.arms
         ],
-        sweep={"key": spec.sweep.key, "values": list(spec.sweep.values)} if spec.sweep else None,
+        sweep=spec.sweep.to_dict() if spec.sweep else None,
+        primary=spec.primary,
+        min_effect=spec.min_effect,
     )
 
 

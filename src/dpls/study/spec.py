@@ -44,8 +44,14 @@ sample_prompt_tokens = 16          # each prompt: the opening of a validation do
 
 Without ``fork_step`` and ``[trunk]`` there is no trunk: every run trains from initialisation
 (all runs of one seed from the same weights and batches), and arms may also set model keys
-(``qk_norm = true``) and optimizer keys. A ``[sweep]`` table names one key and its values
-(``learning_rate = [1e-3, 3e-3, 1e-2]``): every arm × value × seed is then a run.
+(``qk_norm = true``) and optimizer keys. A ``[sweep]`` table names one or more keys and their
+values (``learning_rate = [1e-3, 3e-3, 1e-2]``, and say ``n_embd = [64, 128]``): every arm ×
+grid point (the product of the keys' values) × seed is then a run.
+
+``primary = "<metric>"`` names the question the study is for (default ``lr_sensitivity`` in a
+sweep, ``final_val_ce`` otherwise): the report answers it first, Holm-corrected across arms,
+and lists every other metric as exploratory. ``min_effect`` is the smallest difference in it
+worth finding: the report says how many seeds would find it.
 
 Relative paths are taken from the current directory, as ``dpls train`` does. Every key is
 checked against the format (and training keys against ``TrainConfig``); an unknown one is
@@ -56,6 +62,8 @@ are the study's to set (from ``fork_step`` and the arm budget), so they are not 
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -99,6 +107,12 @@ ARM_OPTIMIZER_KEYS: tuple[str, ...] = (
     "grad_clip",
 )
 
+# Training keys that change nothing a run computes (where it also logs, and whether activations are
+# recomputed in the backward): runs may differ in them and still be compared, pooled or resumed.
+NEUTRAL_KEYS = frozenset(
+    {"wandb", "wandb_project", "mlflow", "mlflow_experiment", "activation_checkpointing"}
+)
+
 # Training keys the study sets itself (per run), so a study file may not.
 STUDY_OWNED_KEYS: dict[str, str] = {
     "max_iters": "set fork_step (the trunk's length) and tokens_per_arm / iters_per_arm instead",
@@ -123,7 +137,14 @@ TOP_KEYS = (
     "eval",
     "sweep",
     "executor",
+    "primary",
+    "min_effect",
 )
+# The primary metric of a sweep, and of a study without one.
+SWEEP_PRIMARY = "lr_sensitivity"
+DEFAULT_PRIMARY = "final_val_ce"
+# The swept key LR sensitivity is read along when a [sweep] names several (else the first key).
+SWEEP_AXIS = "learning_rate"
 EVAL_KEYS = (
     "tokens",
     "batch_size",
@@ -150,10 +171,47 @@ class ArmSpec:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """One training key and its values: every arm × value × seed is a run."""
+    """The swept keys and their values: every arm × grid point × seed is a run.
+
+    ``key``/``values`` are the axis LR sensitivity is read along (``learning_rate`` when swept,
+    else the first key); ``others`` the remaining keys, in file order. A run's swept value is
+    the axis value alone for one key, else ``{key: value}`` over `keys` (the axis first).
+    """
 
     key: str
     values: tuple[Any, ...]
+    others: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (self.key, *(k for k, _ in self.others))
+
+    def points(self) -> list[Any]:
+        """Every grid point as a run's value, the axis varying fastest."""
+        if not self.others:
+            return list(self.values)
+        return [
+            {self.key: v, **dict(zip((k for k, _ in self.others), rest, strict=True))}
+            for rest in itertools.product(*(vals for _, vals in self.others))
+            for v in self.values
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As the study state keeps it (and the report reads it)."""
+        out: dict[str, Any] = {"key": self.key, "values": list(self.values)}
+        if self.others:
+            out["others"] = {k: list(v) for k, v in self.others}
+        return out
+
+
+def point_keys(value: Any, key: str) -> dict[str, Any]:
+    """A run's swept value as training keys: ``{key: value}``, or the dict itself (several keys)."""
+    return dict(value) if isinstance(value, dict) else {key: value}
+
+
+def point_dir(value: Any, key: str) -> Path:
+    """The folder of a grid point below the arm's: ``<key>_<value>``, one level per swept key."""
+    return Path(*(f"{k}_{v}" for k, v in point_keys(value, key).items()))
 
 
 def arm_keys(from_scratch: bool) -> tuple[str, ...]:
@@ -211,6 +269,8 @@ class StudySpec:
     source: Path | None = None
     sweep: SweepSpec | None = None
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    primary: str = DEFAULT_PRIMARY
+    min_effect: float | None = None
 
     @property
     def from_scratch(self) -> bool:
@@ -367,13 +427,22 @@ def _eval(table: Any) -> EvalSpec:
 
 
 def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from_scratch: bool) -> SweepSpec:
-    """``[sweep] KEY = [v1, v2, ...]``: one key an arm may set, a non-empty list of distinct values."""
-    if not isinstance(table, dict) or len(table) != 1:
+    """``[sweep] KEY = [v1, v2, ...]`` (one line per key): keys an arm may set, each a non-empty
+    list of distinct values; the runs are the product of the lists."""
+    if not isinstance(table, dict) or not table:
         raise ValueError(
-            "[sweep] must name exactly one training key and its values, e.g. "
+            "[sweep] must name training keys and their values, e.g. "
             f"[sweep] learning_rate = [1e-3, 3e-3, 1e-2]; got {table!r}"
         )
-    ((key, values),) = table.items()
+    checked = {key: _sweep_values(key, values, arms, train, from_scratch) for key, values in table.items()}
+    axis = SWEEP_AXIS if SWEEP_AXIS in checked else next(iter(checked))
+    others = tuple((k, v) for k, v in checked.items() if k != axis)
+    return SweepSpec(key=axis, values=checked[axis], others=others)
+
+
+def _sweep_values(
+    key: str, values: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from_scratch: bool
+) -> tuple[Any, ...]:
     allowed = sweep_keys(from_scratch)
     if key in MODEL_KEYS and not from_scratch:
         raise ValueError(
@@ -398,7 +467,27 @@ def _sweep(table: Any, arms: tuple[ArmSpec, ...], train: Mapping[str, Any], from
         )
     if key in train:
         raise ValueError(f"[sweep] {key} is also set in [train]; remove it there (the sweep sets it)")
-    return SweepSpec(key=key, values=converted)
+    return converted
+
+
+def _primary(data: Mapping[str, Any], sweep: SweepSpec | None) -> tuple[str, float | None]:
+    """``primary`` (the metric the study is for) and ``min_effect`` (> 0, in its units)."""
+    primary = data.get("primary", SWEEP_PRIMARY if sweep else DEFAULT_PRIMARY)
+    if not isinstance(primary, str) or not primary:
+        raise ValueError(f'primary must name a metric, e.g. primary = "final_val_ce"; got {primary!r}')
+    if primary == SWEEP_PRIMARY and sweep is None:
+        raise ValueError(f"primary = {SWEEP_PRIMARY!r} needs a [sweep] (it is read along the swept key)")
+    min_effect = data.get("min_effect")
+    if min_effect is not None and (
+        isinstance(min_effect, bool)
+        or not isinstance(min_effect, int | float)
+        or not math.isfinite(min_effect)
+        or min_effect <= 0
+    ):
+        raise ValueError(
+            f"min_effect must be a number > 0 (in the primary metric's units), got {min_effect!r}"
+        )
+    return primary, None if min_effect is None else float(min_effect)
 
 
 def _prepare(data: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -509,6 +598,7 @@ def parse_spec(
     arms, baseline = _arms(data, keys, from_scratch)
     train = _train_table(data.get("train", {}), "[train]", keys, allow_loss=False)
     sweep = _sweep(data.get("sweep"), arms, train, from_scratch) if "sweep" in data else None
+    primary, min_effect = _primary(data, sweep)
     return StudySpec(
         name=name,
         out_dir=out_dir,
@@ -527,6 +617,8 @@ def parse_spec(
         source=source,
         sweep=sweep,
         executor=parse_executor(data.get("executor")),
+        primary=primary,
+        min_effect=min_effect,
     )
 
 

@@ -60,7 +60,10 @@ class StudyState:
     spec: dict[str, Any] = field(default_factory=dict)
     # seed -> arm budgets its fork point lies along the trunk's data stream (JSON keys are strings)
     seed_offsets: dict[str, int] = field(default_factory=dict)
-    sweep: dict[str, Any] | None = None  # {"key": ..., "values": [...]} of a [sweep] study
+    # {"key": ..., "values": [...]} of a [sweep] study, with "others": {key: [...]} for several keys
+    sweep: dict[str, Any] | None = None
+    primary: str | None = None  # the study's primary metric (None: a state written before it existed)
+    min_effect: float | None = None
     # how the last `dpls study` ran it: executor, workers, threads per job, wall time (seconds)
     execution: dict[str, Any] = field(default_factory=dict)
 

@@ -12,18 +12,27 @@ is worse than the initial weights). It is 0 when every value trains as well as t
 and grows as more of the grid degrades or diverges. An arm's sensitivity is its mean over
 seeds; the paired difference from the baseline arm is taken per seed (all arms of a seed
 start from the same weights and read the same batches) with a t interval.
+
+Sensitivity is measured from each arm's own best, so it alone would call an arm that trains
+worse everywhere "flat". Each arm therefore also gets the paired difference of L(v) from the
+baseline at every value, its largest stable value, and a conclusion read from all of them
+(`stability_conclusion`). With several swept keys, all of this is read along one axis
+(``learning_rate``) at each point of the other keys (say each width).
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from dpls.study.plots import plot_curves, plot_sweep
+from dpls.study.primary import with_power
 from dpls.study.records import RunRecord
-from dpls.study.stats import EFFECT_LARGER, is_finite_number, paired_ci
+from dpls.study.stats import is_finite_number, paired_ci
 from dpls.study.tables import fmt
 from dpls.train import watch
 
@@ -39,6 +48,14 @@ DIVERGENCE_RULE = (
     "10% above it)"
 )
 SENSITIVITY_FORMULA = "mean over the grid of min(L(v), L_init) − min over the grid of min(L(v), L_init)"
+STABLE_RULE = "the largest value at which no seed's run diverged or ended above L_init"
+SPIKES_KEY = "loss_spikes"  # the trainer's cumulative count of loss spikes, in every metrics.jsonl row
+
+# How a sweep reads an arm's stability against the baseline's, from the whole grid.
+MORE_STABLE = "more_stable"
+FLATTER_BECAUSE_WORSE = "flatter_because_worse"
+NO_DIFFERENCE = "no_difference"
+CONCLUSIONS = (MORE_STABLE, FLATTER_BECAUSE_WORSE, NO_DIFFERENCE)
 
 
 def lr_sensitivity(losses: Sequence[float | None], initial: float) -> float:
@@ -76,6 +93,15 @@ def _key(value: Any) -> str:
     return repr(value)
 
 
+def run_spikes(record: RunRecord) -> int | None:
+    """The run's loss spikes: the count in its last training row (None for a run logged before
+    the trainer counted them: unknown, not 0)."""
+    if not record.train_rows:
+        return None
+    count = record.train_rows[-1].get(SPIKES_KEY)
+    return int(count) if isinstance(count, int | float) and is_finite_number(count) else None
+
+
 def _point(record: RunRecord, seed: int) -> dict[str, Any]:
     """One run of the grid: its L, L_init, the loss it counts with, and its outcome."""
     loss, initial = run_loss(record)
@@ -92,6 +118,7 @@ def _point(record: RunRecord, seed: int) -> dict[str, Any]:
         "outcome": outcome,
         "diverged": outcome == "diverged",
         "diverged_step": None if record.diverged is None else record.diverged.get("step"),
+        "spikes": run_spikes(record),
     }
 
 
@@ -102,8 +129,26 @@ def _grid(runs: Sequence[RunRecord], values: Sequence[Any], seeds: Sequence[int]
     for v in values:
         points = [_point(by[(_key(v), s)], s) for s in seeds if (_key(v), s) in by]
         eff = [float(p["effective"]) for p in points if is_finite_number(p["effective"])]
-        grid.append({"value": v, "mean": statistics.fmean(eff) if eff else None, "points": points})
+        spikes = [p["spikes"] for p in points]
+        grid.append(
+            {
+                "value": v,
+                "mean": statistics.fmean(eff) if eff else None,
+                "points": points,
+                "spikes": sum(spikes) if points and None not in spikes else None,
+            }
+        )
     return grid
+
+
+def _stable(g: Mapping[str, Any]) -> bool:
+    """A grid value where every seed's run trained: none diverged, none ended above L_init."""
+    return bool(g["points"]) and all(
+        not p["diverged"]
+        and is_finite_number(p["loss"])
+        and (not is_finite_number(p["initial"]) or p["loss"] <= p["initial"])
+        for p in g["points"]
+    )
 
 
 def _sensitivity_by_seed(
@@ -143,10 +188,130 @@ def _arm_block(
         "no_progress": sum(p["outcome"] == "no_progress" for g in grid for p in g["points"]),
         "runs": sum(len(g["points"]) for g in grid),
         "best_at_edge": best_i is not None and len(values) > 1 and best_i in (0, len(values) - 1),
+        "largest_stable_lr": _largest([g["value"] for g in grid if _stable(g)]),
+        "spikes": [g["spikes"] for g in grid],
         "sensitivity_by_seed": {str(s): v for s, v in sens.items()},
         "grid": grid,
         "diverged_runs": diverged,
     }
+
+
+def _paired(a: Mapping[int, float], b: Mapping[int, float], confidence: float) -> dict[str, Any] | None:
+    """The paired difference ``a − b`` over the seeds both have, with its power (None: no seed)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    interval = paired_ci([a[s] for s in common], [b[s] for s in common], confidence=confidence)
+    return with_power(interval.to_dict())
+
+
+def _effective_by_seed(g: Mapping[str, Any]) -> dict[int, float]:
+    return {int(p["seed"]): float(p["effective"]) for p in g["points"] if is_finite_number(p["effective"])}
+
+
+def _best_by_seed(grid: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> dict[int, float]:
+    """Each seed's best effective loss over the grid (seeds with the whole grid only)."""
+    out: dict[int, float] = {}
+    for s in seeds:
+        losses = [_effective_by_seed(g).get(s) for g in grid]
+        if losses and all(x is not None for x in losses):
+            out[s] = min(float(x) for x in losses if x is not None)
+    return out
+
+
+def _excludes(d: Mapping[str, Any] | None, sign: int) -> bool:
+    """The interval excludes 0 on the side of ``sign`` (−1: below, +1: above)."""
+    return bool(d and d.get("excludes_zero") and d["mean"] * sign > 0)
+
+
+def _greater(a: Any, b: Any) -> bool:
+    """a is a larger stable value than b (None: no stable value at all)."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return is_finite_number(a) and is_finite_number(b) and a > b
+
+
+def stability_conclusion(arm: Mapping[str, Any], base: Mapping[str, Any], values: Sequence[Any]) -> str:
+    """Reads an arm's stability from the whole grid, not from its sensitivity alone.
+
+    ``more_stable``: lower L(v) than the baseline (interval excluding 0) at some value above the
+    baseline's best and higher at none of them, or a larger stable value. ``flatter_because_worse``:
+    a lower sensitivity with a best loss that is worse (interval excluding 0) and no value where
+    the arm is better. ``no_difference`` otherwise. Sensitivity is measured from each arm's own
+    best, so an arm that trains worse everywhere looks flat without being more stable.
+    """
+    by_value = arm.get("by_value") or []
+    best = base.get("best")
+    start = next((i + 1 for i, v in enumerate(values) if _key(v) == _key(best)), len(values))
+    high = [d["difference"] for d in by_value[start:]]
+    better_high = any(_excludes(d, -1) for d in high)
+    worse_high = any(_excludes(d, +1) for d in high)
+    larger = _greater(arm.get("largest_stable_lr"), base.get("largest_stable_lr"))
+    if (better_high or larger) and not worse_high:
+        return MORE_STABLE
+    flatter = (arm.get("difference") or {}).get("mean", 0.0) < 0
+    better_anywhere = any(_excludes(d["difference"], -1) for d in by_value)
+    if flatter and _excludes(arm.get("best_difference"), +1) and not better_anywhere:
+        return FLATTER_BECAUSE_WORSE
+    return NO_DIFFERENCE
+
+
+def _one_key(
+    groups: Mapping[str, Sequence[RunRecord]],
+    key: str,
+    values: Sequence[Any],
+    baseline: str,
+    confidence: float,
+) -> dict[str, Any]:
+    """The sweep block of one axis (``run.value`` is the axis value)."""
+    arms: dict[str, Any] = {}
+    per_seed: dict[str, dict[int, float]] = {}
+    best_seed: dict[str, dict[int, float]] = {}
+    notes: list[str] = []
+    for arm, runs in groups.items():
+        seeds = sorted({r.seed for r in runs if r.seed is not None})
+        grid = _grid(runs, values, seeds)
+        per_seed[arm] = _sensitivity_by_seed(arm, grid, seeds, notes)
+        best_seed[arm] = _best_by_seed(grid, seeds)
+        arms[arm] = _arm_block(grid, values, per_seed[arm])
+    base = arms.get(baseline)
+    for arm, block in arms.items():
+        if arm == baseline or base is None:
+            continue
+        diff = _paired(per_seed[arm], per_seed[baseline], confidence)
+        if diff is not None:
+            block["difference"] = diff
+        block["best_difference"] = _paired(best_seed[arm], best_seed[baseline], confidence)
+        block["by_value"] = [
+            {"value": v, "difference": _paired(_effective_by_seed(g), _effective_by_seed(gb), confidence)}
+            for v, g, gb in zip(values, block["grid"], base["grid"], strict=True)
+        ]
+        block["conclusion"] = stability_conclusion(block, base, values)
+    stable = [
+        v
+        for i, v in enumerate(values)
+        if all(not p["diverged"] for a in arms.values() for p in a["grid"][i]["points"])
+    ]
+    return {
+        "key": key,
+        "values": list(values),
+        "baseline": baseline,
+        "metric": "final validation CE (the last val_ce of the training log); diverged runs count as L_init",
+        "divergence": DIVERGENCE_RULE,
+        "sensitivity": SENSITIVITY_FORMULA,
+        "stable": STABLE_RULE,
+        "confidence": confidence,
+        "largest_stable_value": _largest(stable),
+        "arms": arms,
+        "notes": notes,
+    }
+
+
+def slice_label(at: Mapping[str, Any]) -> str:
+    """``n_embd=64``: a point of the other swept keys, as the summary's keys name it."""
+    return ", ".join(f"{k}={v}" for k, v in at.items())
 
 
 def summarize_sweep(
@@ -156,47 +321,82 @@ def summarize_sweep(
     baseline: str,
     *,
     confidence: float = 0.95,
+    others: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
     """The ``"sweep"`` block of summary.json: per arm its best value, the loss there, its LR
-    sensitivity (mean over seeds, and per seed), its diverged runs, and the paired difference
-    in sensitivity from ``baseline``."""
+    sensitivity (mean over seeds, and per seed), its diverged runs, the paired difference in
+    sensitivity and in L(v) at every value from ``baseline``, and the stability conclusion.
+
+    With ``others`` (the other swept keys and their values; each run's ``value`` a dict), one
+    such block per point of the other keys (``slices``), and per arm its sensitivity, largest
+    stable value, difference and conclusion at each (keyed by `slice_label`).
+    """
     values = list(values)
+    if not others:
+        return _one_key(groups, key, values, baseline, confidence)
+    slices = []
+    for combo in itertools.product(*others.values()):
+        at = dict(zip(others, combo, strict=True))
+        sub = {
+            arm: [replace(r, value=r.value[key]) for r in runs if _at(r.value, at)]
+            for arm, runs in groups.items()
+        }
+        block = _one_key({a: r for a, r in sub.items() if r}, key, values, baseline, confidence)
+        slices.append({"at": at, "label": slice_label(at), **block})
     arms: dict[str, Any] = {}
-    per_seed: dict[str, dict[int, float]] = {}
-    notes: list[str] = []
-    for arm, runs in groups.items():
-        seeds = sorted({r.seed for r in runs if r.seed is not None})
-        grid = _grid(runs, values, seeds)
-        per_seed[arm] = _sensitivity_by_seed(arm, grid, seeds, notes)
-        arms[arm] = _arm_block(grid, values, per_seed[arm])
-    for arm, block in arms.items():
-        if arm == baseline or baseline not in per_seed:
-            continue
-        common = sorted(set(per_seed[arm]) & set(per_seed[baseline]))
-        if common:
-            interval = paired_ci(
-                [per_seed[arm][s] for s in common],
-                [per_seed[baseline][s] for s in common],
-                confidence=confidence,
-            )
-            block["difference"] = interval.to_dict()
-    stable = [
-        v
-        for i, v in enumerate(values)
-        if all(not p["diverged"] for a in arms.values() for p in a["grid"][i]["points"])
-    ]
+    for arm in groups:
+        entries = {s["label"]: s["arms"][arm] for s in slices if arm in s["arms"]}
+        arms[arm] = {
+            "lr_sensitivity": {lab: a["lr_sensitivity"] for lab, a in entries.items()},
+            "largest_stable_lr": {lab: a["largest_stable_lr"] for lab, a in entries.items()},
+            "best": {lab: a["best"] for lab, a in entries.items()},
+            "best_loss": {lab: a["best_loss"] for lab, a in entries.items()},
+            "spikes": {lab: a["spikes"] for lab, a in entries.items()},
+            "diverged": sum(a["diverged"] for a in entries.values()),
+            "no_progress": sum(a["no_progress"] for a in entries.values()),
+            "runs": sum(a["runs"] for a in entries.values()),
+        }
+        if arm != baseline:
+            arms[arm]["difference"] = {lab: a.get("difference") for lab, a in entries.items()}
+            arms[arm]["conclusion"] = {lab: a.get("conclusion") for lab, a in entries.items()}
     return {
         "key": key,
+        "keys": [key, *others],
         "values": values,
+        "others": {k: list(v) for k, v in others.items()},
         "baseline": baseline,
-        "metric": "final validation CE (the last val_ce of the training log); diverged runs count as L_init",
+        "metric": slices[0]["metric"],
         "divergence": DIVERGENCE_RULE,
         "sensitivity": SENSITIVITY_FORMULA,
+        "stable": STABLE_RULE,
         "confidence": confidence,
-        "largest_stable_value": _largest(stable),
+        "largest_stable_value": None,
         "arms": arms,
-        "notes": notes,
+        "slices": slices,
+        "notes": [f"{s['label']}: {n}" for s in slices for n in s["notes"]],
     }
+
+
+def _at(value: Any, at: Mapping[str, Any]) -> bool:
+    return isinstance(value, dict) and all(_key(value.get(k)) == _key(v) for k, v in at.items())
+
+
+def reference_point(block: Mapping[str, Any]) -> Any:
+    """The run value the report's other sections compare the arms at: the baseline's best (its
+    lowest mean loss over the whole grid; the first grid point when nothing trained)."""
+    key, base = block["key"], block["baseline"]
+    slices = block.get("slices")
+    if not slices:
+        best = block["arms"].get(base, {}).get("best")
+        return block["values"][0] if best is None else best
+    scored = [
+        (s["arms"][base]["best_loss"], i)
+        for i, s in enumerate(slices)
+        if base in s["arms"] and is_finite_number(s["arms"][base]["best_loss"])
+    ]
+    s = slices[min(scored)[1]] if scored else slices[0]
+    best = s["arms"].get(base, {}).get("best")
+    return {key: block["values"][0] if best is None else best, **s["at"]}
 
 
 def sweep_report(
@@ -217,23 +417,41 @@ def sweep_report(
     groups = {a: runs for a, runs in groups.items() if runs}
     if baseline is None or baseline not in groups:
         baseline = next(iter(groups))
-    block = summarize_sweep(groups, sweep["key"], sweep["values"], baseline, confidence=confidence)
-    ref = block["arms"][baseline]["best"]
-    if ref is None:
-        ref = block["values"][0]
+    block = summarize_sweep(
+        groups, sweep["key"], sweep["values"], baseline, confidence=confidence, others=sweep.get("others")
+    )
+    ref = reference_point(block)
     block["reference_value"] = ref
     plots: dict[str, str] = {}
     if plot_sweep(block, out / SWEEP_PLOT):
-        plots[f"Final validation CE against {block['key']}"] = SWEEP_PLOT
-    stable = block["largest_stable_value"]
-    if stable is not None:
-        at = {a: [r for r in runs if _key(r.value) == _key(stable)] for a, runs in groups.items()}
-        for metric, file in DIAGNOSTIC_PLOTS.items():
-            caption = f"{metric} over training at {block['key']} = {_fmt(stable)} (the largest value no arm diverged at)"
-            if plot_curves(at, "train_rows", metric, metric, caption, out / file):
-                plots[caption] = file
+        plots[f"Final validation CE against {block['key']}, and its paired difference from {baseline}"] = (
+            SWEEP_PLOT
+        )
+    plots.update(_diagnostic_plots(block, groups, ref, out))
     block["plots"] = plots
     return block, [r for r in records if _key(r.value) == _key(ref)]
+
+
+def _diagnostic_plots(
+    block: Mapping[str, Any], groups: Mapping[str, Sequence[RunRecord]], ref: Any, out: Path
+) -> dict[str, str]:
+    """lse_mean and attn_logit_max over training at the largest value no arm diverged at (with
+    several swept keys: at the reference point's values of the others)."""
+    key = block["key"]
+    at = {k: v for k, v in ref.items() if k != key} if isinstance(ref, dict) else {}
+    part = next((s for s in block.get("slices", []) if s["at"] == at), block)
+    stable = part["largest_stable_value"]
+    if stable is None:
+        return {}
+    point = {**ref, key: stable} if at else stable
+    runs_at = {a: [r for r in runs if _key(r.value) == _key(point)] for a, runs in groups.items()}
+    where = f"{key} = {_fmt(stable)}" + "".join(f", {k} = {v}" for k, v in at.items())
+    plots = {}
+    for metric, file in DIAGNOSTIC_PLOTS.items():
+        caption = f"{metric} over training at {where} (the largest value no arm diverged at)"
+        if plot_curves(runs_at, "train_rows", metric, metric, caption, out / file):
+            plots[caption] = file
+    return plots
 
 
 def _largest(values: Sequence[Any]) -> Any:
@@ -243,110 +461,5 @@ def _largest(values: Sequence[Any]) -> Any:
     return max(values) if numeric else values[-1]
 
 
-# -- the report's section ----------------------------------------------------------------------
-
-
-def _fmt(x: Any, signed: bool = False) -> str:
-    """A number as the report writes it; a swept value that is not a number as it is."""
-    return fmt(x, signed) if isinstance(x, int | float) and not isinstance(x, bool) else str(x)
-
-
-def _interval(d: Mapping[str, Any] | None) -> str:
-    if not d:
-        return "n/a"
-    if d.get("low") is None:
-        return f"{_fmt(d['mean'], True)} [undefined: one seed]"
-    cell = f"{_fmt(d['mean'], True)} [{_fmt(d['low'], True)}, {_fmt(d['high'], True)}]"
-    return f"**{cell}**" if d.get("effect") == EFFECT_LARGER else cell
-
-
-def sweep_table_lines(sweep: Mapping[str, Any]) -> list[str]:
-    """Per arm: best value, the loss there, LR sensitivity, its paired difference, diverged runs."""
-    key, base = sweep["key"], sweep["baseline"]
-    conf = round(100 * sweep["confidence"])
-    lines = [
-        f"| arm | best {key} | loss at best | LR sensitivity | Δ sensitivity vs {base} [{conf}% CI] | diverged |",
-        "|---|---|---|---|---|---|",
-    ]
-    for arm, a in sweep["arms"].items():
-        edge = " (grid edge)" if a.get("best_at_edge") else ""
-        diff = "—" if arm == base else _interval(a.get("difference"))
-        lines.append(
-            f"| {arm} | {_fmt(a['best'])}{edge} | {_fmt(a['best_loss'])} | {_fmt(a['lr_sensitivity'])} | "
-            f"{diff} | {a['diverged']} of {a['runs']} |"
-        )
-    return [*lines, ""]
-
-
-def findings_paragraph(sweep: Mapping[str, Any]) -> str:
-    """One paragraph that claims only what the intervals support."""
-    key, base = sweep["key"], sweep["baseline"]
-    arms = sweep["arms"]
-    conf = round(100 * sweep["confidence"])
-    parts: list[str] = []
-    shown, not_shown, undefined = [], [], []
-    for arm, a in arms.items():
-        if arm == base:
-            continue
-        d = a.get("difference")
-        if not d or d.get("low") is None:
-            undefined.append(arm)
-        elif d.get("effect") == EFFECT_LARGER:
-            word = "lower" if d["mean"] < 0 else "higher"
-            shown.append(f"{arm} has a {word} LR sensitivity than {base} ({_interval(d)})")
-        else:
-            not_shown.append(f"{arm} ({_interval(d)})")
-    if shown:
-        parts.append("; ".join(shown) + f": these {conf}% intervals exclude 0.")
-    if not_shown:
-        parts.append(
-            f"For {', '.join(not_shown)} the difference in LR sensitivity from {base} is not larger than its "
-            f"{conf}% interval: this study does not show that they are more or less stable than {base}."
-        )
-    if undefined:
-        parts.append(
-            f"For {', '.join(undefined)} there is no interval (one seed, or no seed with the whole grid): "
-            "run more seeds before reading anything into the differences."
-        )
-    total = sum(a["runs"] for a in arms.values())
-    n_div = sum(a["diverged"] for a in arms.values())
-    if n_div:
-        by_arm = ", ".join(f"{a} {arms[a]['diverged']}" for a in arms if arms[a]["diverged"])
-        parts.append(f"{n_div} of {total} runs diverged ({by_arm}).")
-    else:
-        parts.append(f"None of the {total} runs diverged; the sensitivity comes from degraded final losses.")
-    stuck = sum(a.get("no_progress", 0) for a in arms.values())
-    if stuck:
-        parts.append(f"{stuck} of {total} runs made no progress (their final validation CE is about L_init).")
-    edge = [a for a, v in arms.items() if v.get("best_at_edge")]
-    if edge:
-        parts.append(
-            f"The best {key} of {', '.join(edge)} lies at the edge of the grid, so the grid does not bracket "
-            "it: part of a difference in sensitivity there may be a shifted optimum, not stability."
-        )
-    best = ", ".join(f"{a} {_fmt(v['best'])}" for a, v in arms.items())
-    parts.append(f"Best {key} per arm: {best}.")
-    return " ".join(parts)
-
-
-def sweep_section_lines(sweep: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> list[str]:
-    """The report's "Learning-rate sensitivity" section (markdown lines)."""
-    key = sweep["key"]
-    lines = [
-        "## Learning-rate sensitivity",
-        "",
-        f"Every arm trained from the same initial weights and batches per seed at each {key} in "
-        f"{{{', '.join(_fmt(v) for v in sweep['values'])}}}. L(v) is the final validation CE; a diverged run counts "
-        "as L_init, the validation CE of its initial weights. LR sensitivity (Wortsman et al. 2023) is "
-        f"{sweep['sensitivity']}, per seed, then the mean over seeds (lower: more stable). The difference "
-        "from the baseline is paired by seed; **bold**: its interval excludes 0.",
-        "",
-        *sweep_table_lines(sweep),
-        findings_paragraph(sweep),
-        "",
-    ]
-    if sweep.get("notes"):
-        lines += ["Notes:", "", *(f"- {n}" for n in sweep["notes"]), ""]
-    for caption, file in (plots or {}).items():
-        lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
-    return lines
+def _fmt(x: Any) -> str:
+    return fmt(x) if isinstance(x, int | float) and not isinstance(x, bool) else str(x)

@@ -84,21 +84,32 @@ def _sentence(arm: str, baseline: str, diffs: Mapping[str, Mapping[str, Any]]) -
 
 
 def findings_lines(summary: Mapping[str, Any]) -> list[str]:
-    """How the differences were taken, then one sentence per arm: which are larger than their interval."""
+    """How the differences were taken, then one sentence per arm: which are larger than their
+    interval. With a declared primary metric these are the exploratory rest: the primary metric
+    is left out (it has its own, corrected, finding) and the lines say they are uncorrected."""
     base = summary["baseline"]
     others = [a for a in summary["arms"] if a != base]
     conf = round(100 * summary["confidence"])
+    primary = (summary.get("primary") or {}).get("metric")
     how = (
         f"paired by seed, {conf}% {'t' if summary['method'] == 't' else summary['method']} interval"
         if summary["paired"]
         else f"unpaired, {conf}% Welch interval"
     )
-    lines = [
+    lines = []
+    if primary:
+        lines += [
+            f"Exploratory: every metric other than the primary **{primary}**, each interval uncorrected for "
+            "the others. Read them as description and as questions for a next study, not as findings.",
+            "",
+        ]
+    lines += [
         f"Differences are arm − **{base}**, {how}; **bold**: larger than its interval "
         "(the interval excludes 0).",
         "",
     ]
-    lines += [f"- {_sentence(a, base, summary['differences'][a])}" for a in others] + [""]
+    diffs = {a: {m: d for m, d in summary["differences"][a].items() if m != primary} for a in others}
+    lines += [f"- {_sentence(a, base, diffs[a])}" for a in others] + [""]
     lines += [
         "Each interval covers its own metric; with a dozen metrics per arm, about one in "
         f"{round(1 / (1 - summary['confidence']))} intervals excludes 0 by chance alone, "

@@ -21,20 +21,19 @@ from dpls.eval.lm_eval import run_lm_eval
 from dpls.study.jobs import DONE, SKIPPED, Job, JobResult
 from dpls.study.plan import StudyRun
 from dpls.study.records import load_run
-from dpls.study.spec import EvalSpec
+from dpls.study.spec import EvalSpec, SweepSpec
 from dpls.study.state import LM_EVAL_FILE, SAMPLES_FILE
-from dpls.study.sweep import summarize_sweep
+from dpls.study.sweep import reference_point, summarize_sweep
 
 EVAL_LOG = "eval.log"  # RUN/eval.log
 
 
 @dataclass
 class SweepReference:
-    """The swept value the report's per-metric sections compare the arms at: the baseline's best
+    """The grid point the report's per-metric sections compare the arms at: the baseline's best
     (lowest mean final validation CE over seeds), from the baseline's runs (value, seed, folder)."""
 
-    key: str
-    values: tuple[Any, ...]
+    sweep: SweepSpec
     baseline: str
     baseline_runs: Sequence[tuple[Any, int, Path]]
     _value: list[Any] = field(default_factory=list, repr=False)  # computed once, when asked
@@ -51,10 +50,15 @@ class SweepReference:
                 records.append(load_run(run_dir, arm=self.baseline, seed=seed))
                 records[-1].value = value
         if not records:
-            return self.values[0]
-        block = summarize_sweep({self.baseline: records}, self.key, list(self.values), self.baseline)
-        best = block["arms"][self.baseline]["best"]
-        return self.values[0] if best is None else best
+            return self.sweep.points()[0]
+        block = summarize_sweep(
+            {self.baseline: records},
+            self.sweep.key,
+            list(self.sweep.values),
+            self.baseline,
+            others=self.sweep.to_dict().get("others"),
+        )
+        return reference_point(block)
 
 
 def flatten_lm_eval(results: dict[str, Any]) -> dict[str, float]:
