@@ -44,11 +44,11 @@ readme: $(STAMP)
 	rm -rf $(README_DEMO)
 	$(BIN)/dpls demo --quiet --out $(README_DEMO) --readme README.md
 
-# A shipped study's README section, from a fresh run of studies/NAME.toml:
-# `make readme-data_limited_cpu` (about 6 min on two idle CPU cores).
+# A shipped study's README section, from a fresh run of studies/NAME.toml with two local
+# workers: `make readme-data_limited_cpu` (each file's header has its measured time).
 readme-%: $(STAMP) studies/%.toml
 	rm -rf runs/readme-$*
-	$(BIN)/dpls study studies/$*.toml --no-progress --out runs/readme-$* --readme README.md
+	$(BIN)/dpls study studies/$*.toml --no-progress --executor local --workers 2 --out runs/readme-$* --readme README.md
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
