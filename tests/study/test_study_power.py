@@ -187,6 +187,8 @@ def test_a_two_key_sweep_reads_the_sensitivity_at_each_value_of_the_other_key():
         )
     assert out["arms"]["ce"]["largest_stable_lr"] == {"n_embd=32": 1.0, "n_embd=64": 0.1}
     assert out["arms"]["z"]["conclusion"]["n_embd=64"] == MORE_STABLE
+    at_64 = out["arms"]["z"]["by_value"]["n_embd=64"]  # z − ce at 1.0: [5.0 − 8.0, 5.1 − 8.0]
+    assert at_64[2]["value"] == 1.0 and at_64[2]["difference"]["mean"] == pytest.approx(-2.95)
     # the reference point: ce's best over the whole grid (width 64 at 0.1), as the runs' values are written
     assert reference_point(out) == {"learning_rate": 0.1, "n_embd": 64}
     lines = "\n".join(sweep_section_lines(out))

@@ -134,7 +134,7 @@ def _unit(metric: str) -> str:
 def _num(x: float | None, signed: bool = False) -> str:
     if x is None or not math.isfinite(x):
         return "n/a"
-    return f"{x:+.3g}".replace("-", "−") if signed else f"{x:.3g}"
+    return (f"{x:+.3g}" if signed else f"{x:.3g}").replace("-", "−")
 
 
 def power_sentence(c: Mapping[str, Any], metric: str, min_effect: float | None) -> str:

@@ -154,9 +154,14 @@ def _markdown(summary: Mapping[str, Any]) -> str:
     if summary.get("sweep"):
         sw = summary["sweep"]
         lines += ["", *sweep_section_lines(sw, sw.get("plots"))]
+        ref = sw["reference_value"]
+        where = (
+            ", ".join(f"{k} = {v}" for k, v in ref.items())
+            if isinstance(ref, dict)
+            else f"{sw['key']} = {ref}"
+        )
         lines.append(
-            f"The sections below compare the arms at {sw['key']} = {sw['reference_value']} "
-            f"(the best value of **{summary['baseline']}**)."
+            f"The sections below compare the arms at {where} (the best value of **{summary['baseline']}**)."
         )
     if data_line(summary):
         lines += ["", str(data_line(summary))]

@@ -357,8 +357,8 @@ def summarize_sweep(
             "runs": sum(a["runs"] for a in entries.values()),
         }
         if arm != baseline:
-            arms[arm]["difference"] = {lab: a.get("difference") for lab, a in entries.items()}
-            arms[arm]["conclusion"] = {lab: a.get("conclusion") for lab, a in entries.items()}
+            for field in ("difference", "best_difference", "by_value", "conclusion"):
+                arms[arm][field] = {lab: a.get(field) for lab, a in entries.items()}
     return {
         "key": key,
         "keys": [key, *others],

@@ -37,6 +37,10 @@ def _interval(d: Mapping[str, Any] | None) -> str:
     return f"**{cell}**" if d.get("effect") == EFFECT_LARGER else cell
 
 
+def _stable(value: Any) -> str:
+    return "none" if value is None else _fmt(value)
+
+
 def _spikes(counts: Any) -> str:
     """Loss spikes summed over a list of per-value counts ('–' when any is unknown)."""
     if not isinstance(counts, list) or not counts or any(c is None for c in counts):
@@ -62,7 +66,7 @@ def sweep_table_lines(sweep: Mapping[str, Any]) -> list[str]:
         row += f" {_spikes(a.get('spikes'))} |" if new else ""
         row += f" {diff} |"
         if new:
-            stable = "none" if a.get("largest_stable_lr") is None else _fmt(a["largest_stable_lr"])
+            stable = _stable(a.get("largest_stable_lr"))
             reading = "—" if arm == base else CONCLUSION_WORDS.get(a.get("conclusion") or "", "n/a")
             row += f" {stable} | {a['diverged']} of {a['runs']} | {reading} |"
         else:
@@ -213,7 +217,7 @@ def sweep_section_lines(sweep: Mapping[str, Any], plots: Mapping[str, str] | Non
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for arm, a in sweep["arms"].items():
             cells = [arm, *(_fmt(a["lr_sensitivity"].get(lab)) for lab in labels)]
-            cells += [_fmt(a["largest_stable_lr"].get(lab)) for lab in labels]
+            cells += [_stable(a["largest_stable_lr"].get(lab)) for lab in labels]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for s in sweep["slices"]:
