@@ -393,3 +393,39 @@ def test_logging_and_memory_keys_do_not_stop_pooling_or_resuming(tmp_path):
     )
     with pytest.raises(ValueError, match="learning_rate"):
         check_run_on_disk(run, {"learning_rate": 2e-3}, None, 0, None)
+
+
+def test_a_report_of_loose_runs_answers_its_primary_question_first(tmp_path):
+    from dpls.study.report import write_report
+
+    def run(loss: str, seed: int, ce: float) -> RunRecord:
+        rows = [{"step": 0, "val_ce": 8.0}, {"step": 10, "val_ce": ce}]
+        cfg = {"loss": loss, "seed": seed, **({"label_smoothing": 0.1} if loss == "ls" else {})}
+        return RunRecord(
+            Path(f"{loss}{seed}"),
+            loss,
+            seed,
+            cfg,
+            [],
+            rows,
+            metrics={"loss": ce, "top1_acc": 0.1, "final_val_ce": ce},
+        )
+
+    records = [run("ce", s, 5.0 + 0.1 * s) for s in range(3)] + [
+        run("ls", s, 4.9 + 0.1 * s + 0.01 * s * s) for s in range(3)
+    ]
+    write_report(records, tmp_path / "r", min_effect=0.05)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["primary"]["metric"] == "final_val_ce" and summary["primary"]["min_effect"] == 0.05
+    (c,) = summary["primary"]["comparisons"]
+    assert (
+        c["arm"] == "ls"
+        and c["mean"] == pytest.approx(-0.1 + 0.05 / 3)
+        and c["seeds_needed"]["min_effect"] >= 2
+    )
+    assert all(d["mde"] is not None for d in summary["differences"]["ls"].values())
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert text.index("## Primary question") < text.index("## Exploratory")
+    write_report(records, tmp_path / "typo", primary="final_val_cee")
+    notes = json.loads((tmp_path / "typo" / "summary.json").read_text())["notes"]
+    assert any("'final_val_cee' is not among the compared metrics" in n for n in notes)

@@ -18,10 +18,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from dpls.study.spec import SWEEP_PRIMARY as SENSITIVITY
 from dpls.study.stats import POWER, holm, minimum_detectable_effect, seeds_needed
 from dpls.study.summary import direction
 
-SENSITIVITY = "lr_sensitivity"
 NOT_SHOWN = "no difference shown"
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from dpls._io import check_output_dir, forget_owned, mark_owned, write_owned_json, write_owned_text
 from dpls.runs.layout import METRICS_FILE, is_run_dir
 from dpls.study.plots import plot_curves, plot_reliability
-from dpls.study.primary import SENSITIVITY, add_power, primary_block, primary_lines
+from dpls.study.primary import add_power, primary_block, primary_lines
 from dpls.study.records import (
     BEST_STEP_METRIC,
     BEST_VAL_METRIC,
@@ -33,6 +33,7 @@ from dpls.study.records import (
     collect_runs,
     group_runs,
 )
+from dpls.study.spec import DEFAULT_PRIMARY, SWEEP_PRIMARY
 from dpls.study.state import is_study_dir
 from dpls.study.summary import summarize
 from dpls.study.sweep import SWEEP_PLOTS, sweep_report
@@ -105,9 +106,14 @@ def write_report(
     if sweep is not None:
         summary["sweep"] = sweep
     add_power(summary)
-    primary = primary or info.get("primary") or (SENSITIVITY if sweep is not None else TRAIN_LOG_METRIC)
+    primary = primary or info.get("primary") or (SWEEP_PRIMARY if sweep is not None else DEFAULT_PRIMARY)
     min_effect = min_effect if min_effect is not None else info.get("min_effect")
     summary["primary"] = primary_block(summary, primary, min_effect)
+    known = [*summary["metrics"], *([SWEEP_PRIMARY] if sweep is not None else [])]
+    if not summary["primary"]["comparisons"] and len(groups) > 1 and primary not in known:
+        summary["notes"].append(
+            f"the primary metric {primary!r} is not among the compared metrics ({', '.join(summary['metrics'])})"
+        )
     summary["execution"] = _execution(info, [r for runs in groups.values() for r in runs])
     out.mkdir(parents=True, exist_ok=True)
     summary["plots"] = _draw_plots(groups, summary, info.get("trunk"), out)
