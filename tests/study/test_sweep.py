@@ -306,7 +306,10 @@ def test_committed_stability_summary_is_a_whole_and_consistent_sweep():
     sweep = summary["sweep"]
     values = sweep["values"]
     assert sweep["key"] == "learning_rate" and len(values) >= 5 and max(values) / min(values) >= 30
-    assert list(sweep["arms"]) == ["ce", "zloss", "qknorm", "ls", "dpls", "dpls_decay"]
+    from dpls.runs.layout import read_toml
+
+    shipped = [a["name"] for a in read_toml(ROOT / "studies" / f"{STABILITY}.toml")["arms"]]
+    assert [a for a in shipped if a in sweep["arms"]] == list(sweep["arms"]) and len(sweep["arms"]) >= 6
     assert summary["provenance"]["command"] == f"make readme-{STABILITY}"
     assert (ROOT / study_assets(STABILITY) / SWEEP_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot = (study_assets(STABILITY) / "val_ce.png").as_posix()
@@ -314,7 +317,7 @@ def test_committed_stability_summary_is_a_whole_and_consistent_sweep():
     for arm, a in sweep["arms"].items():
         assert {"lr_sensitivity", "best", "best_loss", "diverged"} <= set(a)
         seeds = sorted({p["seed"] for g in a["grid"] for p in g["points"]})
-        assert seeds == [0, 1], arm
+        assert len(seeds) >= 2 and seeds == list(range(len(seeds))), arm
         for s in seeds:
             pts = [next(p for p in g["points"] if p["seed"] == s) for g in a["grid"]]
             initial = sum(p["initial"] for p in pts) / len(pts)
