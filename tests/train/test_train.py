@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -24,8 +25,20 @@ from dpls.runs.layout import read_metrics
 from dpls.train.config import load_config
 from dpls.train.plan import plan_run
 from dpls.train.trainer import TrainingError, train
+from spike_reference import reference_counts
 
-METRIC_ROW_KEYS = ("step", "tokens", "loss", "ce", "epsilon", "lr", "grad_norm", "tokens_per_s", "mfu")
+METRIC_ROW_KEYS = (
+    "step",
+    "tokens",
+    "loss",
+    "ce",
+    "epsilon",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "loss_spikes",
+)
 VAL_KEYS = ("val_ce", "val_ppl", "val_entropy")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,6 +87,9 @@ def base_args(data: Path, out: Path, **extra: object) -> list[str]:
         "device": "cpu",
         "dtype": "float32",
         "progress": False,
+        # loss spikes: a window short enough that this 40-step run has some (at steps 31 and 39)
+        "spike_window": 4,
+        "spike_sigmas": 1.0,
     }
     values.update(extra)
     return [f"--{k}={v}" for k, v in values.items()]
@@ -143,10 +159,27 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(straight, half, tmp_pat
     want, got = train_rows(straight), train_rows(run)
     assert sorted(got) == list(range(1, 41))  # every step once
     for step in range(1, 41):
-        for k in ("loss", "ce", "grad_norm", "lr", "tokens"):
+        for k in ("loss", "ce", "grad_norm", "lr", "tokens", "loss_spikes"):
             assert got[step][k] == want[step][k], (step, k)
     a, b = load_model(straight), load_model(run)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_loss_spikes_are_counted_on_every_step_and_resume_exactly(straight, tmp_path):
+    """Every step is logged here, so the rows give every loss the counter saw: its count is the
+    NumPy reference's. Resumed at step 30, the checkpoint's window (steps 27-30) judges step 31."""
+    want = train_rows(straight)
+    losses = [want[s]["loss"] for s in range(1, 41)]
+    expected = reference_counts(losses, 4, 1.0)
+    assert [want[s]["loss_spikes"] for s in range(1, 41)] == expected
+    assert expected[29] == 0 < expected[30]  # a spike at step 31: after the resume point below
+    state = json.loads((straight / "checkpoints" / "step_0000040" / "trainer_state.json").read_text())
+    assert state["spike_count"] == expected[-1] and state["spike_losses"] == losses[-4:]
+    run = shutil.copytree(straight, tmp_path / "from30")
+    shutil.rmtree(run / "checkpoints" / "step_0000040")
+    assert main(["train", f"--resume_dir={run}"]) == 0
+    got = train_rows(run)
+    assert [got[s]["loss_spikes"] for s in range(1, 41)] == expected
 
 
 def test_fork_continues_step_tokens_and_data(straight, half, tmp_path):
@@ -166,6 +199,7 @@ def test_fork_continues_step_tokens_and_data(straight, half, tmp_path):
     assert first["tokens"] == want[21]["tokens"] and first["epsilon"] == pytest.approx(0.1)
     assert first["loss"] > first["ce"]  # the smoothed objective is not CE ...
     assert first["ce"] == pytest.approx(want[21]["ce"], rel=1e-5)  # ... but CE of the very same tokens
+    assert all(r["loss_spikes"] == 0 for r in rows.values())  # a fork counts afresh: its window is empty
     saved = (fork / "config.toml").read_text()
     assert 'loss = "dpls"' in saved and "batch_size = 4" in saved  # the rest inherited from the CE run
     assert 'loss = "ce"' in (half / "config.toml").read_text()  # the source run is untouched
@@ -410,6 +444,7 @@ def test_kill_9_and_sigterm_then_resume_like_the_uninterrupted_run(corpus, strai
     want, got = train_rows(straight), train_rows(run)
     assert sorted(got) == list(range(1, 41))
     assert [got[s]["loss"] for s in got] == [want[s]["loss"] for s in got]  # bitwise, across processes too
+    assert [got[s]["loss_spikes"] for s in got] == [want[s]["loss_spikes"] for s in got]
 
 
 @pytest.mark.slow

@@ -178,6 +178,12 @@ class TrainConfig:
         "stop as diverged when the training CE of this many logged steps in a row is above the first "
         "validation CE or not finite (0: off; studies use 5)",
     )
+    spike_window: int = key(
+        128, "loss spikes: losses of this many previous steps make the window (OLMo-core: 128; >= 2)"
+    )
+    spike_sigmas: float = key(
+        6.0, "loss spikes: a step's loss more than this many σ above the window's mean (OLMo-core: 6)"
+    )
     progress: bool = key(True, "progress bar on stderr (only on a terminal)")
     tensorboard: bool = key(False, "also log to TensorBoard (RUN/tensorboard)")
     swanlab: str = key("off", "also log to SwanLab: off, cloud, local, offline")
@@ -235,6 +241,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.spike_window < 2:
+            raise ValueError(
+                f"spike_window must be an integer >= 2 (the window needs a spread), got {self.spike_window}"
+            )
+        if not (math.isfinite(self.spike_sigmas) and self.spike_sigmas > 0):
+            raise ValueError(f"spike_sigmas must be a finite number > 0, got {self.spike_sigmas}")
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr ({self.min_lr}) must be <= learning_rate ({self.learning_rate})")
         for name in ("beta1", "beta2"):

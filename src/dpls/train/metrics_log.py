@@ -3,7 +3,8 @@
 `MetricsLog` writes a row every ``log_interval`` steps and at the last step (plus the
 validation rows the loop adds). A training row holds the step's values, the learning rate,
 the throughput of training alone (validation and checkpoints left out) and its MFU, the steps
-skipped since the previous row and the step's instability diagnostics. Rank 0 sends rows to
+skipped since the previous row, the loss spikes since the run started and the step's
+instability diagnostics. Rank 0 sends rows to
 its loggers (`dpls.train.loggers`: metrics.jsonl, TensorBoard, ...) and to the progress bar,
 which is also the run's console for messages.
 """
@@ -66,6 +67,7 @@ class MetricsLog:
         lr: float,
         values: dict[str, float] | None,
         skipped: int,
+        loss_spikes: int | None,
         diagnostics: dict[str, float] | None,
     ) -> dict[str, Any]:
         """Advance the bar; on a log step (``values`` read), the training row, else ``{}``."""
@@ -85,6 +87,7 @@ class MetricsLog:
             "tokens_per_s": tps,
             "mfu": mfu(self.flops_per_token, tps, self.peak, self.world_size),
             "skipped": skipped,  # steps skipped since the previous row
+            "loss_spikes": loss_spikes,  # loss spikes since the run started (dpls.train.spikes)
             **(diagnostics or {}),
             "elapsed_s": time.perf_counter() - self.started,
         }

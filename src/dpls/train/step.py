@@ -112,6 +112,11 @@ class StepStats:
     diagnostics: dict[str, float] | None = None  # logit_max, lse_mean, attn_logit_max (log steps)
 
     @property
+    def loss(self) -> torch.Tensor:
+        """The objective, mean over the global batch (on the device, the same on every rank)."""
+        return self.values[STEP_VALUES.index("loss")]
+
+    @property
     def skipped(self) -> torch.Tensor:
         """1.0 if the step was skipped, else 0.0 (on the device)."""
         return self.values[STEP_VALUES.index("skipped")]

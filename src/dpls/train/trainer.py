@@ -12,7 +12,7 @@ Read top to bottom, it is nanoGPT's loop with the pieces this project adds:
    clipping, and skipping of a non-finite step; it returns the step's statistics.
 4. `train` runs the steps with warmup + cosine LR. Each component decides when it acts and
    keeps its own state: `MetricsLog` (metrics rows, progress bar), `Validator` (periodic
-   validation), `RunWatch` (non-finite steps, divergence) and `Checkpointer`; a SIGTERM /
+   validation), `RunWatch` (non-finite steps, loss spikes, divergence) and `Checkpointer`; a SIGTERM /
    SIGINT stops the run cleanly after a checkpoint.
 
 Step numbering: ``step`` is the number of optimizer steps done. The checkpoint
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig) -> Path:
                 log_step = log.should_log(step + 1)
                 stats = train_step(parts, step, lr, stop.requested, diagnostics=log_step)
                 step, tokens = step + 1, tokens + plan.tokens_per_step
-                watch.add(stats.skipped, step)
+                watch.add(stats.skipped, stats.loss, step)
                 save_step = checkpointer.should_save(step, stopping=stats.stopping)
                 # The host waits for the device on log and checkpoint steps only.
                 values = stats.read() if log_step else None
@@ -111,7 +111,8 @@ def train(cfg: TrainConfig) -> Path:
                 log.step_done(time.perf_counter() - t0)
 
                 # -- log, validate, watch, checkpoint, stop ------------------------------------
-                row = log.training_row(step, tokens, lr, values, skipped, stats.diagnostics)
+                spikes = watch.spikes.count() if log_step else None  # the device is read already
+                row = log.training_row(step, tokens, lr, values, skipped, spikes, stats.diagnostics)
                 if row:
                     watch.row_written()
                 if validator.should_validate(step):

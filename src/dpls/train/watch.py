@@ -1,9 +1,11 @@
-"""Is the run still healthy? Non-finite steps, counted on the device, and the divergence rules.
+"""Is the run still healthy? Non-finite steps and loss spikes, counted on the device, and the
+divergence rules.
 
 `RunWatch` stops a run as `Diverged`, after writing ``RUN/diverged.json``, when
 ``max_skipped_steps`` non-finite steps come in a row, or by rule 1 below (`DivergenceWatch`).
-It looks at the device only when the loop reads it anyway (log and checkpoint steps), and its
-state goes into every checkpoint, so a resumed run continues its counts.
+It also counts loss spikes on every step (`dpls.train.spikes`, OLMo-core's rule), which never
+stop a run. It looks at the device only when the loop reads it anyway (log and checkpoint
+steps), and its state goes into every checkpoint, so a resumed run continues its counts.
 
 **The divergence rules.** L_init is the validation CE of a run's first evaluation (its
 initial weights, or the checkpoint it was forked from).
@@ -40,6 +42,7 @@ from dpls.distributed import DistContext
 from dpls.runs.checkpoint import latest_checkpoint
 from dpls.runs.layout import DIVERGED_FILE
 from dpls.train.plan import RunPlan
+from dpls.train.spikes import SpikeCounter
 
 
 class TrainingError(RuntimeError):
@@ -136,7 +139,7 @@ class SkipCounter:
 
 
 class RunWatch:
-    """The skip limit and the divergence rule of one run (see the module docstring)."""
+    """The skip limit, the divergence rule and the loss spikes of one run (see the module docstring)."""
 
     def __init__(self, plan: RunPlan, ctx: DistContext) -> None:
         """A run resumed in place continues the counts of its checkpoint; a new run or a fork
@@ -151,15 +154,20 @@ class RunWatch:
         if resumed is not None:
             self.divergence.load_state_dict(resumed)
         self._skips = SkipCounter(ctx.device, self.skipped_in_a_row, cfg.max_skipped_steps)
+        self.spikes = SpikeCounter(cfg.spike_window, cfg.spike_sigmas, ctx.device)
+        if resumed is not None:
+            self.spikes.load_state_dict(resumed)
         self._tripped = 0  # the step at which max_skipped_steps in a row were reached (0: never)
 
     def start(self, initial_val_ce: float) -> None:
         """The loss at the start, which the divergence rule compares the training CE with."""
         self.divergence.initial = initial_val_ce
 
-    def add(self, skipped: torch.Tensor, step: int) -> None:
-        """Count the step (on the device: nothing waits)."""
+    def add(self, skipped: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        """Count the step: skipped or not, and whether its loss (the logged objective) spiked
+        (on the device: nothing waits)."""
         self._skips.add(skipped, step)
+        self.spikes.update(loss)
 
     def read(self) -> int:
         """Read the counts (log and checkpoint steps): the steps skipped since the last row."""
@@ -189,7 +197,11 @@ class RunWatch:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so that a resumed run continues the counts."""
-        return {"skipped_in_a_row": self.skipped_in_a_row, **self.divergence.state_dict()}
+        return {
+            "skipped_in_a_row": self.skipped_in_a_row,
+            **self.divergence.state_dict(),
+            **self.spikes.state_dict(),
+        }
 
     def _diverged(self, step: int, began: int, reason: str) -> Diverged:
         """Record the divergence in RUN/diverged.json (rank 0) and the error every rank raises."""
