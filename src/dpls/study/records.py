@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dpls.eval.evaluate import output_paths
-from dpls.eval.metrics import METRIC_KEYS
+from dpls.eval.metrics import EXTRA_METRIC_KEYS, METRIC_KEYS
 from dpls.runs.layout import (
     EVAL_DIR,
     EVAL_FILE,
@@ -43,8 +43,12 @@ from dpls.study.state import (
 )
 from dpls.study.stats import is_finite_number
 
-# The evaluation metrics in metrics.json order; "tokens" is a count, reported but not compared.
-EVAL_METRICS: tuple[str, ...] = tuple(k for k in METRIC_KEYS if k != "tokens")
+FREQUENCY_KEY = "ce_by_frequency"
+# The evaluation metrics in metrics.json order; "tokens" is a count, reported but not compared;
+# "ce_by_frequency" is a list of bins, compared bin by bin (`dpls.study.frequency`).
+EVAL_METRICS: tuple[str, ...] = tuple(
+    k for k in (*METRIC_KEYS, *EXTRA_METRIC_KEYS) if k not in ("tokens", FREQUENCY_KEY)
+)
 TRAIN_LOG_METRIC = "final_val_ce"  # the last val_ce of metrics.jsonl: there even without `dpls eval`
 # The lowest val_ce of the run's own training log and the step it was logged at: beside
 # final_val_ce they show overfitting (the curve turned upward when best < final).
@@ -65,6 +69,11 @@ DIRECTION: dict[str, int] = {
     "ece_adaptive": -1,
     "brier": -1,
     "loss_at_best_temperature": -1,
+    "aurc": -1,  # risk (error rate) averaged over coverage
+    "auroc": +1,
+    "aurc_at_best_temperature": -1,
+    "auroc_at_best_temperature": +1,
+    "bits_per_byte": -1,
     TRAIN_LOG_METRIC: -1,
     BEST_VAL_METRIC: -1,
 }
@@ -89,6 +98,7 @@ class RunRecord:
     diverged: dict[str, Any] | None = None  # RUN/diverged.json: where and why it diverged
     data: dict[str, Any] = field(default_factory=dict)  # corpus fingerprint and source of its data
     threads: list[int] = field(default_factory=list)  # torch threads of each training attempt (studies)
+    by_frequency: list[dict[str, Any]] | None = None  # the evaluation's ce_by_frequency bins
 
 
 def run_data(run_dir: Path) -> dict[str, Any]:
@@ -144,7 +154,7 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
     train_rows = [r for r in rows if "loss" in r and "step" in r]
     val_rows = [r for r in rows if is_finite_number(r.get("val_ce")) and "step" in r]
     metrics: dict[str, float] = {}
-    reliability = samples = None
+    reliability = samples = by_frequency = None
     eval_file = find_eval_file(run_dir)
     if eval_file is not None:
         data = read_json(eval_file)
@@ -152,6 +162,8 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
             {k: float(data[k]) for k in (*EVAL_METRICS, "tokens") if is_finite_number(data.get(k))}
         )
         reliability = _reliability(eval_file)
+        if isinstance(data.get(FREQUENCY_KEY), list):
+            by_frequency = [b for b in data[FREQUENCY_KEY] if isinstance(b, dict)]
         lm_file = eval_file.parent / LM_EVAL_FILE
         if lm_file.is_file():
             lm = read_json(lm_file)
@@ -181,6 +193,7 @@ def load_run(run_dir: str | Path, *, arm: str | None = None, seed: int | None = 
         diverged=read_diverged(run_dir),
         data=run_data(run_dir),
         threads=training_threads(run_dir),
+        by_frequency=by_frequency,
     )
 
 
@@ -243,6 +256,8 @@ _POOLABLE_KEYS = frozenset(
         "checkpoint_interval",
         "keep_checkpoints",
         "max_skipped_steps",
+        "spike_window",  # what is counted as a loss spike, not what is trained
+        "spike_sigmas",
         "data_dir",
         *NEUTRAL_KEYS,
     }

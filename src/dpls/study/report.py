@@ -22,6 +22,7 @@ import numpy as np
 
 from dpls._io import check_output_dir, forget_owned, mark_owned, write_owned_json, write_owned_text
 from dpls.runs.layout import METRICS_FILE, is_run_dir
+from dpls.study.frequency import FREQUENCY_PLOT, frequency_lines, frequency_summary, plot_frequency
 from dpls.study.plots import plot_curves, plot_reliability
 from dpls.study.primary import add_power, primary_block, primary_lines
 from dpls.study.records import (
@@ -34,6 +35,7 @@ from dpls.study.records import (
     group_runs,
 )
 from dpls.study.spec import DEFAULT_PRIMARY, SWEEP_PRIMARY
+from dpls.study.spikes import spike_cell
 from dpls.study.state import is_study_dir
 from dpls.study.summary import summarize
 from dpls.study.sweep import SWEEP_PLOTS, sweep_report
@@ -48,6 +50,7 @@ REPORT_FILES = (
     "reliability.png",
     "epsilon.png",
     "train_ce.png",
+    FREQUENCY_PLOT,
     *SWEEP_PLOTS,
 )
 
@@ -101,6 +104,7 @@ def write_report(
     if baseline not in groups:
         raise ValueError(f"baseline {baseline!r} is not among the arms {sorted(groups)}")
     summary = summarize(groups, baseline, confidence=confidence, method=method)
+    summary["by_frequency"] = frequency_summary(groups, baseline, confidence=confidence, method=method)
     summary["title"] = title or (f"Study {info['name']}" if "name" in info else "Comparison of runs")
     summary["notes"] += [f"missing from this report: {m}" for m in info.get("missing", [])]
     if sweep is not None:
@@ -152,6 +156,8 @@ def _draw_plots(
         groups, "train_rows", "ce", "training CE (nats/token)", ce_title, out / "train_ce.png", trunk
     ):
         plots["Training cross-entropy"] = "train_ce.png"
+    if plot_frequency(summary, out / FREQUENCY_PLOT):
+        plots["Validation CE by token frequency: difference from the baseline"] = FREQUENCY_PLOT
     return plots
 
 
@@ -184,6 +190,7 @@ def _markdown(summary: Mapping[str, Any]) -> str:
         "value means the curve turned upward).",
         "",
         *evaluation_table_lines(summary),
+        *frequency_lines(summary),
         *samples_lines(summary),
         *_stability_lines(summary),
         *_cost_lines(summary),
@@ -211,7 +218,8 @@ def _stability_lines(summary: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Training stability",
         "",
-        f"Loss spike: {summary['spike_rule']}. Gradient norms as logged, pooled over seeds.",
+        f"Loss spike: {summary['spike_rule']}; counted by the trainer, summed over seeds ('–': a run "
+        "logged no count). Gradient norms as logged, pooled over seeds.",
         "",
         "| arm | logged steps | loss spikes | non-finite | skipped | grad-norm mean | p99 | max |",
         "|---|---|---|---|---|---|---|---|",
@@ -219,7 +227,7 @@ def _stability_lines(summary: Mapping[str, Any]) -> list[str]:
     for a, entry in summary["arms"].items():
         s = entry["stability"]
         lines.append(
-            f"| {a} | {s['logged_steps']} | {s['loss_spikes']} | {s['nonfinite_loss']} | {s['skipped']} | "
+            f"| {a} | {s['logged_steps']} | {spike_cell(s['loss_spikes'])} | {s['nonfinite_loss']} | {s['skipped']} | "
             f"{fmt(s['grad_norm_mean'])} | {fmt(s['grad_norm_p99'])} | {fmt(s['grad_norm_max'])} |"
         )
     return [*lines, ""]

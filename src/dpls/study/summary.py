@@ -25,24 +25,16 @@ from dpls.study.records import (
     RunRecord,
 )
 from dpls.study.spec import LOSS_KEYS
+from dpls.study.spikes import pooled_spikes, run_spikes, spike_rule
 from dpls.study.stats import Interval, is_finite_number, mean_sd, paired_ci, welch_ci
-
-# Loss spikes: a logged loss above (1 + SPIKE_REL) × the median of the previous SPIKE_WINDOW.
-SPIKE_WINDOW = 20
-SPIKE_REL = 0.10
 
 
 def _stability(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Loss spikes, gradient-norm statistics, skipped and non-finite steps of one run."""
-    losses = [float(r["loss"]) for r in rows if is_finite_number(r.get("loss"))]
-    spikes = 0
-    for i in range(5, len(losses)):  # a few logged steps of history before judging
-        median = statistics.median(losses[max(0, i - SPIKE_WINDOW) : i])
-        spikes += losses[i] > (1.0 + SPIKE_REL) * median
+    """Loss spikes (the trainer's count), gradient-norm statistics, skipped and non-finite steps of one run."""
     grads = [float(r["grad_norm"]) for r in rows if is_finite_number(r.get("grad_norm"))]
     return {
         "logged_steps": len(rows),
-        "loss_spikes": spikes,
+        "loss_spikes": run_spikes(rows),
         "nonfinite_loss": sum(1 for r in rows if "loss" in r and not is_finite_number(r.get("loss"))),
         "skipped": int(sum(float(r.get("skipped") or 0) for r in rows if is_finite_number(r.get("skipped")))),
         "grad_norms": grads,
@@ -54,7 +46,7 @@ def _pooled_stability(runs: Sequence[RunRecord]) -> dict[str, Any]:
     grads = np.array([g for s in per_run for g in s["grad_norms"]], dtype=np.float64)
     return {
         "logged_steps": sum(s["logged_steps"] for s in per_run),
-        "loss_spikes": sum(s["loss_spikes"] for s in per_run),
+        "loss_spikes": pooled_spikes(s["loss_spikes"] for s in per_run),
         "nonfinite_loss": sum(s["nonfinite_loss"] for s in per_run),
         "skipped": sum(s["skipped"] for s in per_run),
         "grad_norm_mean": float(grads.mean()) if grads.size else None,
@@ -184,7 +176,7 @@ def summarize(
         "notes": sorted(notes),
         "samples": _samples_side_by_side(groups),
         "data": _data_provenance(groups),
-        "spike_rule": f"loss > {1 + SPIKE_REL:.2f} × median of the previous {SPIKE_WINDOW} logged losses",
+        "spike_rule": spike_rule(r for runs in groups.values() for r in runs),
     }
 
 
