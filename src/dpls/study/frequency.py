@@ -104,7 +104,8 @@ def frequency_lines(summary: Mapping[str, Any]) -> list[str]:
         "most frequent ids; each bin about an equal share of the training tokens; frequency: occurrences "
         "per training token of the bin's ids). Per bin: the "
         f"baseline's CE (nats/token, mean over seeds) and each arm's difference from **{base}** with its "
-        f"{summary.get('confidence', 0.95):.0%} interval (bold: larger than its interval; negative: lower CE).",
+        f"{summary.get('confidence', 0.95):.0%} interval (bold: larger than its interval; negative: lower CE). "
+        "Exploratory: each interval is uncorrected for the other bins and arms.",
         "",
         "| bin | training share | training frequency | baseline CE | "
         + " | ".join(f"{a} − {base}" for a in others)
