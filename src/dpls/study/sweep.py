@@ -32,6 +32,7 @@ from typing import Any
 from dpls.study.plots import plot_curves, plot_sweep
 from dpls.study.primary import with_power
 from dpls.study.records import RunRecord
+from dpls.study.spikes import run_spikes
 from dpls.study.stats import is_finite_number, paired_ci
 from dpls.study.tables import fmt
 from dpls.train import watch
@@ -49,7 +50,6 @@ DIVERGENCE_RULE = (
 )
 SENSITIVITY_FORMULA = "mean over the grid of min(L(v), L_init) − min over the grid of min(L(v), L_init)"
 STABLE_RULE = "the largest value at which no seed's run diverged or ended above L_init"
-SPIKES_KEY = "loss_spikes"  # the trainer's cumulative count of loss spikes, in every metrics.jsonl row
 
 # How a sweep reads an arm's stability against the baseline's, from the whole grid.
 MORE_STABLE = "more_stable"
@@ -93,15 +93,6 @@ def _key(value: Any) -> str:
     return repr(value)
 
 
-def run_spikes(record: RunRecord) -> int | None:
-    """The run's loss spikes: the count in its last training row (None for a run logged before
-    the trainer counted them: unknown, not 0)."""
-    if not record.train_rows:
-        return None
-    count = record.train_rows[-1].get(SPIKES_KEY)
-    return int(count) if isinstance(count, int | float) and is_finite_number(count) else None
-
-
 def _point(record: RunRecord, seed: int) -> dict[str, Any]:
     """One run of the grid: its L, L_init, the loss it counts with, and its outcome."""
     loss, initial = run_loss(record)
@@ -118,7 +109,7 @@ def _point(record: RunRecord, seed: int) -> dict[str, Any]:
         "outcome": outcome,
         "diverged": outcome == "diverged",
         "diverged_step": None if record.diverged is None else record.diverged.get("step"),
-        "spikes": run_spikes(record),
+        "spikes": run_spikes(record.train_rows),
     }
 
 
