@@ -112,10 +112,61 @@ def test_noise_alone_is_no_difference_and_a_larger_stable_rate_is_more_stable():
         out["arms"]["keeps"]["largest_stable_lr"] == 1.0
         and out["arms"]["keeps"]["conclusion"] == NO_DIFFERENCE
     )
-    grid["ce"][1][2] = None  # one ce seed diverges at 1.0: ce's largest stable rate drops to 0.1
+    grid["ce"][1][2] = None  # one ce seed diverges at 1.0: ce's largest stable rate drops to 0.1...
     out = summarize_sweep(_groups(grid, VALUES), "learning_rate", VALUES, "ce")
     assert out["arms"]["ce"]["largest_stable_lr"] == 0.1
-    assert out["arms"]["same"]["conclusion"] == MORE_STABLE
+    assert out["arms"]["same"]["largest_stable_lr"] == 1.0
+    assert out["arms"]["same"]["conclusion"] == NO_DIFFERENCE  # ...but one seed decides nothing
+
+
+def test_a_larger_stable_rate_counts_seed_by_seed():
+    # ce ends above L_init at 1.0 in every seed; the arm trains there in every seed, by very
+    # different margins, so its paired difference at 1.0 alone is not shown (t test), but the
+    # stable rate is larger in 6 of 6 seeds (sign test p = 0.031).
+    at_one = [7.99, 6.0, 7.999, 7.9, 7.99, 7.999]
+    grid = {
+        "ce": {s: [5.0 + s / 100, 4.0 + s / 100, 8.5] for s in range(6)},
+        "arm": {s: [5.0 + s / 100, 4.0 + s / 100, at_one[s]] for s in range(6)},
+    }
+    out = summarize_sweep(_groups(grid, VALUES), "learning_rate", VALUES, "ce")
+    arm = out["arms"]["arm"]
+    assert not arm["by_value"][2]["difference"]["excludes_zero"]
+    assert (out["arms"]["ce"]["largest_stable_lr"], arm["largest_stable_lr"]) == (0.1, 1.0)
+    assert arm["conclusion"] == MORE_STABLE
+    # with five seeds (5 of 5: p = 0.062) it is not shown
+    grid = {name: {s: losses for s, losses in seeds.items() if s < 5} for name, seeds in grid.items()}
+    five = summarize_sweep(_groups(grid, VALUES), "learning_rate", VALUES, "ce")["arms"]["arm"]
+    assert not five["by_value"][2]["difference"]["excludes_zero"]
+    assert five["conclusion"] == NO_DIFFERENCE
+
+
+def test_one_better_value_among_many_is_holm_corrected():
+    # Better at one of six values above ce's best with p ≈ 0.01: significant alone, not after
+    # Holm's correction over the six (0.06).
+    values = [0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    noise = [0.03, -0.05, 0.02, 0.04, -0.01, 0.06]
+    ce = {s: [4.0 + s / 10] + [6.0 + s / 10] * 6 for s in range(6)}
+    arm = {s: [4.0 + s / 10] + [6.0 + s / 10 + noise[(s + j) % 6] for j in range(6)] for s in range(6)}
+    for s, d in enumerate([-0.1, 0.0, -0.15, -0.02, -0.12, -0.05]):  # t = −3.03, p = 0.029
+        arm[s][1] = 6.0 + s / 10 + d
+    out = summarize_sweep(_groups({"ce": ce, "arm": arm}, values), "learning_rate", values, "ce")
+    a = out["arms"]["arm"]
+    d = a["by_value"][1]["difference"]
+    assert d["mean"] < 0 and d["excludes_zero"] and 6 * d["p_value"] > 0.05
+    assert all(not b["difference"]["excludes_zero"] for i, b in enumerate(a["by_value"]) if i != 1)
+    assert a["conclusion"] == NO_DIFFERENCE
+
+
+def test_sign_test_against_the_binomial_by_hand():
+    from dpls.study.stats import sign_test
+
+    assert sign_test(6, 0) == pytest.approx(2 / 64)
+    assert sign_test(5, 0) == pytest.approx(2 / 32)
+    assert sign_test(5, 1) == pytest.approx(2 * 7 / 64)
+    assert sign_test(3, 3) == pytest.approx(1.0)
+    assert sign_test(0, 0) is None
+    with pytest.raises(ValueError, match="counts"):
+        sign_test(-1, 2)
 
 
 def test_a_run_that_ends_above_its_initial_loss_is_not_stable():

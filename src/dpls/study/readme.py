@@ -28,6 +28,7 @@ import torch
 from dpls._io import check_output_dir, mark_owned, write_owned_json, write_text_atomic
 from dpls.data.meta import DataMeta
 from dpls.study.primary import primary_lines
+from dpls.study.stats import t_quantile
 from dpls.study.sweep import SWEEP_PLOT
 from dpls.study.sweep_tables import by_value_table_lines, findings_paragraph, sweep_table_lines
 from dpls.study.tables import evaluation_table_lines, findings_lines
@@ -319,8 +320,7 @@ def sweep_section(summary: Mapping[str, Any], plot: str) -> str:
         "",
         "L is the final validation CE, a diverged run counting as the loss at initialisation; LR sensitivity "
         "(Wortsman et al. 2023) is the mean over the grid of min(L, L_init) − min L, so lower is more "
-        "stable. Δ is paired by seed with its 95% t interval (t = 12.7 for two seeds: only very "
-        "consistent differences get past it).",
+        f"stable. Δ is paired by seed with its 95% t interval ({_t_words(len(seeds))}).",
         "",
         *primary_lines(summary),
         *sweep_table_lines(sweep),
@@ -347,3 +347,10 @@ def _git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
+
+
+def _t_words(seeds: int) -> str:
+    """The t quantile the intervals use, in words."""
+    if seeds < 2:
+        return "one seed: no interval"
+    return f"t = {t_quantile(0.975, seeds - 1):.3g} for {seeds} seeds"

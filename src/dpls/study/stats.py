@@ -282,6 +282,16 @@ def _check_power(power: float) -> None:
 # -- several arms, one question -------------------------------------------------------------
 
 
+def sign_test(wins: int, losses: int) -> float | None:
+    """Two-sided exact sign test of ``wins`` against ``losses`` (ties left out): the probability,
+    with no difference, of a split at least this uneven. None with no untied pair. Six of six
+    gives 0.031; five of five only 0.062."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be counts >= 0, got {wins} and {losses}")
+    n = wins + losses
+    return None if n == 0 else float(sps.binomtest(wins, n, 0.5).pvalue)
+
+
 def holm(p_values: Sequence[float | None], *, confidence: float = 0.95) -> list[dict[str, Any]]:
     """Holm's step-down adjustment of the p-values of several comparisons asked together.
 

@@ -33,7 +33,7 @@ from dpls.study.plots import plot_curves, plot_sweep
 from dpls.study.primary import with_power
 from dpls.study.records import RunRecord
 from dpls.study.spikes import run_spikes
-from dpls.study.stats import is_finite_number, paired_ci
+from dpls.study.stats import holm, is_finite_number, paired_ci, sign_test
 from dpls.study.tables import fmt
 from dpls.train import watch
 
@@ -132,14 +132,27 @@ def _grid(runs: Sequence[RunRecord], values: Sequence[Any], seeds: Sequence[int]
     return grid
 
 
-def _stable(g: Mapping[str, Any]) -> bool:
-    """A grid value where every seed's run trained: none diverged, none ended above L_init."""
-    return bool(g["points"]) and all(
+def _stable_point(p: Mapping[str, Any]) -> bool:
+    """A run that trained: it did not diverge and did not end above its L_init."""
+    return (
         not p["diverged"]
         and is_finite_number(p["loss"])
         and (not is_finite_number(p["initial"]) or p["loss"] <= p["initial"])
-        for p in g["points"]
     )
+
+
+def _stable(g: Mapping[str, Any]) -> bool:
+    """A grid value where every seed's run trained."""
+    return bool(g["points"]) and all(_stable_point(p) for p in g["points"])
+
+
+def _largest_stable_by_seed(grid: Sequence[Mapping[str, Any]]) -> dict[int, Any]:
+    """Each seed's largest grid value whose run trained (None: none did)."""
+    seeds = sorted({int(p["seed"]) for g in grid for p in g["points"]})
+    return {
+        s: _largest([g["value"] for g in grid for p in g["points"] if p["seed"] == s and _stable_point(p)])
+        for s in seeds
+    }
 
 
 def _sensitivity_by_seed(
@@ -224,11 +237,26 @@ def _greater(a: Any, b: Any) -> bool:
     return is_finite_number(a) and is_finite_number(b) and a > b
 
 
-def stability_conclusion(arm: Mapping[str, Any], base: Mapping[str, Any], values: Sequence[Any]) -> str:
+def _keeps_larger_stable_value(arm: Mapping[str, Any], base: Mapping[str, Any], confidence: float) -> bool:
+    """The arm keeps a larger stable value than the baseline seed by seed: per seed, whose
+    largest stable value is larger, by a two-sided sign test (pooled over seeds, one seed's
+    divergence would decide it)."""
+    a, b = _largest_stable_by_seed(arm["grid"]), _largest_stable_by_seed(base["grid"])
+    common = set(a) & set(b)
+    wins = sum(_greater(a[s], b[s]) for s in common)
+    losses = sum(_greater(b[s], a[s]) for s in common)
+    p = sign_test(wins, losses)
+    return wins > losses and p is not None and p < 1.0 - confidence
+
+
+def stability_conclusion(
+    arm: Mapping[str, Any], base: Mapping[str, Any], values: Sequence[Any], confidence: float = 0.95
+) -> str:
     """Reads an arm's stability from the whole grid, not from its sensitivity alone.
 
-    ``more_stable``: lower L(v) than the baseline (interval excluding 0) at some value above the
-    baseline's best and higher at none of them, or a larger stable value. ``flatter_because_worse``:
+    ``more_stable``: lower L(v) than the baseline at some value above the baseline's best and
+    higher at none of them (the paired tests at those values Holm-corrected together, as several
+    are looked at), or a larger stable value seed by seed (a sign test). ``flatter_because_worse``:
     a lower sensitivity with a best loss that is worse (interval excluding 0) and no value where
     the arm is better. ``no_difference`` otherwise. Sensitivity is measured from each arm's own
     best, so an arm that trains worse everywhere looks flat without being more stable.
@@ -237,9 +265,10 @@ def stability_conclusion(arm: Mapping[str, Any], base: Mapping[str, Any], values
     best = base.get("best")
     start = next((i + 1 for i, v in enumerate(values) if _key(v) == _key(best)), len(values))
     high = [d["difference"] for d in by_value[start:]]
-    better_high = any(_excludes(d, -1) for d in high)
-    worse_high = any(_excludes(d, +1) for d in high)
-    larger = _greater(arm.get("largest_stable_lr"), base.get("largest_stable_lr"))
+    tests = holm([d.get("p_value") for d in high], confidence=confidence)
+    better_high = any(t["significant"] and d["mean"] < 0 for d, t in zip(high, tests, strict=True))
+    worse_high = any(t["significant"] and d["mean"] > 0 for d, t in zip(high, tests, strict=True))
+    larger = "grid" in arm and "grid" in base and _keeps_larger_stable_value(arm, base, confidence)
     if (better_high or larger) and not worse_high:
         return MORE_STABLE
     flatter = (arm.get("difference") or {}).get("mean", 0.0) < 0
@@ -279,7 +308,7 @@ def _one_key(
             {"value": v, "difference": _paired(_effective_by_seed(g), _effective_by_seed(gb), confidence)}
             for v, g, gb in zip(values, block["grid"], base["grid"], strict=True)
         ]
-        block["conclusion"] = stability_conclusion(block, base, values)
+        block["conclusion"] = stability_conclusion(block, base, values, confidence)
     stable = [
         v
         for i, v in enumerate(values)

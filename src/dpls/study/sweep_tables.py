@@ -116,7 +116,10 @@ def _conclusion_sentence(arm: str, a: Mapping[str, Any], base: str, key: str) ->
     c = a.get("conclusion")
     best = a.get("best_difference")
     if c == MORE_STABLE:
-        return f"{arm} is more stable than {base} (lower loss at high {key}, or a larger stable {key})"
+        return (
+            f"{arm} is more stable than {base} (lower loss at high {key}, Holm-corrected over those "
+            f"values, or a larger stable {key} seed by seed)"
+        )
     if c == FLATTER_BECAUSE_WORSE:
         return (
             f"{arm} is flatter than {base} because its best is worse (best loss {_interval(best)}), "
