@@ -358,7 +358,15 @@ def test_killed_worker_and_ctrl_c_leave_every_run_resumable(tmp_path, corpus):
         "--no-progress",
     ]
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        # As from a terminal: a suite started in the background (`make test &`, nohup) inherits an
+        # ignored SIGINT, which Python keeps, and the study would never see the Ctrl-C below.
+        preexec_fn=_sigint_as_from_a_terminal,
     )
     ce, dpls = tmp_path / "out" / "arms" / "ce" / "seed0", tmp_path / "out" / "arms" / "dpls" / "seed0"
     _wait_for(lambda: (ce / "checkpoints" / "step_0000025").is_dir())
@@ -381,6 +389,10 @@ def test_killed_worker_and_ctrl_c_leave_every_run_resumable(tmp_path, corpus):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [r["step"] for r in rows if "loss" in r]
         assert steps == sorted(set(steps)) and steps[-1] == 400  # nothing trained twice, nothing lost
+
+
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for(condition, timeout: float = 240.0) -> None:
