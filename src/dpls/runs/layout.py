@@ -297,12 +297,12 @@ def _saved_data_dir(path: str | Path) -> Path | None:
         if not config_path(place).is_file():
             continue
         try:
-            data_dir = read_toml(config_path(place)).get("data_dir")
+            saved = read_toml(config_path(place))
         except ValueError:
             continue
-        if not data_dir:
+        if not saved.get("data_dir"):
             continue
-        data_dir = saved_path(place, read_toml(config_path(place)).get("out_dir"), data_dir)
+        data_dir = saved_path(place, saved.get("out_dir"), saved["data_dir"])
         if (data_dir / META_FILE).is_file():
             return data_dir
     return None

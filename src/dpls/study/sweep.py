@@ -268,7 +268,7 @@ def stability_conclusion(
     tests = holm([d.get("p_value") for d in high], confidence=confidence)
     better_high = any(t["significant"] and d["mean"] < 0 for d, t in zip(high, tests, strict=True))
     worse_high = any(t["significant"] and d["mean"] > 0 for d, t in zip(high, tests, strict=True))
-    larger = "grid" in arm and "grid" in base and _keeps_larger_stable_value(arm, base, confidence)
+    larger = _keeps_larger_stable_value(arm, base, confidence)
     if (better_high or larger) and not worse_high:
         return MORE_STABLE
     flatter = (arm.get("difference") or {}).get("mean", 0.0) < 0
